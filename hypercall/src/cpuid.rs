@@ -1,0 +1,52 @@
+//! CPUID discovery of this VMM's interface.
+//!
+//! Hypervisor leaves live at `0x4000_0000 + 0x100 * k`; software scans them for a
+//! signature (Linux does the same in `hypervisor_cpuid_base`). KVM's own leaves stay at
+//! [`KVM_BASE`] so a guest can use KVM paravirtual features; this project's leaves are at
+//! [`BASE`]:
+//!
+//! | leaf        | EAX                 | EBX, ECX, EDX                |
+//! |-------------|---------------------|------------------------------|
+//! | `BASE`      | highest leaf in range (`BASE + 1`) | signature [`SIGNATURE`] |
+//! | `BASE + 1`  | ABI version ([`ABI_VERSION`]) | EBX feature bits, ECX hypercall doorbell port (0: none), EDX reserved (0) |
+//!
+//! Until the IRTE hypercall lands, `BASE + 1` reports ABI version 0, no features and no
+//! doorbell: the leaf is reserved and discoverable, and a guest must treat version 0 as
+//! "no hypercall interface".
+
+/// KVM's own hypervisor leaf (signature `"KVMKVMKVM\0\0\0"`).
+pub const KVM_BASE: u32 = 0x4000_0000;
+/// This project's leaf range.
+pub const BASE: u32 = 0x4000_0100;
+/// The interface leaf.
+pub const INTERFACE_LEAF: u32 = BASE + 1;
+/// Signature in EBX, ECX, EDX of [`BASE`] (12 ASCII bytes, EBX first).
+pub const SIGNATURE: [u8; 12] = *b"IRQREMAPHYPV";
+/// The hypercall ABI version advertised in EAX of [`INTERFACE_LEAF`]; 0 means none.
+pub const ABI_VERSION: u32 = 0;
+
+/// The signature split into the three registers, as CPUID returns it.
+#[must_use]
+pub const fn signature_registers() -> [u32; 3] {
+    let s = SIGNATURE;
+    [
+        u32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+        u32::from_le_bytes([s[4], s[5], s[6], s[7]]),
+        u32::from_le_bytes([s[8], s[9], s[10], s[11]]),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_round_trips_through_registers() {
+        let [b, c, d] = signature_registers();
+        let mut bytes = [0u8; 12];
+        bytes[..4].copy_from_slice(&b.to_le_bytes());
+        bytes[4..8].copy_from_slice(&c.to_le_bytes());
+        bytes[8..].copy_from_slice(&d.to_le_bytes());
+        assert_eq!(&bytes, b"IRQREMAPHYPV");
+    }
+}

@@ -1,0 +1,23 @@
+//! The guest/host ABI of this VMM, in one `no_std` crate with no dependencies.
+//!
+//! Both sides compile against this crate: the host (`vmm`, `devices`) when it builds the
+//! machine and services exits, and every guest written in Rust (the test guest in
+//! `resources/guest`) when it reads its boot information and talks to the platform. A
+//! guest in another language implements the same layouts from `docs/boot-protocol.md` and
+//! `docs/hypercall.md`.
+//!
+//! - [`platform`]: the fixed I/O ports (serial console, debug-exit, test-harness doorbell).
+//! - [`cpuid`]: the hypervisor CPUID leaves that advertise this project's interface.
+//! - [`boot`]: the boot-information page handed to every vCPU at entry.
+//! - [`harness`]: the mailbox through which the test guest asks the host to fire
+//!   interrupts at it and reports what it counted.
+//!
+//! All multi-byte values are little-endian. Layouts are given as byte offsets so that
+//! neither side depends on the other's struct layout rules.
+
+#![no_std]
+
+pub mod boot;
+pub mod cpuid;
+pub mod harness;
+pub mod platform;

@@ -1,0 +1,26 @@
+//! Fixed I/O ports of the platform.
+//!
+//! Port I/O is used (rather than MMIO) because a port access exits to the VMM with the
+//! value in a register and costs no page-table set-up in the guest.
+
+/// COM1: a 16550A UART. Output goes to the VMM's console (stdout or a file).
+pub const COM1_PORT: u16 = 0x3f8;
+/// Number of ports the 16550A occupies.
+pub const COM1_LEN: u16 = 8;
+
+/// Debug-exit: a write of 1, 2 or 4 bytes ends the VM with that value as the guest's
+/// verdict. `0` means success; any other value is a failure code. Reads return
+/// [`DEBUG_EXIT_SIGNATURE`] so a guest can check that the port exists.
+pub const DEBUG_EXIT_PORT: u16 = 0x501;
+/// Value read back from [`DEBUG_EXIT_PORT`].
+pub const DEBUG_EXIT_SIGNATURE: u32 = 0x4445_5854; // "DEXT"
+
+/// Test-harness doorbell: a 4-byte write of a request sequence number tells the host that
+/// a request is waiting in the harness mailbox (see [`crate::harness`]). Reads return
+/// [`HARNESS_SIGNATURE`] when the harness is present and all ones when it is not.
+pub const HARNESS_PORT: u16 = 0x502;
+/// Value read back from [`HARNESS_PORT`] when the harness is present.
+pub const HARNESS_SIGNATURE: u32 = 0x4841_524e; // "HARN"
+
+/// Success verdict for [`DEBUG_EXIT_PORT`].
+pub const EXIT_SUCCESS: u32 = 0;

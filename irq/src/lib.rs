@@ -1,0 +1,21 @@
+//! The interrupt core: what a guest interrupt is on its way from a device model to a vCPU.
+//!
+//! A device model decides to interrupt and writes an eventfd. KVM's irqfd mechanism turns
+//! that write into the injection of the MSI route the eventfd is attached to, in the
+//! kernel, without a VMM thread on the way. This crate owns both halves of that picture:
+//!
+//! - [`msi`]: the MSI message a route carries (address/data, compatibility format).
+//! - [`routes`]: KVM's GSI routing table, owned in one place: the route limit read from
+//!   KVM, the legacy IOAPIC/PIC GSIs kept routed and out of allocation, staged changes
+//!   committed with one `KVM_SET_GSI_ROUTING`, and the kernel's ordering rules (a route
+//!   exists before an irqfd is attached to it; irqfds are detached before a route goes).
+//!
+//! KVM is reached only through the [`routes::RoutingBackend`] trait; [`routes::KvmRouting`]
+//! is the real implementation, and unit tests use a fake that can fail any call.
+//! No device, bus or CLI knowledge lives here.
+
+pub mod msi;
+pub mod routes;
+
+pub use msi::{MsiError, MsiMessage};
+pub use routes::{Gsi, KvmRouting, RouteError, RouteTable, RoutingBackend};

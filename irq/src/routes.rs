@@ -1,0 +1,465 @@
+//! KVM's GSI routing table, owned in one place.
+//!
+//! `KVM_SET_GSI_ROUTING` replaces the whole table, so whoever sets it must know every
+//! route. [`RouteTable`] is that owner: it keeps the legacy GSIs (the in-kernel IOAPIC's
+//! 24 pins and the PIC's 16) routed as KVM's default table does, hands out MSI routes
+//! above them up to the limit KVM reports, stages changes, and commits them with one
+//! ioctl per [`RouteTable::commit`]. A commit that fails leaves both KVM's table and ours
+//! as they were (KVM applies a routing update atomically or not at all).
+//!
+//! Ordering rules from the kernel (virt/kvm/eventfd.c): an irqfd resolves its route when
+//! it is assigned, so the route must be committed first ([`RouteError::NotCommitted`]);
+//! and a route must not be removed while irqfds are attached to it
+//! ([`RouteError::IrqfdsAttached`]): detach first, then remove and commit.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::msi::MsiMessage;
+
+/// A global system interrupt number: an index into KVM's routing table.
+pub type Gsi = u32;
+
+/// GSIs below this belong to the in-kernel IOAPIC (and the PIC below 16).
+pub const LEGACY_GSI_COUNT: Gsi = 24;
+
+/// What one routing-table entry delivers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// A pin of an in-kernel interrupt controller.
+    Irqchip {
+        /// `KVM_IRQCHIP_PIC_MASTER`, `KVM_IRQCHIP_PIC_SLAVE` or `KVM_IRQCHIP_IOAPIC`.
+        chip: u32,
+        /// Pin number on that chip.
+        pin: u32,
+    },
+    /// An MSI message, injected into the local APICs it targets.
+    Msi(MsiMessage),
+}
+
+/// One routing-table entry. Several entries may share a GSI (the legacy pins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// The GSI the entry belongs to.
+    pub gsi: Gsi,
+    /// What it delivers to.
+    pub kind: RouteKind,
+}
+
+/// The KVM operations routing needs. One method per ioctl; the real implementation is
+/// [`KvmRouting`], tests use fakes.
+pub trait RoutingBackend: Send + Sync {
+    /// Replaces the whole routing table (`KVM_SET_GSI_ROUTING`).
+    ///
+    /// # Errors
+    /// The kernel's error; the previous table then stays in force.
+    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()>;
+    /// Attaches `fd` to `gsi` (`KVM_IRQFD`): a write to `fd` then injects the route.
+    ///
+    /// # Errors
+    /// The kernel's error (`EBUSY` if `fd` is already attached somewhere).
+    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()>;
+    /// Detaches `fd` from `gsi` (`KVM_IRQFD` with `KVM_IRQFD_FLAG_DEASSIGN`).
+    ///
+    /// # Errors
+    /// The kernel's error.
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()>;
+}
+
+/// [`RoutingBackend`] over a KVM VM file descriptor.
+#[derive(Debug, Clone)]
+pub struct KvmRouting {
+    vm: Arc<VmFd>,
+}
+
+impl KvmRouting {
+    /// Routing for `vm`, which must have an in-kernel irqchip (`KVM_CREATE_IRQCHIP`).
+    #[must_use]
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm }
+    }
+
+    /// The number of routes KVM accepts (`KVM_CAP_IRQ_ROUTING`), capped at what the
+    /// `kvm-bindings` table can hold.
+    #[must_use]
+    pub fn route_limit(&self) -> u32 {
+        let reported = self.vm.check_extension_int(kvm_ioctls::Cap::IrqRouting);
+        let reported = u32::try_from(reported).unwrap_or(0);
+        reported.min(kvm_bindings::KVM_MAX_IRQ_ROUTES as u32)
+    }
+}
+
+fn to_kvm(entry: &RouteEntry) -> kvm_irq_routing_entry {
+    let mut out = kvm_irq_routing_entry { gsi: entry.gsi, ..Default::default() };
+    match entry.kind {
+        RouteKind::Irqchip { chip, pin } => {
+            out.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+            out.u.irqchip = kvm_irq_routing_irqchip { irqchip: chip, pin };
+        }
+        RouteKind::Msi(msg) => {
+            out.type_ = KVM_IRQ_ROUTING_MSI;
+            out.u.msi = kvm_irq_routing_msi {
+                address_lo: msg.address_lo(),
+                address_hi: msg.address_hi(),
+                data: msg.data,
+                ..Default::default()
+            };
+        }
+    }
+    out
+}
+
+impl RoutingBackend for KvmRouting {
+    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
+        let entries: Vec<_> = routes.iter().map(to_kvm).collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
+        self.vm.set_gsi_routing(&table).map_err(io::Error::from)
+    }
+
+    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        self.vm.register_irqfd(fd, gsi).map_err(io::Error::from)
+    }
+
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        self.vm.unregister_irqfd(fd, gsi).map_err(io::Error::from)
+    }
+}
+
+/// Why a routing operation failed. The table is unchanged after every one of them.
+#[derive(Debug, Error)]
+pub enum RouteError {
+    /// Every GSI up to KVM's limit is in use.
+    #[error("no free GSI: all {limit} routes are in use")]
+    Exhausted {
+        /// KVM's route limit.
+        limit: u32,
+    },
+    /// The GSI is not an MSI route of this table.
+    #[error("GSI {0} is not an allocated MSI route")]
+    NotAllocated(Gsi),
+    /// An irqfd was to be attached to a route KVM does not have yet.
+    #[error("GSI {0} has no committed route (commit before attaching an irqfd)")]
+    NotCommitted(Gsi),
+    /// A route was to be removed while irqfds are attached to it.
+    #[error("GSI {0} still has irqfds attached (detach them before removing the route)")]
+    IrqfdsAttached(Gsi),
+    /// KVM's route limit leaves no room above the legacy GSIs.
+    #[error("KVM reports {0} routes, too few for the {LEGACY_GSI_COUNT} legacy GSIs")]
+    LimitTooSmall(u32),
+    /// `KVM_SET_GSI_ROUTING` failed; the previous table stays in force.
+    #[error("KVM_SET_GSI_ROUTING failed")]
+    Commit(#[source] io::Error),
+    /// `KVM_IRQFD` (assign) failed.
+    #[error("attaching an irqfd to GSI {gsi} failed")]
+    Assign {
+        /// The route.
+        gsi: Gsi,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// `KVM_IRQFD` (deassign) failed.
+    #[error("detaching an irqfd from GSI {gsi} failed")]
+    Deassign {
+        /// The route.
+        gsi: Gsi,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The legacy entries of KVM's default table: IOAPIC pins 0-23 and PIC pins 0-15.
+fn legacy_routes() -> Vec<RouteEntry> {
+    let mut routes = Vec::with_capacity(40);
+    for gsi in 0..LEGACY_GSI_COUNT {
+        if gsi < 16 {
+            let chip = if gsi < 8 { KVM_IRQCHIP_PIC_MASTER } else { KVM_IRQCHIP_PIC_SLAVE };
+            routes.push(RouteEntry { gsi, kind: RouteKind::Irqchip { chip, pin: gsi % 8 } });
+        }
+        routes.push(RouteEntry {
+            gsi,
+            kind: RouteKind::Irqchip { chip: KVM_IRQCHIP_IOAPIC, pin: gsi },
+        });
+    }
+    routes
+}
+
+/// The routing table: legacy pins plus MSI routes, staged and committed.
+#[derive(Debug)]
+pub struct RouteTable<B> {
+    backend: B,
+    limit: u32,
+    committed: BTreeMap<Gsi, MsiMessage>,
+    staged: BTreeMap<Gsi, MsiMessage>,
+    irqfds: BTreeMap<Gsi, u32>,
+    commits: u64,
+}
+
+impl<B: RoutingBackend> RouteTable<B> {
+    /// Takes ownership of KVM's table: commits the legacy routes so that KVM's table and
+    /// ours agree from the start. `limit` is KVM's route limit.
+    ///
+    /// # Errors
+    /// [`RouteError::LimitTooSmall`] or [`RouteError::Commit`].
+    pub fn new(backend: B, limit: u32) -> Result<Self, RouteError> {
+        if limit <= LEGACY_GSI_COUNT {
+            return Err(RouteError::LimitTooSmall(limit));
+        }
+        backend.set_routes(&legacy_routes()).map_err(RouteError::Commit)?;
+        Ok(Self {
+            backend,
+            limit,
+            committed: BTreeMap::new(),
+            staged: BTreeMap::new(),
+            irqfds: BTreeMap::new(),
+            commits: 1,
+        })
+    }
+
+    /// KVM's route limit (GSIs are below it).
+    #[must_use]
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// `KVM_SET_GSI_ROUTING` calls made so far (including the initial one).
+    #[must_use]
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    /// MSI routes KVM currently has.
+    #[must_use]
+    pub fn committed_msi_routes(&self) -> usize {
+        self.committed.len()
+    }
+
+    /// Stages a new MSI route and returns its GSI (the lowest free one).
+    ///
+    /// # Errors
+    /// [`RouteError::Exhausted`].
+    pub fn allocate(&mut self, msg: MsiMessage) -> Result<Gsi, RouteError> {
+        let mut candidate = LEGACY_GSI_COUNT;
+        for &gsi in self.staged.keys() {
+            if gsi != candidate {
+                break;
+            }
+            candidate += 1;
+        }
+        if candidate >= self.limit {
+            return Err(RouteError::Exhausted { limit: self.limit });
+        }
+        self.staged.insert(candidate, msg);
+        Ok(candidate)
+    }
+
+    /// Stages a new message for an existing MSI route.
+    ///
+    /// # Errors
+    /// [`RouteError::NotAllocated`].
+    pub fn update(&mut self, gsi: Gsi, msg: MsiMessage) -> Result<(), RouteError> {
+        let slot = self.staged.get_mut(&gsi).ok_or(RouteError::NotAllocated(gsi))?;
+        *slot = msg;
+        Ok(())
+    }
+
+    /// Stages the removal of an MSI route.
+    ///
+    /// # Errors
+    /// [`RouteError::NotAllocated`] or [`RouteError::IrqfdsAttached`].
+    pub fn remove(&mut self, gsi: Gsi) -> Result<(), RouteError> {
+        if !self.staged.contains_key(&gsi) {
+            return Err(RouteError::NotAllocated(gsi));
+        }
+        if self.irqfds.get(&gsi).copied().unwrap_or(0) > 0 {
+            return Err(RouteError::IrqfdsAttached(gsi));
+        }
+        self.staged.remove(&gsi);
+        Ok(())
+    }
+
+    /// Drops every staged change.
+    pub fn rollback(&mut self) {
+        self.staged.clone_from(&self.committed);
+    }
+
+    /// Sends the staged table to KVM in one ioctl. Returns whether a call was made (a
+    /// commit with nothing staged is skipped).
+    ///
+    /// # Errors
+    /// [`RouteError::Commit`]; the staged changes are then dropped and KVM keeps the
+    /// previous table.
+    pub fn commit(&mut self) -> Result<bool, RouteError> {
+        if self.staged == self.committed {
+            return Ok(false);
+        }
+        let mut routes = legacy_routes();
+        routes.extend(
+            self.staged.iter().map(|(&gsi, &msg)| RouteEntry { gsi, kind: RouteKind::Msi(msg) }),
+        );
+        if let Err(e) = self.backend.set_routes(&routes) {
+            self.rollback();
+            return Err(RouteError::Commit(e));
+        }
+        self.committed.clone_from(&self.staged);
+        self.commits += 1;
+        Ok(true)
+    }
+
+    /// Attaches `fd` to the committed route `gsi`.
+    ///
+    /// # Errors
+    /// [`RouteError::NotCommitted`] or [`RouteError::Assign`].
+    pub fn attach_irqfd(&mut self, fd: &EventFd, gsi: Gsi) -> Result<(), RouteError> {
+        let legacy = gsi < LEGACY_GSI_COUNT;
+        if !legacy && !self.committed.contains_key(&gsi) {
+            return Err(RouteError::NotCommitted(gsi));
+        }
+        self.backend.assign_irqfd(fd, gsi).map_err(|source| RouteError::Assign { gsi, source })?;
+        *self.irqfds.entry(gsi).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Detaches `fd` from `gsi`.
+    ///
+    /// # Errors
+    /// [`RouteError::Deassign`].
+    pub fn detach_irqfd(&mut self, fd: &EventFd, gsi: Gsi) -> Result<(), RouteError> {
+        self.backend.deassign_irqfd(fd, gsi).map_err(|source| RouteError::Deassign { gsi, source })?;
+        if let Some(n) = self.irqfds.get_mut(&gsi) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.irqfds.remove(&gsi);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Records every call; fails the calls it is told to.
+    #[derive(Default)]
+    struct FakeKvm {
+        tables: Mutex<Vec<Vec<RouteEntry>>>,
+        fail_set: Mutex<bool>,
+        assigned: Mutex<Vec<Gsi>>,
+    }
+
+    impl RoutingBackend for &FakeKvm {
+        fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
+            if *self.fail_set.lock().unwrap() {
+                return Err(io::Error::from_raw_os_error(libc_enomem()));
+            }
+            self.tables.lock().unwrap().push(routes.to_vec());
+            Ok(())
+        }
+        fn assign_irqfd(&self, _fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+            self.assigned.lock().unwrap().push(gsi);
+            Ok(())
+        }
+        fn deassign_irqfd(&self, _fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+            let mut a = self.assigned.lock().unwrap();
+            let pos = a.iter().position(|&g| g == gsi).expect("deassign of unassigned irqfd");
+            a.remove(pos);
+            Ok(())
+        }
+    }
+
+    fn libc_enomem() -> i32 {
+        12
+    }
+
+    fn msi(dest: u32) -> MsiMessage {
+        MsiMessage::compatibility(dest, 0x40).unwrap()
+    }
+
+    #[test]
+    fn new_table_commits_the_legacy_routes() {
+        let kvm = FakeKvm::default();
+        let table = RouteTable::new(&kvm, 4096).unwrap();
+        let tables = kvm.tables.lock().unwrap();
+        assert_eq!(tables.len(), 1);
+        assert_eq!(tables[0].len(), 24 + 16);
+        assert_eq!(table.commits(), 1);
+        assert!(RouteTable::new(&kvm, 24).is_err());
+    }
+
+    #[test]
+    fn allocations_start_above_legacy_and_commit_once() {
+        let kvm = FakeKvm::default();
+        let mut table = RouteTable::new(&kvm, 4096).unwrap();
+        let a = table.allocate(msi(0)).unwrap();
+        let b = table.allocate(msi(1)).unwrap();
+        assert_eq!((a, b), (24, 25));
+        assert!(table.commit().unwrap());
+        let last = kvm.tables.lock().unwrap().last().unwrap().clone();
+        assert_eq!(last.len(), 40 + 2);
+        assert_eq!(last[41], RouteEntry { gsi: 25, kind: RouteKind::Msi(msi(1)) });
+        // Nothing staged: no ioctl.
+        assert!(!table.commit().unwrap());
+        assert_eq!(kvm.tables.lock().unwrap().len(), 2);
+        // A freed GSI is reused.
+        table.remove(a).unwrap();
+        assert_eq!(table.allocate(msi(2)).unwrap(), 24);
+    }
+
+    #[test]
+    fn failed_commit_keeps_the_previous_table() {
+        let kvm = FakeKvm::default();
+        let mut table = RouteTable::new(&kvm, 4096).unwrap();
+        let gsi = table.allocate(msi(0)).unwrap();
+        table.commit().unwrap();
+        table.update(gsi, msi(5)).unwrap();
+        *kvm.fail_set.lock().unwrap() = true;
+        assert!(matches!(table.commit(), Err(RouteError::Commit(_))));
+        *kvm.fail_set.lock().unwrap() = false;
+        // The staged update was dropped: committing again is a no-op, and the route
+        // still carries the old message.
+        assert!(!table.commit().unwrap());
+        assert_eq!(table.committed.get(&gsi), Some(&msi(0)));
+        assert_eq!(table.commits(), 2);
+    }
+
+    #[test]
+    fn ordering_rules_are_enforced() {
+        let kvm = FakeKvm::default();
+        let mut table = RouteTable::new(&kvm, 4096).unwrap();
+        let fd = EventFd::new(0).unwrap();
+        let gsi = table.allocate(msi(0)).unwrap();
+        assert!(matches!(table.attach_irqfd(&fd, gsi), Err(RouteError::NotCommitted(24))));
+        table.commit().unwrap();
+        table.attach_irqfd(&fd, gsi).unwrap();
+        assert!(matches!(table.remove(gsi), Err(RouteError::IrqfdsAttached(24))));
+        table.detach_irqfd(&fd, gsi).unwrap();
+        table.remove(gsi).unwrap();
+        table.commit().unwrap();
+        assert_eq!(table.committed_msi_routes(), 0);
+        assert!(matches!(table.update(gsi, msi(1)), Err(RouteError::NotAllocated(24))));
+    }
+
+    #[test]
+    fn exhaustion_is_an_error() {
+        let kvm = FakeKvm::default();
+        let mut table = RouteTable::new(&kvm, 26).unwrap();
+        table.allocate(msi(0)).unwrap();
+        table.allocate(msi(1)).unwrap();
+        assert!(matches!(table.allocate(msi(2)), Err(RouteError::Exhausted { limit: 26 })));
+    }
+}
