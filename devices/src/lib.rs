@@ -1,1 +1,17 @@
-//! devices
+//! Device models, and the contract that puts them on a bus.
+//!
+//! A device sees guest accesses as `read`/`write` calls at an offset into the range it was
+//! registered at ([`BusDevice`]); it never sees KVM, the vCPU or the bus itself. What a
+//! device does to the outside world goes through a small trait it is given (an interrupt
+//! trigger, an exit sink, a doorbell sink), so each model is testable on its own.
+//!
+//! - [`serial`]: the 16550A console on COM1 (vm-superio), output to any writer.
+//! - [`debug_exit`]: the port through which a guest reports its verdict.
+//! - [`harness`]: the doorbell of the test harness (see `hypercall::harness`).
+
+pub mod bus;
+pub mod debug_exit;
+pub mod harness;
+pub mod serial;
+
+pub use bus::BusDevice;

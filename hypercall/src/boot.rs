@@ -5,9 +5,12 @@
 //!
 //! - paging on: an identity map of `[0, max(4 GiB, top of RAM))` with 2 MiB pages, built
 //!   by the VMM below [`PAGE_TABLE_LIMIT`];
-//! - a GDT with a 64-bit code segment at selector [`CODE_SELECTOR`], data at
-//!   [`DATA_SELECTOR`] and a TSS at [`TSS_SELECTOR`]; no IDT (interrupts are disabled,
-//!   `RFLAGS = 0x2`); the guest installs its own;
+//! - a per-vCPU GDT with a 64-bit code segment at selector [`CODE_SELECTOR`], data at
+//!   [`DATA_SELECTOR`] and a per-vCPU 64-bit TSS at [`TSS_SELECTOR`], loaded in TR. The
+//!   TSS's IST1 points at the top of a per-vCPU interrupt stack of [`IST_STACK_SIZE`]
+//!   bytes: a guest whose code uses the red zone (as code built for the host's Linux
+//!   target does) should put its interrupt gates on IST1. No IDT: interrupts are disabled
+//!   (`RFLAGS = 0x2`) and the guest installs its own;
 //! - `CR0.MP` and `CR0.NE` set, `CR0.EM` clear, `CR4.OSFXSR` and `CR4.OSXMMEXCPT` set, so
 //!   SSE code runs;
 //! - `RDI` = guest-physical address of the boot-information page, `RSI` = the vCPU's index
@@ -18,6 +21,8 @@
 
 /// Size of the per-vCPU stack the VMM provides.
 pub const STACK_SIZE: u64 = 64 * 1024;
+/// Size of the per-vCPU interrupt stack that IST1 points at.
+pub const IST_STACK_SIZE: u64 = 16 * 1024;
 /// The VMM's boot structures (GDT, TSS, boot information, page tables) sit below this
 /// address; a guest image must be linked above it.
 pub const PAGE_TABLE_LIMIT: u64 = 0x10_0000;
@@ -92,7 +97,9 @@ impl BootInfo<'_> {
         if self.apic_ids.len() > MAX_CPUS {
             return Err(BootInfoError::TooManyCpus);
         }
-        let page = page.get_mut(..PAGE_SIZE).ok_or(BootInfoError::ShortBuffer)?;
+        let page = page
+            .get_mut(..PAGE_SIZE)
+            .ok_or(BootInfoError::ShortBuffer)?;
         page.fill(0);
         put(page, offset::MAGIC, &MAGIC.to_le_bytes());
         put(page, offset::VERSION, &VERSION.to_le_bytes());
@@ -162,7 +169,10 @@ impl<'a> BootInfoView<'a> {
     /// Guest-physical address and length of the command line.
     #[must_use]
     pub fn cmdline(&self) -> (u64, u64) {
-        (self.u64_at(offset::CMDLINE_ADDR), self.u64_at(offset::CMDLINE_LEN))
+        (
+            self.u64_at(offset::CMDLINE_ADDR),
+            self.u64_at(offset::CMDLINE_LEN),
+        )
     }
 
     /// Guest-physical address and size of the harness mailbox; `None` without a harness.
@@ -208,18 +218,37 @@ mod tests {
     #[test]
     fn too_many_cpus_and_short_buffers_are_errors() {
         let ids = [0u32; MAX_CPUS + 1];
-        let info = BootInfo { mem_size: 0, cmdline: (0, 0), mailbox: (0, 0), apic_ids: &ids };
+        let info = BootInfo {
+            mem_size: 0,
+            cmdline: (0, 0),
+            mailbox: (0, 0),
+            apic_ids: &ids,
+        };
         let mut page = [0u8; PAGE_SIZE];
         assert_eq!(info.encode(&mut page), Err(BootInfoError::TooManyCpus));
-        let info = BootInfo { apic_ids: &ids[..1], ..info };
-        assert_eq!(info.encode(&mut page[..100]), Err(BootInfoError::ShortBuffer));
-        assert_eq!(BootInfoView::new(&page).unwrap_err(), BootInfoError::BadMagic);
+        let info = BootInfo {
+            apic_ids: &ids[..1],
+            ..info
+        };
+        assert_eq!(
+            info.encode(&mut page[..100]),
+            Err(BootInfoError::ShortBuffer)
+        );
+        assert_eq!(
+            BootInfoView::new(&page).unwrap_err(),
+            BootInfoError::BadMagic
+        );
     }
 
     #[test]
     fn absent_mailbox_reads_as_none() {
         let ids = [0u32];
-        let info = BootInfo { mem_size: 1, cmdline: (0, 0), mailbox: (0, 0), apic_ids: &ids };
+        let info = BootInfo {
+            mem_size: 1,
+            cmdline: (0, 0),
+            mailbox: (0, 0),
+            apic_ids: &ids,
+        };
         let mut page = [0u8; PAGE_SIZE];
         info.encode(&mut page).unwrap();
         assert_eq!(BootInfoView::new(&page).unwrap().mailbox(), None);

@@ -51,7 +51,10 @@ impl MsiMessage {
         if dest > 0xff {
             return Err(MsiError::DestinationTooWide(dest));
         }
-        Ok(Self { address: MSI_ADDRESS_BASE | (u64::from(dest) << 12), data: u32::from(vector) })
+        Ok(Self {
+            address: MSI_ADDRESS_BASE | (u64::from(dest) << 12),
+            data: u32::from(vector),
+        })
     }
 
     /// Low 32 bits of the address.
@@ -101,11 +104,17 @@ mod tests {
 
     #[test]
     fn reserved_vectors_and_wide_destinations_are_refused() {
-        assert_eq!(MsiMessage::compatibility(0, 15).unwrap_err(), MsiError::ReservedVector(15));
+        assert_eq!(
+            MsiMessage::compatibility(0, 15).unwrap_err(),
+            MsiError::ReservedVector(15)
+        );
         assert_eq!(
             MsiMessage::compatibility(256, 0x40).unwrap_err(),
             MsiError::DestinationTooWide(256)
         );
-        assert_eq!(MsiMessage::compatibility(255, 16).unwrap().destination(), 255);
+        assert_eq!(
+            MsiMessage::compatibility(255, 16).unwrap().destination(),
+            255
+        );
     }
 }

@@ -100,7 +100,10 @@ impl KvmRouting {
 }
 
 fn to_kvm(entry: &RouteEntry) -> kvm_irq_routing_entry {
-    let mut out = kvm_irq_routing_entry { gsi: entry.gsi, ..Default::default() };
+    let mut out = kvm_irq_routing_entry {
+        gsi: entry.gsi,
+        ..Default::default()
+    };
     match entry.kind {
         RouteKind::Irqchip { chip, pin } => {
             out.type_ = KVM_IRQ_ROUTING_IRQCHIP;
@@ -185,12 +188,22 @@ fn legacy_routes() -> Vec<RouteEntry> {
     let mut routes = Vec::with_capacity(40);
     for gsi in 0..LEGACY_GSI_COUNT {
         if gsi < 16 {
-            let chip = if gsi < 8 { KVM_IRQCHIP_PIC_MASTER } else { KVM_IRQCHIP_PIC_SLAVE };
-            routes.push(RouteEntry { gsi, kind: RouteKind::Irqchip { chip, pin: gsi % 8 } });
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            routes.push(RouteEntry {
+                gsi,
+                kind: RouteKind::Irqchip { chip, pin: gsi % 8 },
+            });
         }
         routes.push(RouteEntry {
             gsi,
-            kind: RouteKind::Irqchip { chip: KVM_IRQCHIP_IOAPIC, pin: gsi },
+            kind: RouteKind::Irqchip {
+                chip: KVM_IRQCHIP_IOAPIC,
+                pin: gsi,
+            },
         });
     }
     routes
@@ -217,7 +230,9 @@ impl<B: RoutingBackend> RouteTable<B> {
         if limit <= LEGACY_GSI_COUNT {
             return Err(RouteError::LimitTooSmall(limit));
         }
-        backend.set_routes(&legacy_routes()).map_err(RouteError::Commit)?;
+        backend
+            .set_routes(&legacy_routes())
+            .map_err(RouteError::Commit)?;
         Ok(Self {
             backend,
             limit,
@@ -270,7 +285,10 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// # Errors
     /// [`RouteError::NotAllocated`].
     pub fn update(&mut self, gsi: Gsi, msg: MsiMessage) -> Result<(), RouteError> {
-        let slot = self.staged.get_mut(&gsi).ok_or(RouteError::NotAllocated(gsi))?;
+        let slot = self
+            .staged
+            .get_mut(&gsi)
+            .ok_or(RouteError::NotAllocated(gsi))?;
         *slot = msg;
         Ok(())
     }
@@ -306,9 +324,10 @@ impl<B: RoutingBackend> RouteTable<B> {
             return Ok(false);
         }
         let mut routes = legacy_routes();
-        routes.extend(
-            self.staged.iter().map(|(&gsi, &msg)| RouteEntry { gsi, kind: RouteKind::Msi(msg) }),
-        );
+        routes.extend(self.staged.iter().map(|(&gsi, &msg)| RouteEntry {
+            gsi,
+            kind: RouteKind::Msi(msg),
+        }));
         if let Err(e) = self.backend.set_routes(&routes) {
             self.rollback();
             return Err(RouteError::Commit(e));
@@ -327,7 +346,9 @@ impl<B: RoutingBackend> RouteTable<B> {
         if !legacy && !self.committed.contains_key(&gsi) {
             return Err(RouteError::NotCommitted(gsi));
         }
-        self.backend.assign_irqfd(fd, gsi).map_err(|source| RouteError::Assign { gsi, source })?;
+        self.backend
+            .assign_irqfd(fd, gsi)
+            .map_err(|source| RouteError::Assign { gsi, source })?;
         *self.irqfds.entry(gsi).or_insert(0) += 1;
         Ok(())
     }
@@ -337,7 +358,9 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// # Errors
     /// [`RouteError::Deassign`].
     pub fn detach_irqfd(&mut self, fd: &EventFd, gsi: Gsi) -> Result<(), RouteError> {
-        self.backend.deassign_irqfd(fd, gsi).map_err(|source| RouteError::Deassign { gsi, source })?;
+        self.backend
+            .deassign_irqfd(fd, gsi)
+            .map_err(|source| RouteError::Deassign { gsi, source })?;
         if let Some(n) = self.irqfds.get_mut(&gsi) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -376,7 +399,10 @@ mod tests {
         }
         fn deassign_irqfd(&self, _fd: &EventFd, gsi: Gsi) -> io::Result<()> {
             let mut a = self.assigned.lock().unwrap();
-            let pos = a.iter().position(|&g| g == gsi).expect("deassign of unassigned irqfd");
+            let pos = a
+                .iter()
+                .position(|&g| g == gsi)
+                .expect("deassign of unassigned irqfd");
             a.remove(pos);
             Ok(())
         }
@@ -411,7 +437,13 @@ mod tests {
         assert!(table.commit().unwrap());
         let last = kvm.tables.lock().unwrap().last().unwrap().clone();
         assert_eq!(last.len(), 40 + 2);
-        assert_eq!(last[41], RouteEntry { gsi: 25, kind: RouteKind::Msi(msi(1)) });
+        assert_eq!(
+            last[41],
+            RouteEntry {
+                gsi: 25,
+                kind: RouteKind::Msi(msi(1))
+            }
+        );
         // Nothing staged: no ioctl.
         assert!(!table.commit().unwrap());
         assert_eq!(kvm.tables.lock().unwrap().len(), 2);
@@ -443,15 +475,24 @@ mod tests {
         let mut table = RouteTable::new(&kvm, 4096).unwrap();
         let fd = EventFd::new(0).unwrap();
         let gsi = table.allocate(msi(0)).unwrap();
-        assert!(matches!(table.attach_irqfd(&fd, gsi), Err(RouteError::NotCommitted(24))));
+        assert!(matches!(
+            table.attach_irqfd(&fd, gsi),
+            Err(RouteError::NotCommitted(24))
+        ));
         table.commit().unwrap();
         table.attach_irqfd(&fd, gsi).unwrap();
-        assert!(matches!(table.remove(gsi), Err(RouteError::IrqfdsAttached(24))));
+        assert!(matches!(
+            table.remove(gsi),
+            Err(RouteError::IrqfdsAttached(24))
+        ));
         table.detach_irqfd(&fd, gsi).unwrap();
         table.remove(gsi).unwrap();
         table.commit().unwrap();
         assert_eq!(table.committed_msi_routes(), 0);
-        assert!(matches!(table.update(gsi, msi(1)), Err(RouteError::NotAllocated(24))));
+        assert!(matches!(
+            table.update(gsi, msi(1)),
+            Err(RouteError::NotAllocated(24))
+        ));
     }
 
     #[test]
@@ -460,6 +501,9 @@ mod tests {
         let mut table = RouteTable::new(&kvm, 26).unwrap();
         table.allocate(msi(0)).unwrap();
         table.allocate(msi(1)).unwrap();
-        assert!(matches!(table.allocate(msi(2)), Err(RouteError::Exhausted { limit: 26 })));
+        assert!(matches!(
+            table.allocate(msi(2)),
+            Err(RouteError::Exhausted { limit: 26 })
+        ));
     }
 }

@@ -1,1 +1,30 @@
-//! vmm
+//! The VMM: one KVM VM with an in-kernel irqchip, guest RAM, vCPU threads, port and MMIO
+//! buses with the platform devices, and the `vmm` command line.
+//!
+//! A run goes: [`config`] resolves defaults, a TOML file and flags into a [`VmConfig`];
+//! [`vm::run`] opens KVM, creates the VM and its irqchip, maps RAM ([`memory`]), loads the
+//! ELF image ([`loader`]), writes the boot state every vCPU starts in ([`x86`], at the
+//! addresses of [`layout`]), takes ownership of the GSI routing table (`irq`), puts the
+//! devices on the buses ([`bus`]), creates the vCPUs with their CPUID ([`cpuid`]) and
+//! starts one thread per vCPU ([`vcpu`]), whose exits [`exit::handle_exit`] dispatches.
+//! The test harness thread ([`harness`]) fires interrupts a test guest asks for. The
+//! controller then waits for the guest's verdict, for every vCPU to stop, or for the
+//! watchdog, stops the vCPUs and returns a [`RunReport`].
+
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod cpuid;
+pub mod exit;
+pub mod harness;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod report;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use config::{Console, Kernel, Settings, VmConfig};
+pub use report::{Outcome, RunReport};
+pub use vm::{run, run_with_console, VmError, TEST_GUEST_ELF};

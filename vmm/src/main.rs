@@ -1,1 +1,49 @@
-fn main() {}
+//! `vmm`: see `vmm --help`.
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::{Cli, Command, RunArgs};
+use vmm::report::EXIT_VMM_ERROR;
+
+/// Prints an error and its causes on one line.
+fn report_error(error: &dyn Error) {
+    let mut line = format!("error: {error}");
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        line.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    eprintln!("{line}");
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    let config = match args.settings().and_then(vmm::Settings::resolve) {
+        Ok(config) => config,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    };
+    match vmm::run(&config) {
+        Ok(report) => {
+            println!("{report}");
+            if let Some(failure) = report.failure() {
+                eprintln!("error: {failure}");
+            }
+            ExitCode::from(report.exit_code())
+        }
+        Err(e) => {
+            report_error(&e);
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Run(args) => run(args),
+    }
+}

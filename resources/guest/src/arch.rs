@@ -189,7 +189,10 @@ pub fn load_idt() {
         limit: u16,
         base: u64,
     }
-    let pointer = Pointer { limit: (256 * 16 - 1) as u16, base: core::ptr::addr_of!(IDT) as u64 };
+    let pointer = Pointer {
+        limit: (256 * 16 - 1) as u16,
+        base: core::ptr::addr_of!(IDT) as u64,
+    };
     // SAFETY: the IDT is complete (IDT_READY) and static.
     unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack)) }
 }

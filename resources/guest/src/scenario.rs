@@ -40,7 +40,10 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
         unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
     };
     let text = core::str::from_utf8(bytes).map_err(|_| "command line is not UTF-8")?;
-    let mut options = Options { scenario: Scenario::All, msi_count: DEFAULT_MSI_COUNT };
+    let mut options = Options {
+        scenario: Scenario::All,
+        msi_count: DEFAULT_MSI_COUNT,
+    };
     for word in text.split_ascii_whitespace() {
         if let Some(name) = word.strip_prefix("scenario=") {
             options.scenario = match name {
@@ -78,7 +81,11 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
         "test-guest: {} vCPUs, {} MiB, {}",
         cpus,
         info.mem_size() >> 20,
-        if arch::has_x2apic() { "x2APIC" } else { "xAPIC" }
+        if arch::has_x2apic() {
+            "x2APIC"
+        } else {
+            "xAPIC"
+        }
     );
     wait_until(|| CHECKED_IN.load(Ordering::Acquire) as usize == cpus);
     println!("all {} vCPUs checked in", cpus);
@@ -110,7 +117,12 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     }
     ok &= no_strays(cpus, expected_ipi, expected_msi);
     for cpu in 0..cpus {
-        println!("cpu {}: ipi {} msi {}", cpu, count(cpu, IPI_VECTOR), count(cpu, MSI_VECTOR));
+        println!(
+            "cpu {}: ipi {} msi {}",
+            cpu,
+            count(cpu, IPI_VECTOR),
+            count(cpu, MSI_VECTOR)
+        );
     }
     if ok {
         println!("verdict: PASS");
@@ -124,12 +136,18 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
 fn smoke(info: &BootInfoView<'_>) -> bool {
     let cpus = info.cpu_count();
     for cpu in 0..cpus {
-        let Some(apic_id) = info.apic_id(cpu) else { return false };
+        let Some(apic_id) = info.apic_id(cpu) else {
+            return false;
+        };
         arch::send_ipi(apic_id, IPI_VECTOR);
         wait_until(|| count(cpu, IPI_VECTOR) >= 1);
     }
     let ok = (0..cpus).all(|cpu| count(cpu, IPI_VECTOR) == 1);
-    println!("smoke: {} IPIs sent, {}", cpus, if ok { "each counted once" } else { "FAIL" });
+    println!(
+        "smoke: {} IPIs sent, {}",
+        cpus,
+        if ok { "each counted once" } else { "FAIL" }
+    );
     ok
 }
 
@@ -144,7 +162,9 @@ fn msi(info: &BootInfoView<'_>, n: u32) -> bool {
     mailbox_cell(offset::REQUEST).store(request::FIRE_MSI_EACH_CPU, Ordering::Relaxed);
     mailbox_cell(offset::ARG_VECTOR).store(u32::from(MSI_VECTOR), Ordering::Relaxed);
     mailbox_cell(offset::ARG_COUNT).store(n, Ordering::Relaxed);
-    let seq = mailbox_cell(offset::REQUEST_SEQ).load(Ordering::Relaxed).wrapping_add(1);
+    let seq = mailbox_cell(offset::REQUEST_SEQ)
+        .load(Ordering::Relaxed)
+        .wrapping_add(1);
     mailbox_cell(offset::REQUEST_SEQ).store(seq, Ordering::Release);
     arch::outl(HARNESS_PORT, seq);
     wait_until(|| mailbox_cell(offset::DONE_SEQ).load(Ordering::Acquire) == seq);
@@ -157,12 +177,18 @@ fn msi(info: &BootInfoView<'_>, n: u32) -> bool {
         let fired = mailbox_cell(offset::FIRED + 4 * cpu).load(Ordering::Acquire);
         let got = count(cpu, MSI_VECTOR);
         if fired != n || got != fired {
-            println!("msi: FAIL: cpu {} expected {} fired {} counted {}", cpu, n, fired, got);
+            println!(
+                "msi: FAIL: cpu {} expected {} fired {} counted {}",
+                cpu, n, fired, got
+            );
             ok = false;
         }
     }
     if ok {
-        println!("msi: {} MSIs per vCPU fired and counted on the right vCPU", n);
+        println!(
+            "msi: {} MSIs per vCPU fired and counted on the right vCPU",
+            n
+        );
     }
     ok
 }
@@ -179,7 +205,10 @@ fn no_strays(cpus: usize, expected_ipi: u32, expected_msi: u32) -> bool {
             };
             let got = count(cpu, vector);
             if got != expected {
-                println!("FAIL: cpu {} vector {:#x}: counted {}, expected {}", cpu, vector, got, expected);
+                println!(
+                    "FAIL: cpu {} vector {:#x}: counted {}, expected {}",
+                    cpu, vector, got, expected
+                );
                 ok = false;
             }
         }

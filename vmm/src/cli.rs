@@ -1,0 +1,128 @@
+//! The `vmm` command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, Settings, SizeSetting};
+
+/// A KVM virtual machine monitor with interrupt remapping, IMS devices and an IRTE
+/// hypercall.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest and run it until it reports a verdict, every vCPU stops, or the
+    /// watchdog fires. With no options: the built-in test guest on 2 vCPUs and 64 MiB.
+    #[command(after_help = "\
+Exit status: 0 when the guest reports success; the guest's code (1-123) when it reports
+failure; 124 when the watchdog stopped it; 125 when the VM could not be set up; 126 when
+every vCPU stopped without a verdict.
+
+Flags override the config file, which overrides the defaults.
+
+Examples:
+  vmm run                                  the built-in test guest, default machine
+  vmm run --cpus 8 --cmdline scenario=msi  its MSI scenario on 8 vCPUs
+  vmm run --kernel guest.elf --memory 1G --config vm.toml")]
+    Run(RunArgs),
+}
+
+/// Options of `vmm run`.
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// 64-bit ELF image to boot [default: the built-in test guest]
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Number of vCPUs, 1 to 255 [default: 2]
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest RAM, e.g. 64M or 1G; a bare number is MiB [default: 64M]
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Command line handed to the guest (the test guest reads scenario=smoke|msi|all|fail|hang)
+    #[arg(long, value_name = "ARGS")]
+    pub cmdline: Option<String>,
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<String>,
+    /// Seconds the guest may run without a verdict; 0 disables the watchdog [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    pub watchdog: Option<u64>,
+    /// KVM device node [default: /dev/kvm]
+    #[arg(long, value_name = "PATH")]
+    pub kvm_device: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The settings these flags give, over those of the config file if one is named.
+    ///
+    /// # Errors
+    /// The config file's [`ConfigError`].
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        let flags = Settings {
+            cpus: self.cpus,
+            memory: self.memory.clone().map(SizeSetting::Text),
+            kernel: self.kernel.clone(),
+            cmdline: self.cmdline.clone(),
+            console: self.console.clone(),
+            watchdog: self.watchdog,
+            kvm_device: self.kvm_device.clone(),
+        };
+        Ok(file.overridden_by(flags))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_without_options_means_the_defaults() {
+        let cli = Cli::try_parse_from(["vmm", "run"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.settings().unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn flags_become_settings() {
+        let cli = Cli::try_parse_from([
+            "vmm",
+            "run",
+            "--cpus",
+            "8",
+            "--memory",
+            "1G",
+            "--cmdline",
+            "scenario=msi",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        let config = args.settings().unwrap().resolve().unwrap();
+        assert_eq!(
+            (config.cpus, config.memory, config.cmdline.as_str()),
+            (8, 1 << 30, "scenario=msi")
+        );
+    }
+}

@@ -1,0 +1,446 @@
+//! What a VM is made of, from defaults, a TOML file and command-line flags (in that order
+//! of precedence, lowest first), validated before anything is created.
+//!
+//! ```toml
+//! cpus = 2
+//! memory = "64M"          # K, M, G, T (binary); a bare number is MiB
+//! kernel = "guest.elf"    # absent: the built-in test guest
+//! cmdline = "scenario=msi"
+//! console = "stdout"      # "off", or "file:PATH"
+//! watchdog = 30           # seconds; 0 disables it
+//! kvm_device = "/dev/kvm"
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::layout::CMDLINE_MAX;
+
+/// vCPUs when nothing says otherwise.
+pub const DEFAULT_CPUS: u32 = 2;
+/// Guest RAM when nothing says otherwise.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Watchdog when nothing says otherwise.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(30);
+/// Most vCPUs: compatibility-format MSIs address APIC IDs up to 255 (more needs
+/// interrupt remapping in x2APIC mode).
+pub const MAX_CPUS: u32 = 255;
+/// Least guest RAM: the boot structures, an image and a few vCPU stacks.
+pub const MIN_MEMORY: u64 = 4 << 20;
+
+/// The image to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kernel {
+    /// The test guest built with this VMM (`resources/guest`).
+    BuiltIn,
+    /// A 64-bit ELF executable following the boot protocol of `hypercall::boot`.
+    Elf(PathBuf),
+}
+
+/// Where the serial console's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// Standard output.
+    Stdout,
+    /// Nowhere.
+    Off,
+    /// A file (created or truncated).
+    File(PathBuf),
+}
+
+impl FromStr for Console {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "stdout" => Ok(Self::Stdout),
+            "off" => Ok(Self::Off),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Self::File(path.into())),
+                _ => Err(ConfigError::Console(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Stdout => write!(f, "stdout"),
+            Self::Off => write!(f, "off"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// A validated VM configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Number of vCPUs (1 to [`MAX_CPUS`]).
+    pub cpus: u32,
+    /// Bytes of guest RAM (a multiple of 4 KiB, at least [`MIN_MEMORY`]).
+    pub memory: u64,
+    /// The image.
+    pub kernel: Kernel,
+    /// The command line handed to the guest.
+    pub cmdline: String,
+    /// Console output.
+    pub console: Console,
+    /// How long the guest may run without a verdict; `None` for ever.
+    pub watchdog: Option<Duration>,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            cpus: DEFAULT_CPUS,
+            memory: DEFAULT_MEMORY,
+            kernel: Kernel::BuiltIn,
+            cmdline: String::new(),
+            console: Console::Stdout,
+            watchdog: Some(DEFAULT_WATCHDOG),
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// Settings as written in a config file or given as flags; every one optional.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Number of vCPUs.
+    pub cpus: Option<u32>,
+    /// Guest RAM, e.g. `"64M"`, or a number of MiB.
+    pub memory: Option<SizeSetting>,
+    /// ELF image path.
+    pub kernel: Option<PathBuf>,
+    /// Guest command line.
+    pub cmdline: Option<String>,
+    /// `stdout`, `off` or `file:PATH`.
+    pub console: Option<String>,
+    /// Watchdog in seconds; 0 disables it.
+    pub watchdog: Option<u64>,
+    /// KVM device node.
+    pub kvm_device: Option<PathBuf>,
+}
+
+/// A size as a string with a unit or a number of MiB.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SizeSetting {
+    /// `"64M"`, `"1G"`, ...
+    Text(String),
+    /// A number of MiB.
+    MiB(u64),
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}", .path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unknown key.
+    #[error("invalid config file {}: {message}", .path.display())]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// Where and what.
+        message: String,
+    },
+    /// A size could not be parsed.
+    #[error("invalid memory size `{0}`: expected a number with an optional K, M, G or T suffix (a bare number is MiB)")]
+    Size(String),
+    /// A size is not a multiple of 4 KiB.
+    #[error("invalid memory size {0} bytes: must be a multiple of 4 KiB")]
+    SizeAlignment(u64),
+    /// Too few or too many vCPUs.
+    #[error("invalid vCPU count {0}: must be between 1 and {MAX_CPUS}")]
+    Cpus(u32),
+    /// Less RAM than a guest needs.
+    #[error("memory size {} is too small: at least {} is needed", format_size(*.0), format_size(MIN_MEMORY))]
+    MemoryTooSmall(u64),
+    /// More RAM than the host has.
+    #[error("memory size {} exceeds the host's memory ({})", format_size(*.requested), format_size(*.host))]
+    MemoryTooLarge {
+        /// Requested.
+        requested: u64,
+        /// The host's total.
+        host: u64,
+    },
+    /// Not a console destination.
+    #[error("invalid console `{0}`: expected stdout, off or file:PATH")]
+    Console(String),
+    /// The command line does not fit its page.
+    #[error("command line is {0} bytes long; at most {CMDLINE_MAX} fit")]
+    CmdlineTooLong(usize),
+}
+
+/// Parses `64M`, `1G`, `512K`, `2T` (binary units, optional `B`/`iB`), or a bare number
+/// of MiB.
+///
+/// # Errors
+/// [`ConfigError::Size`].
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let bad = || ConfigError::Size(text.to_string());
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "b" => 0,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// `64 MiB`, `1.5 GiB`, `512 KiB`, `100 B`.
+#[must_use]
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            return if bytes % size == 0 {
+                format!("{} {unit}", bytes / size)
+            } else {
+                format!("{:.1} {unit}", bytes as f64 / size as f64)
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
+impl Settings {
+    /// Reads a TOML config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::ReadFile`] or [`ConfigError::ParseFile`] (with line and column).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            let place = e.span().map_or_else(String::new, |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            ConfigError::ParseFile {
+                path: path.to_path_buf(),
+                message: format!("{place}{}", e.message().trim()),
+            }
+        })
+    }
+
+    /// `self`, with every setting `over` has replacing ours.
+    #[must_use]
+    pub fn overridden_by(self, over: Settings) -> Settings {
+        Settings {
+            cpus: over.cpus.or(self.cpus),
+            memory: over.memory.or(self.memory),
+            kernel: over.kernel.or(self.kernel),
+            cmdline: over.cmdline.or(self.cmdline),
+            console: over.console.or(self.console),
+            watchdog: over.watchdog.or(self.watchdog),
+            kvm_device: over.kvm_device.or(self.kvm_device),
+        }
+    }
+
+    /// The validated configuration: defaults, with these settings applied.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`] about a value.
+    pub fn resolve(self) -> Result<VmConfig, ConfigError> {
+        let defaults = VmConfig::default();
+        let cpus = self.cpus.unwrap_or(defaults.cpus);
+        if cpus == 0 || cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(cpus));
+        }
+        let memory = match self.memory {
+            None => defaults.memory,
+            Some(SizeSetting::Text(t)) => parse_size(&t)?,
+            Some(SizeSetting::MiB(n)) => n
+                .checked_mul(1 << 20)
+                .ok_or_else(|| ConfigError::Size(n.to_string()))?,
+        };
+        if memory % 4096 != 0 {
+            return Err(ConfigError::SizeAlignment(memory));
+        }
+        if memory < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall(memory));
+        }
+        if let Some(host) = crate::memory::host_memory() {
+            if memory > host {
+                return Err(ConfigError::MemoryTooLarge {
+                    requested: memory,
+                    host,
+                });
+            }
+        }
+        let cmdline = self.cmdline.unwrap_or(defaults.cmdline);
+        if cmdline.len() > CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+        }
+        let console = match self.console {
+            Some(text) => text.parse()?,
+            None => defaults.console,
+        };
+        Ok(VmConfig {
+            cpus,
+            memory,
+            kernel: self.kernel.map_or(Kernel::BuiltIn, Kernel::Elf),
+            cmdline,
+            console,
+            watchdog: match self.watchdog {
+                Some(0) => None,
+                Some(s) => Some(Duration::from_secs(s)),
+                None => defaults.watchdog,
+            },
+            kvm_device: self.kvm_device.unwrap_or(defaults.kvm_device),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_size("4096b").unwrap(), 4096);
+        for bad in ["", "M", "12Q", "-1M", "1.5G", "99999999999999999T"] {
+            assert!(
+                matches!(parse_size(bad), Err(ConfigError::Size(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_format_for_people() {
+        assert_eq!(format_size(64 << 20), "64 MiB");
+        assert_eq!(format_size(3 << 29), "1.5 GiB");
+        assert_eq!(format_size(100), "100 B");
+    }
+
+    #[test]
+    fn defaults_resolve_to_the_demo_machine() {
+        let c = Settings::default().resolve().unwrap();
+        assert_eq!(c, VmConfig::default());
+        assert_eq!(
+            (c.cpus, c.memory, &c.kernel),
+            (2, 64 << 20, &Kernel::BuiltIn)
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: Settings = toml::from_str("cpus = 4\nmemory = 128\nwatchdog = 0\n").unwrap();
+        let flags = Settings {
+            cpus: Some(8),
+            ..Default::default()
+        };
+        let c = file.overridden_by(flags).resolve().unwrap();
+        assert_eq!((c.cpus, c.memory, c.watchdog), (8, 128 << 20, None));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_reason() {
+        let resolve = |s: Settings| s.resolve().unwrap_err().to_string();
+        assert_eq!(
+            resolve(Settings {
+                cpus: Some(0),
+                ..Default::default()
+            }),
+            "invalid vCPU count 0: must be between 1 and 255"
+        );
+        let small = Settings {
+            memory: Some(SizeSetting::Text("1M".into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(small),
+            "memory size 1 MiB is too small: at least 4 MiB is needed"
+        );
+        let huge = Settings {
+            memory: Some(SizeSetting::Text("64T".into())),
+            ..Default::default()
+        };
+        assert!(resolve(huge).starts_with("memory size 64 TiB exceeds the host's memory"));
+        let odd = Settings {
+            memory: Some(SizeSetting::Text("4097K".into())),
+            ..Default::default()
+        };
+        assert!(resolve(odd).contains("multiple of 4 KiB"));
+        let console = Settings {
+            console: Some("tty".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(console),
+            "invalid console `tty`: expected stdout, off or file:PATH"
+        );
+        let long = Settings {
+            cmdline: Some("x".repeat(5000)),
+            ..Default::default()
+        };
+        assert!(resolve(long).contains("at most 4095"));
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("vmm-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "cpus = 2\ncpu = 4\n").unwrap();
+        let err = Settings::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2, column 1: unknown field `cpu`"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        let missing = Settings::from_file(&dir.join("none.toml")).unwrap_err();
+        assert!(matches!(missing, ConfigError::ReadFile { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn consoles_parse() {
+        assert_eq!("stdout".parse::<Console>().unwrap(), Console::Stdout);
+        assert_eq!("off".parse::<Console>().unwrap(), Console::Off);
+        assert_eq!(
+            "file:/tmp/x".parse::<Console>().unwrap(),
+            Console::File("/tmp/x".into())
+        );
+        assert!("file:".parse::<Console>().is_err());
+    }
+}

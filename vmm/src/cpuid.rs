@@ -1,0 +1,108 @@
+//! The CPUID each vCPU sees: KVM's supported set, with the per-vCPU topology filled in,
+//! the hypervisor bit set, and this project's hypervisor leaves (`hypercall::cpuid`).
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+/// KVM's own signature, `"KVMKVMKVM\0\0\0"`, for when KVM's list lacks its leaf.
+const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+
+fn leaf(function: u32, eax: u32, [ebx, ecx, edx]: [u32; 3]) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
+        function,
+        eax,
+        ebx,
+        ecx,
+        edx,
+        ..Default::default()
+    }
+}
+
+/// Adjusts KVM's supported CPUID for vCPU `cpu` (its APIC ID) of `cpus`.
+pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, cpus: u32) {
+    let logical = cpus.min(0xff);
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                // Initial APIC ID, logical processor count, hypervisor present.
+                e.ebx = (e.ebx & 0x0000_ffff) | ((cpu & 0xff) << 24) | (logical << 16);
+                e.ecx |= 1 << 31;
+            }
+            // x2APIC topology: EDX holds the x2APIC ID on every subleaf.
+            0xb | 0x1f => e.edx = cpu,
+            _ => {}
+        }
+    }
+    if !entries
+        .iter()
+        .any(|e| e.function == hypercall::cpuid::KVM_BASE)
+    {
+        entries.push(leaf(
+            hypercall::cpuid::KVM_BASE,
+            hypercall::cpuid::KVM_BASE + 1,
+            KVM_SIGNATURE,
+        ));
+    }
+    entries.retain(|e| {
+        !(hypercall::cpuid::BASE..hypercall::cpuid::BASE + 0x100).contains(&e.function)
+    });
+    entries.push(leaf(
+        hypercall::cpuid::BASE,
+        hypercall::cpuid::INTERFACE_LEAF,
+        hypercall::cpuid::signature_registers(),
+    ));
+    entries.push(leaf(
+        hypercall::cpuid::INTERFACE_LEAF,
+        hypercall::cpuid::ABI_VERSION,
+        [0, 0, 0],
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find(entries: &[kvm_cpuid_entry2], function: u32) -> &kvm_cpuid_entry2 {
+        entries.iter().find(|e| e.function == function).unwrap()
+    }
+
+    #[test]
+    fn per_vcpu_ids_hypervisor_bit_and_our_leaves() {
+        let mut entries = vec![
+            leaf(1, 0x806f8, [0xffff_0800, 0x1234, 0]),
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                edx: 99,
+                ..Default::default()
+            },
+        ];
+        patch(&mut entries, 3, 8);
+        let l1 = find(&entries, 1);
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 8);
+        assert_eq!(l1.ebx & 0xffff, 0x0800);
+        assert_eq!(l1.ecx, 0x1234 | (1 << 31));
+        assert_eq!(find(&entries, 0xb).edx, 3);
+        assert_eq!(find(&entries, 0x4000_0000).ebx, KVM_SIGNATURE[0]);
+        let base = find(&entries, hypercall::cpuid::BASE);
+        assert_eq!(base.eax, hypercall::cpuid::INTERFACE_LEAF);
+        let mut sig = Vec::new();
+        for r in [base.ebx, base.ecx, base.edx] {
+            sig.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(sig, b"IRQREMAPHYPV");
+        assert_eq!(find(&entries, hypercall::cpuid::INTERFACE_LEAF).eax, 0);
+    }
+
+    #[test]
+    fn patching_twice_does_not_duplicate_leaves() {
+        let mut entries = vec![leaf(1, 0, [0; 3])];
+        patch(&mut entries, 0, 1);
+        patch(&mut entries, 0, 1);
+        let ours = entries
+            .iter()
+            .filter(|e| e.function == hypercall::cpuid::BASE)
+            .count();
+        assert_eq!(ours, 1);
+    }
+}

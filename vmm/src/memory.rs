@@ -1,0 +1,134 @@
+//! Guest RAM: laid out around the MMIO hole, mmap'd by vm-memory, registered with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+
+/// Why guest RAM could not be set up.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// mmap of guest RAM failed.
+    #[error("cannot allocate {size} bytes of guest RAM")]
+    Allocate {
+        /// Requested size.
+        size: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION failed for slot {slot}")]
+    Register {
+        /// The slot.
+        slot: u32,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A region's host address could not be found.
+    #[error("guest RAM region at {0:#x} has no host mapping")]
+    NoHostAddress(u64),
+}
+
+/// The RAM ranges for `size` bytes: below the MMIO hole, and the rest from 4 GiB.
+#[must_use]
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_HOLE_END), size - low));
+    }
+    ranges
+}
+
+/// End of RAM below the MMIO hole.
+#[must_use]
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_HOLE_START)
+}
+
+/// Highest RAM address plus one.
+#[must_use]
+pub fn ram_top(size: u64) -> u64 {
+    ram_ranges(size)
+        .last()
+        .map_or(0, |(start, len)| start.0 + len)
+}
+
+/// Allocates `size` bytes of guest RAM.
+///
+/// # Errors
+/// [`MemoryError::Allocate`].
+pub fn allocate(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (start, usize::try_from(len).unwrap_or(usize::MAX)))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate { size, source })
+}
+
+/// Registers every RAM region with KVM as a memory slot.
+///
+/// # Errors
+/// [`MemoryError::Register`] or [`MemoryError::NoHostAddress`].
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::NoHostAddress(region.start_addr().0))?;
+        let slot_region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `mem`, which the VM keeps alive for as long as
+        // the VM exists (the VM struct owns both and drops the VM fd first).
+        unsafe { vm.set_user_memory_region(slot_region) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+/// The host's total memory in bytes, from `/proc/meminfo`.
+#[must_use]
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_below_the_hole_is_one_range() {
+        assert_eq!(ram_ranges(64 << 20), vec![(GuestAddress(0), 64 << 20)]);
+        assert_eq!(ram_top(64 << 20), 64 << 20);
+        assert_eq!(low_ram_end(64 << 20), 64 << 20);
+    }
+
+    #[test]
+    fn ram_beyond_3gib_continues_at_4gib() {
+        let size = 5u64 << 30;
+        assert_eq!(
+            ram_ranges(size),
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]
+        );
+        assert_eq!(ram_top(size), 6 << 30);
+        assert_eq!(low_ram_end(size), 3 << 30);
+    }
+
+    #[test]
+    fn host_memory_is_read() {
+        assert!(host_memory().unwrap() > 1 << 20);
+    }
+}

@@ -1,0 +1,232 @@
+//! How a run ended, and the summary `vmm run` prints.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::{format_size, Kernel};
+use crate::exit::StopReason;
+
+/// Process exit code when the watchdog ended the guest.
+pub const EXIT_WATCHDOG: u8 = 124;
+/// Process exit code when the VMM could not run the guest (bad config, KVM error).
+pub const EXIT_VMM_ERROR: u8 = 125;
+/// Process exit code when every vCPU stopped without a verdict (e.g. triple faults).
+pub const EXIT_VCPUS_STOPPED: u8 = 126;
+/// Guest failure codes above this are reported as this.
+pub const EXIT_GUEST_MAX: u8 = 123;
+
+/// How the run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote its verdict to the debug-exit port.
+    GuestExit {
+        /// The code (0: success).
+        code: u32,
+    },
+    /// No verdict before the watchdog fired.
+    Watchdog {
+        /// The watchdog's period.
+        after: Duration,
+        /// vCPUs that had already stopped, and why.
+        stopped: Vec<(u32, StopReason)>,
+    },
+    /// Every vCPU stopped without a verdict.
+    VcpusStopped {
+        /// Each vCPU and why it stopped.
+        stopped: Vec<(u32, StopReason)>,
+    },
+}
+
+/// What happened in one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    /// The image that ran.
+    pub kernel: Kernel,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Interrupts each vCPU counted, if the guest keeps the harness counter table.
+    pub interrupts: Option<Vec<u64>>,
+    /// Interrupts the test harness fired at each vCPU.
+    pub harness_fired: Vec<u64>,
+    /// Port and MMIO accesses that reached no device.
+    pub unmapped_accesses: u64,
+    /// Console output errors.
+    pub console_errors: u64,
+    /// Wall-clock time from set-up to stop.
+    pub elapsed: Duration,
+}
+
+impl RunReport {
+    /// Whether the guest reported success.
+    #[must_use]
+    pub fn passed(&self) -> bool {
+        self.outcome == Outcome::GuestExit { code: 0 }
+    }
+
+    /// The process exit code for this outcome.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match &self.outcome {
+            Outcome::GuestExit { code: 0 } => 0,
+            Outcome::GuestExit { code } => u8::try_from(*code)
+                .unwrap_or(EXIT_GUEST_MAX)
+                .min(EXIT_GUEST_MAX),
+            Outcome::Watchdog { .. } => EXIT_WATCHDOG,
+            Outcome::VcpusStopped { .. } => EXIT_VCPUS_STOPPED,
+        }
+    }
+
+    /// One line saying what went wrong, if anything did.
+    #[must_use]
+    pub fn failure(&self) -> Option<String> {
+        let stops = |stopped: &[(u32, StopReason)]| {
+            stopped
+                .iter()
+                .map(|(i, r)| format!("vCPU {i}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        match &self.outcome {
+            Outcome::GuestExit { code: 0 } => None,
+            Outcome::GuestExit { code } => {
+                Some(format!("the guest reported failure (code {code})"))
+            }
+            Outcome::Watchdog { after, stopped } => {
+                let mut line = format!(
+                    "the guest reported no verdict within {} s; stopped by the watchdog",
+                    after.as_secs_f64()
+                );
+                if !stopped.is_empty() {
+                    line.push_str(&format!(" (already stopped: {})", stops(stopped)));
+                }
+                Some(line)
+            }
+            Outcome::VcpusStopped { stopped } => Some(format!(
+                "every vCPU stopped without a verdict: {}",
+                stops(stopped)
+            )),
+        }
+    }
+}
+
+fn per_vcpu(values: &[u64]) -> String {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("vCPU {i}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for RunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kernel = match &self.kernel {
+            Kernel::BuiltIn => "built-in test guest".to_string(),
+            Kernel::Elf(p) => p.display().to_string(),
+        };
+        writeln!(f, "vmm: kernel      {kernel}")?;
+        writeln!(
+            f,
+            "vmm: machine     {} vCPU{}, {}, ran {:.2} s",
+            self.cpus,
+            if self.cpus == 1 { "" } else { "s" },
+            format_size(self.memory),
+            self.elapsed.as_secs_f64()
+        )?;
+        match &self.interrupts {
+            Some(counts) => writeln!(
+                f,
+                "vmm: interrupts  {} (counted by the guest)",
+                per_vcpu(counts)
+            )?,
+            None => writeln!(f, "vmm: interrupts  not reported by the guest")?,
+        }
+        if self.harness_fired.iter().any(|&n| n > 0) {
+            writeln!(
+                f,
+                "vmm: host fired  {} (MSIs via irqfd)",
+                per_vcpu(&self.harness_fired)
+            )?;
+        }
+        if self.unmapped_accesses > 0 {
+            writeln!(
+                f,
+                "vmm: unmapped    {} accesses reached no device",
+                self.unmapped_accesses
+            )?;
+        }
+        if self.console_errors > 0 {
+            writeln!(f, "vmm: console     {} output errors", self.console_errors)?;
+        }
+        let verdict = match &self.outcome {
+            Outcome::GuestExit { code: 0 } => "PASS (guest exit code 0)".to_string(),
+            Outcome::GuestExit { code } => format!("FAIL (guest exit code {code})"),
+            Outcome::Watchdog { .. } => "HUNG (stopped by the watchdog)".to_string(),
+            Outcome::VcpusStopped { .. } => "CRASHED (every vCPU stopped)".to_string(),
+        };
+        write!(f, "vmm: verdict     {verdict}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(outcome: Outcome) -> RunReport {
+        RunReport {
+            kernel: Kernel::BuiltIn,
+            cpus: 2,
+            memory: 64 << 20,
+            outcome,
+            interrupts: Some(vec![51, 51]),
+            harness_fired: vec![50, 50],
+            unmapped_accesses: 0,
+            console_errors: 0,
+            elapsed: Duration::from_millis(420),
+        }
+    }
+
+    #[test]
+    fn exit_codes_separate_guest_verdicts_from_vmm_outcomes() {
+        assert_eq!(report(Outcome::GuestExit { code: 0 }).exit_code(), 0);
+        assert_eq!(report(Outcome::GuestExit { code: 3 }).exit_code(), 3);
+        assert_eq!(
+            report(Outcome::GuestExit { code: 256 }).exit_code(),
+            EXIT_GUEST_MAX
+        );
+        assert_eq!(
+            report(Outcome::GuestExit { code: 124 }).exit_code(),
+            EXIT_GUEST_MAX
+        );
+        let hung = Outcome::Watchdog {
+            after: Duration::from_secs(2),
+            stopped: vec![],
+        };
+        assert_eq!(report(hung).exit_code(), EXIT_WATCHDOG);
+        let crashed = Outcome::VcpusStopped {
+            stopped: vec![(0, StopReason::TripleFault { rip: Some(1) })],
+        };
+        let r = report(crashed);
+        assert_eq!(r.exit_code(), EXIT_VCPUS_STOPPED);
+        assert_eq!(
+            r.failure().unwrap(),
+            "every vCPU stopped without a verdict: vCPU 0: triple fault at RIP 0x1"
+        );
+    }
+
+    #[test]
+    fn summary_names_vcpus_interrupts_and_verdict() {
+        let text = report(Outcome::GuestExit { code: 0 }).to_string();
+        assert!(text.contains("2 vCPUs, 64 MiB"), "{text}");
+        assert!(
+            text.contains("vCPU 0: 51, vCPU 1: 51 (counted by the guest)"),
+            "{text}"
+        );
+        assert!(text.ends_with("PASS (guest exit code 0)"), "{text}");
+        assert!(report(Outcome::GuestExit { code: 0 }).failure().is_none());
+    }
+}

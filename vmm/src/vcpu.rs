@@ -1,0 +1,122 @@
+//! vCPU threads: one per vCPU, each entering the guest until it is told to stop.
+//!
+//! Stopping: the controller sets the shared stop flag and "kicks" the thread with a
+//! real-time signal whose handler does nothing; the signal makes a blocked `KVM_RUN`
+//! return `EINTR`, and the loop sees the flag. A kick that lands just before the thread
+//! enters `KVM_RUN` is missed, so the controller repeats it until the thread has ended.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::exit::{handle_exit, Action, Buses, ExitCounters, StopReason};
+
+/// What vCPU threads and devices tell the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest reported its verdict on the debug-exit port.
+    GuestExit(u32),
+    /// A vCPU stopped running.
+    VcpuStopped {
+        /// vCPU index.
+        index: u32,
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// Everything a vCPU thread shares with the rest of the VM.
+#[derive(Debug, Clone)]
+pub struct VcpuShared {
+    /// The buses its exits go to.
+    pub buses: Arc<Buses>,
+    /// Unmapped-access counters.
+    pub counters: Arc<ExitCounters>,
+    /// Set when the VM is stopping.
+    pub stop: Arc<AtomicBool>,
+    /// Where it reports.
+    pub events: Sender<VmEvent>,
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process.
+///
+/// # Errors
+/// The error of `sigaction`.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick).map_err(std::io::Error::from);
+    });
+    result
+}
+
+/// Sends the kick signal to a vCPU thread.
+pub fn kick(handle: &JoinHandle<()>) {
+    // An error means the thread has already exited, which is what a kick wants anyway.
+    let _ = handle.kill(kick_signal());
+}
+
+/// Starts vCPU `index` on its own thread.
+///
+/// # Errors
+/// The error of spawning the thread.
+pub fn spawn(vcpu: VcpuFd, index: u32, shared: VcpuShared) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            let reason = run(vcpu, &shared);
+            // The controller may already be gone; then nobody needs the report.
+            let _ = shared.events.send(VmEvent::VcpuStopped { index, reason });
+        })
+}
+
+fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return StopReason::Requested;
+        }
+        let action = match vcpu.run() {
+            Ok(exit) => handle_exit(exit.into(), &shared.buses, &shared.counters),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                Action::Continue
+            }
+            Err(e) => Action::Stop(StopReason::RunFailed(e.to_string())),
+        };
+        if let Action::Stop(reason) = action {
+            return describe(&mut vcpu, reason);
+        }
+    }
+}
+
+/// Adds what KVM can still tell about a stopped vCPU (RIP, internal-error detail).
+fn describe(vcpu: &mut VcpuFd, reason: StopReason) -> StopReason {
+    let rip = vcpu.get_regs().ok().map(|r| r.rip);
+    match reason {
+        StopReason::TripleFault { .. } => StopReason::TripleFault { rip },
+        StopReason::InternalError { .. } => {
+            let run = vcpu.get_kvm_run();
+            let suberror = if run.exit_reason == KVM_EXIT_INTERNAL_ERROR {
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal`
+                // member of the exit union; it is plain data.
+                unsafe { run.__bindgen_anon_1.internal.suberror }
+            } else {
+                0
+            };
+            StopReason::InternalError { suberror, rip }
+        }
+        other => other,
+    }
+}

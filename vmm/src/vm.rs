@@ -1,0 +1,491 @@
+//! Assembling and running one VM: the only place that wires KVM, memory, devices and
+//! vCPUs together. Each step is a call into the module that owns it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, BufWriter, Cursor, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::debug_exit::{DebugExit, ExitSink};
+use devices::harness::HarnessDoorbell;
+use devices::serial::{EventFdTrigger, SerialConsole};
+use hypercall::boot::BootInfo;
+use hypercall::{harness, platform};
+use irq::{KvmRouting, RouteError, RouteTable};
+use kvm_bindings::{kvm_mp_state, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::{BusError, SharedDevice};
+use crate::config::{format_size, Console, Kernel, VmConfig};
+use crate::exit::{Buses, ExitCounters, StopReason};
+use crate::harness::{Doorbell, Harness, SharedRoutes};
+use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR, CPU_AREA_SIZE};
+use crate::loader::{LoadError, LoadedImage};
+use crate::memory::{self, MemoryError};
+use crate::report::{Outcome, RunReport};
+use crate::vcpu::{self, VcpuShared, VmEvent};
+use crate::x86::{self, BootStateError};
+
+/// The test guest's ELF image, built from `resources/guest` by this crate's build script.
+pub static TEST_GUEST_ELF: &[u8] = include_bytes!(env!("VMM_TEST_GUEST_ELF"));
+
+/// The legacy GSI of COM1's interrupt.
+const COM1_GSI: u32 = 4;
+/// Where KVM may put its real-mode TSS (three pages, inside the MMIO hole).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Why a VM could not be built or run.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The KVM device could not be opened.
+    #[error("cannot open KVM device {}", .path.display())]
+    OpenKvm {
+        /// The device node.
+        path: PathBuf,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM lacks a capability this VMM relies on.
+    #[error("KVM lacks {0}, which this VMM needs")]
+    MissingCapability(&'static str),
+    /// More vCPUs than KVM allows.
+    #[error("{cpus} vCPUs requested but KVM allows at most {max}")]
+    TooManyVcpus {
+        /// Requested.
+        cpus: u32,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// A VM-level KVM call failed.
+    #[error("cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest RAM could not be set up.
+    #[error("cannot set up guest memory")]
+    Memory(#[from] MemoryError),
+    /// The kernel file could not be opened.
+    #[error("cannot open kernel {}", .path.display())]
+    OpenKernel {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel could not be loaded.
+    #[error("cannot load kernel {name}")]
+    Load {
+        /// The image.
+        name: String,
+        /// Why.
+        #[source]
+        source: LoadError,
+    },
+    /// RAM cannot hold the image, the vCPU areas and the mailbox.
+    #[error("memory size {} is too small for the image and {cpus} vCPUs (the image ends at {image_end:#x})", format_size(*.memory))]
+    TooSmall {
+        /// RAM.
+        memory: u64,
+        /// vCPUs.
+        cpus: u32,
+        /// End of the image.
+        image_end: u64,
+    },
+    /// Page tables, GDTs or TSSs could not be written.
+    #[error("cannot write the boot state")]
+    BootState(#[from] BootStateError),
+    /// The boot information or command line could not be written.
+    #[error("cannot write the boot information")]
+    BootInfo,
+    /// Interrupt routing could not be set up.
+    #[error("cannot set up interrupt routing")]
+    Routes(#[from] RouteError),
+    /// A device could not be put on its bus.
+    #[error("cannot place device {0}")]
+    Bus(&'static str, #[source] BusError),
+    /// The console file could not be created.
+    #[error("cannot create console file {}", .path.display())]
+    ConsoleFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A vCPU could not be created or set up.
+    #[error("cannot set up vCPU {index}: {what} failed")]
+    Vcpu {
+        /// vCPU index.
+        index: u32,
+        /// Which call.
+        what: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An OS resource (thread, eventfd, signal handler) could not be had.
+    #[error("cannot {0}")]
+    Os(&'static str, #[source] io::Error),
+}
+
+/// Reports the guest's verdict to the controller.
+#[derive(Debug)]
+struct ExitEvents(Sender<VmEvent>);
+
+impl ExitSink for ExitEvents {
+    fn guest_exit(&self, code: u32) {
+        let _ = self.0.send(VmEvent::GuestExit(code));
+    }
+}
+
+/// Runs a VM as configured, with console output where the configuration says.
+///
+/// # Errors
+/// Any [`VmError`] raised while building the VM. How the guest ended (including a
+/// failure it reported, a watchdog stop or a crash) is in the [`RunReport`].
+pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
+    let console: Box<dyn Write + Send> = match &config.console {
+        Console::Stdout => Box::new(io::stdout()),
+        Console::Off => Box::new(io::sink()),
+        Console::File(path) => Box::new(BufWriter::new(File::create(path).map_err(|source| {
+            VmError::ConsoleFile {
+                path: path.clone(),
+                source,
+            }
+        })?)),
+    };
+    run_with_console(config, console)
+}
+
+/// Runs a VM as configured, with console output going to `console` (whatever
+/// `config.console` says).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with_console(
+    config: &VmConfig,
+    console: Box<dyn Write + Send>,
+) -> Result<RunReport, VmError> {
+    let started = Instant::now();
+    vcpu::install_kick_handler().map_err(|e| VmError::Os("install the vCPU kick handler", e))?;
+    let open_error = |source| VmError::OpenKvm {
+        path: config.kvm_device.clone(),
+        source,
+    };
+    let device = CString::new(config.kvm_device.as_os_str().as_bytes())
+        .map_err(|_| open_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(device).map_err(open_error)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::IrqRouting, "GSI routing (KVM_CAP_IRQ_ROUTING)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    let max = kvm.get_max_vcpus();
+    if config.cpus as usize > max {
+        return Err(VmError::TooManyVcpus {
+            cpus: config.cpus,
+            max,
+        });
+    }
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
+    let vm = Arc::new(
+        kvm.create_vm()
+            .map_err(|e| VmError::Kvm("create the VM", e))?,
+    );
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+
+    let mem = memory::allocate(config.memory)?;
+    memory::register(&vm, &mem)?;
+    let image = load_kernel(&mem, config)?;
+    let placement = write_boot_state(&mem, config, &image)?;
+
+    let routing = KvmRouting::new(vm.clone());
+    let limit = routing.route_limit();
+    let routes: SharedRoutes = Arc::new(Mutex::new(RouteTable::new(routing, limit)?));
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
+    routes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .attach_irqfd(&serial_irq, COM1_GSI)?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        EventFdTrigger(serial_irq),
+        console,
+    )));
+
+    let (events, event_rx) = mpsc::channel();
+    let (rings, ring_rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut buses = Buses::default();
+    let devices: [(u16, u16, &'static str, SharedDevice); 3] = [
+        (
+            platform::COM1_PORT,
+            platform::COM1_LEN,
+            "COM1",
+            serial.clone(),
+        ),
+        (
+            platform::DEBUG_EXIT_PORT,
+            1,
+            "debug-exit",
+            Arc::new(Mutex::new(DebugExit::new(ExitEvents(events.clone())))),
+        ),
+        (
+            platform::HARNESS_PORT,
+            1,
+            "harness doorbell",
+            Arc::new(Mutex::new(HarnessDoorbell::new(Doorbell(rings)))),
+        ),
+    ];
+    for (port, len, name, device) in devices {
+        buses
+            .pio
+            .insert(u64::from(port), u64::from(len), device)
+            .map_err(|e| VmError::Bus(name, e))?;
+    }
+
+    let vcpus = (0..config.cpus)
+        .map(|index| create_vcpu(&vm, &cpuid, index, config.cpus, &placement, image.entry))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let apic_ids: Vec<u32> = (0..config.cpus).collect();
+    let harness = Harness::new(
+        mem.clone(),
+        placement.mailbox,
+        apic_ids,
+        routes.clone(),
+        stop.clone(),
+    );
+    let harness_fired = harness.fired();
+    let harness_thread = harness
+        .spawn(ring_rx)
+        .map_err(|e| VmError::Os("start the harness thread", e))?;
+
+    let shared = VcpuShared {
+        buses: Arc::new(buses),
+        counters: Arc::new(ExitCounters::default()),
+        stop: stop.clone(),
+        events,
+    };
+    let mut threads = Vec::with_capacity(vcpus.len());
+    let mut spawn_error = None;
+    for (index, vcpu) in (0..).zip(vcpus) {
+        match vcpu::spawn(vcpu, index, shared.clone()) {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                spawn_error = Some(VmError::Os("start a vCPU thread", e));
+                break;
+            }
+        }
+    }
+    let outcome = match spawn_error {
+        None => supervise(&event_rx, config, config.cpus),
+        Some(_) => Outcome::VcpusStopped {
+            stopped: Vec::new(),
+        },
+    };
+
+    stop.store(true, Ordering::Release);
+    stop_vcpus(threads);
+    let counters = shared.counters.clone();
+    // The doorbell device, and with it the harness's last sender, goes with the buses.
+    drop(shared);
+    let _ = harness_thread.join();
+    if let Some(e) = spawn_error {
+        return Err(e);
+    }
+
+    let mut serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
+    let flush_failed = u64::from(serial.flush().is_err());
+    Ok(RunReport {
+        kernel: config.kernel.clone(),
+        cpus: config.cpus,
+        memory: config.memory,
+        outcome,
+        interrupts: guest_counts(&mem, &placement, config.cpus),
+        harness_fired: harness_fired
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect(),
+        unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
+            + counters.unmapped_mmio.load(Ordering::Relaxed),
+        console_errors: serial.errors() + flush_failed,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedImage, VmError> {
+    let low_end = memory::low_ram_end(config.memory);
+    match &config.kernel {
+        Kernel::BuiltIn => crate::loader::load(mem, &mut Cursor::new(TEST_GUEST_ELF), low_end)
+            .map_err(|source| VmError::Load {
+                name: "built-in test guest".into(),
+                source,
+            }),
+        Kernel::Elf(path) => {
+            let mut file = File::open(path).map_err(|source| VmError::OpenKernel {
+                path: path.clone(),
+                source,
+            })?;
+            crate::loader::load(mem, &mut file, low_end).map_err(|source| VmError::Load {
+                name: path.display().to_string(),
+                source,
+            })
+        }
+    }
+}
+
+/// Page tables, vCPU areas, command line and boot information.
+fn write_boot_state(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    image: &LoadedImage,
+) -> Result<Placement, VmError> {
+    let placement = Placement::new(image.end, config.cpus, memory::low_ram_end(config.memory))
+        .ok_or(VmError::TooSmall {
+            memory: config.memory,
+            cpus: config.cpus,
+            image_end: image.end,
+        })?;
+    x86::write_page_tables(mem, x86::identity_map_end(memory::ram_top(config.memory)))?;
+    for cpu in 0..config.cpus {
+        x86::write_cpu_area(mem, placement.cpu_area(cpu))?;
+    }
+    mem.write_slice(config.cmdline.as_bytes(), GuestAddress(CMDLINE_ADDR))
+        .map_err(|_| VmError::BootInfo)?;
+    let apic_ids: Vec<u32> = (0..config.cpus).collect();
+    let info = BootInfo {
+        mem_size: config.memory,
+        cmdline: (CMDLINE_ADDR, config.cmdline.len() as u64),
+        mailbox: (placement.mailbox, placement.mailbox_size),
+        apic_ids: &apic_ids,
+    };
+    let mut page = vec![0u8; hypercall::boot::PAGE_SIZE];
+    info.encode(&mut page).map_err(|_| VmError::BootInfo)?;
+    mem.write_slice(&page, GuestAddress(BOOT_INFO_ADDR))
+        .map_err(|_| VmError::BootInfo)?;
+    Ok(placement)
+}
+
+fn create_vcpu(
+    vm: &VmFd,
+    supported: &CpuId,
+    index: u32,
+    cpus: u32,
+    placement: &Placement,
+    entry: u64,
+) -> Result<VcpuFd, VmError> {
+    let fail = |what| {
+        move |source| VmError::Vcpu {
+            index,
+            what,
+            source,
+        }
+    };
+    let vcpu = vm
+        .create_vcpu(u64::from(index))
+        .map_err(fail("KVM_CREATE_VCPU"))?;
+    let mut entries = supported.as_slice().to_vec();
+    crate::cpuid::patch(&mut entries, index, cpus);
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Vcpu {
+        index,
+        what: "building CPUID",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    vcpu.set_cpuid2(&cpuid).map_err(fail("KVM_SET_CPUID2"))?;
+    let area = placement.cpu_area(index);
+    let sregs = vcpu.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
+    vcpu.set_sregs(&x86::long_mode_sregs(sregs, area))
+        .map_err(fail("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&x86::entry_regs(entry, area, BOOT_INFO_ADDR, index))
+        .map_err(fail("KVM_SET_REGS"))?;
+    vcpu.set_fpu(&x86::initial_fpu())
+        .map_err(fail("KVM_SET_FPU"))?;
+    // Application processors of an in-kernel irqchip wait for INIT/SIPI; these start
+    // directly at the entry point.
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(fail("KVM_SET_MP_STATE"))?;
+    debug_assert!(CPU_AREA_SIZE > 0);
+    Ok(vcpu)
+}
+
+/// Waits for a verdict, for every vCPU to stop, or for the watchdog.
+fn supervise(events: &mpsc::Receiver<VmEvent>, config: &VmConfig, cpus: u32) -> Outcome {
+    let deadline = config.watchdog.map(|w| Instant::now() + w);
+    let mut stopped: Vec<(u32, StopReason)> = Vec::new();
+    loop {
+        let event = match deadline {
+            Some(d) => events.recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match event {
+            Ok(VmEvent::GuestExit(code)) => return Outcome::GuestExit { code },
+            Ok(VmEvent::VcpuStopped { index, reason }) => {
+                stopped.push((index, reason));
+                if stopped.len() == cpus as usize {
+                    return Outcome::VcpusStopped { stopped };
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let after = config.watchdog.unwrap_or_default();
+                return Outcome::Watchdog { after, stopped };
+            }
+            Err(RecvTimeoutError::Disconnected) => return Outcome::VcpusStopped { stopped },
+        }
+    }
+}
+
+/// Kicks every vCPU thread until it has left `KVM_RUN`, then joins it.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    let begin = Instant::now();
+    while threads.iter().any(|t| !t.is_finished()) && begin.elapsed() < Duration::from_secs(10) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            vcpu::kick(t);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// Interrupts per vCPU from the harness counter table, if the guest keeps it.
+fn guest_counts(mem: &GuestMemoryMmap, placement: &Placement, cpus: u32) -> Option<Vec<u64>> {
+    let base = placement.mailbox;
+    let valid: u32 = mem
+        .read_obj(GuestAddress(base + harness::offset::COUNTS_VALID as u64))
+        .ok()?;
+    if valid != 1 {
+        return None;
+    }
+    (0..cpus as usize)
+        .map(|cpu| {
+            (32..=255u8)
+                .map(|v| {
+                    let at = GuestAddress(base + harness::counter_offset(cpu, v) as u64);
+                    mem.read_obj::<u32>(at).map(u64::from).ok()
+                })
+                .sum()
+        })
+        .collect()
+}
