@@ -1,0 +1,247 @@
+//! The `vmm` binary as a user runs it: exit codes, summary, and one clear error line for
+//! each kind of bad input. These boot real guests on `/dev/kvm`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("the vmm binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts a failure with exactly one stderr line containing `message`.
+fn fails_with(args: &[&str], code: i32, message: &str) {
+    let out = vmm(args);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(
+        stderr.contains(message),
+        "{args:?}: expected {message:?} in {stderr}"
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn run_with_no_arguments_boots_the_test_guest() {
+    let out = vmm(&["run"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("verdict: PASS"), "{stdout}");
+    assert!(
+        stdout.contains("vmm: machine     2 vCPUs, 64 MiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("vmm: interrupts  vCPU 0: 51, vCPU 1: 51 (counted by the guest)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("vmm: verdict     PASS (guest exit code 0)"),
+        "{stdout}"
+    );
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_guest_failure_is_a_nonzero_exit() {
+    fails_with(
+        &["run", "--cmdline", "scenario=fail", "--console", "off"],
+        3,
+        "the guest reported failure (code 3)",
+    );
+}
+
+#[test]
+fn a_hung_guest_hits_the_watchdog() {
+    fails_with(
+        &[
+            "run",
+            "--cmdline",
+            "scenario=hang",
+            "--watchdog",
+            "1",
+            "--console",
+            "off",
+        ],
+        124,
+        "the guest reported no verdict within 1 s; stopped by the watchdog",
+    );
+}
+
+#[test]
+fn a_config_file_says_what_flags_say_and_flags_win() {
+    let config = scratch("one-cpu.toml");
+    let toml = "cpus = 4\nmemory = \"32M\"\ncmdline = \"scenario=smoke\"\nconsole = \"off\"\n";
+    std::fs::write(&config, toml).unwrap();
+    let out = vmm(&["run", "--config", config.to_str().unwrap(), "--cpus", "1"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("vmm: machine     1 vCPU, 32 MiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("vmm: interrupts  vCPU 0: 1 (counted by the guest)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("test-guest:"), "console was off: {stdout}");
+}
+
+#[test]
+fn an_elf_from_a_file_boots_and_the_console_can_go_to_a_file() {
+    let kernel = scratch("guest.elf");
+    std::fs::write(&kernel, vmm::TEST_GUEST_ELF).unwrap();
+    let log = scratch("console.log");
+    let console = format!("file:{}", log.display());
+    let kernel_arg = kernel.to_str().unwrap();
+    let out = vmm(&[
+        "run",
+        "--kernel",
+        kernel_arg,
+        "--console",
+        &console,
+        "--cmdline",
+        "scenario=smoke",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("verdict: PASS"), "{logged}");
+    assert!(text(&out.stdout).contains(&format!("vmm: kernel      {}", kernel.display())));
+}
+
+#[test]
+fn missing_kvm_device() {
+    fails_with(
+        &["run", "--kvm-device", "/nonexistent/kvm"],
+        125,
+        "error: cannot open KVM device /nonexistent/kvm: No such file or directory",
+    );
+}
+
+#[test]
+fn memory_too_large() {
+    fails_with(
+        &["run", "--memory", "64T"],
+        125,
+        "error: memory size 64 TiB exceeds the host's memory",
+    );
+}
+
+#[test]
+fn memory_too_small_for_the_vcpus() {
+    fails_with(
+        &["run", "--memory", "4M", "--cpus", "255"],
+        125,
+        "is too small for the image and 255 vCPUs",
+    );
+}
+
+#[test]
+fn bad_size() {
+    fails_with(
+        &["run", "--memory", "lots"],
+        125,
+        "error: invalid memory size `lots`: expected a number",
+    );
+}
+
+#[test]
+fn bad_vcpu_count() {
+    fails_with(
+        &["run", "--cpus", "0"],
+        125,
+        "error: invalid vCPU count 0: must be between 1 and 255",
+    );
+}
+
+#[test]
+fn bad_elf() {
+    let kernel = scratch("not.elf");
+    std::fs::write(&kernel, b"#!/bin/sh\necho hi\n").unwrap();
+    fails_with(
+        &["run", "--kernel", kernel.to_str().unwrap()],
+        125,
+        "not.elf: not an x86-64 ELF executable",
+    );
+}
+
+#[test]
+fn missing_kernel() {
+    fails_with(
+        &["run", "--kernel", "/nonexistent/guest.elf"],
+        125,
+        "error: cannot open kernel /nonexistent/guest.elf: No such file or directory",
+    );
+}
+
+#[test]
+fn bad_config_key() {
+    let config = scratch("typo.toml");
+    std::fs::write(&config, "cpus = 2\nmemroy = \"64M\"\n").unwrap();
+    fails_with(
+        &["run", "--config", config.to_str().unwrap()],
+        125,
+        "line 2, column 1: unknown field `memroy`, expected one of",
+    );
+}
+
+#[test]
+fn bad_config_value() {
+    let config = scratch("bad-value.toml");
+    std::fs::write(&config, "cpus = \"two\"\n").unwrap();
+    fails_with(
+        &["run", "--config", config.to_str().unwrap()],
+        125,
+        "invalid config file",
+    );
+}
+
+#[test]
+fn missing_config_file() {
+    fails_with(
+        &["run", "--config", "/nonexistent/vm.toml"],
+        125,
+        "error: cannot read config file /nonexistent/vm.toml: No such file or directory",
+    );
+}
+
+#[test]
+fn bad_console() {
+    fails_with(
+        &["run", "--console", "tty"],
+        125,
+        "error: invalid console `tty`: expected stdout, off or file:PATH",
+    );
+}
+
+#[test]
+fn help_describes_the_options() {
+    let out = vmm(&["run", "--help"]);
+    let help = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    for option in [
+        "--kernel",
+        "--cpus",
+        "--memory",
+        "--cmdline",
+        "--config",
+        "--console",
+        "--watchdog",
+        "Exit status",
+    ] {
+        assert!(help.contains(option), "{option} missing from:\n{help}");
+    }
+}
