@@ -103,8 +103,7 @@ impl BootInfo<'_> {
         page.fill(0);
         put(page, offset::MAGIC, &MAGIC.to_le_bytes());
         put(page, offset::VERSION, &VERSION.to_le_bytes());
-        // Cannot truncate: checked against MAX_CPUS above.
-        let count = self.apic_ids.len() as u32;
+        let count = u32::try_from(self.apic_ids.len()).map_err(|_| BootInfoError::TooManyCpus)?;
         put(page, offset::CPU_COUNT, &count.to_le_bytes());
         put(page, offset::MEM_SIZE, &self.mem_size.to_le_bytes());
         put(page, offset::CMDLINE_ADDR, &self.cmdline.0.to_le_bytes());

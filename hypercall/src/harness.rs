@@ -46,6 +46,10 @@ pub mod offset {
     pub const COUNTERS: usize = 0x1000;
 }
 
+// The FIRED array for every vCPU the boot information can describe fits below the
+// counter table.
+const _: () = assert!(offset::FIRED + 4 * crate::boot::MAX_CPUS <= offset::COUNTERS);
+
 /// Bytes per vCPU in the counter table (256 vectors × u32).
 pub const COUNTERS_STRIDE: usize = 256 * 4;
 
@@ -99,7 +103,5 @@ mod tests {
         assert_eq!(counter_offset(0, 0), 0x1000);
         assert_eq!(counter_offset(1, 0x40), 0x1000 + 1024 + 0x100);
         assert_eq!(mailbox_size(2), 0x1000 + 2048);
-        // The FIRED array for MAX_CPUS fits below the counters.
-        assert!(offset::FIRED + 4 * crate::boot::MAX_CPUS <= offset::COUNTERS);
     }
 }

@@ -95,7 +95,8 @@ impl KvmRouting {
     pub fn route_limit(&self) -> u32 {
         let reported = self.vm.check_extension_int(kvm_ioctls::Cap::IrqRouting);
         let reported = u32::try_from(reported).unwrap_or(0);
-        reported.min(kvm_bindings::KVM_MAX_IRQ_ROUTES as u32)
+        let table_max = u32::try_from(kvm_bindings::KVM_MAX_IRQ_ROUTES).unwrap_or(u32::MAX);
+        reported.min(table_max)
     }
 }
 

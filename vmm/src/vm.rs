@@ -28,7 +28,7 @@ use crate::bus::{BusError, SharedDevice};
 use crate::config::{format_size, Console, Kernel, VmConfig};
 use crate::exit::{Buses, ExitCounters, StopReason};
 use crate::harness::{Doorbell, Harness, SharedRoutes};
-use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR, CPU_AREA_SIZE};
+use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR};
 use crate::loader::{LoadError, LoadedImage};
 use crate::memory::{self, MemoryError};
 use crate::report::{Outcome, RunReport};
@@ -425,7 +425,6 @@ fn create_vcpu(
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
     .map_err(fail("KVM_SET_MP_STATE"))?;
-    debug_assert!(CPU_AREA_SIZE > 0);
     Ok(vcpu)
 }
 

@@ -113,6 +113,10 @@ pub fn write_cpu_area(mem: &GuestMemoryMmap, area: u64) -> Result<(), BootStateE
         .map_err(|source| BootStateError::Write { addr: tss, source })
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "every value is masked to its descriptor field's width first"
+)]
 fn segment(selector: u16, descriptor: u64) -> kvm_segment {
     let flag = |bit: u32| ((descriptor >> bit) & 1) as u8;
     let raw_limit = (descriptor & 0xffff) | ((descriptor >> 32) & 0xf_0000);
@@ -151,6 +155,9 @@ const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
+/// Limit of the five-entry GDT (bytes minus one).
+const GDT_LIMIT: u16 = 5 * 8 - 1;
+
 /// Special registers for a vCPU whose area is at `area`: long mode with paging, its own
 /// GDT and TSS, SSE enabled. `base` is the vCPU's current state (fields not set here,
 /// such as the APIC base, keep their values).
@@ -169,7 +176,7 @@ pub fn long_mode_sregs(mut base: kvm_sregs, area: u64) -> kvm_sregs {
     base.ss = data;
     base.tr = tr;
     base.gdt.base = area + CPU_AREA_GDT;
-    base.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    base.gdt.limit = GDT_LIMIT;
     base.idt.base = 0;
     base.idt.limit = 0;
     base.cr0 = (base.cr0 | CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG) & !CR0_EM;

@@ -11,6 +11,11 @@
 
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "x86-64 only: register halves, descriptor fields and vectors are narrowed on purpose"
+)]
 
 mod arch;
 mod mem;
@@ -112,8 +117,11 @@ pub extern "C" fn _start(boot_info: u64, cpu: u64) -> ! {
 
 /// Called by the entry stubs with the vector and a pointer to
 /// `[error code, RIP, CS, RFLAGS, RSP, SS]`.
+///
+/// # Safety
+/// Only the entry stubs call it, with `frame` pointing at those six words.
 #[unsafe(no_mangle)]
-pub extern "C" fn isr_dispatch(vector: u64, frame: *const u64) {
+pub unsafe extern "C" fn isr_dispatch(vector: u64, frame: *const u64) {
     if vector < 32 {
         // SAFETY: the stub passes a pointer to the six words the CPU and stub pushed.
         let (error, rip) = unsafe { (*frame, *frame.add(1)) };
