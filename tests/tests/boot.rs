@@ -84,6 +84,17 @@ fn msi_on_8_vcpus() {
 }
 
 #[test]
+fn smoke_and_msi_in_xapic_mode() {
+    let (report, console) = boot(&config(4, "apic=xapic msi_count=20"));
+    assert!(report.passed(), "{report}\n{console}");
+    assert!(
+        console.contains("test-guest: 4 vCPUs, 64 MiB, xAPIC"),
+        "{console}"
+    );
+    assert_eq!(report.interrupts, Some(vec![21; 4]));
+}
+
+#[test]
 fn default_scenario_runs_smoke_then_msi() {
     let (report, console) = boot(&config(2, ""));
     assert!(report.passed(), "{report}\n{console}");

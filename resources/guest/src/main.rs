@@ -3,7 +3,8 @@
 //! Every CPU installs the IDT (built once by the BSP), enables its local APIC (x2APIC
 //! when offered) and checks in. Interrupt handlers count interrupts per vector per CPU in
 //! the harness mailbox's counter table. The BSP then runs the scenario named on the
-//! command line (`scenario=smoke|msi|all|fail|hang`, default `all`) and reports a verdict
+//! command line (`scenario=smoke|msi|all|fail|hang`, default `all`; `msi_count=N`;
+//! `apic=xapic` to stay in xAPIC mode) and reports a verdict
 //! through the debug-exit port; the APs idle in `hlt`.
 //!
 //! Exit codes: 0 pass, 1 a check failed, 2 bad boot information, 3 the `fail` scenario,
@@ -97,10 +98,11 @@ pub extern "C" fn _start(boot_info: u64, cpu: u64) -> ! {
         }
         MAILBOX.store(mailbox, Ordering::Relaxed);
         mailbox_cell(harness::offset::COUNTS_VALID).store(1, Ordering::Release);
+        scenario::configure(&info);
         arch::build_idt();
     }
     arch::load_idt();
-    arch::lapic_enable(arch::has_x2apic());
+    arch::lapic_enable(scenario::use_x2apic());
     if Some(arch::lapic_id()) != info.apic_id(cpu) {
         APIC_ID_MISMATCHES.fetch_add(1, Ordering::Relaxed);
     }

@@ -1,6 +1,6 @@
 //! The scenarios the BSP runs once every CPU has checked in.
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use hypercall::boot::BootInfoView;
 use hypercall::harness::{self, offset, request, status};
@@ -28,6 +28,8 @@ enum Scenario {
 struct Options {
     scenario: Scenario,
     msi_count: u32,
+    /// `apic=xapic` keeps the LAPIC in xAPIC (MMIO) mode even when x2APIC is offered.
+    xapic: bool,
 }
 
 fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
@@ -43,6 +45,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
     let mut options = Options {
         scenario: Scenario::All,
         msi_count: DEFAULT_MSI_COUNT,
+        xapic: false,
     };
     for word in text.split_ascii_whitespace() {
         if let Some(name) = word.strip_prefix("scenario=") {
@@ -53,6 +56,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                 "fail" => Scenario::Fail,
                 "hang" => Scenario::Hang,
                 _ => return Err("unknown scenario (smoke, msi, all, fail, hang)"),
+            };
+        } else if let Some(mode) = word.strip_prefix("apic=") {
+            options.xapic = match mode {
+                "xapic" => true,
+                "auto" => false,
+                _ => return Err("unknown apic mode (xapic, auto)"),
             };
         } else if let Some(n) = word.strip_prefix("msi_count=") {
             options.msi_count = n.parse().map_err(|_| "msi_count is not a number")?;
@@ -67,25 +76,37 @@ fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Runs the chosen scenario on the BSP and exits with the verdict.
-pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
-    let cpus = info.cpu_count();
-    let options = match parse_cmdline(info) {
-        Ok(options) => options,
+/// Reads the command line (on the BSP, before any CPU enables its LAPIC) and decides the
+/// APIC mode every CPU uses.
+pub fn configure(info: &BootInfoView<'_>) {
+    match parse_cmdline(info) {
+        Ok(options) => USE_X2APIC.store(arch::has_x2apic() && !options.xapic, Ordering::Relaxed),
         Err(why) => {
             println!("test-guest: bad command line: {}", why);
             exit(code::BAD_CMDLINE)
         }
+    }
+}
+
+static USE_X2APIC: AtomicBool = AtomicBool::new(false);
+
+/// The APIC mode chosen by [`configure`].
+pub fn use_x2apic() -> bool {
+    USE_X2APIC.load(Ordering::Relaxed)
+}
+
+/// Runs the chosen scenario on the BSP and exits with the verdict.
+pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
+    let cpus = info.cpu_count();
+    let Ok(options) = parse_cmdline(info) else {
+        exit(code::BAD_CMDLINE)
     };
+    let mode = if use_x2apic() { "x2APIC" } else { "xAPIC" };
     println!(
         "test-guest: {} vCPUs, {} MiB, {}",
         cpus,
         info.mem_size() >> 20,
-        if arch::has_x2apic() {
-            "x2APIC"
-        } else {
-            "xAPIC"
-        }
+        mode
     );
     wait_until(|| CHECKED_IN.load(Ordering::Acquire) as usize == cpus);
     println!("all {} vCPUs checked in", cpus);
