@@ -14,7 +14,13 @@
 //! is the real implementation, and unit tests use a fake that can fail any call.
 //! No device, bus or CLI knowledge lives here.
 
+pub mod backing;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
+pub mod fdlimit;
+pub mod irte;
 pub mod msi;
+pub mod remap;
 pub mod routes;
 
 pub use msi::{MsiError, MsiMessage};

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting,
@@ -219,6 +220,8 @@ pub struct RouteTable<B> {
     staged: BTreeMap<Gsi, MsiMessage>,
     irqfds: BTreeMap<Gsi, u32>,
     commits: u64,
+    commit_time: Duration,
+    last_commit_time: Duration,
 }
 
 impl<B: RoutingBackend> RouteTable<B> {
@@ -241,6 +244,8 @@ impl<B: RoutingBackend> RouteTable<B> {
             staged: BTreeMap::new(),
             irqfds: BTreeMap::new(),
             commits: 1,
+            commit_time: Duration::ZERO,
+            last_commit_time: Duration::ZERO,
         })
     }
 
@@ -260,6 +265,24 @@ impl<B: RoutingBackend> RouteTable<B> {
     #[must_use]
     pub fn committed_msi_routes(&self) -> usize {
         self.committed.len()
+    }
+
+    /// MSI routes staged (what KVM will have after the next commit).
+    #[must_use]
+    pub fn staged_msi_routes(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// How many MSI routes fit above the legacy GSIs.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        (self.limit - LEGACY_GSI_COUNT) as usize
+    }
+
+    /// Time spent in `KVM_SET_GSI_ROUTING` by [`Self::commit`]: in all, and the last call.
+    #[must_use]
+    pub fn commit_time(&self) -> (Duration, Duration) {
+        (self.commit_time, self.last_commit_time)
     }
 
     /// Stages a new MSI route and returns its GSI (the lowest free one).
@@ -329,7 +352,11 @@ impl<B: RoutingBackend> RouteTable<B> {
             gsi,
             kind: RouteKind::Msi(msg),
         }));
-        if let Err(e) = self.backend.set_routes(&routes) {
+        let begin = Instant::now();
+        let result = self.backend.set_routes(&routes);
+        self.last_commit_time = begin.elapsed();
+        self.commit_time += self.last_commit_time;
+        if let Err(e) = result {
             self.rollback();
             return Err(RouteError::Commit(e));
         }
