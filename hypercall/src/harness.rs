@@ -21,6 +21,8 @@
 //! | `0x010`  | 4    | host   | sequence number of the last completed request |
 //! | `0x014`  | 4    | host   | status of that request ([`status`]) |
 //! | `0x018`  | 4    | guest  | 1 when the counter table is maintained |
+//! | `0x01c`  | 4    | guest  | argument: mode (per request) |
+//! | `0x020`  | 4    | host   | result of the last request (per request) |
 //! | `0x400`  | 4 × cpus | host | interrupts fired at each vCPU by the last request |
 //! | `0x1000` | 1024 × cpus | guest | counter table |
 
@@ -40,6 +42,10 @@ pub mod offset {
     pub const STATUS: usize = 0x014;
     /// u32, guest: 1 when the counter table is maintained.
     pub const COUNTS_VALID: usize = 0x018;
+    /// u32, guest: mode argument (meaning per request).
+    pub const ARG_MODE: usize = 0x01c;
+    /// u32, host: result of the last request (meaning per request).
+    pub const RESULT: usize = 0x020;
     /// `[u32; cpus]`, host: interrupts fired at each vCPU by the last request.
     pub const FIRED: usize = 0x400;
     /// Start of the counter table.
@@ -72,7 +78,36 @@ pub mod request {
     /// times, each time waiting until the guest's counter for (vCPU, vector) has grown by
     /// one, then detach and remove the route. `FIRED[cpu]` reports what was fired.
     pub const FIRE_MSI_EACH_CPU: u32 = 1;
+    /// Remapped interrupts through the interrupt core: allocate `count` IRTEs for the
+    /// harness's requester ([`super::HARNESS_SOURCE_ID`]), make entry `i` deliver to vCPU
+    /// `i % cpus` with vector `vector + (i / cpus) % mode` (`mode` vectors, 1 to 64; 0
+    /// means 1), all live at once (one transaction), then raise each entry once through
+    /// the data path, and free them. Entries with distinct (vCPU, vector) are raised
+    /// together and the host waits for all of them to be counted before the next round.
+    /// `FIRED[cpu]` reports what was raised at each vCPU; `RESULT` the `KVM_SET_GSI_ROUTING`
+    /// calls the activation took.
+    pub const REMAP_EACH_CPU: u32 = 2;
+    /// Retarget under load: one IRTE with `vector`, raised `count` times back to back
+    /// (each waiting until some vCPU counted it), while another host thread retargets it
+    /// to the next vCPU every millisecond. With `mode` 1, every vCPU also holds an anchor
+    /// IRTE with the same vector (never raised), so each retarget joins a routed target
+    /// (a pointer swap); with `mode` 0 the entry is alone and each retarget rewrites its
+    /// route. `FIRED[cpu]` reports where each interrupt was counted, `RESULT` the number
+    /// of retargets made.
+    pub const REMAP_RETARGET: u32 = 3;
+    /// Interrupt isolation: one IRTE for vCPU 0 with `vector` that only the harness's
+    /// requester may use (SVT 1, SQ 0). It is raised `count` times by another requester
+    /// ([`super::FOREIGN_SOURCE_ID`]), which must fault and deliver nothing, then once by
+    /// the harness. `FIRED[0]` is 1; `RESULT` the source-id faults recorded.
+    pub const REMAP_SOURCE_ID: u32 = 4;
 }
+
+/// The requester ID (bus 0, device 31, function 0) the harness raises interrupts as.
+pub const HARNESS_SOURCE_ID: u16 = 0x00f8;
+/// Another requester (bus 1, device 0, function 0), for isolation tests.
+pub const FOREIGN_SOURCE_ID: u16 = 0x0100;
+/// The most vectors `REMAP_EACH_CPU` spreads its entries over.
+pub const MAX_REMAP_VECTORS: u32 = 64;
 
 /// Status codes written by the host.
 pub mod status {
@@ -80,7 +115,8 @@ pub mod status {
     pub const OK: u32 = 0;
     /// The request code is not known.
     pub const UNKNOWN_REQUEST: u32 = 1;
-    /// An argument is out of range (vector below 32, count above [`super::MAX_COUNT`]).
+    /// An argument is out of range (vector below 32 or beyond 255 with its spread, count
+    /// above [`super::MAX_COUNT`], mode out of range).
     pub const BAD_ARGUMENT: u32 = 2;
     /// An interrupt was fired but the guest's counter did not grow within the host's
     /// patience (it arrived elsewhere, or not at all). `FIRED` says how far it got.

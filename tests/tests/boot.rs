@@ -84,22 +84,36 @@ fn msi_on_8_vcpus() {
 }
 
 #[test]
-fn smoke_and_msi_in_xapic_mode() {
+fn every_scenario_in_xapic_mode() {
     let (report, console) = boot(&config(4, "apic=xapic msi_count=20"));
     assert!(report.passed(), "{report}\n{console}");
     assert!(
         console.contains("test-guest: 4 vCPUs, 64 MiB, xAPIC"),
         "{console}"
     );
-    assert_eq!(report.interrupts, Some(vec![21; 4]));
+    // smoke 4 + msi 4 x 20 + remap 256 + retarget 2 x 300 + sid 1.
+    let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
+    assert_eq!(total, 4 + 80 + 256 + 600 + 1, "{report}");
 }
 
 #[test]
-fn default_scenario_runs_smoke_then_msi() {
+fn default_scenario_runs_every_scenario() {
     let (report, console) = boot(&config(2, ""));
     assert!(report.passed(), "{report}\n{console}");
-    assert_eq!(report.interrupts, Some(vec![51, 51]));
-    assert!(console.contains("verdict: PASS"), "{console}");
+    // smoke 2 + msi 2 x 50 + remap 256 + retarget 2 x 300 + sid 1.
+    let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
+    assert_eq!(total, 2 + 100 + 256 + 600 + 1, "{report}");
+    assert_eq!(report.remap_faults, vec![(0x26, 10)], "{report}");
+    for line in [
+        "smoke:",
+        "msi:",
+        "remap:",
+        "retarget (rewriting",
+        "retarget (joining",
+        "sid:",
+    ] {
+        assert!(console.contains(line), "{line} missing:\n{console}");
+    }
 }
 
 #[test]

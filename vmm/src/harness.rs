@@ -8,6 +8,10 @@
 //! has grown, so that no two interrupts merge in the target LAPIC and an interrupt that
 //! lands on the wrong vCPU is noticed. Afterwards the irqfds are detached and the routes
 //! removed, in the kernel's order.
+//!
+//! `REMAP_EACH_CPU`, `REMAP_RETARGET` and `REMAP_SOURCE_ID` go through the interrupt core
+//! (`irq::backing`): the harness programs IRTEs as a front end would, and raises them as a
+//! device would, through the data path with its requester ID.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -16,13 +20,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::harness::DoorbellSink;
-use hypercall::harness::{self, offset, request, status};
-use irq::{Gsi, KvmRouting, MsiMessage, RouteTable};
+use hypercall::harness::{self, offset, request, status, HARNESS_SOURCE_ID};
+use irq::backing::{AllocFlags, Backing, InterruptPath};
+use irq::irte::{Irte, SourceValidation};
+use irq::msi::Target;
+use irq::remap::FaultReason;
+use irq::{Gsi, KvmRouting, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// The routing table, shared by everything that programs routes.
-pub type SharedRoutes = Arc<Mutex<RouteTable<KvmRouting>>>;
+/// The interrupt core of the VM (remapping table, routes, lines), shared by its front ends.
+pub type SharedBacking = Arc<Mutex<Backing<KvmRouting>>>;
 
 /// How long the host waits for the guest to count one interrupt.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(10);
@@ -44,7 +52,8 @@ pub struct Harness {
     mem: GuestMemoryMmap,
     mailbox: u64,
     apic_ids: Vec<u32>,
-    routes: SharedRoutes,
+    backing: SharedBacking,
+    path: Arc<InterruptPath>,
     stop: Arc<AtomicBool>,
     fired: Arc<Vec<AtomicU64>>,
 }
@@ -56,15 +65,20 @@ impl Harness {
         mem: GuestMemoryMmap,
         mailbox: u64,
         apic_ids: Vec<u32>,
-        routes: SharedRoutes,
+        backing: SharedBacking,
         stop: Arc<AtomicBool>,
     ) -> Self {
         let fired = Arc::new(apic_ids.iter().map(|_| AtomicU64::new(0)).collect());
+        let path = backing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .path();
         Self {
             mem,
             mailbox,
             apic_ids,
-            routes,
+            backing,
+            path,
             stop,
             fired,
         }
@@ -116,21 +130,245 @@ impl Harness {
         let code = self.read(offset::REQUEST);
         let vector = self.read(offset::ARG_VECTOR);
         let count = self.read(offset::ARG_COUNT);
+        let mode = self.read(offset::ARG_MODE);
         let mut fired = vec![0u32; self.apic_ids.len()];
-        let result = match code {
-            request::FIRE_MSI_EACH_CPU => match u8::try_from(vector) {
-                Ok(v) if vector >= harness::MIN_VECTOR && count <= harness::MAX_COUNT => {
-                    self.fire_each_cpu(v, count, &mut fired)
-                }
-                _ => status::BAD_ARGUMENT,
-            },
+        let mut result = 0;
+        let spread = if code == request::REMAP_EACH_CPU {
+            mode.max(1)
+        } else {
+            1
+        };
+        let args_ok = vector >= harness::MIN_VECTOR
+            && vector + spread - 1 <= 0xff
+            && count <= harness::MAX_COUNT
+            && spread <= harness::MAX_REMAP_VECTORS;
+        let v = u8::try_from(vector).unwrap_or(0);
+        let outcome = match code {
+            _ if !args_ok => status::BAD_ARGUMENT,
+            request::FIRE_MSI_EACH_CPU => self.fire_each_cpu(v, count, &mut fired),
+            request::REMAP_EACH_CPU => {
+                self.remap_each_cpu(v, count, spread, &mut fired, &mut result)
+            }
+            request::REMAP_RETARGET if mode <= 1 => {
+                self.remap_retarget(v, count, mode == 1, &mut fired, &mut result)
+            }
+            request::REMAP_SOURCE_ID => self.remap_source_id(v, count, &mut fired, &mut result),
+            request::REMAP_RETARGET => status::BAD_ARGUMENT,
             _ => status::UNKNOWN_REQUEST,
         };
         for (cpu, n) in fired.iter().enumerate() {
             self.write(offset::FIRED + 4 * cpu, *n);
         }
-        self.write(offset::STATUS, result);
+        self.write(offset::RESULT, result);
+        self.write(offset::STATUS, outcome);
         self.write(offset::DONE_SEQ, seq);
+    }
+
+    fn cpus(&self) -> u32 {
+        // At most 255 vCPUs (the configuration's limit).
+        u32::try_from(self.apic_ids.len())
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+
+    fn count_fired(&self, cpu: usize, fired: &mut [u32]) {
+        if let Some(n) = fired.get_mut(cpu) {
+            *n += 1;
+        }
+        if let Some(n) = self.fired.get(cpu) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn entry(&self, cpu: usize, vector: u8) -> Irte {
+        let dest = self.apic_ids.get(cpu).copied().unwrap_or(0);
+        Irte::new(
+            Target::fixed(dest, vector),
+            SourceValidation::RequesterId {
+                sid: HARNESS_SOURCE_ID,
+                qualifier: 0,
+            },
+        )
+    }
+
+    /// Allocates `count` entries and makes entry `i` what `entry_for(i)` says, in one
+    /// transaction. Returns the first index and the route commits it took.
+    fn activate(&self, count: u32, entry_for: impl Fn(u32) -> Irte) -> Option<(u32, u64)> {
+        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = backing.stats().route_commits;
+        let first = backing
+            .allocate(count, HARNESS_SOURCE_ID, AllocFlags::default())
+            .ok()?;
+        let mut txn = backing.transaction();
+        for i in 0..count {
+            if txn.set(first + i, &entry_for(i)).is_err() {
+                return None;
+            }
+        }
+        if txn.commit().is_err() {
+            let _ = backing.free(first, count, HARNESS_SOURCE_ID);
+            return None;
+        }
+        Some((first, backing.stats().route_commits - before))
+    }
+
+    fn release(&self, first: u32, count: u32) -> bool {
+        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        backing.free(first, count, HARNESS_SOURCE_ID).is_ok()
+    }
+
+    fn remap_each_cpu(
+        &self,
+        vector: u8,
+        count: u32,
+        spread: u32,
+        fired: &mut [u32],
+        result: &mut u32,
+    ) -> u32 {
+        let cpus = self.cpus();
+        if count == 0 {
+            return status::OK;
+        }
+        // `vector + spread - 1 <= 255` was checked with the request.
+        let place = |i: u32| {
+            let offset = u8::try_from((i / cpus) % spread).unwrap_or(0);
+            (i % cpus, vector.wrapping_add(offset))
+        };
+        let Some((first, commits)) = self.activate(count, |i| {
+            let (cpu, v) = place(i);
+            self.entry(cpu as usize, v)
+        }) else {
+            return status::HOST_ERROR;
+        };
+        *result = u32::try_from(commits).unwrap_or(u32::MAX);
+        let mut outcome = status::OK;
+        // Rounds of entries with distinct (vCPU, vector): they cannot merge in a LAPIC.
+        let round = cpus * spread;
+        'rounds: for start in (0..count).step_by(round as usize) {
+            let end = (start + round).min(count);
+            let before: Vec<u32> = (start..end)
+                .map(|i| {
+                    let (cpu, v) = place(i);
+                    self.counter(cpu as usize, v)
+                })
+                .collect();
+            for i in start..end {
+                if self.path.signal(first + i, HARNESS_SOURCE_ID).is_err() {
+                    outcome = status::HOST_ERROR;
+                    break 'rounds;
+                }
+                self.count_fired(place(i).0 as usize, fired);
+            }
+            for (k, i) in (start..end).enumerate() {
+                let (cpu, v) = place(i);
+                if !self.wait_for(|| self.counter(cpu as usize, v).wrapping_sub(before[k]) >= 1) {
+                    outcome = status::NOT_DELIVERED;
+                    break 'rounds;
+                }
+            }
+        }
+        if !self.release(first, count) && outcome == status::OK {
+            outcome = status::HOST_ERROR;
+        }
+        outcome
+    }
+
+    fn total(&self, vector: u8) -> Vec<u32> {
+        (0..self.apic_ids.len())
+            .map(|cpu| self.counter(cpu, vector))
+            .collect()
+    }
+
+    fn remap_retarget(
+        &self,
+        vector: u8,
+        count: u32,
+        anchors: bool,
+        fired: &mut [u32],
+        result: &mut u32,
+    ) -> u32 {
+        let cpus = self.cpus();
+        // Entry 0 moves; entries 1..=cpus (with anchors) hold a line on every vCPU.
+        let n = if anchors { cpus + 1 } else { 1 };
+        let Some((first, _)) =
+            self.activate(n, |i| self.entry(i.saturating_sub(1) as usize, vector))
+        else {
+            return status::HOST_ERROR;
+        };
+        let done = AtomicBool::new(false);
+        let retargets = AtomicU64::new(0);
+        let mut outcome = status::OK;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut cpu = 0u32;
+                while !done.load(Ordering::Acquire) && !self.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    cpu = (cpu + 1) % cpus;
+                    let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut txn = backing.transaction();
+                    if txn.set(first, &self.entry(cpu as usize, vector)).is_ok()
+                        && txn.commit().is_ok()
+                    {
+                        retargets.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            for _ in 0..count {
+                let before = self.total(vector);
+                if self.path.signal(first, HARNESS_SOURCE_ID).is_err() {
+                    outcome = status::HOST_ERROR;
+                    break;
+                }
+                let mut landed = None;
+                let counted = self.wait_for(|| {
+                    let now = self.total(vector);
+                    landed = now.iter().zip(&before).position(|(a, b)| a != b);
+                    landed.is_some()
+                });
+                match landed {
+                    Some(cpu) if counted => self.count_fired(cpu, fired),
+                    _ => {
+                        outcome = status::NOT_DELIVERED;
+                        break;
+                    }
+                }
+            }
+            done.store(true, Ordering::Release);
+        });
+        *result = u32::try_from(retargets.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        if !self.release(first, n) && outcome == status::OK {
+            outcome = status::HOST_ERROR;
+        }
+        outcome
+    }
+
+    fn remap_source_id(&self, vector: u8, count: u32, fired: &mut [u32], result: &mut u32) -> u32 {
+        let Some((first, _)) = self.activate(1, |_| self.entry(0, vector)) else {
+            return status::HOST_ERROR;
+        };
+        let log = self.path.fault_log();
+        let before = log.count(FaultReason::SourceIdMismatch);
+        let mut outcome = status::OK;
+        for _ in 0..count {
+            if self.path.signal(first, harness::FOREIGN_SOURCE_ID).is_ok() {
+                outcome = status::HOST_ERROR;
+            }
+        }
+        *result =
+            u32::try_from(log.count(FaultReason::SourceIdMismatch) - before).unwrap_or(u32::MAX);
+        let start = self.counter(0, vector);
+        if self.path.signal(first, HARNESS_SOURCE_ID).is_ok() {
+            self.count_fired(0, fired);
+            if !self.wait_for(|| self.counter(0, vector).wrapping_sub(start) >= 1) {
+                outcome = status::NOT_DELIVERED;
+            }
+        } else {
+            outcome = status::HOST_ERROR;
+        }
+        if !self.release(first, 1) && outcome == status::OK {
+            outcome = status::HOST_ERROR;
+        }
+        outcome
     }
 
     fn fire_each_cpu(&self, vector: u8, count: u32, fired: &mut [u32]) -> u32 {
@@ -145,10 +383,7 @@ impl Harness {
                     result = status::HOST_ERROR;
                     break 'cpus;
                 }
-                fired[cpu] += 1;
-                if let Some(n) = self.fired.get(cpu) {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }
+                self.count_fired(cpu, fired);
                 if !self.wait_for(|| self.counter(cpu, vector).wrapping_sub(start) >= k) {
                     result = status::NOT_DELIVERED;
                     break 'cpus;
@@ -163,7 +398,8 @@ impl Harness {
 
     /// One route and one irqfd per vCPU, committed together.
     fn attach(&self, vector: u8) -> Result<Vec<(Gsi, EventFd)>, ()> {
-        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let routes = backing.routes_mut();
         let mut gsis = Vec::with_capacity(self.apic_ids.len());
         for &apic in &self.apic_ids {
             let allocated = MsiMessage::compatibility(apic, vector)
@@ -186,10 +422,11 @@ impl Harness {
             match attached {
                 Ok(fd) => lines.push((gsi, fd)),
                 Err(()) => {
-                    drop(routes);
+                    drop(backing);
                     let _ = self.detach(lines);
                     // Routes without irqfds (the rest of `gsis`) go too.
-                    let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+                    let routes = backing.routes_mut();
                     for gsi in gsis {
                         let _ = routes.remove(gsi);
                     }
@@ -203,7 +440,8 @@ impl Harness {
 
     /// Detaches every irqfd, then removes the routes in one commit.
     fn detach(&self, lines: Vec<(Gsi, EventFd)>) -> Result<(), ()> {
-        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let routes = backing.routes_mut();
         let mut ok = true;
         for (gsi, fd) in &lines {
             ok &= routes.detach_irqfd(fd, *gsi).is_ok();

@@ -52,6 +52,8 @@ pub struct RunReport {
     pub interrupts: Option<Vec<u64>>,
     /// Interrupts the test harness fired at each vCPU.
     pub harness_fired: Vec<u64>,
+    /// Interrupt-remapping faults recorded, by VT-d fault reason code.
+    pub remap_faults: Vec<(u8, u64)>,
     /// Port and MMIO accesses that reached no device.
     pub unmapped_accesses: u64,
     /// Console output errors.
@@ -148,8 +150,20 @@ impl fmt::Display for RunReport {
         if self.harness_fired.iter().any(|&n| n > 0) {
             writeln!(
                 f,
-                "vmm: host fired  {} (MSIs via irqfd)",
+                "vmm: host fired  {} (by the test harness)",
                 per_vcpu(&self.harness_fired)
+            )?;
+        }
+        if !self.remap_faults.is_empty() {
+            let faults: Vec<String> = self
+                .remap_faults
+                .iter()
+                .map(|(code, n)| format!("{n} x {code:#x}"))
+                .collect();
+            writeln!(
+                f,
+                "vmm: IR faults   {} (VT-d fault reasons)",
+                faults.join(", ")
             )?;
         }
         if self.unmapped_accesses > 0 {
@@ -184,6 +198,7 @@ mod tests {
             outcome,
             interrupts: Some(vec![51, 51]),
             harness_fired: vec![50, 50],
+            remap_faults: vec![],
             unmapped_accesses: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),

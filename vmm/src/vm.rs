@@ -17,6 +17,9 @@ use devices::harness::HarnessDoorbell;
 use devices::serial::{EventFdTrigger, SerialConsole};
 use hypercall::boot::BootInfo;
 use hypercall::{harness, platform};
+use irq::backing::{Backing, BackingError, Limits};
+use irq::fdlimit::{raise_fd_limit, FdLimitError};
+use irq::remap::FaultReason;
 use irq::{KvmRouting, RouteError, RouteTable};
 use kvm_bindings::{kvm_mp_state, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -27,7 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::{BusError, SharedDevice};
 use crate::config::{format_size, Console, Kernel, VmConfig};
 use crate::exit::{Buses, ExitCounters, StopReason};
-use crate::harness::{Doorbell, Harness, SharedRoutes};
+use crate::harness::{Doorbell, Harness, SharedBacking};
 use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR};
 use crate::loader::{LoadError, LoadedImage};
 use crate::memory::{self, MemoryError};
@@ -40,6 +43,8 @@ pub static TEST_GUEST_ELF: &[u8] = include_bytes!(env!("VMM_TEST_GUEST_ELF"));
 
 /// The legacy GSI of COM1's interrupt.
 const COM1_GSI: u32 = 4;
+/// File descriptors beyond the interrupt lines: KVM, vCPUs, eventfds of devices, stdio.
+const FD_HEADROOM: u64 = 512;
 /// Where KVM may put its real-mode TSS (three pages, inside the MMIO hole).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
@@ -109,6 +114,12 @@ pub enum VmError {
     /// Interrupt routing could not be set up.
     #[error("cannot set up interrupt routing")]
     Routes(#[from] RouteError),
+    /// The interrupt core could not be set up.
+    #[error("cannot set up interrupt remapping")]
+    Backing(#[from] BackingError),
+    /// Too few file descriptors for the interrupt lines.
+    #[error("cannot raise the open-file limit")]
+    FdLimit(#[from] FdLimitError),
     /// A device could not be put on its bus.
     #[error("cannot place device {0}")]
     Bus(&'static str, #[source] BusError),
@@ -220,11 +231,15 @@ pub fn run_with_console(
 
     let routing = KvmRouting::new(vm.clone());
     let limit = routing.route_limit();
-    let routes: SharedRoutes = Arc::new(Mutex::new(RouteTable::new(routing, limit)?));
+    // One line (eventfd) per route at most, plus the VM's own descriptors.
+    raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.cpus))?;
+    let backing = Backing::new(RouteTable::new(routing, limit)?, Limits::default())?;
+    let backing: SharedBacking = Arc::new(Mutex::new(backing));
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
-    routes
+    backing
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
+        .routes_mut()
         .attach_irqfd(&serial_irq, COM1_GSI)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         EventFdTrigger(serial_irq),
@@ -271,7 +286,7 @@ pub fn run_with_console(
         mem.clone(),
         placement.mailbox,
         apic_ids,
-        routes.clone(),
+        backing.clone(),
         stop.clone(),
     );
     let harness_fired = harness.fired();
@@ -325,6 +340,7 @@ pub fn run_with_console(
             .iter()
             .map(|n| n.load(Ordering::Relaxed))
             .collect(),
+        remap_faults: remap_faults(&backing),
         unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
             + counters.unmapped_mmio.load(Ordering::Relaxed),
         console_errors: serial.errors() + flush_failed,
@@ -466,6 +482,19 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     for t in threads {
         let _ = t.join();
     }
+}
+
+/// Remapping faults recorded by the data path, by reason.
+fn remap_faults(backing: &SharedBacking) -> Vec<(u8, u64)> {
+    let path = backing
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .path();
+    FaultReason::ALL
+        .iter()
+        .map(|r| (r.code(), path.fault_log().count(*r)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Interrupts per vCPU from the harness counter table, if the guest keeps it.

@@ -44,10 +44,9 @@ fn run_with_no_arguments_boots_the_test_guest() {
         stdout.contains("vmm: machine     2 vCPUs, 64 MiB"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("vmm: interrupts  vCPU 0: 51, vCPU 1: 51 (counted by the guest)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("vmm: interrupts  vCPU 0: "), "{stdout}");
+    assert!(stdout.contains("(counted by the guest)"), "{stdout}");
+    assert!(stdout.contains("vmm: IR faults   10 x 0x26"), "{stdout}");
     assert!(
         stdout.contains("vmm: verdict     PASS (guest exit code 0)"),
         "{stdout}"

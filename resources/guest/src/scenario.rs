@@ -1,9 +1,14 @@
 //! The scenarios the BSP runs once every CPU has checked in.
+//!
+//! Each scenario records what every CPU must have counted on each vector in
+//! [`EXPECTED`]; at the end every counter of every CPU is compared with it, so an
+//! interrupt that arrived twice, on the wrong CPU, or on a vector nobody used, fails the
+//! run.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use hypercall::boot::BootInfoView;
-use hypercall::harness::{self, offset, request, status};
+use hypercall::boot::{BootInfoView, MAX_CPUS};
+use hypercall::harness::{offset, request, status};
 use hypercall::platform::{HARNESS_PORT, HARNESS_SIGNATURE};
 
 use crate::arch;
@@ -11,15 +16,36 @@ use crate::{code, count, exit, mailbox_cell, println, APIC_ID_MISMATCHES, CHECKE
 
 /// Vector of the IPIs in `smoke`.
 const IPI_VECTOR: u8 = 0x40;
-/// Vector of the MSIs in `msi`.
+/// Vector of the plain MSIs in `msi`.
 const MSI_VECTOR: u8 = 0x50;
-/// MSIs fired at each CPU in `msi` unless `msi_count=` says otherwise.
-const DEFAULT_MSI_COUNT: u32 = 50;
+/// Vectors of `retarget` (mode 0, mode 1) and `sid`.
+const RETARGET_VECTOR: u8 = 0x60;
+const SID_VECTOR: u8 = 0x62;
+/// First vector of `remap`; it spreads over up to 64 from here.
+const REMAP_VECTOR: u8 = 0x80;
+
+/// What each CPU must have counted, by vector.
+static EXPECTED: [AtomicU32; MAX_CPUS * 256] = [const { AtomicU32::new(0) }; MAX_CPUS * 256];
+
+fn expect(cpu: usize, vector: u8, n: u32) {
+    if let Some(cell) = EXPECTED.get(cpu * 256 + vector as usize) {
+        cell.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn expected(cpu: usize, vector: u8) -> u32 {
+    EXPECTED
+        .get(cpu * 256 + vector as usize)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     Smoke,
     Msi,
+    Remap,
+    Retarget,
+    Sid,
     All,
     Fail,
     Hang,
@@ -28,8 +54,16 @@ enum Scenario {
 struct Options {
     scenario: Scenario,
     msi_count: u32,
+    remap_entries: u32,
+    remap_vectors: u32,
+    retarget_count: u32,
+    sid_count: u32,
     /// `apic=xapic` keeps the LAPIC in xAPIC (MMIO) mode even when x2APIC is offered.
     xapic: bool,
+}
+
+fn number(text: &str) -> Result<u32, &'static str> {
+    text.parse().map_err(|_| "a count is not a number")
 }
 
 fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
@@ -42,32 +76,52 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
         unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
     };
     let text = core::str::from_utf8(bytes).map_err(|_| "command line is not UTF-8")?;
-    let mut options = Options {
+    let mut o = Options {
         scenario: Scenario::All,
-        msi_count: DEFAULT_MSI_COUNT,
+        msi_count: 50,
+        remap_entries: 256,
+        remap_vectors: 4,
+        retarget_count: 300,
+        sid_count: 10,
         xapic: false,
     };
     for word in text.split_ascii_whitespace() {
-        if let Some(name) = word.strip_prefix("scenario=") {
-            options.scenario = match name {
-                "smoke" => Scenario::Smoke,
-                "msi" => Scenario::Msi,
-                "all" => Scenario::All,
-                "fail" => Scenario::Fail,
-                "hang" => Scenario::Hang,
-                _ => return Err("unknown scenario (smoke, msi, all, fail, hang)"),
-            };
-        } else if let Some(mode) = word.strip_prefix("apic=") {
-            options.xapic = match mode {
-                "xapic" => true,
-                "auto" => false,
-                _ => return Err("unknown apic mode (xapic, auto)"),
-            };
-        } else if let Some(n) = word.strip_prefix("msi_count=") {
-            options.msi_count = n.parse().map_err(|_| "msi_count is not a number")?;
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
+        match key {
+            "scenario" => {
+                o.scenario =
+                    match value {
+                        "smoke" => Scenario::Smoke,
+                        "msi" => Scenario::Msi,
+                        "remap" => Scenario::Remap,
+                        "retarget" => Scenario::Retarget,
+                        "sid" => Scenario::Sid,
+                        "all" => Scenario::All,
+                        "fail" => Scenario::Fail,
+                        "hang" => Scenario::Hang,
+                        _ => return Err(
+                            "unknown scenario (smoke, msi, remap, retarget, sid, all, fail, hang)",
+                        ),
+                    }
+            }
+            "apic" => {
+                o.xapic = match value {
+                    "xapic" => true,
+                    "auto" => false,
+                    _ => return Err("unknown apic mode (xapic, auto)"),
+                }
+            }
+            "msi_count" => o.msi_count = number(value)?,
+            "remap_entries" => o.remap_entries = number(value)?,
+            "remap_vectors" => o.remap_vectors = number(value)?.clamp(1, 64),
+            "retarget_count" => o.retarget_count = number(value)?,
+            "sid_count" => o.sid_count = number(value)?,
+            _ => {}
         }
     }
-    Ok(options)
+    Ok(o)
 }
 
 fn wait_until(mut done: impl FnMut() -> bool) {
@@ -98,7 +152,7 @@ pub fn use_x2apic() -> bool {
 /// Runs the chosen scenario on the BSP and exits with the verdict.
 pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     let cpus = info.cpu_count();
-    let Ok(options) = parse_cmdline(info) else {
+    let Ok(o) = parse_cmdline(info) else {
         exit(code::BAD_CMDLINE)
     };
     let mode = if use_x2apic() { "x2APIC" } else { "xAPIC" };
@@ -111,13 +165,12 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     wait_until(|| CHECKED_IN.load(Ordering::Acquire) as usize == cpus);
     println!("all {} vCPUs checked in", cpus);
 
-    let mut expected_ipi = 0;
-    let mut expected_msi = 0;
     let mut ok = APIC_ID_MISMATCHES.load(Ordering::Relaxed) == 0;
     if !ok {
         println!("FAIL: a CPU's APIC ID differs from the boot information");
     }
-    match options.scenario {
+    let s = o.scenario;
+    match s {
         Scenario::Fail => {
             println!("scenario fail: reporting failure on purpose");
             exit(code::FAIL_ON_PURPOSE)
@@ -126,24 +179,33 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
             println!("scenario hang: halting forever on purpose");
             arch::stop()
         }
-        Scenario::Smoke | Scenario::Msi | Scenario::All => {}
+        _ => {}
     }
-    if matches!(options.scenario, Scenario::Smoke | Scenario::All) {
+    let all = s == Scenario::All;
+    if all || s == Scenario::Smoke {
         ok &= smoke(info);
-        expected_ipi = 1;
     }
-    if matches!(options.scenario, Scenario::Msi | Scenario::All) {
-        ok &= msi(info, options.msi_count);
-        expected_msi = options.msi_count;
+    let needs_harness = s != Scenario::Smoke;
+    if needs_harness && arch::inl(HARNESS_PORT) != HARNESS_SIGNATURE {
+        println!("FAIL: no test harness on port {:#x}", HARNESS_PORT);
+        exit(code::CHECK_FAILED)
     }
-    ok &= no_strays(cpus, expected_ipi, expected_msi);
+    if all || s == Scenario::Msi {
+        ok &= msi(cpus, o.msi_count);
+    }
+    if all || s == Scenario::Remap {
+        ok &= remap(cpus, o.remap_entries, o.remap_vectors);
+    }
+    if all || s == Scenario::Retarget {
+        ok &= retarget(cpus, o.retarget_count, 0) & retarget(cpus, o.retarget_count, 1);
+    }
+    if all || s == Scenario::Sid {
+        ok &= sid(o.sid_count);
+    }
+    ok &= no_strays(cpus);
     for cpu in 0..cpus {
-        println!(
-            "cpu {}: ipi {} msi {}",
-            cpu,
-            count(cpu, IPI_VECTOR),
-            count(cpu, MSI_VECTOR)
-        );
+        let total: u32 = (32..=255u8).map(|v| count(cpu, v)).sum();
+        println!("cpu {}: {} interrupts", cpu, total);
     }
     if ok {
         println!("verdict: PASS");
@@ -160,6 +222,7 @@ fn smoke(info: &BootInfoView<'_>) -> bool {
         let Some(apic_id) = info.apic_id(cpu) else {
             return false;
         };
+        expect(cpu, IPI_VECTOR, 1);
         arch::send_ipi(apic_id, IPI_VECTOR);
         wait_until(|| count(cpu, IPI_VECTOR) >= 1);
     }
@@ -172,36 +235,34 @@ fn smoke(info: &BootInfoView<'_>) -> bool {
     ok
 }
 
-/// Asks the host to fire `n` MSIs at every CPU through a KVM MSI route + irqfd each, and
-/// checks that each CPU counted exactly what the host fired at it.
-fn msi(info: &BootInfoView<'_>, n: u32) -> bool {
-    let cpus = info.cpu_count();
-    if arch::inl(HARNESS_PORT) != HARNESS_SIGNATURE {
-        println!("msi: FAIL: no test harness on port {:#x}", HARNESS_PORT);
-        return false;
-    }
-    mailbox_cell(offset::REQUEST).store(request::FIRE_MSI_EACH_CPU, Ordering::Relaxed);
-    mailbox_cell(offset::ARG_VECTOR).store(u32::from(MSI_VECTOR), Ordering::Relaxed);
-    mailbox_cell(offset::ARG_COUNT).store(n, Ordering::Relaxed);
+/// Sends a harness request and waits for it; returns (status, result).
+fn request(code: u32, vector: u8, count: u32, mode: u32) -> (u32, u32) {
+    mailbox_cell(offset::REQUEST).store(code, Ordering::Relaxed);
+    mailbox_cell(offset::ARG_VECTOR).store(u32::from(vector), Ordering::Relaxed);
+    mailbox_cell(offset::ARG_COUNT).store(count, Ordering::Relaxed);
+    mailbox_cell(offset::ARG_MODE).store(mode, Ordering::Relaxed);
     let seq = mailbox_cell(offset::REQUEST_SEQ)
         .load(Ordering::Relaxed)
         .wrapping_add(1);
     mailbox_cell(offset::REQUEST_SEQ).store(seq, Ordering::Release);
     arch::outl(HARNESS_PORT, seq);
     wait_until(|| mailbox_cell(offset::DONE_SEQ).load(Ordering::Acquire) == seq);
-    let host_status = mailbox_cell(offset::STATUS).load(Ordering::Acquire);
-    let mut ok = host_status == status::OK;
-    if !ok {
-        println!("msi: FAIL: host status {}", host_status);
-    }
+    let host = mailbox_cell(offset::STATUS).load(Ordering::Acquire);
+    (host, mailbox_cell(offset::RESULT).load(Ordering::Acquire))
+}
+
+fn fired(cpu: usize) -> u32 {
+    mailbox_cell(offset::FIRED + 4 * cpu).load(Ordering::Acquire)
+}
+
+/// The host fires `n` plain MSIs at every CPU (a KVM MSI route + irqfd each); each CPU
+/// must count exactly what was fired at it.
+fn msi(cpus: usize, n: u32) -> bool {
+    let (host, _) = request(request::FIRE_MSI_EACH_CPU, MSI_VECTOR, n, 0);
+    let mut ok = host == status::OK;
     for cpu in 0..cpus {
-        let fired = mailbox_cell(offset::FIRED + 4 * cpu).load(Ordering::Acquire);
-        let got = count(cpu, MSI_VECTOR);
-        if fired != n || got != fired {
-            println!(
-                "msi: FAIL: cpu {} expected {} fired {} counted {}",
-                cpu, n, fired, got
-            );
+        expect(cpu, MSI_VECTOR, n);
+        if fired(cpu) != n || count(cpu, MSI_VECTOR) != n {
             ok = false;
         }
     }
@@ -210,30 +271,104 @@ fn msi(info: &BootInfoView<'_>, n: u32) -> bool {
             "msi: {} MSIs per vCPU fired and counted on the right vCPU",
             n
         );
+    } else {
+        println!("msi: FAIL (host status {})", host);
     }
     ok
 }
 
-/// No CPU may have counted an interrupt on any vector the scenarios did not use.
-fn no_strays(cpus: usize, expected_ipi: u32, expected_msi: u32) -> bool {
+/// The host makes `entries` IRTEs live at once, spread over the CPUs and `vectors`
+/// vectors, and raises each once through the remapping core.
+fn remap(cpus: usize, entries: u32, vectors: u32) -> bool {
+    let (host, commits) = request(request::REMAP_EACH_CPU, REMAP_VECTOR, entries, vectors);
+    let mut per_cpu = [0u32; MAX_CPUS];
+    for i in 0..entries as usize {
+        let cpu = i % cpus;
+        let vector = REMAP_VECTOR + ((i / cpus) as u32 % vectors) as u8;
+        expect(cpu, vector, 1);
+        per_cpu[cpu] += 1;
+    }
+    let ok = host == status::OK && (0..cpus).all(|cpu| fired(cpu) == per_cpu[cpu]);
+    if ok {
+        println!(
+            "remap: {} IRTEs live at once over {} vectors ({} route commits), each delivered once",
+            entries, vectors, commits
+        );
+    } else {
+        println!("remap: FAIL (host status {})", host);
+    }
+    ok
+}
+
+/// The host raises one IRTE `n` times while another host thread keeps retargeting it;
+/// every interrupt must arrive exactly once, and on more than one CPU.
+fn retarget(cpus: usize, n: u32, mode: u32) -> bool {
+    let vector = RETARGET_VECTOR + mode as u8;
+    let (host, retargets) = request(request::REMAP_RETARGET, vector, n, mode);
+    let mut total = 0;
+    let mut reached = 0;
+    for cpu in 0..cpus {
+        expect(cpu, vector, fired(cpu));
+        total += count(cpu, vector);
+        reached += usize::from(count(cpu, vector) > 0);
+    }
+    let moved = cpus == 1 || reached >= 2;
+    let ok = host == status::OK && total == n && moved;
+    let how = if mode == 1 {
+        "joining routed targets"
+    } else {
+        "rewriting its route"
+    };
+    if ok {
+        println!(
+            "retarget ({}): {} interrupts, {} retargets, all counted once, on {} vCPUs",
+            how, n, retargets, reached
+        );
+    } else {
+        println!(
+            "retarget ({}): FAIL (host status {}, {} of {} counted, {} vCPUs)",
+            how, host, total, n, reached
+        );
+    }
+    ok
+}
+
+/// Another requester raises an IRTE it may not use `n` times: nothing may arrive, and
+/// each attempt is a recorded fault. Then the owner raises it once.
+fn sid(n: u32) -> bool {
+    let (host, faults) = request(request::REMAP_SOURCE_ID, SID_VECTOR, n, 0);
+    expect(0, SID_VECTOR, 1);
+    let ok = host == status::OK && faults == n && count(0, SID_VECTOR) == 1 && fired(0) == 1;
+    if ok {
+        println!(
+            "sid: {} foreign requests blocked and recorded as faults, the owner's delivered",
+            n
+        );
+    } else {
+        println!(
+            "sid: FAIL (host status {}, {} faults, {} counted)",
+            host,
+            faults,
+            count(0, SID_VECTOR)
+        );
+    }
+    ok
+}
+
+/// Every counter of every CPU must be exactly what the scenarios expect.
+fn no_strays(cpus: usize) -> bool {
     let mut ok = true;
     for cpu in 0..cpus {
         for vector in 32..=255u8 {
-            let expected = match vector {
-                IPI_VECTOR => expected_ipi,
-                MSI_VECTOR => expected_msi,
-                _ => 0,
-            };
-            let got = count(cpu, vector);
-            if got != expected {
+            let (got, want) = (count(cpu, vector), expected(cpu, vector));
+            if got != want {
                 println!(
                     "FAIL: cpu {} vector {:#x}: counted {}, expected {}",
-                    cpu, vector, got, expected
+                    cpu, vector, got, want
                 );
                 ok = false;
             }
         }
     }
-    let _ = harness::MAX_COUNT;
     ok
 }
