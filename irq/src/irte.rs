@@ -11,7 +11,7 @@
 //! bits 83:82  SVT  source validation type  bits 127:84 reserved
 //! ```
 //!
-//! In xAPIC mode (EIM off) the destination is DST[15:8] and DST[31:16], DST[7:0] are
+//! In xAPIC mode (EIM off) the destination is `DST[15:8]` and `DST[31:16]`, `DST[7:0]` are
 //! reserved; in x2APIC mode (EIM on) all 32 bits are the destination. Posted-format
 //! entries (IM = 1) are recognized and refused: this model does not offer posted
 //! interrupts, so such an entry has a reserved bit set (fault reason 0x24).
@@ -32,9 +32,9 @@ pub enum SourceValidation {
     },
     /// The requester's bus must lie in `[first, last]`.
     BusRange {
-        /// First bus (SID[15:8]).
+        /// First bus (`SID[15:8]`).
         first: u8,
-        /// Last bus (SID[7:0]).
+        /// Last bus (`SID[7:0]`).
         last: u8,
     },
 }

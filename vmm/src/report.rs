@@ -54,6 +54,8 @@ pub struct RunReport {
     pub harness_fired: Vec<u64>,
     /// Interrupt-remapping faults recorded, by VT-d fault reason code.
     pub remap_faults: Vec<(u8, u64)>,
+    /// The interrupt core's control-path counters at the end of the run.
+    pub remap_stats: irq::backing::BackingStats,
     /// Port and MMIO accesses that reached no device.
     pub unmapped_accesses: u64,
     /// Console output errors.
@@ -154,6 +156,17 @@ impl fmt::Display for RunReport {
                 per_vcpu(&self.harness_fired)
             )?;
         }
+        let st = &self.remap_stats;
+        if st.transactions + st.rollbacks > 0 {
+            writeln!(
+                f,
+                "vmm: remapping   {} transactions ({} rolled back), {} route commits taking {} us",
+                st.transactions,
+                st.rollbacks,
+                st.route_commits,
+                st.route_commit_time.as_micros()
+            )?;
+        }
         if !self.remap_faults.is_empty() {
             let faults: Vec<String> = self
                 .remap_faults
@@ -199,6 +212,7 @@ mod tests {
             interrupts: Some(vec![51, 51]),
             harness_fired: vec![50, 50],
             remap_faults: vec![],
+            remap_stats: irq::backing::BackingStats::default(),
             unmapped_accesses: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),

@@ -328,6 +328,7 @@ pub fn run_with_console(
         return Err(e);
     }
 
+    let remap_stats = backing.lock().unwrap_or_else(PoisonError::into_inner).stats();
     let mut serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
     let flush_failed = u64::from(serial.flush().is_err());
     Ok(RunReport {
@@ -341,6 +342,7 @@ pub fn run_with_console(
             .map(|n| n.load(Ordering::Relaxed))
             .collect(),
         remap_faults: remap_faults(&backing),
+        remap_stats,
         unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
             + counters.unmapped_mmio.load(Ordering::Relaxed),
         console_errors: serial.errors() + flush_failed,
