@@ -328,7 +328,10 @@ pub fn run_with_console(
         return Err(e);
     }
 
-    let remap_stats = backing.lock().unwrap_or_else(PoisonError::into_inner).stats();
+    let remap_stats = backing
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .stats();
     let mut serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
     let flush_failed = u64::from(serial.flush().is_err());
     Ok(RunReport {
