@@ -8,11 +8,9 @@
 //! | leaf        | EAX                 | EBX, ECX, EDX                |
 //! |-------------|---------------------|------------------------------|
 //! | `BASE`      | highest leaf in range (`BASE + 1`) | signature [`SIGNATURE`] |
-//! | `BASE + 1`  | ABI version ([`ABI_VERSION`]) | EBX feature bits, ECX hypercall doorbell port (0: none), EDX reserved (0) |
+//! | `BASE + 1`  | ABI version ([`ABI_VERSION`]) | EBX feature bits (`abi::features`), ECX hypercall doorbell port, EDX entries in the remapping table |
 //!
-//! Until the IRTE hypercall lands, `BASE + 1` reports ABI version 0, no features and no
-//! doorbell: the leaf is reserved and discoverable, and a guest must treat version 0 as
-//! "no hypercall interface".
+//! A guest must treat version 0 as "no hypercall interface".
 
 /// KVM's own hypervisor leaf (signature `"KVMKVMKVM\0\0\0"`).
 pub const KVM_BASE: u32 = 0x4000_0000;
@@ -23,7 +21,7 @@ pub const INTERFACE_LEAF: u32 = BASE + 1;
 /// Signature in EBX, ECX, EDX of [`BASE`] (12 ASCII bytes, EBX first).
 pub const SIGNATURE: [u8; 12] = *b"IRQREMAPHYPV";
 /// The hypercall ABI version advertised in EAX of [`INTERFACE_LEAF`]; 0 means none.
-pub const ABI_VERSION: u32 = 0;
+pub const ABI_VERSION: u32 = crate::abi::VERSION;
 
 /// The signature split into the three registers, as CPUID returns it.
 #[must_use]

@@ -9,6 +9,8 @@
 //! - [`platform`]: the fixed I/O ports (serial console, debug-exit, test-harness doorbell).
 //! - [`cpuid`]: the hypervisor CPUID leaves that advertise this project's interface.
 //! - [`boot`]: the boot-information page handed to every vCPU at entry.
+//! - [`abi`]: the IRTE hypercall: call numbers, registers, status codes, the target word,
+//!   the batch array, and the guest's `invoke`.
 //! - [`harness`]: the mailbox through which the test guest asks the host to fire
 //!   interrupts at it and reports what it counted.
 //!
@@ -17,6 +19,7 @@
 
 #![no_std]
 
+pub mod abi;
 pub mod boot;
 pub mod cpuid;
 pub mod harness;

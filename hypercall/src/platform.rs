@@ -22,5 +22,9 @@ pub const HARNESS_PORT: u16 = 0x502;
 /// Value read back from [`HARNESS_PORT`] when the harness is present.
 pub const HARNESS_SIGNATURE: u32 = 0x4841_524e; // "HARN"
 
+/// The IRTE hypercall doorbell: a 4-byte `out` of a call number (see [`crate::abi`]).
+/// Advertised in ECX of the CPUID interface leaf.
+pub const HYPERCALL_PORT: u16 = 0x510;
+
 /// Success verdict for [`DEBUG_EXIT_PORT`].
 pub const EXIT_SUCCESS: u32 = 0;
