@@ -100,6 +100,11 @@ pub mod request {
     /// ([`super::FOREIGN_SOURCE_ID`]), which must fault and deliver nothing, then once by
     /// the harness. `FIRED[0]` is 1; `RESULT` the source-id faults recorded.
     pub const REMAP_SOURCE_ID: u32 = 4;
+    /// Raises entry `mode` (an IRTE the guest programmed, for example through the IRTE
+    /// hypercall) `count` times as the harness's requester, each time waiting until its
+    /// target vCPU counted it. An entry that is not live faults and delivers nothing.
+    /// `FIRED[cpu]` and `RESULT` say how many were delivered. `vector` is not used.
+    pub const RAISE: u32 = 5;
 }
 
 /// The requester ID (bus 0, device 31, function 0) the harness raises interrupts as.

@@ -7,12 +7,19 @@ use hypercall::abi::{alloc, batch, call, features, status, target, VERSION};
 use hypercall::{cpuid, platform};
 
 fn header() -> BTreeMap<String, u64> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../resources/include/irq_hypercall.h");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../resources/include/irq_hypercall.h"
+    );
     let text = std::fs::read_to_string(path).expect("the C header exists");
     let mut defines = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("#define ") else { continue };
-        let Some(name) = rest.split_whitespace().next() else { continue };
+        let Some(rest) = line.strip_prefix("#define ") else {
+            continue;
+        };
+        let Some(name) = rest.split_whitespace().next() else {
+            continue;
+        };
         let value = line_value(rest, name);
         if value.is_empty() {
             continue; // the include guard
@@ -23,7 +30,12 @@ fn header() -> BTreeMap<String, u64> {
 }
 
 fn line_value(rest: &str, name: &str) -> String {
-    rest[name.len()..].split("/*").next().unwrap_or("").trim().to_string()
+    rest[name.len()..]
+        .split("/*")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 /// Evaluates the header's value forms: `0x..u`, `12u`, `(1u << 3)`, `(1ull << 11)`.
@@ -65,7 +77,10 @@ fn the_c_header_matches_the_rust_abi() {
         ("IRQ_HC_NO_SPACE", status::NO_SPACE),
         ("IRQ_HC_QUOTA_EXCEEDED", status::QUOTA_EXCEEDED),
         ("IRQ_HC_BUSY", status::BUSY),
-        ("IRQ_HC_SOURCE_ID_NOT_PERMITTED", status::SOURCE_ID_NOT_PERMITTED),
+        (
+            "IRQ_HC_SOURCE_ID_NOT_PERMITTED",
+            status::SOURCE_ID_NOT_PERMITTED,
+        ),
         ("IRQ_HC_NOT_ALLOCATED", status::NOT_ALLOCATED),
         ("IRQ_HC_BAD_GUEST_ADDRESS", status::BAD_GUEST_ADDRESS),
         ("IRQ_HC_UNSUPPORTED", status::UNSUPPORTED),
@@ -73,7 +88,10 @@ fn the_c_header_matches_the_rust_abi() {
         ("IRQ_HC_ALLOC_MANAGED", alloc::MANAGED),
         ("IRQ_HC_ALLOC_ALIGNED", alloc::ALIGNED),
         ("IRQ_HC_TARGET_VECTOR", target::VECTOR),
-        ("IRQ_HC_TARGET_DELIVERY_SHIFT", target::DELIVERY_SHIFT.into()),
+        (
+            "IRQ_HC_TARGET_DELIVERY_SHIFT",
+            target::DELIVERY_SHIFT.into(),
+        ),
         ("IRQ_HC_TARGET_DELIVERY_MASK", target::DELIVERY_MASK),
         ("IRQ_HC_TARGET_LEVEL", target::LEVEL),
         ("IRQ_HC_TARGET_LOGICAL", target::LOGICAL),
@@ -92,7 +110,10 @@ fn the_c_header_matches_the_rust_abi() {
     }
     let known: Vec<&str> = rust.iter().map(|(n, _)| *n).collect();
     for name in c.keys() {
-        assert!(known.contains(&name.as_str()), "{name} is in the header but not checked");
+        assert!(
+            known.contains(&name.as_str()),
+            "{name} is in the header but not checked"
+        );
     }
 }
 
@@ -113,10 +134,21 @@ fn the_c_header_compiles_and_has_the_batch_layout() {
     .unwrap();
     let include = concat!(env!("CARGO_MANIFEST_DIR"), "/../resources/include");
     let out = std::process::Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Werror", "-fsyntax-only", "-I", include])
+        .args([
+            "-std=c11",
+            "-Wall",
+            "-Werror",
+            "-fsyntax-only",
+            "-I",
+            include,
+        ])
         .arg(&src)
         .output()
         .expect("a C compiler (cc) is installed");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

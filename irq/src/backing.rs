@@ -477,6 +477,7 @@ pub struct Backing<B: RoutingBackend> {
     orphans: Vec<Gsi>,
     limits: Limits,
     live: u32,
+    allocated: u32,
     per_device: HashMap<u16, u32>,
     managed_allocated: u32,
     /// Eventfds reserved for managed lines: one per managed entry without a line of its own.
@@ -528,6 +529,7 @@ impl<B: RoutingBackend> Backing<B> {
             orphans: Vec::new(),
             limits,
             live: 0,
+            allocated: 0,
             per_device: HashMap::new(),
             managed_allocated: 0,
             managed_fds: Vec::new(),
@@ -607,6 +609,27 @@ impl<B: RoutingBackend> Backing<B> {
         Some((owner.source_id, owner.managed))
     }
 
+    /// Entries not allocated to anyone.
+    #[must_use]
+    pub fn free_entries(&self) -> u32 {
+        self.limits.table_size.saturating_sub(self.allocated)
+    }
+
+    /// Entries `source_id` may still allocate under its quota.
+    #[must_use]
+    pub fn quota_left(&self, source_id: u16) -> u32 {
+        let held = self.per_device.get(&source_id).copied().unwrap_or(0);
+        self.limits.max_per_device.saturating_sub(held)
+    }
+
+    /// Routes still free for best-effort targets (the managed reservation excluded).
+    #[must_use]
+    pub fn best_effort_routes_left(&self) -> u32 {
+        let unmanaged = self.routes.staged_msi_routes() - self.managed_routes();
+        let used = unmanaged + self.managed_allocated as usize;
+        u32::try_from(self.routes.capacity().saturating_sub(used)).unwrap_or(u32::MAX)
+    }
+
     /// Allocates `count` consecutive entries for requester `source_id` and returns the
     /// first. Allocation is not activation: the entries stay absent (and cost nothing
     /// but, for managed ones, their reservation) until written.
@@ -653,6 +676,7 @@ impl<B: RoutingBackend> Backing<B> {
             });
         }
         *self.per_device.entry(source_id).or_insert(0) += count;
+        self.allocated += count;
         Ok(first)
     }
 
@@ -710,6 +734,7 @@ impl<B: RoutingBackend> Backing<B> {
         txn.commit()?;
         for index in first..end {
             if let Some(owner) = self.entries[index as usize].owner.take() {
+                self.allocated -= 1;
                 if owner.managed {
                     self.managed_allocated -= 1;
                     self.managed_fds.pop();
@@ -1491,6 +1516,7 @@ mod tests {
         b.free(4, 4, DEV).unwrap();
         assert_eq!(kvm.irqfds(), 0, "freeing deactivates");
         assert_eq!(b.owner(4), None);
+        assert_eq!(b.free_entries(), 64 - 4);
         assert!(matches!(
             b.allocate(0, DEV, AllocFlags::default()),
             Err(BackingError::BadCount(0))

@@ -91,19 +91,19 @@ fn every_scenario_in_xapic_mode() {
         console.contains("test-guest: 4 vCPUs, 64 MiB, xAPIC"),
         "{console}"
     );
-    // smoke 4 + msi 4 x 20 + remap 256 + retarget 2 x 300 + sid 1.
+    // smoke 4 + msi 4 x 20 + remap 256 + retarget 2 x 300 + sid 1 + hypercall 5 + 5 + 4 + 1.
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
-    assert_eq!(total, 4 + 80 + 256 + 600 + 1, "{report}");
+    assert_eq!(total, 4 + 80 + 256 + 600 + 1 + 15, "{report}");
 }
 
 #[test]
 fn default_scenario_runs_every_scenario() {
     let (report, console) = boot(&config(2, ""));
     assert!(report.passed(), "{report}\n{console}");
-    // smoke 2 + msi 2 x 50 + remap 256 + retarget 2 x 300 + sid 1.
+    // smoke 2 + msi 2 x 50 + remap 256 + retarget 2 x 300 + sid 1 + hypercall 5 + 5 + 2 + 1.
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
-    assert_eq!(total, 2 + 100 + 256 + 600 + 1, "{report}");
-    assert_eq!(report.remap_faults, vec![(0x26, 10)], "{report}");
+    assert_eq!(total, 2 + 100 + 256 + 600 + 1 + 13, "{report}");
+    assert_eq!(report.remap_faults, vec![(0x22, 3), (0x26, 10)], "{report}");
     for line in [
         "smoke:",
         "msi:",
@@ -111,6 +111,7 @@ fn default_scenario_runs_every_scenario() {
         "retarget (rewriting",
         "retarget (joining",
         "sid:",
+        "hypercall: PASS",
     ] {
         assert!(console.contains(line), "{line} missing:\n{console}");
     }

@@ -50,7 +50,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|all|fail|hang)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device)
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate)
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
@@ -62,6 +62,12 @@ pub struct RunArgs {
     /// KVM device node [default: /dev/kvm]
     #[arg(long, value_name = "PATH")]
     pub kvm_device: Option<PathBuf>,
+    /// Cap on the KVM MSI routes for remapped interrupt targets [default: KVM's limit]
+    #[arg(long, value_name = "N")]
+    pub max_routes: Option<u32>,
+    /// Hypercalls per second before the guest is answered BUSY [default: 200000]
+    #[arg(long, value_name = "N")]
+    pub hypercall_rate: Option<u32>,
 }
 
 impl RunArgs {
@@ -82,6 +88,8 @@ impl RunArgs {
             console: self.console.clone(),
             watchdog: self.watchdog,
             kvm_device: self.kvm_device.clone(),
+            max_routes: self.max_routes,
+            hypercall_rate: self.hypercall_rate,
         };
         Ok(file.overridden_by(flags))
     }

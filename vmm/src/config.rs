@@ -9,6 +9,8 @@
 //! console = "stdout"      # "off", or "file:PATH"
 //! watchdog = 30           # seconds; 0 disables it
 //! kvm_device = "/dev/kvm"
+//! max_routes = 64         # cap on KVM MSI routes for remapped targets (default: KVM's)
+//! hypercall_rate = 200000 # hypercalls per second per VM before BUSY
 //! ```
 
 use std::fmt;
@@ -32,6 +34,8 @@ pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(30);
 pub const MAX_CPUS: u32 = 255;
 /// Least guest RAM: the boot structures, an image and a few vCPU stacks.
 pub const MIN_MEMORY: u64 = 4 << 20;
+/// Hypercalls per second per VM when nothing says otherwise.
+pub const DEFAULT_HYPERCALL_RATE: u32 = 200_000;
 
 /// The image to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +99,10 @@ pub struct VmConfig {
     pub watchdog: Option<Duration>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// Cap on the KVM MSI routes the VM uses (`None`: KVM's limit).
+    pub max_routes: Option<u32>,
+    /// Hypercalls per second before the VM is throttled with `BUSY`.
+    pub hypercall_rate: u32,
 }
 
 impl Default for VmConfig {
@@ -107,6 +115,8 @@ impl Default for VmConfig {
             console: Console::Stdout,
             watchdog: Some(DEFAULT_WATCHDOG),
             kvm_device: PathBuf::from("/dev/kvm"),
+            max_routes: None,
+            hypercall_rate: DEFAULT_HYPERCALL_RATE,
         }
     }
 }
@@ -129,6 +139,10 @@ pub struct Settings {
     pub watchdog: Option<u64>,
     /// KVM device node.
     pub kvm_device: Option<PathBuf>,
+    /// Cap on KVM MSI routes.
+    pub max_routes: Option<u32>,
+    /// Hypercalls per second.
+    pub hypercall_rate: Option<u32>,
 }
 
 /// A size as a string with a unit or a number of MiB.
@@ -184,6 +198,12 @@ pub enum ConfigError {
     /// Not a console destination.
     #[error("invalid console `{0}`: expected stdout, off or file:PATH")]
     Console(String),
+    /// A route cap of zero.
+    #[error("invalid max_routes 0: at least one route is needed")]
+    MaxRoutes,
+    /// A hypercall rate of zero.
+    #[error("invalid hypercall_rate 0: at least one call per second is needed")]
+    HypercallRate,
     /// The command line does not fit its page.
     #[error("command line is {0} bytes long; at most {CMDLINE_MAX} fit")]
     CmdlineTooLong(usize),
@@ -267,6 +287,8 @@ impl Settings {
             console: over.console.or(self.console),
             watchdog: over.watchdog.or(self.watchdog),
             kvm_device: over.kvm_device.or(self.kvm_device),
+            max_routes: over.max_routes.or(self.max_routes),
+            hypercall_rate: over.hypercall_rate.or(self.hypercall_rate),
         }
     }
 
@@ -321,6 +343,15 @@ impl Settings {
                 None => defaults.watchdog,
             },
             kvm_device: self.kvm_device.unwrap_or(defaults.kvm_device),
+            max_routes: match self.max_routes {
+                Some(0) => return Err(ConfigError::MaxRoutes),
+                other => other,
+            },
+            hypercall_rate: match self.hypercall_rate {
+                Some(0) => return Err(ConfigError::HypercallRate),
+                Some(n) => n,
+                None => defaults.hypercall_rate,
+            },
         })
     }
 }

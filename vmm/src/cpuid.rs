@@ -17,8 +17,9 @@ fn leaf(function: u32, eax: u32, [ebx, ecx, edx]: [u32; 3]) -> kvm_cpuid_entry2 
     }
 }
 
-/// Adjusts KVM's supported CPUID for vCPU `cpu` (its APIC ID) of `cpus`.
-pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, cpus: u32) {
+/// Adjusts KVM's supported CPUID for vCPU `cpu` (its APIC ID) of `cpus`, advertising the
+/// hypercall with a remapping table of `table_size` entries.
+pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, cpus: u32, table_size: u32) {
     let logical = cpus.min(0xff);
     for e in entries.iter_mut() {
         match e.function {
@@ -53,7 +54,11 @@ pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, cpus: u32) {
     entries.push(leaf(
         hypercall::cpuid::INTERFACE_LEAF,
         hypercall::cpuid::ABI_VERSION,
-        [0, 0, 0],
+        [
+            hypercall::abi::features::V1,
+            u32::from(hypercall::platform::HYPERCALL_PORT),
+            table_size,
+        ],
     ));
 }
 
@@ -76,7 +81,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        patch(&mut entries, 3, 8);
+        patch(&mut entries, 3, 8, 65536);
         let l1 = find(&entries, 1);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 8);
@@ -91,14 +96,16 @@ mod tests {
             sig.extend_from_slice(&r.to_le_bytes());
         }
         assert_eq!(sig, b"IRQREMAPHYPV");
-        assert_eq!(find(&entries, hypercall::cpuid::INTERFACE_LEAF).eax, 0);
+        let iface = find(&entries, hypercall::cpuid::INTERFACE_LEAF);
+        assert_eq!((iface.eax, iface.ecx, iface.edx), (1, 0x510, 65536));
+        assert_eq!(iface.ebx, hypercall::abi::features::V1);
     }
 
     #[test]
     fn patching_twice_does_not_duplicate_leaves() {
         let mut entries = vec![leaf(1, 0, [0; 3])];
-        patch(&mut entries, 0, 1);
-        patch(&mut entries, 0, 1);
+        patch(&mut entries, 0, 1, 16);
+        patch(&mut entries, 0, 1, 16);
         let ours = entries
             .iter()
             .filter(|e| e.function == hypercall::cpuid::BASE)

@@ -127,6 +127,9 @@ impl fmt::Display for StopReason {
 pub enum Action {
     /// Re-enter the guest.
     Continue,
+    /// The guest rang the hypercall doorbell: complete the `out`, then handle the call
+    /// with the vCPU's registers.
+    Hypercall,
     /// Stop this vCPU.
     Stop(StopReason),
 }
@@ -148,6 +151,8 @@ pub struct Buses {
     pub pio: Bus,
     /// Memory-mapped I/O.
     pub mmio: Bus,
+    /// The hypercall doorbell, when the VM offers the hypercall.
+    pub hypercall_port: Option<u16>,
 }
 
 /// Decides what an exit means. Unmapped reads return all ones (a floating bus) and
@@ -157,6 +162,7 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses, counters: &ExitCounters) -> Ac
         counter.fetch_add(1, Ordering::Relaxed);
     };
     match exit {
+        Exit::IoOut { port, .. } if Some(port) == buses.hypercall_port => return Action::Hypercall,
         Exit::IoIn { port, data } => {
             if !buses.pio.read(u64::from(port), data) {
                 data.fill(0xff);
@@ -323,6 +329,20 @@ mod tests {
             handle_exit(Exit::Other("Debug".into()), &buses, &c),
             Action::Stop(StopReason::Unhandled(_))
         ));
+    }
+
+    #[test]
+    fn the_doorbell_is_a_hypercall_and_only_when_offered() {
+        let (mut buses, _) = buses();
+        let c = ExitCounters::default();
+        let ring = || Exit::IoOut {
+            port: 0x510,
+            data: &[2, 0, 0, 0],
+        };
+        assert_eq!(handle_exit(ring(), &buses, &c), Action::Continue);
+        assert_eq!(c.unmapped_pio.load(Ordering::Relaxed), 1);
+        buses.hypercall_port = Some(0x510);
+        assert_eq!(handle_exit(ring(), &buses, &c), Action::Hypercall);
     }
 
     #[test]

@@ -138,10 +138,11 @@ impl Harness {
         } else {
             1
         };
-        let args_ok = vector >= harness::MIN_VECTOR
-            && vector + spread - 1 <= 0xff
-            && count <= harness::MAX_COUNT
-            && spread <= harness::MAX_REMAP_VECTORS;
+        let args_ok = code == request::RAISE && count <= harness::MAX_COUNT
+            || vector >= harness::MIN_VECTOR
+                && vector + spread - 1 <= 0xff
+                && count <= harness::MAX_COUNT
+                && spread <= harness::MAX_REMAP_VECTORS;
         let v = u8::try_from(vector).unwrap_or(0);
         let outcome = match code {
             _ if !args_ok => status::BAD_ARGUMENT,
@@ -153,6 +154,7 @@ impl Harness {
                 self.remap_retarget(v, count, mode == 1, &mut fired, &mut result)
             }
             request::REMAP_SOURCE_ID => self.remap_source_id(v, count, &mut fired, &mut result),
+            request::RAISE => self.raise(mode, count, &mut fired, &mut result),
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
             _ => status::UNKNOWN_REQUEST,
         };
@@ -340,6 +342,34 @@ impl Harness {
             outcome = status::HOST_ERROR;
         }
         outcome
+    }
+
+    fn raise(&self, index: u32, count: u32, fired: &mut [u32], result: &mut u32) -> u32 {
+        let entry = self
+            .backing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .table()
+            .entry(index);
+        let target = entry.ok().and_then(|e| {
+            let cpu = self.apic_ids.iter().position(|&id| id == e.target.dest)?;
+            (!e.target.logical).then_some((cpu, e.target.vector))
+        });
+        for _ in 0..count {
+            let start = target.map(|(cpu, v)| self.counter(cpu, v));
+            if self.path.signal(index, HARNESS_SOURCE_ID).is_err() {
+                continue;
+            }
+            let (Some((cpu, v)), Some(start)) = (target, start) else {
+                return status::BAD_ARGUMENT;
+            };
+            self.count_fired(cpu, fired);
+            *result += 1;
+            if !self.wait_for(|| self.counter(cpu, v).wrapping_sub(start) >= 1) {
+                return status::NOT_DELIVERED;
+            }
+        }
+        status::OK
     }
 
     fn remap_source_id(&self, vector: u8, count: u32, fired: &mut [u32], result: &mut u32) -> u32 {

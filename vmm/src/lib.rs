@@ -17,6 +17,7 @@ pub mod config;
 pub mod cpuid;
 pub mod exit;
 pub mod harness;
+pub mod hypercall;
 pub mod layout;
 pub mod loader;
 pub mod memory;

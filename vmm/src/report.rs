@@ -56,6 +56,8 @@ pub struct RunReport {
     pub remap_faults: Vec<(u8, u64)>,
     /// The interrupt core's control-path counters at the end of the run.
     pub remap_stats: irq::backing::BackingStats,
+    /// What the hypercall dispatcher handled.
+    pub hypercalls: crate::hypercall::HypercallStats,
     /// Port and MMIO accesses that reached no device.
     pub unmapped_accesses: u64,
     /// Console output errors.
@@ -167,6 +169,30 @@ impl fmt::Display for RunReport {
                 st.route_commit_time.as_micros()
             )?;
         }
+        let hc = &self.hypercalls;
+        if !hc.calls.is_empty() || hc.unknown + hc.throttled > 0 {
+            let calls: Vec<String> = hc
+                .calls
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {} ({} failed, mean {} us, max {} us)",
+                        c.name,
+                        c.calls,
+                        c.errors,
+                        c.mean.as_micros(),
+                        c.max.as_micros()
+                    )
+                })
+                .collect();
+            writeln!(
+                f,
+                "vmm: hypercalls  {}; {} unknown, {} throttled",
+                calls.join(", "),
+                hc.unknown,
+                hc.throttled
+            )?;
+        }
         if !self.remap_faults.is_empty() {
             let faults: Vec<String> = self
                 .remap_faults
@@ -213,6 +239,7 @@ mod tests {
             harness_fired: vec![50, 50],
             remap_faults: vec![],
             remap_stats: irq::backing::BackingStats::default(),
+            hypercalls: crate::hypercall::HypercallStats::default(),
             unmapped_accesses: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),

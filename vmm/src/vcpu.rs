@@ -15,6 +15,7 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{handle_exit, Action, Buses, ExitCounters, StopReason};
+use crate::hypercall::HypercallHandler;
 
 /// What vCPU threads and devices tell the controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,14 @@ pub struct VcpuShared {
     pub stop: Arc<AtomicBool>,
     /// Where it reports.
     pub events: Sender<VmEvent>,
+    /// The hypercall dispatcher, when the VM offers the hypercall.
+    pub hypercalls: Option<Arc<dyn HypercallHandler>>,
+}
+
+impl std::fmt::Debug for dyn HypercallHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HypercallHandler")
+    }
 }
 
 fn kick_signal() -> i32 {
@@ -95,10 +104,49 @@ fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
             }
             Err(e) => Action::Stop(StopReason::RunFailed(e.to_string())),
         };
-        if let Action::Stop(reason) = action {
-            return describe(&mut vcpu, reason);
+        match action {
+            Action::Continue => {}
+            Action::Hypercall => {
+                if let Err(reason) = hypercall(&mut vcpu, shared) {
+                    return reason;
+                }
+            }
+            Action::Stop(reason) => return describe(&mut vcpu, reason),
         }
     }
+}
+
+/// Handles a doorbell ring. The `out` is still pending in KVM, and registers may only be
+/// changed once it is complete: re-entering with `immediate_exit` set completes it
+/// without running a guest instruction (KVM API, "KVM_RUN").
+fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<(), StopReason> {
+    let failed = |e: kvm_ioctls::Error| StopReason::RunFailed(e.to_string());
+    vcpu.set_kvm_immediate_exit(1);
+    let completed = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match completed {
+        Err(e) if e.errno() != libc::EINTR && e.errno() != libc::EAGAIN => return Err(failed(e)),
+        _ => {}
+    }
+    let mut regs = vcpu.get_regs().map_err(failed)?;
+    let mut call = hypercall::abi::Registers {
+        rax: regs.rax,
+        rcx: regs.rcx,
+        rsi: regs.rsi,
+        rdi: regs.rdi,
+        r8: regs.r8,
+        r9: regs.r9,
+    };
+    match &shared.hypercalls {
+        Some(handler) => handler.call(&mut call),
+        None => call.rax = hypercall::abi::status::UNSUPPORTED,
+    }
+    regs.rax = call.rax;
+    regs.rsi = call.rsi;
+    regs.rdi = call.rdi;
+    regs.r8 = call.r8;
+    regs.r9 = call.r9;
+    vcpu.set_regs(&regs).map_err(failed)
 }
 
 /// Adds what KVM can still tell about a stopped vCPU (RIP, internal-error detail).

@@ -31,12 +31,14 @@ use crate::bus::{BusError, SharedDevice};
 use crate::config::{format_size, Console, Kernel, VmConfig};
 use crate::exit::{Buses, ExitCounters, StopReason};
 use crate::harness::{Doorbell, Harness, SharedBacking};
+use crate::hypercall::Dispatcher;
 use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR};
 use crate::loader::{LoadError, LoadedImage};
 use crate::memory::{self, MemoryError};
 use crate::report::{Outcome, RunReport};
 use crate::vcpu::{self, VcpuShared, VmEvent};
 use crate::x86::{self, BootStateError};
+use hypercall::harness::{FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
 
 /// The test guest's ELF image, built from `resources/guest` by this crate's build script.
 pub static TEST_GUEST_ELF: &[u8] = include_bytes!(env!("VMM_TEST_GUEST_ELF"));
@@ -230,7 +232,10 @@ pub fn run_with_console(
     let placement = write_boot_state(&mem, config, &image)?;
 
     let routing = KvmRouting::new(vm.clone());
-    let limit = routing.route_limit();
+    let kvm_limit = routing.route_limit();
+    let limit = config.max_routes.map_or(kvm_limit, |cap| {
+        kvm_limit.min(cap.saturating_add(irq::routes::LEGACY_GSI_COUNT))
+    });
     // One line (eventfd) per route at most, plus the VM's own descriptors.
     raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.cpus))?;
     let backing = Backing::new(RouteTable::new(routing, limit)?, Limits::default())?;
@@ -294,11 +299,22 @@ pub fn run_with_console(
         .spawn(ring_rx)
         .map_err(|e| VmError::Os("start the harness thread", e))?;
 
+    let mut requesters = vec![HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID];
+    requesters.sort_unstable();
+    let dispatcher = Arc::new(Dispatcher::new(
+        backing.clone(),
+        mem.clone(),
+        (0..config.cpus).collect(),
+        requesters,
+        config.hypercall_rate,
+    ));
+    buses.hypercall_port = Some(platform::HYPERCALL_PORT);
     let shared = VcpuShared {
         buses: Arc::new(buses),
         counters: Arc::new(ExitCounters::default()),
         stop: stop.clone(),
         events,
+        hypercalls: Some(dispatcher.clone()),
     };
     let mut threads = Vec::with_capacity(vcpus.len());
     let mut spawn_error = None;
@@ -346,6 +362,7 @@ pub fn run_with_console(
             .collect(),
         remap_faults: remap_faults(&backing),
         remap_stats,
+        hypercalls: dispatcher.stats(),
         unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
             + counters.unmapped_mmio.load(Ordering::Relaxed),
         console_errors: serial.errors() + flush_failed,
@@ -425,7 +442,7 @@ fn create_vcpu(
         .create_vcpu(u64::from(index))
         .map_err(fail("KVM_CREATE_VCPU"))?;
     let mut entries = supported.as_slice().to_vec();
-    crate::cpuid::patch(&mut entries, index, cpus);
+    crate::cpuid::patch(&mut entries, index, cpus, Limits::default().table_size);
     let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Vcpu {
         index,
         what: "building CPUID",

@@ -46,7 +46,11 @@ fn run_with_no_arguments_boots_the_test_guest() {
     );
     assert!(stdout.contains("vmm: interrupts  vCPU 0: "), "{stdout}");
     assert!(stdout.contains("(counted by the guest)"), "{stdout}");
-    assert!(stdout.contains("vmm: IR faults   10 x 0x26"), "{stdout}");
+    assert!(
+        stdout.contains("vmm: IR faults   3 x 0x22, 10 x 0x26"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("vmm: hypercalls  query"), "{stdout}");
     assert!(
         stdout.contains("vmm: verdict     PASS (guest exit code 0)"),
         "{stdout}"

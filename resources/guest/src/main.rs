@@ -19,6 +19,7 @@
 )]
 
 mod arch;
+mod hc;
 mod mem;
 mod scenario;
 mod serial;

@@ -27,7 +27,7 @@ const REMAP_VECTOR: u8 = 0x80;
 /// What each CPU must have counted, by vector.
 static EXPECTED: [AtomicU32; MAX_CPUS * 256] = [const { AtomicU32::new(0) }; MAX_CPUS * 256];
 
-fn expect(cpu: usize, vector: u8, n: u32) {
+pub fn expect(cpu: usize, vector: u8, n: u32) {
     if let Some(cell) = EXPECTED.get(cpu * 256 + vector as usize) {
         cell.fetch_add(n, Ordering::Relaxed);
     }
@@ -46,6 +46,7 @@ enum Scenario {
     Remap,
     Retarget,
     Sid,
+    Hypercall,
     All,
     Fail,
     Hang,
@@ -58,6 +59,7 @@ struct Options {
     remap_vectors: u32,
     retarget_count: u32,
     sid_count: u32,
+    hammer: u32,
     /// `apic=xapic` keeps the LAPIC in xAPIC (MMIO) mode even when x2APIC is offered.
     xapic: bool,
 }
@@ -83,6 +85,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
         remap_vectors: 4,
         retarget_count: 300,
         sid_count: 10,
+        hammer: 0,
         xapic: false,
     };
     for word in text.split_ascii_whitespace() {
@@ -98,11 +101,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                         "remap" => Scenario::Remap,
                         "retarget" => Scenario::Retarget,
                         "sid" => Scenario::Sid,
+                    "hypercall" => Scenario::Hypercall,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, all, fail, hang)",
                         ),
                     }
             }
@@ -118,6 +122,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
             "remap_vectors" => o.remap_vectors = number(value)?.clamp(1, 64),
             "retarget_count" => o.retarget_count = number(value)?,
             "sid_count" => o.sid_count = number(value)?,
+            "hammer" => o.hammer = number(value)?,
             _ => {}
         }
     }
@@ -202,6 +207,10 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if all || s == Scenario::Sid {
         ok &= sid(o.sid_count);
     }
+    if all || s == Scenario::Hypercall {
+        let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
+        ok &= crate::hc::run(cpus, apic, info.mem_size(), o.hammer);
+    }
     ok &= no_strays(cpus);
     for cpu in 0..cpus {
         let total: u32 = (32..=255u8).map(|v| count(cpu, v)).sum();
@@ -236,7 +245,7 @@ fn smoke(info: &BootInfoView<'_>) -> bool {
 }
 
 /// Sends a harness request and waits for it; returns (status, result).
-fn request(code: u32, vector: u8, count: u32, mode: u32) -> (u32, u32) {
+pub fn harness_request(code: u32, vector: u8, count: u32, mode: u32) -> (u32, u32) {
     mailbox_cell(offset::REQUEST).store(code, Ordering::Relaxed);
     mailbox_cell(offset::ARG_VECTOR).store(u32::from(vector), Ordering::Relaxed);
     mailbox_cell(offset::ARG_COUNT).store(count, Ordering::Relaxed);
@@ -258,7 +267,7 @@ fn fired(cpu: usize) -> u32 {
 /// The host fires `n` plain MSIs at every CPU (a KVM MSI route + irqfd each); each CPU
 /// must count exactly what was fired at it.
 fn msi(cpus: usize, n: u32) -> bool {
-    let (host, _) = request(request::FIRE_MSI_EACH_CPU, MSI_VECTOR, n, 0);
+    let (host, _) = harness_request(request::FIRE_MSI_EACH_CPU, MSI_VECTOR, n, 0);
     let mut ok = host == status::OK;
     for cpu in 0..cpus {
         expect(cpu, MSI_VECTOR, n);
@@ -280,7 +289,7 @@ fn msi(cpus: usize, n: u32) -> bool {
 /// The host makes `entries` IRTEs live at once, spread over the CPUs and `vectors`
 /// vectors, and raises each once through the remapping core.
 fn remap(cpus: usize, entries: u32, vectors: u32) -> bool {
-    let (host, commits) = request(request::REMAP_EACH_CPU, REMAP_VECTOR, entries, vectors);
+    let (host, commits) = harness_request(request::REMAP_EACH_CPU, REMAP_VECTOR, entries, vectors);
     let mut per_cpu = [0u32; MAX_CPUS];
     for i in 0..entries as usize {
         let cpu = i % cpus;
@@ -304,7 +313,7 @@ fn remap(cpus: usize, entries: u32, vectors: u32) -> bool {
 /// every interrupt must arrive exactly once, and on more than one CPU.
 fn retarget(cpus: usize, n: u32, mode: u32) -> bool {
     let vector = RETARGET_VECTOR + mode as u8;
-    let (host, retargets) = request(request::REMAP_RETARGET, vector, n, mode);
+    let (host, retargets) = harness_request(request::REMAP_RETARGET, vector, n, mode);
     let mut total = 0;
     let mut reached = 0;
     for cpu in 0..cpus {
@@ -336,7 +345,7 @@ fn retarget(cpus: usize, n: u32, mode: u32) -> bool {
 /// Another requester raises an IRTE it may not use `n` times: nothing may arrive, and
 /// each attempt is a recorded fault. Then the owner raises it once.
 fn sid(n: u32) -> bool {
-    let (host, faults) = request(request::REMAP_SOURCE_ID, SID_VECTOR, n, 0);
+    let (host, faults) = harness_request(request::REMAP_SOURCE_ID, SID_VECTOR, n, 0);
     expect(0, SID_VECTOR, 1);
     let ok = host == status::OK && faults == n && count(0, SID_VECTOR) == 1 && fired(0) == 1;
     if ok {

@@ -1,0 +1,677 @@
+//! The host side of the IRTE hypercall (`hypercall::abi`, `docs/hypercall.md`).
+//!
+//! A vCPU's `out` to the doorbell port reaches [`Dispatcher::call`] with the vCPU's
+//! registers. Each call is validated completely before anything changes, then carried
+//! out as one transaction of the interrupt core (`irq::backing`), which allocates, moves
+//! or frees the host interrupt behind the entry and can fail; its error reaches the guest
+//! in RAX with the previous state intact.
+//!
+//! The requester a guest names must be one of the VM's devices, and an entry can be
+//! changed only by the requester it was allocated to. Every entry the hypercall writes
+//! verifies that requester (SVT 1, SQ 0), so a device can never raise another device's
+//! interrupt.
+//!
+//! Calls are counted, timed, and rate-limited per VM: a guest hammering the port gets
+//! `BUSY`, and the throttling is counted, never logged per call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hypercall::abi::{alloc, batch, call, status, target, Registers};
+use irq::backing::{AllocFlags, Backing, BackingError};
+use irq::irte::{Irte, SourceValidation};
+use irq::msi::{DeliveryMode, MsiMessage, Target};
+use irq::RoutingBackend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Something that answers hypercalls (the vCPU loop's view of the dispatcher).
+pub trait HypercallHandler: Send + Sync {
+    /// Handles one call: `regs` holds the guest's registers in and the results out.
+    fn call(&self, regs: &mut Registers);
+}
+
+const CALLS: usize = 6;
+const CALL_NAMES: [&str; CALLS] = ["query", "allocate", "update", "free", "batch", "compose"];
+
+/// Counters of one call number.
+#[derive(Debug, Default)]
+struct CallCounters {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    nanos: AtomicU64,
+    max_nanos: AtomicU64,
+}
+
+/// What one call number did, for the run summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallStats {
+    /// The call's name.
+    pub name: &'static str,
+    /// Calls handled (throttled ones excluded).
+    pub calls: u64,
+    /// Calls that returned an error.
+    pub errors: u64,
+    /// Mean host time per call.
+    pub mean: Duration,
+    /// Longest host time of one call.
+    pub max: Duration,
+}
+
+/// The dispatcher's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HypercallStats {
+    /// Per call number, for those that were called.
+    pub calls: Vec<CallStats>,
+    /// Calls with an unknown number.
+    pub unknown: u64,
+    /// Calls refused with `BUSY` by the rate limit.
+    pub throttled: u64,
+}
+
+/// A token bucket: `rate` calls per second, bursts of up to `rate / 10 + 1`.
+#[derive(Debug)]
+struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        let burst = rate / 10.0 + 1.0;
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Maps an interrupt-core error to the status the guest sees.
+fn status_of(e: &BackingError) -> u64 {
+    match e {
+        BackingError::BadCount(_) | BackingError::IndexOutOfRange(_) => status::INVALID_ARGUMENT,
+        BackingError::NoSpace(_)
+        | BackingError::RoutesExhausted
+        | BackingError::EventFd(_)
+        | BackingError::Route(_) => status::NO_SPACE,
+        BackingError::DeviceQuota { .. } | BackingError::VmQuota(_) => status::QUOTA_EXCEEDED,
+        BackingError::NotAllocated(_) => status::NOT_ALLOCATED,
+        BackingError::NotOwner { .. } => status::SOURCE_ID_NOT_PERMITTED,
+    }
+}
+
+/// The hypercall dispatcher of one VM.
+#[derive(Debug)]
+pub struct Dispatcher<B: RoutingBackend> {
+    backing: Arc<Mutex<Backing<B>>>,
+    mem: GuestMemoryMmap,
+    apic_ids: Vec<u32>,
+    requesters: Vec<u16>,
+    limit: Mutex<RateLimit>,
+    counters: [CallCounters; CALLS],
+    unknown: AtomicU64,
+    throttled: AtomicU64,
+}
+
+type Outcome = Result<(), u64>;
+
+impl<B: RoutingBackend> Dispatcher<B> {
+    /// A dispatcher over `backing` for a VM with vCPUs `apic_ids`, guest RAM `mem`, the
+    /// devices `requesters`, and at most `rate` calls per second.
+    pub fn new(
+        backing: Arc<Mutex<Backing<B>>>,
+        mem: GuestMemoryMmap,
+        apic_ids: Vec<u32>,
+        requesters: Vec<u16>,
+        rate: u32,
+    ) -> Self {
+        Self {
+            backing,
+            mem,
+            apic_ids,
+            requesters,
+            limit: Mutex::new(RateLimit::new(rate)),
+            counters: Default::default(),
+            unknown: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters so far.
+    #[must_use]
+    pub fn stats(&self) -> HypercallStats {
+        let calls = self
+            .counters
+            .iter()
+            .zip(CALL_NAMES)
+            .filter(|(c, _)| c.calls.load(Ordering::Relaxed) > 0)
+            .map(|(c, name)| {
+                let calls = c.calls.load(Ordering::Relaxed);
+                CallStats {
+                    name,
+                    calls,
+                    errors: c.errors.load(Ordering::Relaxed),
+                    mean: Duration::from_nanos(c.nanos.load(Ordering::Relaxed) / calls.max(1)),
+                    max: Duration::from_nanos(c.max_nanos.load(Ordering::Relaxed)),
+                }
+            })
+            .collect();
+        HypercallStats {
+            calls,
+            unknown: self.unknown.load(Ordering::Relaxed),
+            throttled: self.throttled.load(Ordering::Relaxed),
+        }
+    }
+
+    fn backing(&self) -> std::sync::MutexGuard<'_, Backing<B>> {
+        self.backing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn requester(&self, regs: &Registers) -> Result<u16, u64> {
+        u16::try_from(regs.rcx)
+            .ok()
+            .filter(|r| self.requesters.contains(r))
+            .ok_or(status::SOURCE_ID_NOT_PERMITTED)
+    }
+
+    fn index(&self, value: u64) -> Result<u32, u64> {
+        let size = self.backing().limits().table_size;
+        u32::try_from(value)
+            .ok()
+            .filter(|&i| i < size)
+            .ok_or(status::INVALID_ARGUMENT)
+    }
+
+    /// The entry `word` describes for `requester`: `None` to deactivate.
+    fn parse_target(&self, word: u64, requester: u16) -> Result<Option<Irte>, u64> {
+        if word & target::PRESENT == 0 {
+            return if word == 0 {
+                Ok(None)
+            } else {
+                Err(status::INVALID_ARGUMENT)
+            };
+        }
+        if word & target::RESERVED != 0 || word & target::VECTOR < target::MIN_VECTOR {
+            return Err(status::INVALID_ARGUMENT);
+        }
+        let mode = ((word >> target::DELIVERY_SHIFT) & target::DELIVERY_MASK) as u8;
+        let delivery = DeliveryMode::from_bits(mode).ok_or(status::INVALID_ARGUMENT)?;
+        if matches!(
+            delivery,
+            DeliveryMode::Smi | DeliveryMode::Init | DeliveryMode::ExtInt
+        ) {
+            return Err(status::UNSUPPORTED);
+        }
+        let logical = word & target::LOGICAL != 0;
+        let dest = (word >> target::DEST_SHIFT) as u32;
+        if !logical && !self.apic_ids.contains(&dest) {
+            return Err(status::INVALID_ARGUMENT);
+        }
+        let target = Target {
+            dest,
+            vector: (word & target::VECTOR) as u8,
+            delivery,
+            level: word & target::LEVEL != 0,
+            logical,
+            redirection_hint: word & target::REDIRECTION_HINT != 0,
+        };
+        let validation = SourceValidation::RequesterId {
+            sid: requester,
+            qualifier: 0,
+        };
+        Ok(Some(Irte::new(target, validation)))
+    }
+
+    /// Checks that `index` is allocated to `requester`.
+    fn owned(backing: &Backing<B>, index: u32, requester: u16) -> Outcome {
+        match backing.owner(index) {
+            None => Err(status::NOT_ALLOCATED),
+            Some((owner, _)) if owner != requester => Err(status::SOURCE_ID_NOT_PERMITTED),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn query(&self, regs: &mut Registers) -> Outcome {
+        let requester = self.requester(regs)?;
+        let backing = self.backing();
+        regs.rsi = u64::from(backing.limits().table_size);
+        regs.rdi = u64::from(backing.free_entries());
+        regs.r8 = u64::from(backing.quota_left(requester));
+        regs.r9 = u64::from(backing.best_effort_routes_left());
+        Ok(())
+    }
+
+    fn allocate(&self, regs: &mut Registers) -> Outcome {
+        let requester = self.requester(regs)?;
+        let count = u32::try_from(regs.rsi).map_err(|_| status::INVALID_ARGUMENT)?;
+        if regs.rdi & !alloc::ALL != 0 {
+            return Err(status::INVALID_ARGUMENT);
+        }
+        let flags = AllocFlags {
+            managed: regs.rdi & alloc::MANAGED != 0,
+            aligned: regs.rdi & alloc::ALIGNED != 0,
+        };
+        let first = self
+            .backing()
+            .allocate(count, requester, flags)
+            .map_err(|e| status_of(&e))?;
+        regs.rsi = u64::from(first);
+        Ok(())
+    }
+
+    fn update(&self, regs: &mut Registers) -> Outcome {
+        let requester = self.requester(regs)?;
+        let index = self.index(regs.rsi)?;
+        let entry = self.parse_target(regs.rdi, requester)?;
+        let mut backing = self.backing();
+        Self::owned(&backing, index, requester)?;
+        let mut txn = backing.transaction();
+        let staged = match entry {
+            Some(e) => txn.set(index, &e),
+            None => txn.clear(index),
+        };
+        staged
+            .and_then(|()| txn.commit())
+            .map_err(|e| status_of(&e))
+    }
+
+    fn free(&self, regs: &mut Registers) -> Outcome {
+        let requester = self.requester(regs)?;
+        let first = self.index(regs.rsi)?;
+        let count = u32::try_from(regs.rdi).map_err(|_| status::INVALID_ARGUMENT)?;
+        if count == 0 {
+            return Err(status::INVALID_ARGUMENT);
+        }
+        self.backing()
+            .free(first, count, requester)
+            .map_err(|e| status_of(&e))
+    }
+
+    fn compose(&self, regs: &mut Registers) -> Outcome {
+        let requester = self.requester(regs)?;
+        let index = self.index(regs.rsi)?;
+        Self::owned(&self.backing(), index, requester)?;
+        let handle = u16::try_from(index).map_err(|_| status::INVALID_ARGUMENT)?;
+        let msg = MsiMessage::remappable(handle, None);
+        regs.rsi = msg.address;
+        regs.rdi = u64::from(msg.data);
+        Ok(())
+    }
+
+    fn batch(&self, regs: &mut Registers) -> Outcome {
+        let requester = self.requester(regs)?;
+        let (base, count) = (regs.rsi, regs.rdi);
+        if count == 0 || count > batch::MAX_ENTRIES {
+            return Err(status::INVALID_ARGUMENT);
+        }
+        if base % batch::ALIGN != 0 {
+            return Err(status::BAD_GUEST_ADDRESS);
+        }
+        // `count` is at most MAX_ENTRIES, so these fit.
+        let entries = usize::try_from(count).map_err(|_| status::INVALID_ARGUMENT)?;
+        let entry_size = usize::try_from(batch::ENTRY_SIZE).unwrap_or(16);
+        let len = entries * entry_size;
+        let mut raw = vec![0u8; len];
+        base.checked_add(len as u64)
+            .ok_or(status::BAD_GUEST_ADDRESS)?;
+        self.mem
+            .read_slice(&mut raw, GuestAddress(base))
+            .map_err(|_| status::BAD_GUEST_ADDRESS)?;
+        let mut statuses = vec![status::OK; entries];
+        let mut first_error = None;
+        let mut parsed = Vec::with_capacity(entries);
+        let mut backing = self.backing();
+        for (i, chunk) in raw.chunks_exact(entry_size).enumerate() {
+            let index = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&chunk[8..16]);
+            let word = u64::from_le_bytes(word);
+            let checked = if index < backing.limits().table_size {
+                Self::owned(&backing, index, requester)
+                    .and_then(|()| self.parse_target(word, requester))
+            } else {
+                Err(status::INVALID_ARGUMENT)
+            };
+            match checked {
+                Ok(entry) => parsed.push((index, entry)),
+                Err(e) => {
+                    statuses[i] = e;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let result = match first_error {
+            Some(e) => Err(e),
+            None => {
+                let mut txn = backing.transaction();
+                let mut staged = Ok(());
+                for (index, entry) in &parsed {
+                    staged = staged.and_then(|()| match entry {
+                        Some(e) => txn.set(*index, e),
+                        None => txn.clear(*index),
+                    });
+                }
+                staged
+                    .and_then(|()| txn.commit())
+                    .map_err(|e| status_of(&e))
+            }
+        };
+        drop(backing);
+        if result.is_err() {
+            for s in statuses.iter_mut().filter(|s| **s == status::OK) {
+                *s = status::NOT_APPLIED;
+            }
+        }
+        for (i, s) in statuses.iter().enumerate() {
+            let at = GuestAddress(base + i as u64 * batch::ENTRY_SIZE + 4);
+            // The range was read a moment ago; a failed write means the VM is going away.
+            let _ = self
+                .mem
+                .write_obj(u32::try_from(*s).unwrap_or(u32::MAX), at);
+        }
+        regs.rsi = if result.is_ok() { count } else { 0 };
+        result
+    }
+}
+
+impl<B: RoutingBackend> HypercallHandler for Dispatcher<B> {
+    fn call(&self, regs: &mut Registers) {
+        if !self
+            .limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            regs.rax = status::BUSY;
+            return;
+        }
+        let number = regs.rax & 0xffff_ffff;
+        let begin = Instant::now();
+        let outcome = match u32::try_from(number).unwrap_or(u32::MAX) {
+            call::QUERY => self.query(regs),
+            call::ALLOCATE => self.allocate(regs),
+            call::UPDATE => self.update(regs),
+            call::FREE => self.free(regs),
+            call::BATCH => self.batch(regs),
+            call::COMPOSE => self.compose(regs),
+            _ => {
+                self.unknown.fetch_add(1, Ordering::Relaxed);
+                regs.rax = status::UNSUPPORTED;
+                return;
+            }
+        };
+        let nanos = u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if let Some(c) = self.counters.get(number as usize) {
+            c.calls.fetch_add(1, Ordering::Relaxed);
+            c.nanos.fetch_add(nanos, Ordering::Relaxed);
+            c.max_nanos.fetch_max(nanos, Ordering::Relaxed);
+            if outcome.is_err() {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        regs.rax = match outcome {
+            Ok(()) => status::OK,
+            Err(e) => e,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use irq::backing::Limits;
+    use irq::fake::{Failures, FakeRouting};
+    use irq::RouteTable;
+
+    use super::*;
+
+    const ME: u64 = 0x00f8;
+    const OTHER: u64 = 0x0100;
+
+    fn dispatcher(
+        limit: u32,
+        rate: u32,
+    ) -> (
+        Dispatcher<Arc<FakeRouting>>,
+        Arc<FakeRouting>,
+        GuestMemoryMmap,
+    ) {
+        let kvm = Arc::new(FakeRouting::new());
+        let routes = RouteTable::new(kvm.clone(), limit).unwrap();
+        let limits = Limits {
+            table_size: 256,
+            ..Limits::default()
+        };
+        let backing = Arc::new(Mutex::new(Backing::new(routes, limits).unwrap()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        (
+            Dispatcher::new(backing, mem.clone(), vec![0, 1], vec![0x00f8, 0x0100], rate),
+            kvm,
+            mem,
+        )
+    }
+
+    fn call(
+        d: &Dispatcher<Arc<FakeRouting>>,
+        number: u32,
+        requester: u64,
+        a: u64,
+        b: u64,
+    ) -> Registers {
+        let mut regs = Registers {
+            rax: u64::from(number),
+            rcx: requester,
+            rsi: a,
+            rdi: b,
+            r8: 7,
+            r9: 7,
+        };
+        d.call(&mut regs);
+        regs
+    }
+
+    #[test]
+    fn allocate_activate_retarget_deactivate_free() {
+        let (d, kvm, _) = dispatcher(4096, 1_000_000);
+        let r = call(&d, call::ALLOCATE, ME, 2, 0);
+        assert_eq!((r.rax, r.rsi), (status::OK, 0));
+        assert_eq!(
+            call(&d, call::UPDATE, ME, 1, target::fixed(0, 0x40)).rax,
+            status::OK
+        );
+        assert_eq!(kvm.irqfds(), 1);
+        assert_eq!(
+            call(&d, call::UPDATE, ME, 1, target::fixed(1, 0x41)).rax,
+            status::OK
+        );
+        assert_eq!(kvm.msi_routes(), 1, "sole user: rewritten in place");
+        assert_eq!(call(&d, call::UPDATE, ME, 1, 0).rax, status::OK);
+        assert_eq!(kvm.irqfds(), 0);
+        let r = call(&d, call::COMPOSE, ME, 1, 0);
+        assert_eq!(
+            (r.rax, r.rsi, r.rdi),
+            (status::OK, MsiMessage::remappable(1, None).address, 0)
+        );
+        assert_eq!(call(&d, call::FREE, ME, 0, 2).rax, status::OK);
+        assert_eq!(
+            call(&d, call::UPDATE, ME, 1, target::fixed(0, 0x40)).rax,
+            status::NOT_ALLOCATED
+        );
+        let stats = d.stats();
+        assert_eq!(
+            stats
+                .calls
+                .iter()
+                .find(|c| c.name == "update")
+                .map(|c| (c.calls, c.errors)),
+            Some((4, 1))
+        );
+    }
+
+    #[test]
+    fn each_bad_input_gets_its_documented_status_and_changes_nothing() {
+        let (d, kvm, _) = dispatcher(4096, 1_000_000);
+        let idx = call(&d, call::ALLOCATE, ME, 1, 0).rsi;
+        let good = target::fixed(0, 0x40);
+        let cases = [
+            (call::UPDATE, ME, 999, good, status::INVALID_ARGUMENT),
+            (
+                call::UPDATE,
+                ME,
+                idx,
+                target::fixed(0, 15),
+                status::INVALID_ARGUMENT,
+            ),
+            (
+                call::UPDATE,
+                ME,
+                idx,
+                target::fixed(9, 0x40),
+                status::INVALID_ARGUMENT,
+            ),
+            (
+                call::UPDATE,
+                ME,
+                idx,
+                good | (1 << 20),
+                status::INVALID_ARGUMENT,
+            ),
+            (call::UPDATE, ME, idx, 1, status::INVALID_ARGUMENT),
+            (
+                call::UPDATE,
+                ME,
+                idx,
+                good | (3 << 8),
+                status::INVALID_ARGUMENT,
+            ),
+            (call::UPDATE, ME, idx, good | (7 << 8), status::UNSUPPORTED),
+            (
+                call::UPDATE,
+                OTHER,
+                idx,
+                good,
+                status::SOURCE_ID_NOT_PERMITTED,
+            ),
+            (
+                call::UPDATE,
+                0x1_0000,
+                idx,
+                good,
+                status::SOURCE_ID_NOT_PERMITTED,
+            ),
+            (call::ALLOCATE, ME, 0, 0, status::INVALID_ARGUMENT),
+            (call::ALLOCATE, ME, 257, 0, status::INVALID_ARGUMENT),
+            (call::ALLOCATE, ME, 1 << 40, 0, status::INVALID_ARGUMENT),
+            (call::ALLOCATE, ME, 1, 4, status::INVALID_ARGUMENT),
+            (call::FREE, ME, idx, 0, status::INVALID_ARGUMENT),
+            (call::FREE, OTHER, idx, 1, status::SOURCE_ID_NOT_PERMITTED),
+            (call::COMPOSE, ME, idx + 1, 0, status::NOT_ALLOCATED),
+            (call::BATCH, ME, 0x1000, 0, status::INVALID_ARGUMENT),
+            (call::BATCH, ME, 0x1000, 4097, status::INVALID_ARGUMENT),
+            (call::BATCH, ME, 0x1008, 1, status::BAD_GUEST_ADDRESS),
+            (
+                call::BATCH,
+                ME,
+                (1 << 20) - 16,
+                2,
+                status::BAD_GUEST_ADDRESS,
+            ),
+            (call::BATCH, ME, u64::MAX - 15, 1, status::BAD_GUEST_ADDRESS),
+            (77, ME, 0, 0, status::UNSUPPORTED),
+        ];
+        for (number, requester, a, b, want) in cases {
+            let r = call(&d, number, requester, a, b);
+            assert_eq!(r.rax, want, "call {number} {a:#x} {b:#x}");
+            if want != status::OK && number != call::BATCH {
+                assert_eq!(
+                    (r.rsi, r.rdi, r.r8, r.r9),
+                    (a, b, 7, 7),
+                    "a failed call changes nothing but RAX"
+                );
+            }
+        }
+        assert_eq!(kvm.irqfds(), 0);
+        assert_eq!(d.stats().unknown, 1);
+    }
+
+    #[test]
+    fn a_batch_is_all_or_nothing_with_a_status_per_entry() {
+        let (d, kvm, mem) = dispatcher(4096, 1_000_000);
+        let first = call(&d, call::ALLOCATE, ME, 4, 0).rsi;
+        let put = |i: u64, index: u64, word: u64| {
+            mem.write_obj(u32::try_from(index).unwrap(), GuestAddress(0x1000 + 16 * i))
+                .unwrap();
+            mem.write_obj(word, GuestAddress(0x1008 + 16 * i)).unwrap();
+        };
+        let status_of = |i: u64| mem.read_obj::<u32>(GuestAddress(0x1004 + 16 * i)).unwrap();
+        for i in 0..4 {
+            put(i, first + i, target::fixed((i % 2) as u32, 0x50));
+        }
+        let r = call(&d, call::BATCH, ME, 0x1000, 4);
+        assert_eq!((r.rax, r.rsi), (status::OK, 4));
+        assert_eq!(
+            kvm.set_calls(),
+            2,
+            "the initial table and one commit for 4 entries"
+        );
+        assert_eq!((0..4).map(status_of).collect::<Vec<_>>(), vec![0; 4]);
+        put(1, first + 1, target::fixed(0, 3));
+        put(3, first + 3, 0);
+        let r = call(&d, call::BATCH, ME, 0x1000, 4);
+        assert_eq!((r.rax, r.rsi), (status::INVALID_ARGUMENT, 0));
+        assert_eq!((0..4).map(status_of).collect::<Vec<_>>(), vec![9, 1, 9, 9]);
+        assert_eq!(kvm.irqfds(), 2, "nothing was applied");
+        // A KVM failure during the commit is an error for every entry, and changes nothing.
+        put(1, first + 1, target::fixed(1, 0x77));
+        kvm.fail(Failures {
+            set_routes: 1,
+            ..Failures::default()
+        });
+        let r = call(&d, call::BATCH, ME, 0x1000, 4);
+        assert_eq!(r.rax, status::NO_SPACE);
+        assert_eq!((0..4).map(status_of).collect::<Vec<_>>(), vec![9; 4]);
+        assert_eq!(kvm.irqfds(), 2);
+    }
+
+    #[test]
+    fn query_reports_limits_and_what_is_left() {
+        let (d, _, _) = dispatcher(24 + 10, 1_000_000);
+        call(&d, call::ALLOCATE, ME, 3, alloc::MANAGED);
+        let r = call(&d, call::QUERY, ME, 0, 0);
+        assert_eq!((r.rax, r.rsi, r.rdi, r.r9), (status::OK, 256, 253, 7));
+        assert_eq!(
+            call(&d, call::QUERY, 0x1234, 0, 0).rax,
+            status::SOURCE_ID_NOT_PERMITTED
+        );
+    }
+
+    #[test]
+    fn hammering_is_throttled_and_counted() {
+        let (d, _, _) = dispatcher(4096, 10);
+        let busy = (0..100)
+            .filter(|_| call(&d, call::QUERY, ME, 0, 0).rax == status::BUSY)
+            .count();
+        assert!(busy >= 95, "{busy}");
+        assert_eq!(d.stats().throttled, busy as u64);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(call(&d, call::QUERY, ME, 0, 0).rax, status::OK);
+    }
+}
