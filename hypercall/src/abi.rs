@@ -110,10 +110,10 @@ pub mod target {
     /// Lowest vector an entry may deliver.
     pub const MIN_VECTOR: u64 = 16;
 
-    /// A present, fixed, edge-triggered, physical target.
+    /// A present, fixed, edge-triggered, physical target word.
     #[must_use]
     pub const fn fixed(apic_id: u32, vector: u8) -> u64 {
-        PRESENT | ((apic_id as u64) << DEST_SHIFT) | vector as u64
+        super::TargetWord::fixed(apic_id, vector).encode()
     }
 }
 
@@ -156,6 +156,154 @@ pub mod features {
 /// The ABI version this crate describes.
 pub const VERSION: u32 = 1;
 
+const fn flag(on: bool, bit: u64) -> u64 {
+    if on {
+        bit
+    } else {
+        0
+    }
+}
+
+/// A decoded target word ([`target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TargetWord {
+    /// Bit 15: the entry is active. A word without it must be all zero.
+    pub present: bool,
+    /// Bits 7:0.
+    pub vector: u8,
+    /// Bits 10:8 (0 fixed, 1 lowest priority, 4 NMI; others are refused by the host).
+    pub delivery: u8,
+    /// Bit 11: level-triggered.
+    pub level: bool,
+    /// Bit 12: logical destination mode.
+    pub logical: bool,
+    /// Bit 13: redirection hint.
+    pub redirection_hint: bool,
+    /// Bits 63:32: destination.
+    pub dest: u32,
+}
+
+/// Why a target word is malformed (the host answers `INVALID_ARGUMENT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetError {
+    /// Reserved bits set, or bits set in a word without the present bit.
+    Reserved,
+    /// A vector below [`target::MIN_VECTOR`].
+    Vector,
+}
+
+impl TargetWord {
+    /// The word that deactivates an entry.
+    pub const ABSENT: u64 = 0;
+
+    /// A present, fixed, edge-triggered, physical target.
+    #[must_use]
+    pub const fn fixed(dest: u32, vector: u8) -> Self {
+        Self {
+            present: true,
+            vector,
+            delivery: 0,
+            level: false,
+            logical: false,
+            redirection_hint: false,
+            dest,
+        }
+    }
+
+    /// The 64-bit word.
+    #[must_use]
+    pub const fn encode(&self) -> u64 {
+        if !self.present {
+            return Self::ABSENT;
+        }
+        self.vector as u64
+            | ((self.delivery as u64 & target::DELIVERY_MASK) << target::DELIVERY_SHIFT)
+            | flag(self.level, target::LEVEL)
+            | flag(self.logical, target::LOGICAL)
+            | flag(self.redirection_hint, target::REDIRECTION_HINT)
+            | target::PRESENT
+            | ((self.dest as u64) << target::DEST_SHIFT)
+    }
+
+    /// Decodes a word, checking reserved bits and the vector.
+    ///
+    /// # Errors
+    /// [`TargetError`].
+    pub const fn decode(word: u64) -> Result<Self, TargetError> {
+        if word & target::PRESENT == 0 {
+            return if word == 0 {
+                Ok(Self {
+                    present: false,
+                    vector: 0,
+                    delivery: 0,
+                    level: false,
+                    logical: false,
+                    redirection_hint: false,
+                    dest: 0,
+                })
+            } else {
+                Err(TargetError::Reserved)
+            };
+        }
+        if word & target::RESERVED != 0 {
+            return Err(TargetError::Reserved);
+        }
+        if word & target::VECTOR < target::MIN_VECTOR {
+            return Err(TargetError::Vector);
+        }
+        Ok(Self {
+            present: true,
+            vector: (word & target::VECTOR) as u8,
+            delivery: ((word >> target::DELIVERY_SHIFT) & target::DELIVERY_MASK) as u8,
+            level: word & target::LEVEL != 0,
+            logical: word & target::LOGICAL != 0,
+            redirection_hint: word & target::REDIRECTION_HINT != 0,
+            dest: (word >> target::DEST_SHIFT) as u32,
+        })
+    }
+}
+
+/// One entry of a batch array ([`batch`]), in its 16-byte little-endian layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchEntry {
+    /// The entry to update.
+    pub index: u32,
+    /// Written by the host.
+    pub status: u32,
+    /// The target word.
+    pub target: u64,
+}
+
+impl BatchEntry {
+    /// The 16 bytes of the entry.
+    #[must_use]
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&self.index.to_le_bytes());
+        b[4..8].copy_from_slice(&self.status.to_le_bytes());
+        b[8..].copy_from_slice(&self.target.to_le_bytes());
+        b
+    }
+
+    /// The entry in 16 bytes.
+    #[must_use]
+    pub fn from_bytes(b: &[u8; 16]) -> Self {
+        let word = |r: core::ops::Range<usize>| {
+            let mut v = [0u8; 8];
+            v[..r.len()].copy_from_slice(&b[r]);
+            u64::from_le_bytes(v)
+        };
+        Self {
+            index: word(0..4) as u32,
+            status: word(4..8) as u32,
+            target: word(8..16),
+        }
+    }
+
+    /// Offset of the status field in an entry.
+    pub const STATUS_OFFSET: u64 = 4;
+}
+
 /// The registers of a call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Registers {
@@ -194,5 +342,64 @@ pub unsafe fn invoke(port: u16, regs: &mut Registers) {
             inout("r9") regs.r9,
             options(nostack),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_words_round_trip() {
+        let t = TargetWord {
+            present: true,
+            vector: 0x41,
+            delivery: 1,
+            level: true,
+            logical: true,
+            redirection_hint: true,
+            dest: 0x1_0002,
+        };
+        let word = t.encode();
+        assert_eq!(word, 0x0001_0002_0000_b941);
+        assert_eq!(TargetWord::decode(word), Ok(t));
+        assert_eq!(target::fixed(3, 0x50), 0x0000_0003_0000_8050);
+        assert_eq!(TargetWord::decode(0), Ok(TargetWord::default()));
+    }
+
+    #[test]
+    fn malformed_target_words_are_refused() {
+        let good = target::fixed(0, 0x40);
+        assert_eq!(
+            TargetWord::decode(good | (1 << 14)),
+            Err(TargetError::Reserved)
+        );
+        assert_eq!(
+            TargetWord::decode(good | (1 << 31)),
+            Err(TargetError::Reserved)
+        );
+        assert_eq!(
+            TargetWord::decode(0x40),
+            Err(TargetError::Reserved),
+            "bits without present"
+        );
+        assert_eq!(
+            TargetWord::decode(target::fixed(0, 15)),
+            Err(TargetError::Vector)
+        );
+    }
+
+    #[test]
+    fn batch_entries_have_the_documented_layout() {
+        let e = BatchEntry {
+            index: 0x0102_0304,
+            status: 9,
+            target: target::fixed(1, 0x30),
+        };
+        let b = e.to_bytes();
+        assert_eq!(&b[..4], &[4, 3, 2, 1]);
+        assert_eq!(b[4], 9);
+        assert_eq!(BatchEntry::from_bytes(&b), e);
+        assert_eq!(core::mem::size_of_val(&b) as u64, batch::ENTRY_SIZE);
     }
 }

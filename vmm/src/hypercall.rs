@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use hypercall::abi::{alloc, batch, call, status, target, Registers};
+use hypercall::abi::{alloc, batch, call, status, BatchEntry, Registers, TargetWord};
 use irq::backing::{AllocFlags, Backing, BackingError};
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::{DeliveryMode, MsiMessage, Target};
@@ -202,36 +202,27 @@ impl<B: RoutingBackend> Dispatcher<B> {
 
     /// The entry `word` describes for `requester`: `None` to deactivate.
     fn parse_target(&self, word: u64, requester: u16) -> Result<Option<Irte>, u64> {
-        if word & target::PRESENT == 0 {
-            return if word == 0 {
-                Ok(None)
-            } else {
-                Err(status::INVALID_ARGUMENT)
-            };
+        let word = TargetWord::decode(word).map_err(|_| status::INVALID_ARGUMENT)?;
+        if !word.present {
+            return Ok(None);
         }
-        if word & target::RESERVED != 0 || word & target::VECTOR < target::MIN_VECTOR {
-            return Err(status::INVALID_ARGUMENT);
-        }
-        let mode = ((word >> target::DELIVERY_SHIFT) & target::DELIVERY_MASK) as u8;
-        let delivery = DeliveryMode::from_bits(mode).ok_or(status::INVALID_ARGUMENT)?;
+        let delivery = DeliveryMode::from_bits(word.delivery).ok_or(status::INVALID_ARGUMENT)?;
         if matches!(
             delivery,
             DeliveryMode::Smi | DeliveryMode::Init | DeliveryMode::ExtInt
         ) {
             return Err(status::UNSUPPORTED);
         }
-        let logical = word & target::LOGICAL != 0;
-        let dest = (word >> target::DEST_SHIFT) as u32;
-        if !logical && !self.apic_ids.contains(&dest) {
+        if !word.logical && !self.apic_ids.contains(&word.dest) {
             return Err(status::INVALID_ARGUMENT);
         }
         let target = Target {
-            dest,
-            vector: (word & target::VECTOR) as u8,
+            dest: word.dest,
+            vector: word.vector,
             delivery,
-            level: word & target::LEVEL != 0,
-            logical,
-            redirection_hint: word & target::REDIRECTION_HINT != 0,
+            level: word.level,
+            logical: word.logical,
+            redirection_hint: word.redirection_hint,
         };
         let validation = SourceValidation::RequesterId {
             sid: requester,
@@ -340,10 +331,13 @@ impl<B: RoutingBackend> Dispatcher<B> {
         let mut parsed = Vec::with_capacity(entries);
         let mut backing = self.backing();
         for (i, chunk) in raw.chunks_exact(entry_size).enumerate() {
-            let index = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&chunk[8..16]);
-            let word = u64::from_le_bytes(word);
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(chunk);
+            let BatchEntry {
+                index,
+                target: word,
+                ..
+            } = BatchEntry::from_bytes(&bytes);
             let checked = if index < backing.limits().table_size {
                 Self::owned(&backing, index, requester)
                     .and_then(|()| self.parse_target(word, requester))
@@ -381,7 +375,7 @@ impl<B: RoutingBackend> Dispatcher<B> {
             }
         }
         for (i, s) in statuses.iter().enumerate() {
-            let at = GuestAddress(base + i as u64 * batch::ENTRY_SIZE + 4);
+            let at = GuestAddress(base + i as u64 * batch::ENTRY_SIZE + BatchEntry::STATUS_OFFSET);
             // The range was read a moment ago; a failed write means the VM is going away.
             let _ = self
                 .mem
@@ -442,6 +436,7 @@ mod tests {
     use irq::RouteTable;
 
     use super::*;
+    use hypercall::abi::target;
 
     const ME: u64 = 0x00f8;
     const OTHER: u64 = 0x0100;
