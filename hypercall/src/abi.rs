@@ -288,15 +288,13 @@ impl BatchEntry {
     /// The entry in 16 bytes.
     #[must_use]
     pub fn from_bytes(b: &[u8; 16]) -> Self {
-        let word = |r: core::ops::Range<usize>| {
-            let mut v = [0u8; 8];
-            v[..r.len()].copy_from_slice(&b[r]);
-            u64::from_le_bytes(v)
-        };
+        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let mut target = [0u8; 8];
+        target.copy_from_slice(&b[8..]);
         Self {
-            index: word(0..4) as u32,
-            status: word(4..8) as u32,
-            target: word(8..16),
+            index: u32_at(0),
+            status: u32_at(4),
+            target: u64::from_le_bytes(target),
         }
     }
 
