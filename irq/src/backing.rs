@@ -167,6 +167,40 @@ impl FaultLog {
     }
 }
 
+/// Told about every recorded fault, on the thread that raised it (the vIOMMU's fault
+/// recording registers and fault event interrupt hang off this).
+pub trait FaultSink: Send + Sync {
+    /// A fault was recorded (not one an entry suppresses with FPD).
+    fn fault(&self, fault: &Fault);
+}
+
+/// Injects an MSI directly (`KVM_SIGNAL_MSI`): for interrupts that are not remapped, such
+/// as a remapping unit's own event interrupts, or compatibility-format requests while
+/// those are allowed.
+pub trait MsiInjector: Send + Sync {
+    /// Injects `msg`.
+    ///
+    /// # Errors
+    /// The kernel's error.
+    fn inject(&self, msg: &MsiMessage) -> std::io::Result<()>;
+}
+
+/// Where the data path reports faults and sends compatibility-format requests.
+#[derive(Default)]
+struct Hooks {
+    sink: Option<Arc<dyn FaultSink>>,
+    compat: Option<Arc<dyn MsiInjector>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("sink", &self.sink.is_some())
+            .field("compat", &self.compat.is_some())
+            .finish()
+    }
+}
+
 /// The device-facing side: cheap, per entry, never waiting for the control path's ioctls.
 #[derive(Debug)]
 pub struct InterruptPath {
@@ -176,6 +210,7 @@ pub struct InterruptPath {
     faults: FaultLog,
     block_compatibility: AtomicBool,
     write_errors: AtomicU64,
+    hooks: RwLock<Hooks>,
 }
 
 impl InterruptPath {
@@ -187,7 +222,25 @@ impl InterruptPath {
             faults: FaultLog::default(),
             block_compatibility: AtomicBool::new(true),
             write_errors: AtomicU64::new(0),
+            hooks: RwLock::new(Hooks::default()),
         }
+    }
+
+    /// Sends every recorded fault to `sink` too.
+    pub fn set_fault_sink(&self, sink: Arc<dyn FaultSink>) {
+        self.hooks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sink = Some(sink);
+    }
+
+    /// Delivers compatibility-format requests through `injector` while they are not
+    /// blocked (without it they always fault).
+    pub fn set_compat_injector(&self, injector: Arc<dyn MsiInjector>) {
+        self.hooks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .compat = Some(injector);
     }
 
     fn fault(
@@ -208,6 +261,15 @@ impl InterruptPath {
         }
         if !suppressed {
             self.faults.record(fault);
+            let sink = self
+                .hooks
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sink
+                .clone();
+            if let Some(sink) = sink {
+                sink.fault(&fault);
+            }
         }
         fault
     }
@@ -221,21 +283,31 @@ impl InterruptPath {
         let Some(slot) = self.slots.get(index as usize) else {
             return Err(self.fault(FaultReason::IndexOutOfRange, Some(index), source_id, false));
         };
-        let published = slot.read().unwrap_or_else(PoisonError::into_inner);
-        match &*published {
-            Published::Absent => {
-                Err(self.fault(FaultReason::NotPresent, Some(index), source_id, false))
+        // The slot lock is released before a fault is recorded: the fault sink (a
+        // front end) may hold its own lock while it commits transactions.
+        let refused = {
+            let published = slot.read().unwrap_or_else(PoisonError::into_inner);
+            match &*published {
+                Published::Absent => Some((FaultReason::NotPresent, false)),
+                Published::Faulty(reason) => Some((*reason, false)),
+                Published::Live { line, policy } => {
+                    let (validation, fpd) = unpack_policy(*policy);
+                    if validation.allows(source_id) {
+                        if line.fd.write(1).is_err() {
+                            self.write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None
+                    } else {
+                        Some((FaultReason::SourceIdMismatch, fpd))
+                    }
+                }
             }
-            Published::Faulty(reason) => Err(self.fault(*reason, Some(index), source_id, false)),
-            Published::Live { line, policy } => {
-                let (validation, fpd) = unpack_policy(*policy);
-                if !validation.allows(source_id) {
-                    let reason = FaultReason::SourceIdMismatch;
-                    return Err(self.fault(reason, Some(index), source_id, fpd));
-                }
-                if line.fd.write(1).is_err() {
-                    self.write_errors.fetch_add(1, Ordering::Relaxed);
-                }
+        };
+        match refused {
+            Some((reason, suppressed)) => {
+                Err(self.fault(reason, Some(index), source_id, suppressed))
+            }
+            None => {
                 if let Some(n) = self.delivered.get(index as usize) {
                     n.fetch_add(1, Ordering::Relaxed);
                 }
@@ -255,7 +327,21 @@ impl InterruptPath {
         match msg.decode() {
             Err(_) => Err(self.fault(FaultReason::RequestReserved, None, source_id, false)),
             Ok(DecodedMsi::Compatibility(_)) => {
-                Err(self.fault(FaultReason::CompatibilityBlocked, None, source_id, false))
+                let compat = self
+                    .hooks
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .compat
+                    .clone();
+                match compat {
+                    Some(injector) if !self.blocks_compatibility() => {
+                        if injector.inject(msg).is_err() {
+                            self.write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
+                    _ => Err(self.fault(FaultReason::CompatibilityBlocked, None, source_id, false)),
+                }
             }
             Ok(decoded) => self.signal(decoded.index().unwrap_or(u32::MAX), source_id),
         }
@@ -1540,6 +1626,54 @@ mod tests {
         set(&mut b, &[(0, open)]).unwrap();
         assert_eq!(kvm.assign_calls(), assigns);
         b.path().signal(0, OTHER).unwrap();
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        faults: Mutex<Vec<Fault>>,
+        injected: Mutex<Vec<MsiMessage>>,
+    }
+
+    impl FaultSink for Recorder {
+        fn fault(&self, fault: &Fault) {
+            self.faults.lock().unwrap().push(*fault);
+        }
+    }
+
+    impl MsiInjector for Recorder {
+        fn inject(&self, msg: &MsiMessage) -> std::io::Result<()> {
+            self.injected.lock().unwrap().push(*msg);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn faults_reach_the_sink_and_compatibility_requests_the_injector_when_allowed() {
+        let (mut b, _kvm) = backing();
+        let rec = Arc::new(Recorder::default());
+        let path = b.path();
+        path.set_fault_sink(rec.clone());
+        path.set_compat_injector(rec.clone());
+        path.signal(3, DEV).unwrap_err();
+        let compat = MsiMessage::compatibility(1, 0x33).unwrap();
+        assert_eq!(
+            path.signal_msi(&compat, DEV).unwrap_err().reason,
+            FaultReason::CompatibilityBlocked
+        );
+        b.set_block_compatibility(false);
+        path.signal_msi(&compat, DEV).unwrap();
+        let reasons: Vec<_> = rec
+            .faults
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|f| f.reason)
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![FaultReason::NotPresent, FaultReason::CompatibilityBlocked]
+        );
+        assert_eq!(*rec.injected.lock().unwrap(), vec![compat]);
     }
 
     #[test]

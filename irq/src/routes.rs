@@ -124,6 +124,19 @@ fn to_kvm(entry: &RouteEntry) -> kvm_irq_routing_entry {
     out
 }
 
+impl crate::backing::MsiInjector for KvmRouting {
+    fn inject(&self, msg: &MsiMessage) -> io::Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: msg.address_lo(),
+            address_hi: msg.address_hi(),
+            data: msg.data,
+            ..Default::default()
+        };
+        // KVM returns >0 when delivered, 0 when the guest blocked it (an LAPIC disabled).
+        self.vm.signal_msi(msi).map(|_| ()).map_err(io::Error::from)
+    }
+}
+
 impl RoutingBackend for KvmRouting {
     fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
         let entries: Vec<_> = routes.iter().map(to_kvm).collect();
