@@ -8,10 +8,12 @@
 //! - [`serial`]: the 16550A console on COM1 (vm-superio), output to any writer.
 //! - [`debug_exit`]: the port through which a guest reports its verdict.
 //! - [`harness`]: the doorbell of the test harness (see `hypercall::harness`).
+//! - [`viommu`]: the VT-d interrupt-remapping register model over the interrupt core.
 
 pub mod bus;
 pub mod debug_exit;
 pub mod harness;
 pub mod serial;
+pub mod viommu;
 
 pub use bus::BusDevice;

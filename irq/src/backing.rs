@@ -211,6 +211,8 @@ pub struct InterruptPath {
     block_compatibility: AtomicBool,
     write_errors: AtomicU64,
     hooks: RwLock<Hooks>,
+    /// Entries in use by the front end's table (indexes at or beyond fault with 0x21).
+    active_size: AtomicU32,
 }
 
 impl InterruptPath {
@@ -223,6 +225,7 @@ impl InterruptPath {
             block_compatibility: AtomicBool::new(true),
             write_errors: AtomicU64::new(0),
             hooks: RwLock::new(Hooks::default()),
+            active_size: AtomicU32::new(size),
         }
     }
 
@@ -280,7 +283,8 @@ impl InterruptPath {
     /// The [`Fault`] (also counted, and queued unless the entry suppresses it): the
     /// interrupt was not delivered.
     pub fn signal(&self, index: u32, source_id: u16) -> Result<(), Fault> {
-        let Some(slot) = self.slots.get(index as usize) else {
+        let in_table = index < self.active_size.load(Ordering::Relaxed);
+        let Some(slot) = self.slots.get(index as usize).filter(|_| in_table) else {
             return Err(self.fault(FaultReason::IndexOutOfRange, Some(index), source_id, false));
         };
         // The slot lock is released before a fault is recorded: the fault sink (a
@@ -645,6 +649,13 @@ impl<B: RoutingBackend> Backing<B> {
     #[must_use]
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Limits the table to its first `size` entries, as a front end's table size says
+    /// (VT-d's IRTA.S): requests beyond fault with 0x21. At most the backing's size.
+    pub fn set_active_size(&mut self, size: u32) {
+        let size = size.min(self.limits.table_size);
+        self.path.active_size.store(size, Ordering::Relaxed);
     }
 
     /// Blocks (or passes) compatibility-format requests in the table and the data path.
