@@ -23,6 +23,8 @@
 //! | `0x018`  | 4    | guest  | 1 when the counter table is maintained |
 //! | `0x01c`  | 4    | guest  | argument: mode (per request) |
 //! | `0x020`  | 4    | host   | result of the last request (per request) |
+//! | `0x024`  | 12   | guest  | `RAISE_MSI`: message address low, high, data |
+//! | `0x030`  | 4    | guest  | `RAISE_MSI`: requester ID |
 //! | `0x400`  | 4 × cpus | host | interrupts fired at each vCPU by the last request |
 //! | `0x1000` | 1024 × cpus | guest | counter table |
 
@@ -46,6 +48,14 @@ pub mod offset {
     pub const ARG_MODE: usize = 0x01c;
     /// u32, host: result of the last request (meaning per request).
     pub const RESULT: usize = 0x020;
+    /// u32, guest: message address, low half (`RAISE_MSI`).
+    pub const ARG_ADDR_LO: usize = 0x024;
+    /// u32, guest: message address, high half (`RAISE_MSI`).
+    pub const ARG_ADDR_HI: usize = 0x028;
+    /// u32, guest: message data (`RAISE_MSI`).
+    pub const ARG_DATA: usize = 0x02c;
+    /// u32, guest: requester ID (`RAISE_MSI`).
+    pub const ARG_SID: usize = 0x030;
     /// `[u32; cpus]`, host: interrupts fired at each vCPU by the last request.
     pub const FIRED: usize = 0x400;
     /// Start of the counter table.
@@ -105,6 +115,14 @@ pub mod request {
     /// target vCPU counted it. An entry that is not live faults and delivers nothing.
     /// `FIRED[cpu]` and `RESULT` say how many were delivered. `vector` is not used.
     pub const RAISE: u32 = 5;
+    /// Raises the MSI message at `ARG_ADDR_LO/HI`, `ARG_DATA` as requester `ARG_SID`,
+    /// `count` times, as a device behind the remapping unit would: through the
+    /// remapping core's data path (remappable messages translate through their entry,
+    /// compatibility-format ones pass only while not blocked). After each delivered one
+    /// the host waits until some vCPU counted its vector (the entry's, looked up at each
+    /// raise, so the entry may be retargeted meanwhile). `FIRED[cpu]` says where each was
+    /// counted; `RESULT` how many were delivered (faults are not).
+    pub const RAISE_MSI: u32 = 6;
 }
 
 /// The requester ID (bus 0, device 31, function 0) the harness raises interrupts as.

@@ -26,5 +26,9 @@ pub const HARNESS_SIGNATURE: u32 = 0x4841_524e; // "HARN"
 /// Advertised in ECX of the CPUID interface leaf.
 pub const HYPERCALL_PORT: u16 = 0x510;
 
+/// Base of the VT-d remapping unit's 4-KiB register page (interrupt remapping only; see
+/// `docs/viommu.md`).
+pub const VTD_BASE: u64 = 0xfed9_0000;
+
 /// Success verdict for [`DEBUG_EXIT_PORT`].
 pub const EXIT_SUCCESS: u32 = 0;

@@ -138,7 +138,8 @@ impl Harness {
         } else {
             1
         };
-        let args_ok = code == request::RAISE && count <= harness::MAX_COUNT
+        let args_ok = matches!(code, request::RAISE | request::RAISE_MSI)
+            && count <= harness::MAX_COUNT
             || vector >= harness::MIN_VECTOR
                 && vector + spread - 1 <= 0xff
                 && count <= harness::MAX_COUNT
@@ -155,6 +156,16 @@ impl Harness {
             }
             request::REMAP_SOURCE_ID => self.remap_source_id(v, count, &mut fired, &mut result),
             request::RAISE => self.raise(mode, count, &mut fired, &mut result),
+            request::RAISE_MSI => {
+                let address = u64::from(self.read(offset::ARG_ADDR_LO))
+                    | (u64::from(self.read(offset::ARG_ADDR_HI)) << 32);
+                let msg = MsiMessage {
+                    address,
+                    data: self.read(offset::ARG_DATA),
+                };
+                let sid = u16::try_from(self.read(offset::ARG_SID)).unwrap_or(u16::MAX);
+                self.raise_msi(msg, sid, count, &mut fired, &mut result)
+            }
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
             _ => status::UNKNOWN_REQUEST,
         };
@@ -367,6 +378,52 @@ impl Harness {
             *result += 1;
             if !self.wait_for(|| self.counter(cpu, v).wrapping_sub(start) >= 1) {
                 return status::NOT_DELIVERED;
+            }
+        }
+        status::OK
+    }
+
+    /// The vector `msg` delivers with right now (through its entry when remappable).
+    fn vector_of(&self, msg: &MsiMessage) -> Option<u8> {
+        match msg.decode().ok()? {
+            irq::msi::DecodedMsi::Compatibility(t) => Some(t.vector),
+            d => {
+                let backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+                backing
+                    .table()
+                    .entry(d.index()?)
+                    .ok()
+                    .map(|e| e.target.vector)
+            }
+        }
+    }
+
+    fn raise_msi(
+        &self,
+        msg: MsiMessage,
+        sid: u16,
+        count: u32,
+        fired: &mut [u32],
+        result: &mut u32,
+    ) -> u32 {
+        for _ in 0..count {
+            let vector = self.vector_of(&msg);
+            let before = vector.map(|v| self.total(v));
+            if self.path.signal_msi(&msg, sid).is_err() {
+                continue;
+            }
+            *result += 1;
+            let (Some(v), Some(before)) = (vector, before) else {
+                continue;
+            };
+            let mut landed = None;
+            let counted = self.wait_for(|| {
+                landed = self.total(v).iter().zip(&before).position(|(a, b)| a != b);
+                landed.is_some()
+            });
+            match landed {
+                Some(cpu) if counted => self.count_fired(cpu, fired),
+                _ => return status::NOT_DELIVERED,
             }
         }
         status::OK

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use devices::debug_exit::{DebugExit, ExitSink};
 use devices::harness::HarnessDoorbell;
 use devices::serial::{EventFdTrigger, SerialConsole};
+use devices::viommu::{self, Vtd, VtdDevice};
 use hypercall::boot::BootInfo;
 use hypercall::{harness, platform};
-use irq::backing::{Backing, BackingError, Limits};
+use irq::backing::{Backing, BackingError, Limits, MsiInjector};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
 use irq::remap::FaultReason;
 use irq::{KvmRouting, RouteError, RouteTable};
@@ -240,6 +241,22 @@ pub fn run_with_console(
     raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.cpus))?;
     let backing = Backing::new(RouteTable::new(routing, limit)?, Limits::default())?;
     let backing: SharedBacking = Arc::new(Mutex::new(backing));
+    // The VT-d unit: registers on the MMIO bus, faults from the data path, its own event
+    // interrupts (and compatibility-format requests while allowed) injected directly.
+    let injector: Arc<dyn MsiInjector> = Arc::new(KvmRouting::new(vm.clone()));
+    let vtd = Arc::new(Mutex::new(Vtd::new(
+        backing.clone(),
+        mem.clone(),
+        injector.clone(),
+    )));
+    {
+        let path = backing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .path();
+        path.set_fault_sink(Arc::new(VtdDevice(vtd.clone())));
+        path.set_compat_injector(injector);
+    }
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
     backing
         .lock()
@@ -275,6 +292,14 @@ pub fn run_with_console(
             Arc::new(Mutex::new(HarnessDoorbell::new(Doorbell(rings)))),
         ),
     ];
+    buses
+        .mmio
+        .insert(
+            platform::VTD_BASE,
+            viommu::regs::SIZE,
+            Arc::new(Mutex::new(VtdDevice(vtd.clone()))),
+        )
+        .map_err(|e| VmError::Bus("VT-d unit", e))?;
     for (port, len, name, device) in devices {
         buses
             .pio

@@ -430,7 +430,12 @@ impl<B: RoutingBackend> Vtd<B> {
     }
 
     /// Records a fault from the data path in the next free fault recording register.
+    /// Only while interrupt remapping is enabled: before that the unit remaps nothing,
+    /// so faults of the core (its hypercall front end) are not the unit's to record.
     pub fn record_fault(&mut self, fault: &Fault) {
+        if self.state.gsts & global::IRE == 0 {
+            return;
+        }
         let was = self.anything_pending();
         let s = &mut self.state;
         let free = (0..regs::NFR)

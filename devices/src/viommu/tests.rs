@@ -241,6 +241,17 @@ fn every_fault_is_recorded_and_raises_the_fault_event() {
 }
 
 #[test]
+fn faults_are_the_units_only_while_it_remaps() {
+    let mut rig = Rig::new();
+    rig.path.signal(3, DEV).unwrap_err();
+    assert_eq!(rig.driver.read32(regs::FSTS), 0);
+    assert!(rig.events().is_empty());
+    rig.driver.enable(7, true);
+    rig.path.signal(3, DEV).unwrap_err();
+    assert_ne!(rig.driver.read32(regs::FSTS) & regs::fsts::PPF, 0);
+}
+
+#[test]
 fn compatibility_format_passes_until_ir_blocks_it() {
     let mut rig = Rig::new();
     let compat = MsiMessage::compatibility(1, 0x33).unwrap();

@@ -23,6 +23,7 @@ mod hc;
 mod mem;
 mod scenario;
 mod serial;
+mod vtd;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 

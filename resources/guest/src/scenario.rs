@@ -47,6 +47,7 @@ enum Scenario {
     Retarget,
     Sid,
     Hypercall,
+    Vtd,
     All,
     Fail,
     Hang,
@@ -102,11 +103,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                         "retarget" => Scenario::Retarget,
                         "sid" => Scenario::Sid,
                     "hypercall" => Scenario::Hypercall,
+                    "vtd" => Scenario::Vtd,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, vtd, all, fail, hang)",
                         ),
                     }
             }
@@ -211,6 +213,11 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
         ok &= crate::hc::run(cpus, apic, info.mem_size(), o.hammer);
     }
+    // Last: it turns interrupt remapping on for good.
+    if all || s == Scenario::Vtd {
+        let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
+        ok &= crate::vtd::run(cpus, apic, use_x2apic());
+    }
     ok &= no_strays(cpus);
     for cpu in 0..cpus {
         let total: u32 = (32..=255u8).map(|v| count(cpu, v)).sum();
@@ -246,6 +253,12 @@ fn smoke(info: &BootInfoView<'_>) -> bool {
 
 /// Sends a harness request and waits for it; returns (status, result).
 pub fn harness_request(code: u32, vector: u8, count: u32, mode: u32) -> (u32, u32) {
+    let seq = harness_start(code, vector, count, mode);
+    harness_finish(seq)
+}
+
+/// Sends a harness request without waiting; returns its sequence number.
+pub fn harness_start(code: u32, vector: u8, count: u32, mode: u32) -> u32 {
     mailbox_cell(offset::REQUEST).store(code, Ordering::Relaxed);
     mailbox_cell(offset::ARG_VECTOR).store(u32::from(vector), Ordering::Relaxed);
     mailbox_cell(offset::ARG_COUNT).store(count, Ordering::Relaxed);
@@ -255,6 +268,11 @@ pub fn harness_request(code: u32, vector: u8, count: u32, mode: u32) -> (u32, u3
         .wrapping_add(1);
     mailbox_cell(offset::REQUEST_SEQ).store(seq, Ordering::Release);
     arch::outl(HARNESS_PORT, seq);
+    seq
+}
+
+/// Waits for request `seq`; returns (status, result).
+pub fn harness_finish(seq: u32) -> (u32, u32) {
     wait_until(|| mailbox_cell(offset::DONE_SEQ).load(Ordering::Acquire) == seq);
     let host = mailbox_cell(offset::STATUS).load(Ordering::Acquire);
     (host, mailbox_cell(offset::RESULT).load(Ordering::Acquire))
