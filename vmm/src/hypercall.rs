@@ -25,6 +25,28 @@ use irq::msi::{DeliveryMode, MsiMessage, Target};
 use irq::RoutingBackend;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+/// Another view of the remapping table that must show what the hypercall wrote (the
+/// VT-d unit's table in guest memory).
+pub trait EntryMirror: Send + Sync {
+    /// Entry `index` is now `raw` (in the core's encoding; `[0, 0]` when freed or absent).
+    fn mirror(&self, index: u32, raw: [u64; 2]);
+}
+
+impl std::fmt::Debug for dyn EntryMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EntryMirror")
+    }
+}
+
+impl<B: RoutingBackend + 'static> EntryMirror for devices::viommu::VtdDevice<B> {
+    fn mirror(&self, index: u32, raw: [u64; 2]) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .mirror_entry(index, raw);
+    }
+}
+
 /// Something that answers hypercalls (the vCPU loop's view of the dispatcher).
 pub trait HypercallHandler: Send + Sync {
     /// Handles one call: `regs` holds the guest's registers in and the results out.
@@ -126,6 +148,7 @@ pub struct Dispatcher<B: RoutingBackend> {
     apic_ids: Vec<u32>,
     requesters: Vec<u16>,
     limit: Mutex<RateLimit>,
+    mirror: Option<Arc<dyn EntryMirror>>,
     counters: [CallCounters; CALLS],
     unknown: AtomicU64,
     throttled: AtomicU64,
@@ -149,9 +172,32 @@ impl<B: RoutingBackend> Dispatcher<B> {
             apic_ids,
             requesters,
             limit: Mutex::new(RateLimit::new(rate)),
+            mirror: None,
             counters: Default::default(),
             unknown: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes every successful change through to `mirror` as well.
+    #[must_use]
+    pub fn with_mirror(mut self, mirror: Arc<dyn EntryMirror>) -> Self {
+        self.mirror = Some(mirror);
+        self
+    }
+
+    /// Tells the mirror about entries `indexes`, with the backing lock released (the
+    /// mirror takes its own lock, which it holds while it commits to the backing).
+    fn reflect(&self, indexes: impl Iterator<Item = u32>) {
+        let Some(mirror) = &self.mirror else { return };
+        let raws: Vec<(u32, [u64; 2])> = {
+            let backing = self.backing();
+            indexes
+                .map(|i| (i, backing.table().raw(i).unwrap_or([0, 0])))
+                .collect()
+        };
+        for (index, raw) in raws {
+            mirror.mirror(index, raw);
         }
     }
 
@@ -272,16 +318,20 @@ impl<B: RoutingBackend> Dispatcher<B> {
         let requester = self.requester(regs)?;
         let index = self.index(regs.rsi)?;
         let entry = self.parse_target(regs.rdi, requester)?;
-        let mut backing = self.backing();
-        Self::owned(&backing, index, requester)?;
-        let mut txn = backing.transaction();
-        let staged = match entry {
-            Some(e) => txn.set(index, &e),
-            None => txn.clear(index),
-        };
-        staged
-            .and_then(|()| txn.commit())
-            .map_err(|e| status_of(&e))
+        {
+            let mut backing = self.backing();
+            Self::owned(&backing, index, requester)?;
+            let mut txn = backing.transaction();
+            let staged = match entry {
+                Some(e) => txn.set(index, &e),
+                None => txn.clear(index),
+            };
+            staged
+                .and_then(|()| txn.commit())
+                .map_err(|e| status_of(&e))?;
+        }
+        self.reflect(std::iter::once(index));
+        Ok(())
     }
 
     fn free(&self, regs: &mut Registers) -> Outcome {
@@ -293,7 +343,9 @@ impl<B: RoutingBackend> Dispatcher<B> {
         }
         self.backing()
             .free(first, count, requester)
-            .map_err(|e| status_of(&e))
+            .map_err(|e| status_of(&e))?;
+        self.reflect(first..first + count);
+        Ok(())
     }
 
     fn compose(&self, regs: &mut Registers) -> Outcome {
@@ -382,6 +434,9 @@ impl<B: RoutingBackend> Dispatcher<B> {
                 .write_obj(u32::try_from(*s).unwrap_or(u32::MAX), at);
         }
         regs.rsi = if result.is_ok() { count } else { 0 };
+        if result.is_ok() {
+            self.reflect(parsed.iter().map(|(index, _)| *index));
+        }
         result
     }
 }

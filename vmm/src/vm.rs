@@ -326,13 +326,16 @@ pub fn run_with_console(
 
     let mut requesters = vec![HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID];
     requesters.sort_unstable();
-    let dispatcher = Arc::new(Dispatcher::new(
-        backing.clone(),
-        mem.clone(),
-        (0..config.cpus).collect(),
-        requesters,
-        config.hypercall_rate,
-    ));
+    let dispatcher = Arc::new(
+        Dispatcher::new(
+            backing.clone(),
+            mem.clone(),
+            (0..config.cpus).collect(),
+            requesters,
+            config.hypercall_rate,
+        )
+        .with_mirror(Arc::new(VtdDevice(vtd.clone()))),
+    );
     buses.hypercall_port = Some(platform::HYPERCALL_PORT);
     let shared = VcpuShared {
         buses: Arc::new(buses),

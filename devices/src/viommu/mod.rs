@@ -18,8 +18,9 @@
 //!   queue with `FSTS.IQE`, as the spec says. Nothing a guest writes panics the VMM.
 //!
 //! The IRTE hypercall writes the same core table. The rule: the last writer of an entry
-//! wins. A hypercall update changes the core (and what `translate` sees) at once; an IEC
-//! invalidation covering that entry later reloads it from the guest's table at IRTA.
+//! wins, and both front ends see the same state. A hypercall update changes the core at
+//! once and is written through to the guest's table at IRTA ([`Vtd::mirror_entry`]); a
+//! guest's write to its table takes effect when it invalidates the entry.
 
 pub mod regs;
 #[cfg(any(test, feature = "test-utils"))]
@@ -550,6 +551,30 @@ impl<B: RoutingBackend> Vtd<B> {
             }
             _ => false,
         }
+    }
+
+    /// Writes an entry the core received from another front end (the IRTE hypercall) into
+    /// the guest's table too, in the table's format, so that both see the same state.
+    /// `raw` is in the core's (x2APIC) encoding; entries beyond the table are not written.
+    pub fn mirror_entry(&mut self, index: u32, raw: [u64; 2]) {
+        let Some((base, entries, eim)) = self.state.table else {
+            return;
+        };
+        if index >= entries {
+            return;
+        }
+        let raw = if eim {
+            raw
+        } else {
+            match Irte::decode(raw, true) {
+                Ok(entry) if entry.target.dest <= 0xff => entry.encode(false),
+                _ => raw,
+            }
+        };
+        // The table is the guest's memory; if it is not RAM the guest sees nothing.
+        let _ = self
+            .mem
+            .write_obj(raw, GuestAddress(base + 16 * u64::from(index)));
     }
 
     /// Reads entry `index` from the guest's table, in the core's (x2APIC) encoding.

@@ -4,10 +4,15 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use hypercall::harness::{offset, request, status, FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
+use hypercall::abi::status;
+use hypercall::harness::status as harness_status;
+use hypercall::harness::{offset, request, FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
 use hypercall::platform::VTD_BASE;
 
-use crate::scenario::{expect, harness_finish, harness_start};
+use hypercall::abi::{call, invoke, target, Registers};
+use hypercall::platform::HYPERCALL_PORT;
+
+use crate::scenario::{expect, harness_finish, harness_request, harness_start};
 use crate::{count, mailbox_cell, println};
 
 const GCMD: u64 = 0x18;
@@ -34,6 +39,7 @@ const IQE: u32 = 1 << 4;
 const VECTOR: u8 = 0x74;
 const COMPAT_VECTOR: u8 = 0x75;
 const FAULT_VECTOR: u8 = 0xe0;
+const AGREE_VECTOR: u8 = 0x76;
 const SID: u32 = HARNESS_SOURCE_ID as u32;
 
 #[repr(C, align(4096))]
@@ -172,6 +178,73 @@ impl Driver {
     }
 }
 
+fn hypercall(number: u32, a: u64, b: u64) -> Registers {
+    let mut regs = Registers {
+        rax: u64::from(number),
+        rcx: u64::from(SID),
+        rsi: a,
+        rdi: b,
+        r8: 0,
+        r9: 0,
+    };
+    // SAFETY: the doorbell of this VMM; no memory is passed.
+    unsafe { invoke(HYPERCALL_PORT, &mut regs) };
+    regs
+}
+
+fn table_entry(index: usize) -> [u64; 2] {
+    // SAFETY: as in `Driver::set_entry`; the host writes through during hypercalls this
+    // CPU makes.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(TABLE.0[index])) }
+}
+
+/// The hypercall and the registers write one table, and both see the same state.
+fn agreement(d: &mut Driver, first: u32, last: u32, cpus: (usize, usize)) {
+    let r = hypercall(call::ALLOCATE, 1, 0);
+    let index = r.rsi;
+    let slot = index as usize;
+    if r.rax != status::OK || slot >= 256 {
+        d.fail("agreement: allocate");
+        return;
+    }
+    // A hypercall update shows in the guest's table.
+    let r = hypercall(call::UPDATE, index, target::fixed(last, AGREE_VECTOR));
+    let raw = table_entry(slot);
+    let dest = if d.eim {
+        raw[0] >> 32
+    } else {
+        (raw[0] >> 40) & 0xff
+    };
+    if r.rax != status::OK
+        || raw[0] & 1 == 0
+        || (raw[0] >> 16) & 0xff != u64::from(AGREE_VECTOR)
+        || dest != u64::from(last)
+    {
+        println!(
+            "vtd: FAIL: agreement: the table holds {:#x} {:#x} after the hypercall",
+            raw[0], raw[1]
+        );
+        d.ok = false;
+    }
+    let (_, got) = harness_request(request::RAISE, 0, 1, index as u32);
+    expect(cpus.1, AGREE_VECTOR, 1);
+    // A guest write plus invalidation wins over it, and the hypercall side sees it.
+    d.set_entry(slot, d.entry(first, AGREE_VECTOR, SID));
+    d.invalidate(index as u32, 0);
+    let (_, got_after) = harness_request(request::RAISE, 0, 1, index as u32);
+    expect(cpus.0, AGREE_VECTOR, 1);
+    // Freeing through the hypercall clears the guest's entry.
+    let r = hypercall(call::FREE, index, 1);
+    if (got, got_after) != (1, 1) || r.rax != status::OK || table_entry(slot)[0] & 1 != 0 {
+        d.fail("agreement: delivery or free");
+    } else {
+        println!(
+            "vtd: the hypercall and the registers agree on entry {}: last writer wins",
+            index
+        );
+    }
+}
+
 fn remappable(handle: u32) -> (u32, u32) {
     (
         0xfee0_0010 | ((handle & 0x7fff) << 5) | (((handle >> 15) & 1) << 2),
@@ -191,7 +264,7 @@ fn raise_start(address: u32, data: u32, sid: u32, n: u32) -> u32 {
 fn raise(address: u32, data: u32, sid: u32, n: u32) -> u32 {
     let seq = raise_start(address, data, sid, n);
     let (host, delivered) = harness_finish(seq);
-    if host != status::OK {
+    if host != harness_status::OK {
         println!("vtd: harness status {}", host);
     }
     delivered
@@ -266,7 +339,11 @@ pub fn run(cpus: usize, apic: impl Fn(usize) -> u32, x2apic: bool) -> bool {
     for c in 0..cpus {
         expect(c, VECTOR, fired(c));
     }
-    if host != status::OK || delivered != 400 || total != 420 || (cpus > 1 && fired(last) == 0) {
+    if host != harness_status::OK
+        || delivered != 400
+        || total != 420
+        || (cpus > 1 && fired(last) == 0)
+    {
         println!(
             "vtd: FAIL: retarget: status {}, {} delivered, {} counted",
             host, delivered, total
@@ -332,6 +409,7 @@ pub fn run(cpus: usize, apic: impl Fn(usize) -> u32, x2apic: bool) -> bool {
     if !spin_until(|| STATUS.load(Ordering::Acquire) == seq) || r64(IQH) != r64(IQT) {
         d.fail("queue did not resume");
     }
+    agreement(&mut d, apic(0), apic(last), (0, last));
     expect(0, FAULT_VECTOR, d.events);
     if d.ok {
         println!("vtd: a malformed descriptor stopped the queue (IQE) until repaired; PASS");
