@@ -11,6 +11,7 @@
 //! controller then waits for the guest's verdict, for every vCPU to stop, or for the
 //! watchdog, stops the vCPUs and returns a [`RunReport`].
 
+pub mod acpi;
 pub mod bus;
 pub mod cli;
 pub mod config;
