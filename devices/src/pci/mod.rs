@@ -1,0 +1,380 @@
+//! PCI: one root bus (segment 0, bus 0) with configuration access through ports
+//! `0xcf8`/`0xcfc` and ECAM, memory BARs routed from an MMIO window by the addresses the
+//! guest programs, requester IDs (bus/device/function: the source-id of a function's
+//! interrupts), and MSI-X.
+//!
+//! - [`config`]: a function's configuration space, BARs and capability list.
+//! - [`msix`]: the MSI-X table, pending bits and capability.
+//! - [`PciRoot`]: the bus; [`ConfigIo`], [`Ecam`] and [`MmioWindow`] put it on the PIO and
+//!   MMIO buses.
+
+pub mod config;
+pub mod msix;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::bus::{le_u32, put_le_u32, BusDevice};
+use config::ConfigSpace;
+
+/// The configuration address port.
+pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
+/// Ports from the address port through the data ports.
+pub const CONFIG_PORTS: u16 = 8;
+/// Where ECAM is (bus 0 only: 1 MiB).
+pub const ECAM_BASE: u64 = 0xe000_0000;
+/// Size of ECAM for bus 0.
+pub const ECAM_SIZE: u64 = 1 << 20;
+/// The MMIO window BARs are placed in.
+pub const WINDOW_BASE: u64 = 0xc000_0000;
+/// Size of the MMIO window.
+pub const WINDOW_SIZE: u64 = 0x2000_0000;
+
+/// A PCI function on the root bus.
+pub trait PciFunction: Send {
+    /// Its configuration space.
+    fn config(&self) -> &ConfigSpace;
+    /// The guest writes configuration space (the default writes the writable bytes; a
+    /// function with live capabilities reacts too).
+    fn config_write(&mut self, offset: usize, data: &[u8]) -> config::ConfigChange;
+    /// The guest reads BAR `bar` at `offset`.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    /// The guest writes BAR `bar` at `offset`.
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+}
+
+/// A function shared between the bus and its own backend.
+pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
+
+/// The host bridge at 00:00.0.
+#[derive(Debug)]
+pub struct HostBridge(ConfigSpace);
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        // Red Hat's PCIe host bridge IDs (as QEMU's generic host), class 06/00 host bridge.
+        Self(ConfigSpace::new(0x1b36, 0x0008, [0x06, 0x00, 0x00], 0))
+    }
+}
+
+impl PciFunction for HostBridge {
+    fn config(&self) -> &ConfigSpace {
+        &self.0
+    }
+    fn config_write(&mut self, offset: usize, data: &[u8]) -> config::ConfigChange {
+        self.0.write(offset, data)
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+/// Requester ID of bus 0, `device`, `function`.
+#[must_use]
+pub fn requester_id(device: u8, function: u8) -> u16 {
+    (u16::from(device & 0x1f) << 3) | u16::from(function & 7)
+}
+
+/// The root bus.
+#[derive(Default)]
+pub struct PciRoot {
+    functions: BTreeMap<u16, SharedFunction>,
+    address: u32,
+    /// (address, size, requester ID, BAR) of every mapped BAR.
+    map: Vec<(u64, u64, u16, usize)>,
+}
+
+impl std::fmt::Debug for PciRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciRoot")
+            .field("functions", &self.functions.keys().collect::<Vec<_>>())
+            .field("map", &self.map)
+            .finish()
+    }
+}
+
+fn lock(f: &SharedFunction) -> std::sync::MutexGuard<'_, dyn PciFunction + 'static> {
+    f.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PciRoot {
+    /// A root bus with the host bridge at 00:00.0.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut root = Self::default();
+        root.functions
+            .insert(0, Arc::new(Mutex::new(HostBridge::default())));
+        root
+    }
+
+    /// Adds `function` at 00:`device`.`function_number`; returns its requester ID, or
+    /// `None` if the slot is taken.
+    pub fn add(
+        &mut self,
+        device: u8,
+        function_number: u8,
+        function: SharedFunction,
+    ) -> Option<u16> {
+        let rid = requester_id(device, function_number);
+        if self.functions.contains_key(&rid) {
+            return None;
+        }
+        self.functions.insert(rid, function);
+        self.remap();
+        Some(rid)
+    }
+
+    /// Places every BAR still unprogrammed in the MMIO window (as firmware would) and
+    /// turns on memory decoding, so a guest that does not enumerate finds its devices.
+    pub fn assign_bars(&mut self) {
+        let mut next = WINDOW_BASE;
+        for f in self.functions.values() {
+            let mut f = lock(f);
+            let sizes: Vec<(usize, u64)> = (0..6)
+                .filter_map(|i| {
+                    let at = config::BAR0 + 4 * i;
+                    let before = f.config().bytes(at, 4).to_vec();
+                    f.config_write(at, &u32::MAX.to_le_bytes());
+                    let mut probe = [0u8; 4];
+                    f.config().read(at, &mut probe);
+                    f.config_write(at, &before);
+                    let mask = u32::from_le_bytes(probe) & !0xf;
+                    (mask != 0 && u32::from_le_bytes(probe) & 1 == 0)
+                        .then(|| (i, u64::from((!mask).wrapping_add(1))))
+                })
+                .collect();
+            for (bar, size) in sizes {
+                next = next.div_ceil(size) * size;
+                let at = config::BAR0 + 4 * bar;
+                f.config_write(at, &next.to_le_bytes());
+                next += size;
+            }
+            f.config_write(0x04, &config::COMMAND_MEMORY.to_le_bytes());
+        }
+        self.remap();
+    }
+
+    fn remap(&mut self) {
+        self.map = self
+            .functions
+            .iter()
+            .flat_map(|(rid, f)| {
+                let bars = lock(f).config().mapped_bars();
+                bars.into_iter()
+                    .map(move |(bar, addr, size)| (addr, size, *rid, bar))
+            })
+            .collect();
+    }
+
+    /// Configuration read of requester `rid` at `offset` (no function: all ones).
+    pub fn config_read(&self, rid: u16, offset: usize, data: &mut [u8]) {
+        match self.functions.get(&rid) {
+            Some(f) => lock(f).config().read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Configuration write of requester `rid` at `offset`.
+    pub fn config_write(&mut self, rid: u16, offset: usize, data: &[u8]) {
+        let Some(f) = self.functions.get(&rid) else {
+            return;
+        };
+        if lock(f).config_write(offset, data).bars {
+            self.remap();
+        }
+    }
+
+    fn bar_at(&self, addr: u64) -> Option<(SharedFunction, usize, u64)> {
+        self.map
+            .iter()
+            .find(|(base, size, _, _)| addr >= *base && addr - base < *size)
+            .and_then(|(base, _, rid, bar)| {
+                Some((self.functions.get(rid)?.clone(), *bar, addr - base))
+            })
+    }
+
+    /// Where BAR `bar` of requester `rid` is mapped.
+    #[must_use]
+    pub fn bar_address(&self, rid: u16, bar: usize) -> Option<u64> {
+        self.map
+            .iter()
+            .find(|(_, _, r, b)| *r == rid && *b == bar)
+            .map(|(a, ..)| *a)
+    }
+}
+
+/// A shared root bus.
+pub type SharedRoot = Arc<Mutex<PciRoot>>;
+
+fn root(r: &SharedRoot) -> std::sync::MutexGuard<'_, PciRoot> {
+    r.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ports `0xcf8`-`0xcff`: the address register (enable bit 31, bus 23:16, device 15:11,
+/// function 10:8, register 7:2) and the data window.
+#[derive(Debug)]
+pub struct ConfigIo(pub SharedRoot);
+
+impl ConfigIo {
+    fn target(address: u32) -> Option<(u16, usize)> {
+        if address & (1 << 31) == 0 || (address >> 16) & 0xff != 0 {
+            return None;
+        }
+        let rid = u16::try_from((address >> 8) & 0xff).ok()?;
+        let reg = usize::try_from(address & 0xfc).ok()?;
+        Some((rid, reg))
+    }
+}
+
+impl BusDevice for ConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let root = root(&self.0);
+        match offset {
+            0 => put_le_u32(data, root.address),
+            4..=7 => match Self::target(root.address) {
+                Some((rid, reg)) => {
+                    root.config_read(rid, reg + usize::try_from(offset - 4).unwrap_or(0), data)
+                }
+                None => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut root = root(&self.0);
+        match offset {
+            0 if data.len() == 4 => root.address = le_u32(data),
+            4..=7 => {
+                if let Some((rid, reg)) = Self::target(root.address) {
+                    root.config_write(rid, reg + usize::try_from(offset - 4).unwrap_or(0), data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// ECAM for bus 0: `base + (device << 15 | function << 12 | register)`.
+#[derive(Debug)]
+pub struct Ecam(pub SharedRoot);
+
+/// ECAM offset to (requester ID, register).
+fn ecam_target(offset: u64) -> (u16, usize) {
+    let rid = u16::try_from((offset >> 12) & 0xff).unwrap_or(u16::MAX);
+    (rid, usize::try_from(offset & 0xfff).unwrap_or(0))
+}
+
+impl BusDevice for Ecam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (rid, reg) = ecam_target(offset);
+        root(&self.0).config_read(rid, reg, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (rid, reg) = ecam_target(offset);
+        root(&self.0).config_write(rid, reg, data);
+    }
+}
+
+/// The MMIO window: accesses go to the BAR the guest placed there.
+#[derive(Debug)]
+pub struct MmioWindow(pub SharedRoot);
+
+impl BusDevice for MmioWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let target = root(&self.0).bar_at(WINDOW_BASE + offset);
+        match target {
+            Some((f, bar, at)) => lock(&f).bar_read(bar, at, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let target = root(&self.0).bar_at(WINDOW_BASE + offset);
+        if let Some((f, bar, at)) = target {
+            lock(&f).bar_write(bar, at, data);
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::cast_possible_truncation, reason = "test offsets are small")]
+mod tests {
+    use super::*;
+
+    /// A function with one 4-KiB BAR that remembers its last write.
+    struct Probe {
+        config: ConfigSpace,
+        last: Option<(usize, u64, Vec<u8>)>,
+    }
+
+    impl PciFunction for Probe {
+        fn config(&self) -> &ConfigSpace {
+            &self.config
+        }
+        fn config_write(&mut self, offset: usize, data: &[u8]) -> config::ConfigChange {
+            self.config.write(offset, data)
+        }
+        fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.last = Some((bar, offset, data.to_vec()));
+        }
+    }
+
+    fn rig() -> (SharedRoot, Arc<Mutex<Probe>>) {
+        let mut config = ConfigSpace::new(0x1b36, 0x1100, [0xff, 0, 0], 0);
+        config.add_bar(config::Bar {
+            index: 0,
+            size: 0x1000,
+        });
+        let probe = Arc::new(Mutex::new(Probe { config, last: None }));
+        let mut root = PciRoot::new();
+        assert_eq!(root.add(3, 0, probe.clone()), Some(0x18));
+        assert_eq!(root.add(3, 0, probe.clone()), None);
+        root.assign_bars();
+        (Arc::new(Mutex::new(root)), probe)
+    }
+
+    #[test]
+    fn config_space_through_cf8_and_ecam() {
+        let (root, _) = rig();
+        let mut io = ConfigIo(root.clone());
+        io.write(0, &(0x8000_0000u32 | (3 << 11)).to_le_bytes());
+        let mut id = [0u8; 4];
+        io.read(4, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1100_1b36);
+        let mut ecam = Ecam(root.clone());
+        ecam.read(3 << 15, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1100_1b36);
+        ecam.read(0, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x0008_1b36, "host bridge");
+        ecam.read(5 << 15, &mut id);
+        assert_eq!(u32::from_le_bytes(id), u32::MAX, "no device");
+        // Disabled address or another bus: nothing.
+        io.write(0, &(3u32 << 11).to_le_bytes());
+        io.read(4, &mut id);
+        assert_eq!(u32::from_le_bytes(id), u32::MAX);
+    }
+
+    #[test]
+    fn bars_route_from_the_window_and_follow_the_guest() {
+        let (root, probe) = rig();
+        let addr = root.lock().unwrap().bar_address(0x18, 0).unwrap();
+        assert_eq!(addr, WINDOW_BASE);
+        let mut window = MmioWindow(root.clone());
+        window.write(0x10, &[7]);
+        assert_eq!(probe.lock().unwrap().last, Some((0, 0x10, vec![7])));
+        // The guest moves the BAR.
+        let mut ecam = Ecam(root.clone());
+        ecam.write((3 << 15) | 0x10, &0xc010_0000u32.to_le_bytes());
+        window.write(0x10_0020, &[9]);
+        assert_eq!(probe.lock().unwrap().last, Some((0, 0x20, vec![9])));
+        let mut old = [0u8; 1];
+        window.read(0x10, &mut old);
+        assert_eq!(old, [0xff], "nothing at the old address");
+    }
+}
