@@ -13,6 +13,7 @@
 pub mod bus;
 pub mod debug_exit;
 pub mod harness;
+pub mod ims;
 pub mod pci;
 pub mod serial;
 pub mod viommu;

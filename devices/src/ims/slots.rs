@@ -1,0 +1,604 @@
+//! The slot-array IMS device.
+//!
+//! BAR 0 holds registers, then the slots:
+//!
+//! ```text
+//! 0x000 ID "IMS1" (RO)       0x004 VERSION 1 (RO)      0x008 SLOTS (RO)   0x00c QUEUES (RO)
+//! 0x010 STATUS (W1C): bit 0 a compatibility-format message was refused, bit 1 a queue error
+//! 0x014 ERROR_SLOT (RO)      0x018 COMPLETIONS (RO, low 32 bits)
+//! 0x020 QUEUE_SELECT         0x024 QUEUE_SIZE          0x028 QUEUE_SLOT   0x02c QUEUE_READY
+//! 0x030 DESC lo/hi           0x038 AVAIL lo/hi         0x040 USED lo/hi
+//! 0x048 QUEUE_NOTIFY (WO): the index of a queue with new work
+//! 0x1000 + 16 k: slot k: address low, address high, data, control (bit 0 mask, bit 1 pending RO)
+//! ```
+//!
+//! A slot accepts only a remappable-format message (or all zeros): writing a
+//! compatibility-format address is refused, the previous message is kept, and STATUS bit 0
+//! and ERROR_SLOT say so. A queue's completions are returned on its used ring, each raising
+//! the interrupt of the queue's slot through the remapping core, as the device's requester:
+//! an absent entry, or another device's, is a remapping fault, never a delivery. A masked
+//! slot latches a pending bit and fires when unmasked.
+//!
+//! Register accesses come from vCPU threads; the work itself is done by [`ImsBackend`] on
+//! an event loop, woken by an eventfd that `QUEUE_NOTIFY` writes.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use irq::backing::InterruptPath;
+use irq::MsiMessage;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
+use crate::pci::PciFunction;
+
+/// Register offsets.
+pub mod reg {
+    /// `"IMS1"`.
+    pub const ID: u64 = 0x000;
+    /// Layout version.
+    pub const VERSION: u64 = 0x004;
+    /// Number of slots.
+    pub const SLOTS: u64 = 0x008;
+    /// Number of work queues.
+    pub const QUEUES: u64 = 0x00c;
+    /// Error status (write 1 to clear).
+    pub const STATUS: u64 = 0x010;
+    /// The last slot that refused a message.
+    pub const ERROR_SLOT: u64 = 0x014;
+    /// Completions so far (low 32 bits).
+    pub const COMPLETIONS: u64 = 0x018;
+    /// Which queue the queue registers show.
+    pub const QUEUE_SELECT: u64 = 0x020;
+    /// Its size (a power of two up to the maximum).
+    pub const QUEUE_SIZE: u64 = 0x024;
+    /// The slot its completions raise.
+    pub const QUEUE_SLOT: u64 = 0x028;
+    /// Ready (1) or not (0).
+    pub const QUEUE_READY: u64 = 0x02c;
+    /// Descriptor table address (low, high at +4).
+    pub const QUEUE_DESC: u64 = 0x030;
+    /// Available ring address.
+    pub const QUEUE_AVAIL: u64 = 0x038;
+    /// Used ring address.
+    pub const QUEUE_USED: u64 = 0x040;
+    /// Queue notification.
+    pub const QUEUE_NOTIFY: u64 = 0x048;
+    /// First slot.
+    pub const SLOT_BASE: u64 = 0x1000;
+    /// Bytes per slot.
+    pub const SLOT_SIZE: u64 = 16;
+}
+
+/// STATUS: a compatibility-format message was refused.
+pub const STATUS_FORMAT_ERROR: u32 = 1 << 0;
+/// STATUS: a queue was malformed.
+pub const STATUS_QUEUE_ERROR: u32 = 1 << 1;
+/// Slot control: masked.
+pub const SLOT_MASK: u32 = 1 << 0;
+/// Slot control: an interrupt is pending (read-only).
+pub const SLOT_PENDING: u32 = 1 << 1;
+/// The largest queue.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+/// The most slots a device may have.
+pub const MAX_SLOTS: u32 = 32_768;
+const ID_VALUE: u32 = u32::from_le_bytes(*b"IMS1");
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Slot {
+    message: [u32; 3],
+    control: u32,
+}
+
+#[derive(Debug)]
+struct WorkQueue {
+    queue: Queue,
+    slot: u32,
+}
+
+/// The device state shared by the bus side and the backend.
+#[derive(Debug)]
+pub struct ImsSlots {
+    config: ConfigSpace,
+    slots: Vec<Slot>,
+    queues: Vec<WorkQueue>,
+    select: u32,
+    status: u32,
+    error_slot: u32,
+    completions: u64,
+    requester: u16,
+    path: Arc<InterruptPath>,
+    mem: GuestMemoryMmap,
+    notified: BTreeSet<u32>,
+    kick: EventFd,
+    faults: u64,
+}
+
+fn u32_of(data: &[u8]) -> u32 {
+    crate::bus::le_u32(data)
+}
+
+impl ImsSlots {
+    /// A device with `slots` slots (1 to [`MAX_SLOTS`]) and `queues` work queues, raising
+    /// interrupts through `path` as `requester`.
+    ///
+    /// # Errors
+    /// The error of creating the notification eventfd.
+    pub fn new(
+        slots: u32,
+        queues: u32,
+        requester: u16,
+        path: Arc<InterruptPath>,
+        mem: GuestMemoryMmap,
+    ) -> std::io::Result<Self> {
+        let slots = slots.clamp(1, MAX_SLOTS);
+        let queues = queues.clamp(1, slots);
+        let mut config = ConfigSpace::new(0x1b36, 0x1100, [0x08, 0x80, 0x00], 1);
+        let size = (reg::SLOT_BASE + reg::SLOT_SIZE * u64::from(slots)).next_power_of_two();
+        config.add_bar(Bar { index: 0, size });
+        let queue = |_| Queue::new(MAX_QUEUE_SIZE).map(|queue| WorkQueue { queue, slot: 0 });
+        let queues = (0..queues)
+            .map(queue)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e:?}")))?;
+        Ok(Self {
+            config,
+            slots: vec![
+                Slot {
+                    message: [0; 3],
+                    control: SLOT_MASK
+                };
+                slots as usize
+            ],
+            queues,
+            select: 0,
+            status: 0,
+            error_slot: 0,
+            completions: 0,
+            requester,
+            path,
+            mem,
+            notified: BTreeSet::new(),
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            faults: 0,
+        })
+    }
+
+    /// The eventfd the backend waits on.
+    ///
+    /// # Errors
+    /// The error of duplicating it.
+    pub fn kick_fd(&self) -> std::io::Result<EventFd> {
+        self.kick.try_clone()
+    }
+
+    /// Completions so far.
+    #[must_use]
+    pub fn completions(&self) -> u64 {
+        self.completions
+    }
+
+    /// Interrupts refused by the remapping core (faults).
+    #[must_use]
+    pub fn faults(&self) -> u64 {
+        self.faults
+    }
+
+    fn message(&self, slot: usize) -> Option<MsiMessage> {
+        let s = self.slots.get(slot)?;
+        Some(MsiMessage {
+            address: u64::from(s.message[0]) | (u64::from(s.message[1]) << 32),
+            data: s.message[2],
+        })
+    }
+
+    /// Raises slot `slot`'s interrupt (or latches it pending while masked).
+    pub fn raise(&mut self, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.control & SLOT_MASK != 0 {
+            s.control |= SLOT_PENDING;
+            return;
+        }
+        if let Some(msg) = self.message(slot) {
+            if self.path.signal_msi(&msg, self.requester).is_err() {
+                self.faults += 1;
+            }
+        }
+    }
+
+    fn slot_write(&mut self, slot: usize, word: usize, value: u32) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        match word {
+            0 => {
+                // Remappable format (bit 4) or cleared; a compatibility message is refused.
+                if value != 0 && value & 0x10 == 0 {
+                    self.status |= STATUS_FORMAT_ERROR;
+                    self.error_slot = u32::try_from(slot).unwrap_or(u32::MAX);
+                    return;
+                }
+                s.message[0] = value;
+            }
+            1 | 2 => s.message[word] = value,
+            _ => {
+                let was_pending = s.control & SLOT_PENDING != 0;
+                s.control = (value & SLOT_MASK) | (s.control & SLOT_PENDING);
+                if value & SLOT_MASK == 0 && was_pending {
+                    s.control &= !SLOT_PENDING;
+                    self.raise(slot);
+                }
+            }
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut WorkQueue> {
+        self.queues.get_mut(self.select as usize)
+    }
+
+    fn register_read(&mut self, offset: u64) -> u32 {
+        if offset >= reg::SLOT_BASE {
+            let index = (offset - reg::SLOT_BASE) / reg::SLOT_SIZE;
+            let word = ((offset - reg::SLOT_BASE) % reg::SLOT_SIZE / 4) as usize;
+            let Some(s) = usize::try_from(index).ok().and_then(|i| self.slots.get(i)) else {
+                return 0;
+            };
+            return if word < 3 { s.message[word] } else { s.control };
+        }
+        let slots = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        let queues = u32::try_from(self.queues.len()).unwrap_or(u32::MAX);
+        let selected = self.queues.get(self.select as usize);
+        match offset {
+            reg::ID => ID_VALUE,
+            reg::VERSION => 1,
+            reg::SLOTS => slots,
+            reg::QUEUES => queues,
+            reg::STATUS => self.status,
+            reg::ERROR_SLOT => self.error_slot,
+            reg::COMPLETIONS => (self.completions & 0xffff_ffff) as u32,
+            reg::QUEUE_SELECT => self.select,
+            reg::QUEUE_SIZE => selected.map_or(0, |q| u32::from(q.queue.size())),
+            reg::QUEUE_SLOT => selected.map_or(0, |q| q.slot),
+            reg::QUEUE_READY => selected.map_or(0, |q| u32::from(q.queue.ready())),
+            _ => 0,
+        }
+    }
+
+    fn register_write(&mut self, offset: u64, value: u32) {
+        if offset >= reg::SLOT_BASE {
+            let index = (offset - reg::SLOT_BASE) / reg::SLOT_SIZE;
+            let word = ((offset - reg::SLOT_BASE) % reg::SLOT_SIZE / 4) as usize;
+            if let Ok(slot) = usize::try_from(index) {
+                self.slot_write(slot, word, value);
+            }
+            return;
+        }
+        let slots = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        match offset {
+            reg::STATUS => self.status &= !value,
+            reg::QUEUE_SELECT => self.select = value,
+            reg::QUEUE_SIZE => {
+                if let Some(q) = self.selected() {
+                    q.queue.set_size(u16::try_from(value).unwrap_or(u16::MAX));
+                }
+            }
+            reg::QUEUE_SLOT => {
+                if let Some(q) = self.selected().filter(|_| value < slots) {
+                    q.slot = value;
+                }
+            }
+            reg::QUEUE_READY => {
+                let mem = self.mem.clone();
+                let mut error = false;
+                if let Some(q) = self.selected() {
+                    // The queue's checks apply to a queue marked ready.
+                    q.queue.set_ready(value & 1 != 0);
+                    if value & 1 != 0 && !q.queue.is_valid(&mem) {
+                        q.queue.set_ready(false);
+                        error = true;
+                    }
+                }
+                if error {
+                    self.status |= STATUS_QUEUE_ERROR;
+                }
+            }
+            reg::QUEUE_DESC | 0x034 | reg::QUEUE_AVAIL | 0x03c | reg::QUEUE_USED | 0x044 => {
+                let (low, high) = if offset % 8 == 0 {
+                    (Some(value), None)
+                } else {
+                    (None, Some(value))
+                };
+                if let Some(q) = self.selected() {
+                    match offset & !7 {
+                        reg::QUEUE_DESC => q.queue.set_desc_table_address(low, high),
+                        reg::QUEUE_AVAIL => q.queue.set_avail_ring_address(low, high),
+                        _ => q.queue.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            reg::QUEUE_NOTIFY if (value as usize) < self.queues.len() => {
+                self.notified.insert(value);
+                // A failed write means the counter is saturated: the backend is already
+                // due to run.
+                let _ = self.kick.write(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// Completes every available work item of the notified queues: each is returned on
+    /// the used ring and raises its queue's slot. Returns the completions made.
+    pub fn process(&mut self) -> u64 {
+        let mut done = 0;
+        let notified = std::mem::take(&mut self.notified);
+        for index in notified {
+            let Some(q) = self.queues.get_mut(index as usize) else {
+                continue;
+            };
+            if !q.queue.ready() {
+                continue;
+            }
+            let slot = q.slot as usize;
+            let mut heads = Vec::new();
+            while let Some(chain) = q.queue.pop_descriptor_chain(&self.mem) {
+                heads.push(chain.head_index());
+            }
+            let mut completed = 0;
+            for head in heads {
+                if q.queue.add_used(&self.mem, head, 0).is_err() {
+                    self.status |= STATUS_QUEUE_ERROR;
+                    break;
+                }
+                completed += 1;
+            }
+            for _ in 0..completed {
+                self.completions += 1;
+                done += 1;
+                self.raise(slot);
+            }
+        }
+        done
+    }
+}
+
+impl PciFunction for ImsSlots {
+    fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) -> ConfigChange {
+        self.config.write(offset, data)
+    }
+
+    fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+        let value = if data.len() == 4 && offset % 4 == 0 {
+            self.register_read(offset)
+        } else {
+            u32::MAX
+        };
+        crate::bus::put_le_u32(data, value);
+    }
+
+    fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+        if data.len() == 4 && offset % 4 == 0 {
+            self.register_write(offset, u32_of(data));
+        }
+    }
+}
+
+/// The device's backend on an event loop: waits for queue notifications and processes
+/// the work.
+#[derive(Debug)]
+pub struct ImsBackend {
+    device: Arc<Mutex<ImsSlots>>,
+    kick: EventFd,
+}
+
+impl ImsBackend {
+    /// The backend of `device`.
+    ///
+    /// # Errors
+    /// The error of duplicating the device's eventfd.
+    pub fn new(device: Arc<Mutex<ImsSlots>>) -> std::io::Result<Self> {
+        let kick = device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .kick_fd()?;
+        Ok(Self { device, kick })
+    }
+}
+
+impl MutEventSubscriber for ImsBackend {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            let _ = self.kick.read();
+            self.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .process();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration fails only if the fd is already registered.
+        let _ = ops.add(Events::new(&self.kick, EventSet::IN));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use irq::backing::{Backing, Limits};
+    use irq::fake::FakeRouting;
+    use irq::irte::{Irte, SourceValidation};
+    use irq::msi::Target;
+    use irq::remap::FaultReason;
+    use irq::RouteTable;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const DEV: u16 = 0x0018;
+
+    struct Rig {
+        dev: ImsSlots,
+        backing: Backing<Arc<FakeRouting>>,
+        kvm: Arc<FakeRouting>,
+        mem: GuestMemoryMmap,
+    }
+
+    fn rig() -> Rig {
+        let kvm = Arc::new(FakeRouting::new());
+        let mut backing = Backing::new(
+            RouteTable::new(kvm.clone(), 4096).unwrap(),
+            Limits::default(),
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dev = ImsSlots::new(64, 4, DEV, backing.path(), mem.clone()).unwrap();
+        let entry = Irte::new(
+            Target::fixed(1, 0x40),
+            SourceValidation::RequesterId {
+                sid: DEV,
+                qualifier: 0,
+            },
+        );
+        let mut txn = backing.transaction();
+        txn.set(7, &entry).unwrap();
+        txn.commit().unwrap();
+        Rig {
+            dev,
+            backing,
+            kvm,
+            mem,
+        }
+    }
+
+    fn w(dev: &mut ImsSlots, offset: u64, value: u32) {
+        dev.bar_write(0, offset, &value.to_le_bytes());
+    }
+
+    fn r(dev: &mut ImsSlots, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        dev.bar_read(0, offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn program_slot(dev: &mut ImsSlots, slot: u64, msg: MsiMessage, masked: bool) {
+        let at = reg::SLOT_BASE + reg::SLOT_SIZE * slot;
+        w(dev, at, msg.address_lo());
+        w(dev, at + 4, msg.address_hi());
+        w(dev, at + 8, msg.data);
+        w(dev, at + 12, u32::from(masked));
+    }
+
+    #[test]
+    fn identity_and_slot_format_checks() {
+        let mut rig = rig();
+        let dev = &mut rig.dev;
+        assert_eq!(r(dev, reg::ID), u32::from_le_bytes(*b"IMS1"));
+        assert_eq!((r(dev, reg::SLOTS), r(dev, reg::QUEUES)), (64, 4));
+        program_slot(dev, 3, MsiMessage::remappable(7, None), true);
+        assert_eq!(
+            r(dev, reg::SLOT_BASE + 48),
+            MsiMessage::remappable(7, None).address_lo()
+        );
+        let compat = MsiMessage::compatibility(0, 0x30).unwrap();
+        w(dev, reg::SLOT_BASE + 48, compat.address_lo());
+        assert_eq!(r(dev, reg::STATUS), STATUS_FORMAT_ERROR);
+        assert_eq!(r(dev, reg::ERROR_SLOT), 3);
+        assert_eq!(
+            r(dev, reg::SLOT_BASE + 48),
+            MsiMessage::remappable(7, None).address_lo(),
+            "kept"
+        );
+        w(dev, reg::STATUS, STATUS_FORMAT_ERROR);
+        assert_eq!(r(dev, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn a_masked_slot_latches_and_fires_on_unmask() {
+        let mut rig = rig();
+        program_slot(&mut rig.dev, 3, MsiMessage::remappable(7, None), true);
+        rig.dev.raise(3);
+        assert_eq!(
+            r(&mut rig.dev, reg::SLOT_BASE + 48 + 12),
+            SLOT_MASK | SLOT_PENDING
+        );
+        let path = rig.backing.path();
+        assert_eq!(path.delivered(7), 0);
+        w(&mut rig.dev, reg::SLOT_BASE + 48 + 12, 0);
+        assert_eq!(path.delivered(7), 1);
+        assert_eq!(r(&mut rig.dev, reg::SLOT_BASE + 48 + 12), 0);
+        assert_eq!(
+            rig.kvm.fire(path.line_fd(7).unwrap()),
+            Some(Target::fixed(1, 0x40))
+        );
+    }
+
+    #[test]
+    fn another_devices_entry_is_a_fault_not_a_delivery() {
+        let rig = rig();
+        let mut other = ImsSlots::new(4, 1, 0x0020, rig.backing.path(), rig.mem.clone()).unwrap();
+        program_slot(&mut other, 0, MsiMessage::remappable(7, None), false);
+        other.raise(0);
+        assert_eq!(other.faults(), 1);
+        assert_eq!(rig.backing.path().delivered(7), 0);
+        assert_eq!(
+            rig.backing
+                .path()
+                .fault_log()
+                .count(FaultReason::SourceIdMismatch),
+            1
+        );
+    }
+
+    #[test]
+    fn work_on_a_queue_completes_and_raises_its_slot() {
+        let mut rig = rig();
+        let mock = MockSplitQueue::new(&rig.mem, 16);
+        mock.build_desc_chain(&[virtio_queue::desc::RawDescriptor::from(
+            virtio_queue::desc::split::Descriptor::new(0x8_0000, 64, 0, 0),
+        )])
+        .unwrap();
+        let dev = &mut rig.dev;
+        program_slot(dev, 5, MsiMessage::remappable(7, None), false);
+        w(dev, reg::QUEUE_SELECT, 2);
+        w(dev, reg::QUEUE_SIZE, 16);
+        w(dev, reg::QUEUE_SLOT, 5);
+        w(
+            dev,
+            reg::QUEUE_DESC,
+            u32::try_from(mock.desc_table_addr().0).unwrap(),
+        );
+        w(
+            dev,
+            reg::QUEUE_AVAIL,
+            u32::try_from(mock.avail_addr().0).unwrap(),
+        );
+        w(
+            dev,
+            reg::QUEUE_USED,
+            u32::try_from(mock.used_addr().0).unwrap(),
+        );
+        w(dev, reg::QUEUE_READY, 1);
+        assert_eq!(r(dev, reg::QUEUE_READY), 1);
+        w(dev, reg::QUEUE_NOTIFY, 2);
+        assert_eq!(dev.process(), 1);
+        assert_eq!(mock.used().idx().load(), 1);
+        assert_eq!(r(dev, reg::COMPLETIONS), 1);
+        assert_eq!(rig.backing.path().delivered(7), 1);
+        // Odd accesses do nothing.
+        w(dev, reg::QUEUE_NOTIFY, 99);
+        w(dev, reg::QUEUE_SELECT, 99);
+        w(dev, reg::QUEUE_READY, 1);
+        dev.bar_write(0, 1, &[1, 2]);
+        assert_eq!(dev.process(), 0);
+    }
+}
