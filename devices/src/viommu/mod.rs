@@ -137,6 +137,17 @@ fn hi32(v: u64) -> u32 {
     u32::try_from(v >> 32).unwrap_or(0)
 }
 
+/// An event control register (FECTL, IECTL) is written: IM follows the write, IP is
+/// read-only. Returns whether a held interrupt is now to be sent (unmasked while pending).
+fn unmask(control: &mut u32, value: u32) -> bool {
+    *control = (*control & event::IP) | (value & event::IM);
+    if *control & (event::IM | event::IP) == event::IP {
+        *control &= !event::IP;
+        return true;
+    }
+    false
+}
+
 fn msi(addr_lo: u32, addr_hi: u32, data: u32) -> MsiMessage {
     MsiMessage {
         address: (u64::from(addr_hi) << 32) | u64::from(addr_lo),
@@ -285,10 +296,8 @@ impl<B: RoutingBackend> Vtd<B> {
                 }
             }
             regs::FECTL => {
-                let s = &mut self.state;
-                s.fectl = (s.fectl & event::IP) | (value & event::IM);
-                if s.fectl & (event::IM | event::IP) == event::IP {
-                    s.fectl &= !event::IP;
+                if unmask(&mut self.state.fectl, value) {
+                    let s = &self.state;
                     let m = msi(s.feaddr, s.feuaddr, s.fedata);
                     self.send(m);
                 }
@@ -298,10 +307,8 @@ impl<B: RoutingBackend> Vtd<B> {
             regs::FEUADDR => self.state.feuaddr = value,
             regs::ICS => self.state.ics &= !(value & 1),
             regs::IECTL => {
-                let s = &mut self.state;
-                s.iectl = (s.iectl & event::IP) | (value & event::IM);
-                if s.iectl & (event::IM | event::IP) == event::IP {
-                    s.iectl &= !event::IP;
+                if unmask(&mut self.state.iectl, value) {
+                    let s = &self.state;
                     let m = msi(s.ieaddr, s.ieuaddr, s.iedata);
                     self.send(m);
                 }
