@@ -123,8 +123,8 @@ pub mod target {
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | entry index |
-/// | 4 | 4 | status, written by the host ([`super::status`]) |
-/// | 8 | 8 | target word ([`super::target`]) |
+/// | 4 | 4 | status, written by the host ([`status`]) |
+/// | 8 | 8 | target word ([`target`]) |
 ///
 /// All or none: when every entry is valid and the host can back them all, all are applied
 /// (one route commit at most) and every status is `OK`. Otherwise none is applied; each
