@@ -53,6 +53,12 @@ pub trait HypercallHandler: Send + Sync {
     fn call(&self, regs: &mut Registers);
 }
 
+impl std::fmt::Debug for dyn HypercallHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HypercallHandler")
+    }
+}
+
 const CALLS: usize = 6;
 const CALL_NAMES: [&str; CALLS] = ["query", "allocate", "update", "free", "batch", "compose"];
 
@@ -149,6 +155,8 @@ pub struct Dispatcher<B: RoutingBackend> {
     requesters: Vec<u16>,
     limit: Mutex<RateLimit>,
     mirror: Option<Arc<dyn EntryMirror>>,
+    /// The core's table size (fixed when the core is made).
+    table_size: u32,
     counters: [CallCounters; CALLS],
     unknown: AtomicU64,
     throttled: AtomicU64,
@@ -166,7 +174,13 @@ impl<B: RoutingBackend> Dispatcher<B> {
         requesters: Vec<u16>,
         rate: u32,
     ) -> Self {
+        let table_size = backing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .limits()
+            .table_size;
         Self {
+            table_size,
             backing,
             mem,
             apic_ids,
@@ -239,10 +253,9 @@ impl<B: RoutingBackend> Dispatcher<B> {
     }
 
     fn index(&self, value: u64) -> Result<u32, u64> {
-        let size = self.backing().limits().table_size;
         u32::try_from(value)
             .ok()
-            .filter(|&i| i < size)
+            .filter(|&i| i < self.table_size)
             .ok_or(status::INVALID_ARGUMENT)
     }
 
@@ -390,7 +403,7 @@ impl<B: RoutingBackend> Dispatcher<B> {
                 target: word,
                 ..
             } = BatchEntry::from_bytes(&bytes);
-            let checked = if index < backing.limits().table_size {
+            let checked = if index < self.table_size {
                 Self::owned(&backing, index, requester)
                     .and_then(|()| self.parse_target(word, requester))
             } else {

@@ -46,12 +46,6 @@ pub struct VcpuShared {
     pub hypercalls: Option<Arc<dyn HypercallHandler>>,
 }
 
-impl std::fmt::Debug for dyn HypercallHandler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HypercallHandler")
-    }
-}
-
 fn kick_signal() -> i32 {
     SIGRTMIN()
 }
