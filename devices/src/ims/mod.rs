@@ -1,8 +1,104 @@
 //! IMS-capable devices: interrupt messages stored by the device itself, thousands of them,
 //! always in remappable format (IMS depends on interrupt remapping). `docs/ims-device.md`
-//! has the register layout.
+//! has the register and memory layouts.
 //!
 //! - [`slots`]: the slot-array kind: a BAR of message slots, work on virtio queues, each
 //!   queue's completions raising the interrupt of the slot bound to it.
+//! - [`queues`]: the queue-memory kind: the message sits in a queue context in guest RAM,
+//!   cached by the device while the queue runs; an admin command queue starts and stops
+//!   queues, and a command that does not complete in time resets the device.
+//!
+//! Both do their work on an event loop ([`ImsBackend`]), never on a vCPU thread: a
+//! register write only records what is to be done and kicks the loop.
 
+pub mod queues;
 pub mod slots;
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+/// A device whose work the backend runs.
+pub trait ImsEngine: Send {
+    /// The eventfd register writes signal when there is work.
+    ///
+    /// # Errors
+    /// The error of duplicating it.
+    fn kick_fd(&self) -> std::io::Result<EventFd>;
+    /// Does whatever is due at `now`; returns when it next has something to do on its own
+    /// (a delayed completion, a command deadline), if ever.
+    fn run(&mut self, now: Instant) -> Option<Instant>;
+}
+
+/// The backend of one IMS device on an event loop: wakes on the device's kick eventfd and
+/// on a timer for delayed work and command deadlines.
+#[derive(Debug)]
+pub struct ImsBackend<D: ImsEngine> {
+    device: Arc<Mutex<D>>,
+    kick: EventFd,
+    timer: TimerFd,
+}
+
+impl<D: ImsEngine> ImsBackend<D> {
+    /// The backend of `device`.
+    ///
+    /// # Errors
+    /// The error of duplicating the device's eventfd or creating the timer.
+    pub fn new(device: Arc<Mutex<D>>) -> std::io::Result<Self> {
+        let kick = device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .kick_fd()?;
+        let timer = TimerFd::new().map_err(std::io::Error::from)?;
+        // Non-blocking, so that reading a timer another event already re-armed cannot
+        // stall the loop.
+        // SAFETY: F_SETFL on a descriptor we own changes only its status flags.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            device,
+            kick,
+            timer,
+        })
+    }
+
+    fn run(&mut self) {
+        let now = Instant::now();
+        let next = self
+            .device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .run(now);
+        let arm = next.map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(now)
+                .max(Duration::from_micros(1))
+        });
+        // Disarming (zero) or arming a timer only fails on a bad descriptor.
+        let _ = self.timer.reset(arm, None);
+    }
+}
+
+impl<D: ImsEngine> MutEventSubscriber for ImsBackend<D> {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            if events.fd() == self.kick.as_raw_fd() {
+                let _ = self.kick.read();
+            } else {
+                let _ = self.timer.wait();
+            }
+            self.run();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration fails only if a descriptor is already registered.
+        let _ = ops.add(Events::new(&self.kick, EventSet::IN));
+        let _ = ops.add(Events::new(&self.timer, EventSet::IN));
+    }
+}

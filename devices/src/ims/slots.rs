@@ -8,7 +8,9 @@
 //! 0x014 ERROR_SLOT (RO)      0x018 COMPLETIONS (RO, low 32 bits)
 //! 0x020 QUEUE_SELECT         0x024 QUEUE_SIZE          0x028 QUEUE_SLOT   0x02c QUEUE_READY
 //! 0x030 DESC lo/hi           0x038 AVAIL lo/hi         0x040 USED lo/hi
-//! 0x048 QUEUE_NOTIFY (WO): the index of a queue with new work
+//! 0x048 QUEUE_NOTIFY (WO): the index of a queue with new work (all ones: every queue)
+//! 0x050 INJECT_DELAY_US: fault injection: complete one work item per this many
+//!       microseconds (0: at once)
 //! 0x1000 + 16 k: slot k: address low, address high, data, control (bit 0 mask, bit 1 pending RO)
 //! ```
 //!
@@ -19,18 +21,17 @@
 //! an absent entry, or another device's, is a remapping fault, never a delivery. A masked
 //! slot latches a pending bit and fires when unmasked.
 //!
-//! Register accesses come from vCPU threads; the work itself is done by [`ImsBackend`] on
-//! an event loop, woken by an eventfd that `QUEUE_NOTIFY` writes.
+//! Register accesses come from vCPU threads; the work itself is done by
+//! [`super::ImsBackend`] on an event loop, woken by an eventfd that `QUEUE_NOTIFY` writes.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use irq::backing::InterruptPath;
 use irq::MsiMessage;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
@@ -68,6 +69,8 @@ pub mod reg {
     pub const QUEUE_USED: u64 = 0x040;
     /// Queue notification.
     pub const QUEUE_NOTIFY: u64 = 0x048;
+    /// Fault injection: microseconds between completions.
+    pub const INJECT_DELAY_US: u64 = 0x050;
     /// First slot.
     pub const SLOT_BASE: u64 = 0x1000;
     /// Bytes per slot.
@@ -86,6 +89,8 @@ pub const SLOT_PENDING: u32 = 1 << 1;
 pub const MAX_QUEUE_SIZE: u16 = 256;
 /// The most slots a device may have.
 pub const MAX_SLOTS: u32 = 32_768;
+/// `QUEUE_NOTIFY` value that notifies every queue.
+pub const NOTIFY_ALL: u32 = u32::MAX;
 const ID_VALUE: u32 = u32::from_le_bytes(*b"IMS1");
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -116,6 +121,9 @@ pub struct ImsSlots {
     notified: BTreeSet<u32>,
     kick: EventFd,
     faults: u64,
+    delay: Duration,
+    /// Work taken off the rings, waiting for its (delayed) completion: queue, head, due.
+    deferred: VecDeque<(u32, u16, Instant)>,
 }
 
 fn u32_of(data: &[u8]) -> u32 {
@@ -165,15 +173,9 @@ impl ImsSlots {
             notified: BTreeSet::new(),
             kick: EventFd::new(EFD_NONBLOCK)?,
             faults: 0,
+            delay: Duration::ZERO,
+            deferred: VecDeque::new(),
         })
-    }
-
-    /// The eventfd the backend waits on.
-    ///
-    /// # Errors
-    /// The error of duplicating it.
-    pub fn kick_fd(&self) -> std::io::Result<EventFd> {
-        self.kick.try_clone()
     }
 
     /// Completions so far.
@@ -266,6 +268,7 @@ impl ImsSlots {
             reg::QUEUE_SIZE => selected.map_or(0, |q| u32::from(q.queue.size())),
             reg::QUEUE_SLOT => selected.map_or(0, |q| q.slot),
             reg::QUEUE_READY => selected.map_or(0, |q| u32::from(q.queue.ready())),
+            reg::INJECT_DELAY_US => u32::try_from(self.delay.as_micros()).unwrap_or(u32::MAX),
             _ => 0,
         }
     }
@@ -322,8 +325,14 @@ impl ImsSlots {
                     }
                 }
             }
-            reg::QUEUE_NOTIFY if (value as usize) < self.queues.len() => {
-                self.notified.insert(value);
+            reg::INJECT_DELAY_US => self.delay = Duration::from_micros(u64::from(value)),
+            reg::QUEUE_NOTIFY if value == NOTIFY_ALL || (value as usize) < self.queues.len() => {
+                if value == NOTIFY_ALL {
+                    self.notified
+                        .extend(0..u32::try_from(self.queues.len()).unwrap_or(0));
+                } else {
+                    self.notified.insert(value);
+                }
                 // A failed write means the counter is saturated: the backend is already
                 // due to run.
                 let _ = self.kick.write(1);
@@ -332,11 +341,12 @@ impl ImsSlots {
         }
     }
 
-    /// Completes every available work item of the notified queues: each is returned on
+    /// Takes every available work item off the notified queues and completes those that
+    /// are due (all of them, unless a completion delay is injected): each is returned on
     /// the used ring and raises its queue's slot. Returns the completions made.
-    pub fn process(&mut self) -> u64 {
-        let mut done = 0;
+    pub fn process(&mut self, now: Instant) -> u64 {
         let notified = std::mem::take(&mut self.notified);
+        let mut due = self.deferred.back().map_or(now, |(.., at)| (*at).max(now));
         for index in notified {
             let Some(q) = self.queues.get_mut(index as usize) else {
                 continue;
@@ -344,26 +354,49 @@ impl ImsSlots {
             if !q.queue.ready() {
                 continue;
             }
-            let slot = q.slot as usize;
-            let mut heads = Vec::new();
             while let Some(chain) = q.queue.pop_descriptor_chain(&self.mem) {
-                heads.push(chain.head_index());
-            }
-            let mut completed = 0;
-            for head in heads {
-                if q.queue.add_used(&self.mem, head, 0).is_err() {
-                    self.status |= STATUS_QUEUE_ERROR;
-                    break;
+                if !self.delay.is_zero() {
+                    due += self.delay;
                 }
-                completed += 1;
+                self.deferred.push_back((index, chain.head_index(), due));
             }
-            for _ in 0..completed {
-                self.completions += 1;
+        }
+        let mut done = 0;
+        while let Some(&(index, head, at)) = self.deferred.front() {
+            if at > now {
+                break;
+            }
+            self.deferred.pop_front();
+            if self.complete(index, head) {
                 done += 1;
-                self.raise(slot);
             }
         }
         done
+    }
+
+    fn complete(&mut self, index: u32, head: u16) -> bool {
+        let Some(q) = self.queues.get_mut(index as usize) else {
+            return false;
+        };
+        if q.queue.add_used(&self.mem, head, 0).is_err() {
+            self.status |= STATUS_QUEUE_ERROR;
+            return false;
+        }
+        let slot = q.slot as usize;
+        self.completions += 1;
+        self.raise(slot);
+        true
+    }
+}
+
+impl super::ImsEngine for ImsSlots {
+    fn kick_fd(&self) -> std::io::Result<EventFd> {
+        self.kick.try_clone()
+    }
+
+    fn run(&mut self, now: Instant) -> Option<Instant> {
+        self.process(now);
+        self.deferred.front().map(|(.., at)| *at)
     }
 }
 
@@ -389,45 +422,6 @@ impl PciFunction for ImsSlots {
         if data.len() == 4 && offset % 4 == 0 {
             self.register_write(offset, u32_of(data));
         }
-    }
-}
-
-/// The device's backend on an event loop: waits for queue notifications and processes
-/// the work.
-#[derive(Debug)]
-pub struct ImsBackend {
-    device: Arc<Mutex<ImsSlots>>,
-    kick: EventFd,
-}
-
-impl ImsBackend {
-    /// The backend of `device`.
-    ///
-    /// # Errors
-    /// The error of duplicating the device's eventfd.
-    pub fn new(device: Arc<Mutex<ImsSlots>>) -> std::io::Result<Self> {
-        let kick = device
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .kick_fd()?;
-        Ok(Self { device, kick })
-    }
-}
-
-impl MutEventSubscriber for ImsBackend {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.event_set().contains(EventSet::IN) {
-            let _ = self.kick.read();
-            self.device
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .process();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        // Registration fails only if the fd is already registered.
-        let _ = ops.add(Events::new(&self.kick, EventSet::IN));
     }
 }
 
@@ -590,7 +584,7 @@ mod tests {
         w(dev, reg::QUEUE_READY, 1);
         assert_eq!(r(dev, reg::QUEUE_READY), 1);
         w(dev, reg::QUEUE_NOTIFY, 2);
-        assert_eq!(dev.process(), 1);
+        assert_eq!(dev.process(Instant::now()), 1);
         assert_eq!(mock.used().idx().load(), 1);
         assert_eq!(r(dev, reg::COMPLETIONS), 1);
         assert_eq!(rig.backing.path().delivered(7), 1);
@@ -599,6 +593,6 @@ mod tests {
         w(dev, reg::QUEUE_SELECT, 99);
         w(dev, reg::QUEUE_READY, 1);
         dev.bar_write(0, 1, &[1, 2]);
-        assert_eq!(dev.process(), 0);
+        assert_eq!(dev.process(Instant::now()), 0);
     }
 }
