@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, Settings, SizeSetting};
+use crate::config::{ConfigError, DeviceSetting, Settings, SizeSetting};
 
 /// A KVM virtual machine monitor with interrupt remapping, IMS devices and an IRTE
 /// hypercall.
@@ -50,7 +50,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|all|fail|hang)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate)
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// Hypercalls per second before the guest is answered BUSY [default: 200000]
     #[arg(long, value_name = "N")]
     pub hypercall_rate: Option<u32>,
+    /// A PCI device, repeatable: ims-slots[,slots=N][,queues=N][,pci_slot=N] or
+    /// ims-queues[,contexts=N][,command_timeout_ms=MS][,pci_slot=N]; `none` for no devices
+    /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
+    #[arg(long, value_name = "SPEC")]
+    pub device: Vec<String>,
 }
 
 impl RunArgs {
@@ -80,6 +85,16 @@ impl RunArgs {
             Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
         };
+        let device = match self.device.as_slice() {
+            [] => None,
+            [none] if none == "none" => Some(Vec::new()),
+            specs => Some(
+                specs
+                    .iter()
+                    .map(|s| s.parse())
+                    .collect::<Result<Vec<DeviceSetting>, _>>()?,
+            ),
+        };
         let flags = Settings {
             cpus: self.cpus,
             memory: self.memory.clone().map(SizeSetting::Text),
@@ -90,6 +105,7 @@ impl RunArgs {
             kvm_device: self.kvm_device.clone(),
             max_routes: self.max_routes,
             hypercall_rate: self.hypercall_rate,
+            device,
         };
         Ok(file.overridden_by(flags))
     }

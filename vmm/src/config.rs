@@ -11,6 +11,18 @@
 //! kvm_device = "/dev/kvm"
 //! max_routes = 64         # cap on KVM MSI routes for remapped targets (default: KVM's)
 //! hypercall_rate = 200000 # hypercalls per second per VM before BUSY
+//!
+//! # PCI devices; none listed: the default set (below); `device = []`: none
+//! [[device]]
+//! kind = "ims-slots"      # slot-array IMS device
+//! slots = 2048            # 1 to 32768
+//! queues = 2048           # work queues, 1 to slots
+//! pci_slot = 3            # device number on bus 0 (1-31); default: the next free one
+//!
+//! [[device]]
+//! kind = "ims-queues"     # queue-memory IMS device
+//! contexts = 64           # queue contexts, 1 to 4096
+//! command_timeout_ms = 1000
 //! ```
 
 use std::fmt;
@@ -36,6 +48,227 @@ pub const MAX_CPUS: u32 = 255;
 pub const MIN_MEMORY: u64 = 4 << 20;
 /// Hypercalls per second per VM when nothing says otherwise.
 pub const DEFAULT_HYPERCALL_RATE: u32 = 200_000;
+/// Slots of the default slot-array IMS device.
+pub const DEFAULT_IMS_SLOTS: u32 = 2048;
+/// Queue contexts of the default queue-memory IMS device.
+pub const DEFAULT_IMS_CONTEXTS: u32 = 64;
+/// Admin command timeout of a queue-memory device when nothing says otherwise.
+pub const DEFAULT_COMMAND_TIMEOUT_MS: u32 = 1000;
+
+/// What kind of PCI device, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A slot-array IMS device (`devices::ims::slots`).
+    ImsSlots {
+        /// Message slots.
+        slots: u32,
+        /// Work queues.
+        queues: u32,
+    },
+    /// A queue-memory IMS device (`devices::ims::queues`).
+    ImsQueues {
+        /// Queue contexts.
+        contexts: u32,
+        /// Admin command timeout in milliseconds.
+        command_timeout_ms: u32,
+    },
+}
+
+/// A PCI device of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// What it is.
+    pub kind: DeviceKind,
+    /// Its device number on bus 0 (function 0): requester ID `pci_slot << 3`.
+    pub pci_slot: u8,
+}
+
+impl DeviceConfig {
+    /// Its PCI requester ID (the source-id of its interrupts).
+    #[must_use]
+    pub fn requester_id(&self) -> u16 {
+        u16::from(self.pci_slot) << 3
+    }
+
+    /// The devices of a VM whose configuration lists none.
+    #[must_use]
+    pub fn defaults() -> Vec<DeviceConfig> {
+        vec![
+            DeviceConfig {
+                kind: DeviceKind::ImsSlots {
+                    slots: DEFAULT_IMS_SLOTS,
+                    queues: DEFAULT_IMS_SLOTS,
+                },
+                pci_slot: 3,
+            },
+            DeviceConfig {
+                kind: DeviceKind::ImsQueues {
+                    contexts: DEFAULT_IMS_CONTEXTS,
+                    command_timeout_ms: DEFAULT_COMMAND_TIMEOUT_MS,
+                },
+                pci_slot: 4,
+            },
+        ]
+    }
+}
+
+impl fmt::Display for DeviceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            DeviceKind::ImsSlots { slots, queues } => write!(
+                f,
+                "00:{:02x}.0 ims-slots ({slots} slots, {queues} queues)",
+                self.pci_slot
+            ),
+            DeviceKind::ImsQueues { contexts, .. } => write!(
+                f,
+                "00:{:02x}.0 ims-queues ({contexts} contexts)",
+                self.pci_slot
+            ),
+        }
+    }
+}
+
+/// A device as written in a config file (`[[device]]`) or given with `--device`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSetting {
+    /// `ims-slots` or `ims-queues`.
+    pub kind: String,
+    /// Slots of an `ims-slots` device.
+    pub slots: Option<u32>,
+    /// Work queues of an `ims-slots` device.
+    pub queues: Option<u32>,
+    /// Queue contexts of an `ims-queues` device.
+    pub contexts: Option<u32>,
+    /// Admin command timeout of an `ims-queues` device.
+    pub command_timeout_ms: Option<u32>,
+    /// Device number on bus 0.
+    pub pci_slot: Option<u8>,
+}
+
+impl FromStr for DeviceSetting {
+    type Err = ConfigError;
+
+    /// `KIND[,KEY=VALUE]...`, e.g. `ims-slots,slots=4096,queues=64,pci_slot=5`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut parts = s.split(',');
+        let mut d = DeviceSetting {
+            kind: parts.next().unwrap_or_default().trim().to_string(),
+            ..Default::default()
+        };
+        let bad = |why: &str| ConfigError::Device(format!("`{s}`: {why}"));
+        for part in parts {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("`{part}` is not KEY=VALUE")))?;
+            let n = |v: &str| {
+                v.trim()
+                    .parse::<u32>()
+                    .map_err(|_| bad(&format!("{key} `{v}` is not a number")))
+            };
+            match key.trim() {
+                "slots" => d.slots = Some(n(value)?),
+                "queues" => d.queues = Some(n(value)?),
+                "contexts" => d.contexts = Some(n(value)?),
+                "command_timeout_ms" => d.command_timeout_ms = Some(n(value)?),
+                "pci_slot" => {
+                    d.pci_slot = Some(
+                        u8::try_from(n(value)?)
+                            .map_err(|_| bad("pci_slot must be between 1 and 31"))?,
+                    );
+                }
+                other => return Err(bad(&format!("unknown key `{other}`"))),
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// Checks device settings and gives each a PCI slot.
+fn resolve_devices(settings: Option<Vec<DeviceSetting>>) -> Result<Vec<DeviceConfig>, ConfigError> {
+    let Some(settings) = settings else {
+        return Ok(DeviceConfig::defaults());
+    };
+    let mut taken = [false; 32];
+    for d in &settings {
+        if let Some(slot) = d.pci_slot {
+            if !(1..=31).contains(&slot) {
+                return Err(ConfigError::Device(format!(
+                    "{}: pci_slot {slot} must be between 1 and 31 (0 is the host bridge)",
+                    d.kind
+                )));
+            }
+            if std::mem::replace(&mut taken[usize::from(slot)], true) {
+                return Err(ConfigError::Device(format!(
+                    "pci_slot {slot} is given to two devices"
+                )));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(settings.len());
+    for d in settings {
+        let bad = |why: String| ConfigError::Device(format!("{}: {why}", d.kind));
+        let kind = match d.kind.as_str() {
+            "ims-slots" => {
+                if d.contexts.is_some() || d.command_timeout_ms.is_some() {
+                    return Err(bad(
+                        "contexts and command_timeout_ms are for ims-queues".into()
+                    ));
+                }
+                let max = devices::ims::slots::MAX_SLOTS;
+                let slots = d.slots.unwrap_or(DEFAULT_IMS_SLOTS);
+                if !(1..=max).contains(&slots) {
+                    return Err(bad(format!("slots {slots} must be between 1 and {max}")));
+                }
+                let queues = d.queues.unwrap_or(slots.min(DEFAULT_IMS_SLOTS));
+                if !(1..=slots).contains(&queues) {
+                    return Err(bad(format!(
+                        "queues {queues} must be between 1 and the slots ({slots})"
+                    )));
+                }
+                DeviceKind::ImsSlots { slots, queues }
+            }
+            "ims-queues" => {
+                if d.slots.is_some() || d.queues.is_some() {
+                    return Err(bad("slots and queues are for ims-slots".into()));
+                }
+                let max = devices::ims::queues::MAX_CONTEXTS;
+                let contexts = d.contexts.unwrap_or(DEFAULT_IMS_CONTEXTS);
+                if !(1..=max).contains(&contexts) {
+                    return Err(bad(format!(
+                        "contexts {contexts} must be between 1 and {max}"
+                    )));
+                }
+                let command_timeout_ms = d.command_timeout_ms.unwrap_or(DEFAULT_COMMAND_TIMEOUT_MS);
+                if command_timeout_ms == 0 {
+                    return Err(bad("command_timeout_ms must be at least 1".into()));
+                }
+                DeviceKind::ImsQueues {
+                    contexts,
+                    command_timeout_ms,
+                }
+            }
+            other => {
+                return Err(ConfigError::Device(format!(
+                    "unknown device kind `{other}` (ims-slots, ims-queues)"
+                )))
+            }
+        };
+        let pci_slot = match d.pci_slot {
+            Some(slot) => slot,
+            None => {
+                let free = (3..32).find(|&i| !taken[i]).ok_or_else(|| {
+                    ConfigError::Device("more devices than free PCI slots".into())
+                })?;
+                taken[free] = true;
+                u8::try_from(free).unwrap_or(31)
+            }
+        };
+        out.push(DeviceConfig { kind, pci_slot });
+    }
+    Ok(out)
+}
 
 /// The image to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +336,8 @@ pub struct VmConfig {
     pub max_routes: Option<u32>,
     /// Hypercalls per second before the VM is throttled with `BUSY`.
     pub hypercall_rate: u32,
+    /// PCI devices.
+    pub devices: Vec<DeviceConfig>,
 }
 
 impl Default for VmConfig {
@@ -117,6 +352,7 @@ impl Default for VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             max_routes: None,
             hypercall_rate: DEFAULT_HYPERCALL_RATE,
+            devices: DeviceConfig::defaults(),
         }
     }
 }
@@ -143,6 +379,8 @@ pub struct Settings {
     pub max_routes: Option<u32>,
     /// Hypercalls per second.
     pub hypercall_rate: Option<u32>,
+    /// PCI devices (`[[device]]`); absent: the default set.
+    pub device: Option<Vec<DeviceSetting>>,
 }
 
 /// A size as a string with a unit or a number of MiB.
@@ -204,6 +442,9 @@ pub enum ConfigError {
     /// A hypercall rate of zero.
     #[error("invalid hypercall_rate 0: at least one call per second is needed")]
     HypercallRate,
+    /// A device setting is wrong.
+    #[error("invalid device {0}")]
+    Device(String),
     /// The command line does not fit its page.
     #[error("command line is {0} bytes long; at most {CMDLINE_MAX} fit")]
     CmdlineTooLong(usize),
@@ -289,6 +530,7 @@ impl Settings {
             kvm_device: over.kvm_device.or(self.kvm_device),
             max_routes: over.max_routes.or(self.max_routes),
             hypercall_rate: over.hypercall_rate.or(self.hypercall_rate),
+            device: over.device.or(self.device),
         }
     }
 
@@ -352,6 +594,7 @@ impl Settings {
                 Some(n) => n,
                 None => defaults.hypercall_rate,
             },
+            devices: resolve_devices(self.device)?,
         })
     }
 }
@@ -473,5 +716,98 @@ mod tests {
             Console::File("/tmp/x".into())
         );
         assert!("file:".parse::<Console>().is_err());
+    }
+
+    #[test]
+    fn devices_default_parse_and_are_checked() {
+        assert_eq!(
+            Settings::default().resolve().unwrap().devices,
+            DeviceConfig::defaults()
+        );
+        let file: Settings = toml::from_str(
+            "[[device]]\nkind = \"ims-queues\"\ncontexts = 8\n[[device]]\nkind = \"ims-slots\"\nslots = 100\npci_slot = 3\n",
+        )
+        .unwrap();
+        let devices = file.resolve().unwrap().devices;
+        assert_eq!(
+            devices,
+            vec![
+                DeviceConfig {
+                    kind: DeviceKind::ImsQueues {
+                        contexts: 8,
+                        command_timeout_ms: DEFAULT_COMMAND_TIMEOUT_MS
+                    },
+                    pci_slot: 4
+                },
+                DeviceConfig {
+                    kind: DeviceKind::ImsSlots {
+                        slots: 100,
+                        queues: 100
+                    },
+                    pci_slot: 3
+                },
+            ]
+        );
+        let none: Settings = toml::from_str("device = []\n").unwrap();
+        assert!(none.resolve().unwrap().devices.is_empty());
+        let spec: DeviceSetting = "ims-slots,slots=32768,queues=16,pci_slot=9"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (spec.slots, spec.queues, spec.pci_slot),
+            (Some(32768), Some(16), Some(9))
+        );
+        for (bad, why) in [
+            (
+                "ims-slots,slots=40000",
+                "slots 40000 must be between 1 and 32768",
+            ),
+            (
+                "ims-slots,slots=4,queues=5",
+                "queues 5 must be between 1 and the slots (4)",
+            ),
+            (
+                "ims-slots,contexts=4",
+                "contexts and command_timeout_ms are for ims-queues",
+            ),
+            (
+                "ims-queues,contexts=0",
+                "contexts 0 must be between 1 and 4096",
+            ),
+            (
+                "ims-queues,command_timeout_ms=0",
+                "command_timeout_ms must be at least 1",
+            ),
+            ("nic", "unknown device kind `nic`"),
+            (
+                "ims-slots,pci_slot=0",
+                "pci_slot 0 must be between 1 and 31",
+            ),
+        ] {
+            let setting: DeviceSetting = bad.parse().unwrap();
+            let err = Settings {
+                device: Some(vec![setting]),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert!("ims-slots,slots".parse::<DeviceSetting>().is_err());
+        assert!("ims-slots,colour=red".parse::<DeviceSetting>().is_err());
+        assert!("ims-slots,slots=x".parse::<DeviceSetting>().is_err());
+        let twice = Settings {
+            device: Some(vec![
+                "ims-slots,pci_slot=5".parse().unwrap(),
+                "ims-queues,pci_slot=5".parse().unwrap(),
+            ]),
+            ..Default::default()
+        };
+        assert!(twice
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("two devices"));
     }
 }

@@ -22,6 +22,7 @@ pub mod hypercall;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod pci;
 pub mod report;
 pub mod vcpu;
 pub mod vm;

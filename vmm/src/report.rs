@@ -58,6 +58,8 @@ pub struct RunReport {
     pub remap_stats: irq::backing::BackingStats,
     /// What the hypercall dispatcher handled.
     pub hypercalls: crate::hypercall::HypercallStats,
+    /// What each PCI device did.
+    pub devices: Vec<crate::pci::DeviceReport>,
     /// Port and MMIO accesses that reached no device.
     pub unmapped_accesses: u64,
     /// Console output errors.
@@ -193,6 +195,19 @@ impl fmt::Display for RunReport {
                 hc.throttled
             )?;
         }
+        for d in &self.devices {
+            let mut line = format!(
+                "vmm: device      {}: {} completions, {} interrupts refused by remapping",
+                d.device, d.completions, d.faults
+            );
+            if d.resets > 0 {
+                line.push_str(&format!(", {} resets", d.resets));
+            }
+            if d.dropped > 0 {
+                line.push_str(&format!(", {} interrupts dropped on purpose", d.dropped));
+            }
+            writeln!(f, "{line}")?;
+        }
         if !self.remap_faults.is_empty() {
             let faults: Vec<String> = self
                 .remap_faults
@@ -240,6 +255,13 @@ mod tests {
             remap_faults: vec![],
             remap_stats: irq::backing::BackingStats::default(),
             hypercalls: crate::hypercall::HypercallStats::default(),
+            devices: vec![crate::pci::DeviceReport {
+                device: crate::config::DeviceConfig::defaults()[1],
+                completions: 7,
+                faults: 1,
+                resets: 2,
+                dropped: 0,
+            }],
             unmapped_accesses: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),
@@ -283,6 +305,10 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("PASS (guest exit code 0)"), "{text}");
+        assert!(
+            text.contains("00:04.0 ims-queues (64 contexts): 7 completions, 1 interrupts refused by remapping, 2 resets"),
+            "{text}"
+        );
         assert!(report(Outcome::GuestExit { code: 0 }).failure().is_none());
     }
 }

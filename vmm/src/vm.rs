@@ -36,6 +36,7 @@ use crate::hypercall::Dispatcher;
 use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR};
 use crate::loader::{LoadError, LoadedImage};
 use crate::memory::{self, MemoryError};
+use crate::pci::PciDevices;
 use crate::report::{Outcome, RunReport};
 use crate::vcpu::{self, VcpuShared, VmEvent};
 use crate::x86::{self, BootStateError};
@@ -249,14 +250,12 @@ pub fn run_with_console(
         mem.clone(),
         injector.clone(),
     )));
-    {
-        let path = backing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .path();
-        path.set_fault_sink(Arc::new(VtdDevice(vtd.clone())));
-        path.set_compat_injector(injector);
-    }
+    let path = backing
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .path();
+    path.set_fault_sink(Arc::new(VtdDevice(vtd.clone())));
+    path.set_compat_injector(injector);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
     backing
         .lock()
@@ -300,6 +299,10 @@ pub fn run_with_console(
             Arc::new(Mutex::new(VtdDevice(vtd.clone()))),
         )
         .map_err(|e| VmError::Bus("VT-d unit", e))?;
+    let pci = PciDevices::new(&config.devices, &path, &mem)
+        .map_err(|e| VmError::Os("set up the PCI devices", e))?;
+    pci.place(&mut buses)
+        .map_err(|(name, e)| VmError::Bus(name, e))?;
     for (port, len, name, device) in devices {
         buses
             .pio
@@ -325,6 +328,7 @@ pub fn run_with_console(
         .map_err(|e| VmError::Os("start the harness thread", e))?;
 
     let mut requesters = vec![HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID];
+    requesters.extend(pci.requesters());
     requesters.sort_unstable();
     let dispatcher = Arc::new(
         Dispatcher::new(
@@ -368,6 +372,7 @@ pub fn run_with_console(
     // The doorbell device, and with it the harness's last sender, goes with the buses.
     drop(shared);
     let _ = harness_thread.join();
+    let devices = pci.finish();
     if let Some(e) = spawn_error {
         return Err(e);
     }
@@ -391,6 +396,7 @@ pub fn run_with_console(
         remap_faults: remap_faults(&backing),
         remap_stats,
         hypercalls: dispatcher.stats(),
+        devices,
         unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
             + counters.unmapped_mmio.load(Ordering::Relaxed),
         console_errors: serial.errors() + flush_failed,
