@@ -13,6 +13,7 @@
 //!   the batch array, and the guest's `invoke`.
 //! - [`harness`]: the mailbox through which the test guest asks the host to fire
 //!   interrupts at it and reports what it counted.
+//! - [`ims`]: the register and memory layouts of the two IMS devices.
 //!
 //! All multi-byte values are little-endian. Layouts are given as byte offsets so that
 //! neither side depends on the other's struct layout rules.
@@ -23,4 +24,5 @@ pub mod abi;
 pub mod boot;
 pub mod cpuid;
 pub mod harness;
+pub mod ims;
 pub mod platform;

@@ -30,5 +30,13 @@ pub const HYPERCALL_PORT: u16 = 0x510;
 /// `docs/viommu.md`).
 pub const VTD_BASE: u64 = 0xfed9_0000;
 
+/// PCI configuration space of bus 0 (ECAM: `ECAM_BASE + (device << 15 | function << 12
+/// | register)`); ports `0xcf8`/`0xcfc` reach the same space.
+pub const ECAM_BASE: u64 = 0xe000_0000;
+/// The MMIO window the VMM places BARs in.
+pub const PCI_WINDOW_BASE: u64 = 0xc000_0000;
+/// Size of that window.
+pub const PCI_WINDOW_SIZE: u64 = 0x2000_0000;
+
 /// Success verdict for [`DEBUG_EXIT_PORT`].
 pub const EXIT_SUCCESS: u32 = 0;

@@ -40,125 +40,11 @@ use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
 use crate::pci::msix::{self, Msix};
 use crate::pci::PciFunction;
 
-/// Register offsets.
-pub mod reg {
-    /// `"IMSQ"`.
-    pub const ID: u64 = 0x000;
-    /// Layout version.
-    pub const VERSION: u64 = 0x004;
-    /// Number of queue contexts.
-    pub const CONTEXTS: u64 = 0x008;
-    /// Status (write 1 to clear).
-    pub const STATUS: u64 = 0x00c;
-    /// Admin ring address (low; high at +4).
-    pub const ADMIN_BASE: u64 = 0x010;
-    /// Admin ring entries.
-    pub const ADMIN_SIZE: u64 = 0x018;
-    /// Admin ring producer index (the doorbell).
-    pub const ADMIN_TAIL: u64 = 0x01c;
-    /// Admin ring consumer index.
-    pub const ADMIN_HEAD: u64 = 0x020;
-    /// Admin ring enable.
-    pub const ADMIN_ENABLE: u64 = 0x024;
-    /// Device resets so far.
-    pub const RESETS: u64 = 0x028;
-    /// Guest-requested reset.
-    pub const RESET: u64 = 0x02c;
-    /// Command timeout in milliseconds.
-    pub const COMMAND_TIMEOUT_MS: u64 = 0x030;
-    /// Completions so far (low 32 bits).
-    pub const COMPLETIONS: u64 = 0x034;
-    /// Queue notification: a context index.
-    pub const QUEUE_NOTIFY: u64 = 0x038;
-    /// Interrupts the remapping core refused.
-    pub const FAULTS: u64 = 0x03c;
-    /// Fault injection: microseconds between completions.
-    pub const INJECT_DELAY_US: u64 = 0x040;
-    /// Fault injection: the next N completions are not signalled.
-    pub const INJECT_DROP: u64 = 0x044;
-    /// Fault injection: the next N admin commands never complete.
-    pub const INJECT_STALL: u64 = 0x048;
-    /// Fault injection: reset now, as after a command timeout.
-    pub const INJECT_RESET: u64 = 0x04c;
-    /// MSI-X table.
-    pub const MSIX_TABLE: u64 = 0x1000;
-    /// MSI-X pending bits.
-    pub const MSIX_PBA: u64 = 0x1800;
-    /// BAR size.
-    pub const BAR_SIZE: u64 = 0x2000;
-}
+pub use hypercall::ims::queues::*;
 
-/// STATUS: the device reset itself (timeout or injected reset).
-pub const STATUS_RESET: u32 = 1 << 0;
-/// STATUS: the admin ring's size or address was refused.
-pub const STATUS_ADMIN_ERROR: u32 = 1 << 1;
-
-/// Admin command layout and codes.
-pub mod command {
-    /// Bytes per command.
-    pub const SIZE: u64 = 32;
-    /// Offset of the opcode (u32).
-    pub const OPCODE: u64 = 0;
-    /// Offset of the context index (u32).
-    pub const CONTEXT: u64 = 4;
-    /// Offset of the context's guest-physical address (u64, `START`).
-    pub const ADDRESS: u64 = 8;
-    /// Offset of the status the device writes (u32; the guest writes 0 before submitting).
-    pub const STATUS: u64 = 16;
-    /// Start a queue from its context.
-    pub const START: u32 = 1;
-    /// Drain and stop a queue.
-    pub const STOP: u32 = 2;
-    /// Status: not completed yet.
-    pub const PENDING: u32 = 0;
-    /// Status: done.
-    pub const OK: u32 = 1;
-    /// Status: unknown opcode.
-    pub const BAD_OPCODE: u32 = 2;
-    /// Status: no such context index.
-    pub const BAD_INDEX: u32 = 3;
-    /// Status: `START` of a running queue or `STOP` of a stopped one.
-    pub const BAD_STATE: u32 = 4;
-    /// Status: the context is unreadable, its queue invalid, or its message not in
-    /// remappable format.
-    pub const BAD_CONTEXT: u32 = 5;
-}
-
-/// Queue context layout in guest RAM (64 bytes, 64-byte aligned).
-pub mod context {
-    /// Bytes per context.
-    pub const SIZE: u64 = 64;
-    /// Message address, low (u32).
-    pub const ADDRESS_LO: u64 = 0;
-    /// Message address, high (u32).
-    pub const ADDRESS_HI: u64 = 4;
-    /// Message data (u32).
-    pub const DATA: u64 = 8;
-    /// Control (u32), the guest's: bit 0 mask.
-    pub const CONTROL: u64 = 12;
-    /// Descriptor table (u64).
-    pub const DESC: u64 = 16;
-    /// Available ring (u64).
-    pub const AVAIL: u64 = 24;
-    /// Used ring (u64).
-    pub const USED: u64 = 32;
-    /// Queue size (u16).
-    pub const QUEUE_SIZE: u64 = 40;
-    /// Pending (u32), the device's: 1 while a masked interrupt waits.
-    pub const PENDING: u64 = 44;
-    /// Control: masked.
-    pub const MASK: u32 = 1 << 0;
-}
-
-/// The largest queue.
-pub const MAX_QUEUE_SIZE: u16 = 256;
-/// The largest admin ring.
-pub const MAX_ADMIN_SIZE: u32 = 256;
-/// The most contexts a device may have.
-pub const MAX_CONTEXTS: u32 = 4096;
 /// Command timeout when the guest has not set one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
-const ID_VALUE: u32 = u32::from_le_bytes(*b"IMSQ");
+const ID_VALUE: u32 = ID;
 
 #[derive(Debug)]
 struct Running {
@@ -233,7 +119,7 @@ impl ImsQueues {
         mem: GuestMemoryMmap,
     ) -> std::io::Result<Self> {
         let contexts = contexts.clamp(1, MAX_CONTEXTS);
-        let mut config = ConfigSpace::new(0x1b36, 0x1101, [0x08, 0x80, 0x00], 1);
+        let mut config = ConfigSpace::new(VENDOR_ID, DEVICE_ID, [0x08, 0x80, 0x00], 1);
         config.add_bar(Bar {
             index: 0,
             size: reg::BAR_SIZE,
@@ -426,6 +312,14 @@ impl ImsQueues {
         if !queue.is_valid(&self.mem) {
             return Err(bad);
         }
+        // The device picks up where the used ring stands: work made available while the
+        // queue was stopped runs now, completed work does not run again.
+        let used: u16 = self
+            .mem
+            .read_obj(GuestAddress(quad(context::USED)? + 2))
+            .map_err(|_| bad)?;
+        queue.set_next_avail(used);
+        queue.set_next_used(used);
         Ok(Running {
             queue,
             address,

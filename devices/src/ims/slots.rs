@@ -5,7 +5,7 @@
 //! ```text
 //! 0x000 ID "IMS1" (RO)       0x004 VERSION 1 (RO)      0x008 SLOTS (RO)   0x00c QUEUES (RO)
 //! 0x010 STATUS (W1C): bit 0 a compatibility-format message was refused, bit 1 a queue error
-//! 0x014 ERROR_SLOT (RO)      0x018 COMPLETIONS (RO, low 32 bits)
+//! 0x014 ERROR_SLOT (RO)      0x018 COMPLETIONS (RO, low 32 bits)   0x01c FAULTS (RO)
 //! 0x020 QUEUE_SELECT         0x024 QUEUE_SIZE          0x028 QUEUE_SLOT   0x02c QUEUE_READY
 //! 0x030 DESC lo/hi           0x038 AVAIL lo/hi         0x040 USED lo/hi
 //! 0x048 QUEUE_NOTIFY (WO): the index of a queue with new work (all ones: every queue)
@@ -37,61 +37,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
 use crate::pci::PciFunction;
 
-/// Register offsets.
-pub mod reg {
-    /// `"IMS1"`.
-    pub const ID: u64 = 0x000;
-    /// Layout version.
-    pub const VERSION: u64 = 0x004;
-    /// Number of slots.
-    pub const SLOTS: u64 = 0x008;
-    /// Number of work queues.
-    pub const QUEUES: u64 = 0x00c;
-    /// Error status (write 1 to clear).
-    pub const STATUS: u64 = 0x010;
-    /// The last slot that refused a message.
-    pub const ERROR_SLOT: u64 = 0x014;
-    /// Completions so far (low 32 bits).
-    pub const COMPLETIONS: u64 = 0x018;
-    /// Which queue the queue registers show.
-    pub const QUEUE_SELECT: u64 = 0x020;
-    /// Its size (a power of two up to the maximum).
-    pub const QUEUE_SIZE: u64 = 0x024;
-    /// The slot its completions raise.
-    pub const QUEUE_SLOT: u64 = 0x028;
-    /// Ready (1) or not (0).
-    pub const QUEUE_READY: u64 = 0x02c;
-    /// Descriptor table address (low, high at +4).
-    pub const QUEUE_DESC: u64 = 0x030;
-    /// Available ring address.
-    pub const QUEUE_AVAIL: u64 = 0x038;
-    /// Used ring address.
-    pub const QUEUE_USED: u64 = 0x040;
-    /// Queue notification.
-    pub const QUEUE_NOTIFY: u64 = 0x048;
-    /// Fault injection: microseconds between completions.
-    pub const INJECT_DELAY_US: u64 = 0x050;
-    /// First slot.
-    pub const SLOT_BASE: u64 = 0x1000;
-    /// Bytes per slot.
-    pub const SLOT_SIZE: u64 = 16;
-}
+pub use hypercall::ims::slots::*;
 
-/// STATUS: a compatibility-format message was refused.
-pub const STATUS_FORMAT_ERROR: u32 = 1 << 0;
-/// STATUS: a queue was malformed.
-pub const STATUS_QUEUE_ERROR: u32 = 1 << 1;
-/// Slot control: masked.
-pub const SLOT_MASK: u32 = 1 << 0;
-/// Slot control: an interrupt is pending (read-only).
-pub const SLOT_PENDING: u32 = 1 << 1;
-/// The largest queue.
-pub const MAX_QUEUE_SIZE: u16 = 256;
-/// The most slots a device may have.
-pub const MAX_SLOTS: u32 = 32_768;
-/// `QUEUE_NOTIFY` value that notifies every queue.
-pub const NOTIFY_ALL: u32 = u32::MAX;
-const ID_VALUE: u32 = u32::from_le_bytes(*b"IMS1");
+const ID_VALUE: u32 = ID;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Slot {
@@ -145,7 +93,7 @@ impl ImsSlots {
     ) -> std::io::Result<Self> {
         let slots = slots.clamp(1, MAX_SLOTS);
         let queues = queues.clamp(1, slots);
-        let mut config = ConfigSpace::new(0x1b36, 0x1100, [0x08, 0x80, 0x00], 1);
+        let mut config = ConfigSpace::new(VENDOR_ID, DEVICE_ID, [0x08, 0x80, 0x00], 1);
         let size = (reg::SLOT_BASE + reg::SLOT_SIZE * u64::from(slots)).next_power_of_two();
         config.add_bar(Bar { index: 0, size });
         let queue = |_| Queue::new(MAX_QUEUE_SIZE).map(|queue| WorkQueue { queue, slot: 0 });
@@ -264,6 +212,7 @@ impl ImsSlots {
             reg::STATUS => self.status,
             reg::ERROR_SLOT => self.error_slot,
             reg::COMPLETIONS => (self.completions & 0xffff_ffff) as u32,
+            reg::FAULTS => (self.faults & 0xffff_ffff) as u32,
             reg::QUEUE_SELECT => self.select,
             reg::QUEUE_SIZE => selected.map_or(0, |q| u32::from(q.queue.size())),
             reg::QUEUE_SLOT => selected.map_or(0, |q| q.slot),

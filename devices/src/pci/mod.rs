@@ -22,13 +22,13 @@ pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 /// Ports from the address port through the data ports.
 pub const CONFIG_PORTS: u16 = 8;
 /// Where ECAM is (bus 0 only: 1 MiB).
-pub const ECAM_BASE: u64 = 0xe000_0000;
+pub const ECAM_BASE: u64 = hypercall::platform::ECAM_BASE;
 /// Size of ECAM for bus 0.
 pub const ECAM_SIZE: u64 = 1 << 20;
 /// The MMIO window BARs are placed in.
-pub const WINDOW_BASE: u64 = 0xc000_0000;
+pub const WINDOW_BASE: u64 = hypercall::platform::PCI_WINDOW_BASE;
 /// Size of the MMIO window.
-pub const WINDOW_SIZE: u64 = 0x2000_0000;
+pub const WINDOW_SIZE: u64 = hypercall::platform::PCI_WINDOW_SIZE;
 
 /// A PCI function on the root bus.
 pub trait PciFunction: Send {
