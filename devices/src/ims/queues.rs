@@ -368,6 +368,9 @@ impl ImsQueues {
                     match self.load_context(address) {
                         Ok(ctx) => {
                             self.contexts[id as usize] = Some(ctx);
+                            // Work made available while the queue was stopped runs now.
+                            let due = self.deferred.back().map_or(now, |(.., at)| (*at).max(now));
+                            self.take_work(id, due);
                             command::OK
                         }
                         Err(e) => e,

@@ -42,14 +42,14 @@ fn batch_status(i: usize) -> u64 {
 }
 
 /// What CPUID says about the interface.
-struct Interface {
+pub struct Interface {
     version: u32,
     features: u32,
-    port: u16,
+    pub port: u16,
     table: u32,
 }
 
-fn discover() -> Option<Interface> {
+pub fn discover() -> Option<Interface> {
     let signature = signature_registers();
     (0..16u32).map(|k| KVM_BASE + 0x100 * k).find_map(|leaf| {
         let (max, b, c, d) = cpuid(leaf);

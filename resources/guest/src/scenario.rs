@@ -47,6 +47,7 @@ enum Scenario {
     Retarget,
     Sid,
     Hypercall,
+    Ims,
     Vtd,
     All,
     Fail,
@@ -61,6 +62,8 @@ struct Options {
     retarget_count: u32,
     sid_count: u32,
     hammer: u32,
+    ims_slots: u32,
+    ims_rounds: u32,
     /// `apic=xapic` keeps the LAPIC in xAPIC (MMIO) mode even when x2APIC is offered.
     xapic: bool,
 }
@@ -87,6 +90,8 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
         retarget_count: 300,
         sid_count: 10,
         hammer: 0,
+        ims_slots: 2048,
+        ims_rounds: 2,
         xapic: false,
     };
     for word in text.split_ascii_whitespace() {
@@ -104,11 +109,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                         "sid" => Scenario::Sid,
                     "hypercall" => Scenario::Hypercall,
                     "vtd" => Scenario::Vtd,
+                    "ims" => Scenario::Ims,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, vtd, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, all, fail, hang)",
                         ),
                     }
             }
@@ -125,6 +131,8 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
             "retarget_count" => o.retarget_count = number(value)?,
             "sid_count" => o.sid_count = number(value)?,
             "hammer" => o.hammer = number(value)?,
+            "ims_slots" => o.ims_slots = number(value)?.clamp(1, crate::ims::MAX_SLOT_QUEUES as u32),
+            "ims_rounds" => o.ims_rounds = number(value)?.clamp(1, 1000),
             _ => {}
         }
     }
@@ -212,6 +220,10 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if all || s == Scenario::Hypercall {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
         ok &= crate::hc::run(cpus, apic, info.mem_size(), o.hammer);
+    }
+    if all || s == Scenario::Ims {
+        let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
+        ok &= crate::ims::run(cpus, apic, o.ims_slots, o.ims_rounds, s == Scenario::Ims);
     }
     // Last: it turns interrupt remapping on for good.
     if all || s == Scenario::Vtd {

@@ -1,0 +1,985 @@
+//! The `ims` scenario: drivers for both IMS devices, written from `docs/ims-device.md`
+//! against the layouts in `hypercall::ims`, with their IRTEs from the hypercall.
+//!
+//! Completions are counted from the used rings, in the interrupt handler: interrupts of
+//! one vector merge in the LAPIC, so a handler reaps every queue of its vector and the
+//! count of a (CPU, vector) cell is the number of completions reaped there. Each slot
+//! vector belongs to one CPU, so a completion reaped anywhere else is counted as on the
+//! wrong CPU.
+
+use core::fmt::Write;
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{compiler_fence, AtomicU16, AtomicU32, Ordering};
+
+use hypercall::abi::{call, invoke, status, target, Registers};
+use hypercall::ims::{queues as qd, slots as sd};
+
+use crate::pci::{self, mmio_read, mmio_write};
+use crate::scenario::expect;
+use crate::{arch, count, println};
+
+/// Vectors of the slot device's queues: queue `q` uses `SLOT_VECTOR + q % SLOT_VECTORS`,
+/// which belongs to CPU `(q % SLOT_VECTORS) % cpus`.
+const SLOT_VECTOR: u8 = 0xc0;
+const SLOT_VECTORS: usize = 32;
+/// The vector the retargeted entries use.
+const RETARGET_VECTOR: u8 = 0xe1;
+/// MSI-X vector 0 of the queue-memory device (admin completions and resets).
+const ADMIN_VECTOR: u8 = 0xe2;
+/// The entry of the other device, which the slot device must not reach.
+const FOREIGN_VECTOR: u8 = 0xe3;
+/// Queue-memory contexts: context `j` uses `QUEUE_VECTOR + j`.
+const QUEUE_VECTOR: u8 = 0xe4;
+const CONTEXTS: usize = 4;
+
+/// Queues taking part in the retarget test, and the work items each gets.
+const RETARGET_QUEUES: usize = 16;
+const RETARGET_ITEMS: usize = 6;
+/// Microseconds between completions while retargeting.
+const RETARGET_DELAY_US: u32 = 2000;
+
+/// Most slot-device queues this driver sets up.
+pub const MAX_SLOT_QUEUES: usize = 4096;
+const QSIZE: usize = 8;
+const ADMIN_SIZE: usize = 8;
+/// Spins before a wait is declared failed (the guest has no timer; this is seconds).
+const WAIT_LIMIT: u32 = 3_000_000;
+
+#[repr(C)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// One virtio split queue: descriptor table, available ring, used ring.
+#[repr(C, align(64))]
+struct Ring {
+    desc: [Desc; QSIZE],
+    avail_flags: u16,
+    avail_idx: u16,
+    avail_ring: [u16; QSIZE],
+    avail_event: u16,
+    _pad: [u8; 42],
+    used_flags: u16,
+    used_idx: u16,
+    used_ring: [[u32; 2]; QSIZE],
+    used_event: u16,
+}
+
+impl Ring {
+    const EMPTY: Ring = Ring {
+        desc: [const {
+            Desc {
+                addr: 0,
+                len: 0,
+                flags: 0,
+                next: 0,
+            }
+        }; QSIZE],
+        avail_flags: 0,
+        avail_idx: 0,
+        avail_ring: [0; QSIZE],
+        avail_event: 0,
+        _pad: [0; 42],
+        used_flags: 0,
+        used_idx: 0,
+        used_ring: [[0; 2]; QSIZE],
+        used_event: 0,
+    };
+}
+
+#[repr(C, align(64))]
+struct Context([u32; 16]);
+
+#[repr(C, align(32))]
+struct Command([u32; 8]);
+
+#[repr(C, align(16))]
+struct Batch([[u64; 2]; MAX_SLOT_QUEUES]);
+
+static mut SLOT_RINGS: [Ring; MAX_SLOT_QUEUES] = [const { Ring::EMPTY }; MAX_SLOT_QUEUES];
+static SLOT_SEEN: [AtomicU16; MAX_SLOT_QUEUES] = [const { AtomicU16::new(0) }; MAX_SLOT_QUEUES];
+static mut QUEUE_RINGS: [Ring; CONTEXTS] = [const { Ring::EMPTY }; CONTEXTS];
+static QUEUE_SEEN: [AtomicU16; CONTEXTS] = [const { AtomicU16::new(0) }; CONTEXTS];
+static mut CONTEXT: [Context; CONTEXTS] = [const { Context([0; 16]) }; CONTEXTS];
+static mut ADMIN: [Command; ADMIN_SIZE] = [const { Command([0; 8]) }; ADMIN_SIZE];
+static mut BATCH: Batch = Batch([[0; 2]; MAX_SLOT_QUEUES]);
+/// What every work descriptor points at (the devices do not read it).
+static WORK_BUFFER: [u8; 64] = [0; 64];
+
+/// Slot-device queues with work (read by the handler).
+static ACTIVE: AtomicU32 = AtomicU32::new(0);
+static CPUS: AtomicU32 = AtomicU32::new(1);
+static WRONG_CPU: AtomicU32 = AtomicU32::new(0);
+
+fn slot_ring(q: usize) -> *mut Ring {
+    // SAFETY: an in-bounds element of a static; only raw pointers are formed.
+    unsafe { addr_of_mut!(SLOT_RINGS[q]) }
+}
+
+fn queue_ring(j: usize) -> *mut Ring {
+    // SAFETY: as for `slot_ring`.
+    unsafe { addr_of_mut!(QUEUE_RINGS[j]) }
+}
+
+fn used_idx(ring: *const Ring) -> u16 {
+    // SAFETY: a ring of ours; the device writes `used_idx`, hence the volatile read.
+    unsafe { read_volatile(addr_of!((*ring).used_idx)) }
+}
+
+fn avail_idx(ring: *const Ring) -> u16 {
+    // SAFETY: a ring of ours.
+    unsafe { read_volatile(addr_of!((*ring).avail_idx)) }
+}
+
+/// Makes one work item available on `ring`.
+fn post(ring: *mut Ring) {
+    let idx = avail_idx(ring);
+    let slot = usize::from(idx) % QSIZE;
+    // SAFETY: a ring of ours; the device reads the descriptor and the ring entry only
+    // after it sees the new `avail_idx`, which is written last.
+    unsafe {
+        let d = addr_of_mut!((*ring).desc[slot]);
+        write_volatile(addr_of_mut!((*d).addr), addr_of!(WORK_BUFFER) as u64);
+        write_volatile(addr_of_mut!((*d).len), 64);
+        write_volatile(addr_of_mut!((*d).flags), 0);
+        write_volatile(addr_of_mut!((*d).next), 0);
+        write_volatile(addr_of_mut!((*ring).avail_ring[slot]), slot as u16);
+        compiler_fence(Ordering::Release);
+        write_volatile(addr_of_mut!((*ring).avail_idx), idx.wrapping_add(1));
+    }
+}
+
+/// Takes the completions on `ring` that nobody has counted yet.
+fn reap(ring: *const Ring, seen: &AtomicU16) -> u32 {
+    let used = used_idx(ring);
+    loop {
+        let old = seen.load(Ordering::Acquire);
+        let new = used.wrapping_sub(old);
+        if new == 0 || new > 0x8000 {
+            return 0;
+        }
+        if seen
+            .compare_exchange(old, used, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return u32::from(new);
+        }
+    }
+}
+
+/// Called by the interrupt entry for every vector: for the vectors of IMS queues, how
+/// many completions to count (possibly 0); `None` for any other vector.
+pub fn on_interrupt(vector: u8) -> Option<u32> {
+    let base = SLOT_VECTOR as usize;
+    let v = vector as usize;
+    if (base..base + SLOT_VECTORS).contains(&v) {
+        let off = v - base;
+        let active = ACTIVE.load(Ordering::Acquire) as usize;
+        let got: u32 = (off..active)
+            .step_by(SLOT_VECTORS)
+            .map(|q| reap(slot_ring(q), &SLOT_SEEN[q]))
+            .sum();
+        let cpus = CPUS.load(Ordering::Relaxed).max(1) as usize;
+        if off % cpus != arch::cpu_index() {
+            WRONG_CPU.fetch_add(got, Ordering::Relaxed);
+        }
+        return Some(got);
+    }
+    if vector == RETARGET_VECTOR {
+        let queues = RETARGET_QUEUES.min(ACTIVE.load(Ordering::Acquire) as usize);
+        return Some((0..queues).map(|q| reap(slot_ring(q), &SLOT_SEEN[q])).sum());
+    }
+    let qbase = QUEUE_VECTOR as usize;
+    if (qbase..qbase + CONTEXTS).contains(&v) {
+        let j = v - qbase;
+        return Some(reap(queue_ring(j), &QUEUE_SEEN[j]));
+    }
+    None
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..WAIT_LIMIT {
+        if done() {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    println!("ims: FAIL: timed out waiting for {}", what);
+    false
+}
+
+/// The remappable-format message of entry `index` (`docs/hypercall.md`, COMPOSE).
+fn compose(index: u64) -> u32 {
+    0xfee0_0010 | (((index & 0x7fff) as u32) << 5) | ((((index >> 15) & 1) as u32) << 2)
+}
+
+/// Hypercalls for one requester, retried while BUSY.
+struct Hc {
+    port: u16,
+    ok: bool,
+}
+
+impl Hc {
+    fn call(&mut self, what: &str, number: u32, requester: u16, a: u64, b: u64) -> Registers {
+        loop {
+            let mut regs = Registers {
+                rax: u64::from(number),
+                rcx: u64::from(requester),
+                rsi: a,
+                rdi: b,
+                r8: 0,
+                r9: 0,
+            };
+            // SAFETY: the doorbell found through CPUID; the only memory passed is the
+            // batch array, which is ours.
+            unsafe { invoke(self.port, &mut regs) };
+            if regs.rax == status::BUSY {
+                core::hint::spin_loop();
+                continue;
+            }
+            if regs.rax != status::OK {
+                println!("ims: FAIL: {}: hypercall status {}", what, regs.rax);
+                self.ok = false;
+            }
+            return regs;
+        }
+    }
+}
+
+fn check(ok: &mut bool, what: &str, got: u64, want: u64) {
+    if got != want {
+        println!("ims: FAIL: {}: {} (expected {})", what, got, want);
+        *ok = false;
+    }
+}
+
+fn slot_vector_total(cpus: usize) -> u32 {
+    (0..cpus)
+        .map(|cpu| {
+            (0..SLOT_VECTORS)
+                .map(|off| count(cpu, SLOT_VECTOR + off as u8))
+                .sum::<u32>()
+        })
+        .sum()
+}
+
+fn vector_total(cpus: usize, vector: u8) -> u32 {
+    (0..cpus).map(|cpu| count(cpu, vector)).sum()
+}
+
+/// Runs the scenario. `required` makes an absent device a failure (scenario `ims`);
+/// otherwise (scenario `all`) an absent device is skipped.
+pub fn run(
+    cpus: usize,
+    apic: impl Fn(usize) -> u32 + Copy,
+    slots: u32,
+    rounds: u32,
+    required: bool,
+) -> bool {
+    let Some(iface) = crate::hc::discover() else {
+        println!("ims: FAIL: no hypercall interface");
+        return false;
+    };
+    let mut hc = Hc {
+        port: iface.port,
+        ok: true,
+    };
+    CPUS.store(cpus as u32, Ordering::Relaxed);
+    let slot_dev = pci::find(sd::VENDOR_ID, sd::DEVICE_ID);
+    let queue_dev = pci::find(qd::VENDOR_ID, qd::DEVICE_ID);
+    let mut ok = true;
+    match slot_dev {
+        Some(dev) => ok &= slot_device(&mut hc, dev, queue_dev, cpus, apic, slots, rounds),
+        None if required => {
+            println!("ims: FAIL: no slot-array IMS device (1b36:1100)");
+            ok = false;
+        }
+        None => println!("ims: no slot-array IMS device; skipped"),
+    }
+    match queue_dev {
+        Some(dev) => ok &= queue_device(&mut hc, dev, cpus, apic),
+        None if required => {
+            println!("ims: FAIL: no queue-memory IMS device (1b36:1101)");
+            ok = false;
+        }
+        None => println!("ims: no queue-memory IMS device; skipped"),
+    }
+    ok && hc.ok
+}
+
+fn slot_device(
+    hc: &mut Hc,
+    dev: u8,
+    other: Option<u8>,
+    cpus: usize,
+    apic: impl Fn(usize) -> u32,
+    want: u32,
+    rounds: u32,
+) -> bool {
+    let bar = pci::bar0(dev);
+    let rid = pci::requester_id(dev);
+    let reg = |off: u64| mmio_read(bar + off);
+    let set = |off: u64, v: u32| mmio_write(bar + off, v);
+    let mut ok = true;
+    check(
+        &mut ok,
+        "slot device ID",
+        u64::from(reg(sd::reg::ID)),
+        u64::from(sd::ID),
+    );
+    let n = (want as usize)
+        .min(reg(sd::reg::SLOTS) as usize)
+        .min(reg(sd::reg::QUEUES) as usize)
+        .min(MAX_SLOT_QUEUES);
+    if n == 0 {
+        println!("ims: FAIL: the slot device has no slots or queues");
+        return false;
+    }
+
+    // One allocation, one batch that activates all of them, spread over the CPUs.
+    let first = hc
+        .call("allocate slot entries", call::ALLOCATE, rid, n as u64, 0)
+        .rsi;
+    for i in 0..n {
+        let off = i % SLOT_VECTORS;
+        let word = target::fixed(apic(off % cpus), SLOT_VECTOR + off as u8);
+        // SAFETY: only the BSP runs this, and the host reads the array only during the
+        // BATCH call below.
+        unsafe { write_volatile(addr_of_mut!(BATCH.0[i]), [first + i as u64, word]) };
+    }
+    let batch = addr_of!(BATCH) as u64;
+    let r = hc.call("activate slot entries", call::BATCH, rid, batch, n as u64);
+    check(&mut ok, "entries activated", r.rsi, n as u64);
+    let composed = hc.call("compose", call::COMPOSE, rid, first, 0);
+    check(
+        &mut ok,
+        "composed message",
+        composed.rsi,
+        u64::from(compose(first)),
+    );
+
+    // Slots: the message once, then unmask. Queues: one per slot.
+    for i in 0..n {
+        let at = sd::reg::SLOT_BASE + sd::reg::SLOT_SIZE * i as u64;
+        set(at, compose(first + i as u64));
+        set(at + 12, 0);
+        let ring = slot_ring(i);
+        set(sd::reg::QUEUE_SELECT, i as u32);
+        set(sd::reg::QUEUE_SIZE, QSIZE as u32);
+        set(sd::reg::QUEUE_SLOT, i as u32);
+        // SAFETY: addresses of our ring's parts.
+        let (desc, avail, used) = unsafe {
+            (
+                addr_of!((*ring).desc) as u64,
+                addr_of!((*ring).avail_flags) as u64,
+                addr_of!((*ring).used_flags) as u64,
+            )
+        };
+        set(sd::reg::QUEUE_DESC, desc as u32);
+        set(sd::reg::QUEUE_AVAIL, avail as u32);
+        set(sd::reg::QUEUE_USED, used as u32);
+        set(sd::reg::QUEUE_READY, 1);
+    }
+    check(
+        &mut ok,
+        "slot device status",
+        u64::from(reg(sd::reg::STATUS)),
+        0,
+    );
+    ACTIVE.store(n as u32, Ordering::Release);
+
+    // Work on every queue, all at once, `rounds` times.
+    let before = slot_vector_total(cpus);
+    for round in 0..rounds {
+        for q in 0..n {
+            post(slot_ring(q));
+            let off = q % SLOT_VECTORS;
+            expect(off % cpus, SLOT_VECTOR + off as u8, 1);
+        }
+        set(sd::reg::QUEUE_NOTIFY, sd::NOTIFY_ALL);
+        let target = before + (n as u32) * (round + 1);
+        ok &= wait_for("slot completions", || slot_vector_total(cpus) >= target);
+    }
+    let counted = slot_vector_total(cpus) - before;
+    let completions = reg(sd::reg::COMPLETIONS);
+    check(
+        &mut ok,
+        "completions counted",
+        u64::from(counted),
+        u64::from(completions),
+    );
+    check(
+        &mut ok,
+        "completions on the wrong CPU",
+        u64::from(WRONG_CPU.load(Ordering::Relaxed)),
+        0,
+    );
+    println!(
+        "ims-slots: {} slots over {} vCPUs, {} rounds: {} completions, {} counted by the handlers",
+        n, cpus, rounds, completions, counted
+    );
+
+    ok &= retarget_under_load(hc, bar, rid, first, n, cpus, &apic);
+    if let Some(other) = other {
+        ok &= foreign_entry(hc, bar, other, cpus, &apic);
+    }
+    ACTIVE.store(0, Ordering::Release);
+    hc.call("free slot entries", call::FREE, rid, first, n as u64);
+    ok
+}
+
+/// Entries move between CPUs while the device completes work at a steady pace; every
+/// completion must be counted.
+fn retarget_under_load(
+    hc: &mut Hc,
+    bar: u64,
+    rid: u16,
+    first: u64,
+    n: usize,
+    cpus: usize,
+    apic: &impl Fn(usize) -> u32,
+) -> bool {
+    let mut ok = true;
+    let queues = RETARGET_QUEUES.min(n);
+    for q in 0..queues {
+        let word = target::fixed(apic(0), RETARGET_VECTOR);
+        // SAFETY: as in `slot_device`.
+        unsafe { write_volatile(addr_of_mut!(BATCH.0[q]), [first + q as u64, word]) };
+    }
+    let batch = addr_of!(BATCH) as u64;
+    hc.call(
+        "point entries at the retarget vector",
+        call::BATCH,
+        rid,
+        batch,
+        queues as u64,
+    );
+    let total = (queues * RETARGET_ITEMS) as u32;
+    let before = vector_total(cpus, RETARGET_VECTOR);
+    mmio_write(bar + sd::reg::INJECT_DELAY_US, RETARGET_DELAY_US);
+    for q in 0..queues {
+        for _ in 0..RETARGET_ITEMS {
+            post(slot_ring(q));
+        }
+    }
+    mmio_write(bar + sd::reg::QUEUE_NOTIFY, sd::NOTIFY_ALL);
+    let mut retargets = 0u32;
+    let mut spins = 0u32;
+    while vector_total(cpus, RETARGET_VECTOR) - before < total && spins < 20_000 {
+        let k = retargets as usize;
+        let q = k % queues;
+        let cpu = (k / queues + q + 1) % cpus;
+        let word = target::fixed(apic(cpu), RETARGET_VECTOR);
+        hc.call("retarget", call::UPDATE, rid, first + q as u64, word);
+        retargets += 1;
+        spins += 1;
+    }
+    ok &= wait_for("retargeted completions", || {
+        vector_total(cpus, RETARGET_VECTOR) - before >= total
+    });
+    mmio_write(bar + sd::reg::INJECT_DELAY_US, 0);
+    let counted = vector_total(cpus, RETARGET_VECTOR) - before;
+    check(
+        &mut ok,
+        "completions counted while retargeting",
+        u64::from(counted),
+        u64::from(total),
+    );
+    for cpu in 0..cpus {
+        expect(cpu, RETARGET_VECTOR, count(cpu, RETARGET_VECTOR));
+    }
+    crate::serial::with_lock(|out| {
+        let _ = write!(
+            out,
+            "ims-slots: {} completions while {} retargets moved {} entries; counted:",
+            total, retargets, queues
+        );
+        for cpu in 0..cpus {
+            let _ = write!(out, " {} on vCPU {}", count(cpu, RETARGET_VECTOR), cpu);
+        }
+        let _ = out.write_str("\n");
+    });
+    ok
+}
+
+/// A slot holding another device's entry: the interrupt is refused and recorded as a
+/// remapping fault, never delivered.
+fn foreign_entry(
+    hc: &mut Hc,
+    bar: u64,
+    other: u8,
+    cpus: usize,
+    apic: &impl Fn(usize) -> u32,
+) -> bool {
+    let mut ok = true;
+    let other_rid = pci::requester_id(other);
+    let idx = hc
+        .call(
+            "allocate for the other device",
+            call::ALLOCATE,
+            other_rid,
+            1,
+            0,
+        )
+        .rsi;
+    hc.call(
+        "activate the other device's entry",
+        call::UPDATE,
+        other_rid,
+        idx,
+        target::fixed(apic(0), FOREIGN_VECTOR),
+    );
+    let faults = mmio_read(bar + sd::reg::FAULTS);
+    let completions = mmio_read(bar + sd::reg::COMPLETIONS);
+    let (active, slot0) = (
+        ACTIVE.load(Ordering::Acquire),
+        mmio_read(bar + sd::reg::SLOT_BASE),
+    );
+    ACTIVE.store(0, Ordering::Release);
+    mmio_write(bar + sd::reg::SLOT_BASE, compose(idx));
+    post(slot_ring(0));
+    mmio_write(bar + sd::reg::QUEUE_NOTIFY, 0);
+    ok &= wait_for("the foreign completion", || {
+        mmio_read(bar + sd::reg::COMPLETIONS) != completions
+    });
+    check(
+        &mut ok,
+        "faults after the foreign slot fired",
+        u64::from(mmio_read(bar + sd::reg::FAULTS)),
+        u64::from(faults) + 1,
+    );
+    check(
+        &mut ok,
+        "foreign deliveries",
+        u64::from(vector_total(cpus, FOREIGN_VECTOR)),
+        0,
+    );
+    // That completion was never signalled: count it as seen, and put the slot back.
+    SLOT_SEEN[0].store(used_idx(slot_ring(0)), Ordering::Release);
+    mmio_write(bar + sd::reg::SLOT_BASE, slot0);
+    ACTIVE.store(active, Ordering::Release);
+    hc.call(
+        "free the other device's entry",
+        call::FREE,
+        other_rid,
+        idx,
+        1,
+    );
+    println!(
+        "ims-slots: a slot holding another device's entry was refused ({} remapping fault)",
+        mmio_read(bar + sd::reg::FAULTS) - faults
+    );
+    ok
+}
+
+/// The queue-memory device's driver state.
+struct QueueDriver {
+    bar: u64,
+    tail: u32,
+}
+
+impl QueueDriver {
+    fn reg(&self, off: u64) -> u32 {
+        mmio_read(self.bar + off)
+    }
+
+    fn set(&self, off: u64, v: u32) {
+        mmio_write(self.bar + off, v);
+    }
+
+    /// Writes a command at the tail and rings the doorbell; returns its entry.
+    fn submit(&mut self, opcode: u32, context: u32, address: u64) -> *mut Command {
+        // SAFETY: an in-bounds element of our admin ring.
+        let entry = unsafe { addr_of_mut!(ADMIN[self.tail as usize % ADMIN_SIZE]) };
+        // SAFETY: the device reads the entry only after the doorbell below.
+        unsafe {
+            let w = addr_of_mut!((*entry).0);
+            write_volatile(addr_of_mut!((*w)[0]), opcode);
+            write_volatile(addr_of_mut!((*w)[1]), context);
+            write_volatile(addr_of_mut!((*w)[2]), address as u32);
+            write_volatile(addr_of_mut!((*w)[3]), (address >> 32) as u32);
+            write_volatile(addr_of_mut!((*w)[4]), qd::command::PENDING);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        compiler_fence(Ordering::Release);
+        self.set(qd::reg::ADMIN_TAIL, self.tail);
+        entry
+    }
+
+    /// Runs a command to completion (status and admin interrupt); returns its status.
+    fn command(&mut self, ok: &mut bool, opcode: u32, context: u32, address: u64) -> u32 {
+        let interrupts = count(0, ADMIN_VECTOR);
+        let entry = self.submit(opcode, context, address);
+        *ok &= wait_for("an admin command", || {
+            command_status(entry) != qd::command::PENDING
+        });
+        *ok &= wait_for("the admin interrupt", || {
+            count(0, ADMIN_VECTOR) > interrupts
+        });
+        expect(0, ADMIN_VECTOR, 1);
+        command_status(entry)
+    }
+
+    fn start_all(&mut self, ok: &mut bool) {
+        for j in 0..CONTEXTS {
+            let status = self.command(ok, qd::command::START, j as u32, context_address(j));
+            check(ok, "START", u64::from(status), u64::from(qd::command::OK));
+        }
+    }
+
+    /// Enables the admin ring (again, after a reset).
+    fn enable(&mut self) {
+        let ring = addr_of!(ADMIN) as u64;
+        self.set(qd::reg::ADMIN_BASE, ring as u32);
+        self.set(qd::reg::ADMIN_BASE + 4, (ring >> 32) as u32);
+        self.set(qd::reg::ADMIN_SIZE, ADMIN_SIZE as u32);
+        self.set(qd::reg::ADMIN_ENABLE, 1);
+        self.tail = 0;
+    }
+
+    /// Waits for the reset notification and brings the device back.
+    /// `stalled`: a command the reset abandoned, which must still read as pending.
+    fn recover(
+        &mut self,
+        ok: &mut bool,
+        interrupts: u32,
+        resets: u32,
+        cpus: usize,
+        stalled: Option<*const Command>,
+    ) {
+        *ok &= wait_for("the reset interrupt", || {
+            count(0, ADMIN_VECTOR) > interrupts
+        });
+        expect(0, ADMIN_VECTOR, 1);
+        check(
+            ok,
+            "STATUS after reset",
+            u64::from(self.reg(qd::reg::STATUS)),
+            u64::from(qd::STATUS_RESET),
+        );
+        check(
+            ok,
+            "RESETS",
+            u64::from(self.reg(qd::reg::RESETS)),
+            u64::from(resets),
+        );
+        check(
+            ok,
+            "ADMIN_ENABLE after reset",
+            u64::from(self.reg(qd::reg::ADMIN_ENABLE)),
+            0,
+        );
+        if let Some(entry) = stalled {
+            check(
+                ok,
+                "the abandoned command's status",
+                u64::from(command_status(entry)),
+                u64::from(qd::command::PENDING),
+            );
+        }
+        self.set(qd::reg::STATUS, qd::STATUS_RESET);
+        self.enable();
+        self.start_all(ok);
+        *ok &= self.work_each(cpus, 1);
+    }
+}
+
+fn command_status(entry: *const Command) -> u32 {
+    // SAFETY: an entry of our admin ring; the device writes the status word.
+    unsafe { read_volatile(addr_of!((*entry).0[4])) }
+}
+
+fn context_address(j: usize) -> u64 {
+    // SAFETY: taking the address of a static's element.
+    unsafe { addr_of!(CONTEXT[j]) as u64 }
+}
+
+fn context_word(j: usize, word: usize) -> *mut u32 {
+    // SAFETY: an in-bounds word of our context array.
+    unsafe { addr_of_mut!(CONTEXT[j].0[word]) }
+}
+
+fn queue_counted(cpus: usize) -> u32 {
+    (0..CONTEXTS)
+        .map(|j| vector_total(cpus, QUEUE_VECTOR + j as u8))
+        .sum()
+}
+
+fn queue_device(hc: &mut Hc, dev: u8, cpus: usize, apic: impl Fn(usize) -> u32) -> bool {
+    let mut ok = true;
+    let rid = pci::requester_id(dev);
+    let mut d = QueueDriver {
+        bar: pci::bar0(dev),
+        tail: 0,
+    };
+    check(
+        &mut ok,
+        "queue device ID",
+        u64::from(d.reg(qd::reg::ID)),
+        u64::from(qd::ID),
+    );
+    if (d.reg(qd::reg::CONTEXTS) as usize) < CONTEXTS {
+        println!(
+            "ims: FAIL: the queue device has fewer than {} contexts",
+            CONTEXTS
+        );
+        return false;
+    }
+    // Entry `first` for MSI-X vector 0, then one per context.
+    let first = hc
+        .call(
+            "allocate queue entries",
+            call::ALLOCATE,
+            rid,
+            1 + CONTEXTS as u64,
+            0,
+        )
+        .rsi;
+    hc.call(
+        "activate the admin entry",
+        call::UPDATE,
+        rid,
+        first,
+        target::fixed(apic(0), ADMIN_VECTOR),
+    );
+    for j in 0..CONTEXTS {
+        let word = target::fixed(apic(j % cpus), QUEUE_VECTOR + j as u8);
+        hc.call(
+            "activate a context entry",
+            call::UPDATE,
+            rid,
+            first + 1 + j as u64,
+            word,
+        );
+    }
+    // MSI-X: vector 0 gets the admin entry's message, then the function is enabled.
+    let Some(cap) = pci::capability(dev, 0x11) else {
+        println!("ims: FAIL: the queue device has no MSI-X capability");
+        return false;
+    };
+    d.set(qd::reg::MSIX_TABLE, compose(first));
+    d.set(qd::reg::MSIX_TABLE + 4, 0);
+    d.set(qd::reg::MSIX_TABLE + 8, 0);
+    d.set(qd::reg::MSIX_TABLE + 12, 0);
+    pci::write32(dev, cap, pci::read32(dev, cap) | (1 << 31));
+
+    // Contexts in RAM: the message composed once, the ring addresses, unmasked.
+    for j in 0..CONTEXTS {
+        let ring = queue_ring(j);
+        // SAFETY: addresses of our ring's parts.
+        let (desc, avail, used) = unsafe {
+            (
+                addr_of!((*ring).desc) as u64,
+                addr_of!((*ring).avail_flags) as u64,
+                addr_of!((*ring).used_flags) as u64,
+            )
+        };
+        let words = [
+            (0, compose(first + 1 + j as u64)),
+            (1, 0),
+            (2, 0),
+            (3, 0),
+            (4, desc as u32),
+            (5, (desc >> 32) as u32),
+            (6, avail as u32),
+            (7, (avail >> 32) as u32),
+            (8, used as u32),
+            (9, (used >> 32) as u32),
+            (10, QSIZE as u32),
+        ];
+        for (w, v) in words {
+            // SAFETY: our context, not yet given to the device.
+            unsafe { write_volatile(context_word(j, w), v) };
+        }
+    }
+    d.enable();
+    check(
+        &mut ok,
+        "ADMIN_ENABLE",
+        u64::from(d.reg(qd::reg::ADMIN_ENABLE)),
+        1,
+    );
+    d.start_all(&mut ok);
+    let bad = d.command(&mut ok, qd::command::START, 0, context_address(0));
+    check(
+        &mut ok,
+        "START of a running queue",
+        u64::from(bad),
+        u64::from(qd::command::BAD_STATE),
+    );
+    let bad = d.command(&mut ok, qd::command::STOP, 999, 0);
+    check(
+        &mut ok,
+        "STOP of no such queue",
+        u64::from(bad),
+        u64::from(qd::command::BAD_INDEX),
+    );
+    ok &= d.work_each(cpus, 3);
+    println!(
+        "ims-queues: {} queues started from their contexts, 3 items each counted",
+        CONTEXTS
+    );
+
+    // STOP drains: slow completions, four outstanding, then STOP.
+    d.set(qd::reg::INJECT_DELAY_US, 1000);
+    let counted = vector_total(cpus, QUEUE_VECTOR);
+    for _ in 0..4 {
+        post(queue_ring(0));
+    }
+    expect(0, QUEUE_VECTOR, 4);
+    d.set(qd::reg::QUEUE_NOTIFY, 0);
+    let stop = d.command(&mut ok, qd::command::STOP, 0, 0);
+    check(&mut ok, "STOP", u64::from(stop), u64::from(qd::command::OK));
+    check(
+        &mut ok,
+        "used entries when STOP completed",
+        u64::from(used_idx(queue_ring(0))),
+        u64::from(avail_idx(queue_ring(0))),
+    );
+    d.set(qd::reg::INJECT_DELAY_US, 0);
+    ok &= wait_for("drained completions", || {
+        vector_total(cpus, QUEUE_VECTOR) >= counted + 4
+    });
+    // Work made available while stopped waits for START.
+    let used = used_idx(queue_ring(0));
+    post(queue_ring(0));
+    expect(0, QUEUE_VECTOR, 1);
+    d.set(qd::reg::QUEUE_NOTIFY, 0);
+    let _ = d.reg(qd::reg::COMPLETIONS);
+    check(
+        &mut ok,
+        "completions while stopped",
+        u64::from(used_idx(queue_ring(0)).wrapping_sub(used)),
+        0,
+    );
+    let again = d.command(&mut ok, qd::command::STOP, 0, 0);
+    check(
+        &mut ok,
+        "STOP of a stopped queue",
+        u64::from(again),
+        u64::from(qd::command::BAD_STATE),
+    );
+    let start = d.command(&mut ok, qd::command::START, 0, context_address(0));
+    check(
+        &mut ok,
+        "START after STOP",
+        u64::from(start),
+        u64::from(qd::command::OK),
+    );
+    ok &= wait_for("the item posted while stopped", || {
+        vector_total(cpus, QUEUE_VECTOR) >= counted + 5
+    });
+    println!("ims-queues: STOP drained 4 slow items before completing; START resumed the queue");
+
+    // Lazy masking: the device latches the interrupt in the context; unmask and notify.
+    let cpu1 = 1 % cpus;
+    let before = count(cpu1, QUEUE_VECTOR + 1);
+    let used = used_idx(queue_ring(1));
+    // SAFETY: the control word is the guest's to write at any time.
+    unsafe { write_volatile(context_word(1, 3), qd::context::MASK) };
+    post(queue_ring(1));
+    expect(cpu1, QUEUE_VECTOR + 1, 1);
+    d.set(qd::reg::QUEUE_NOTIFY, 1);
+    ok &= wait_for("the masked completion", || used_idx(queue_ring(1)) != used);
+    // SAFETY: the device writes the pending word; read it volatile.
+    let pending = unsafe { read_volatile(context_word(1, 11)) };
+    check(
+        &mut ok,
+        "context pending while masked",
+        u64::from(pending),
+        1,
+    );
+    check(
+        &mut ok,
+        "interrupts while masked",
+        u64::from(count(cpu1, QUEUE_VECTOR + 1) - before),
+        0,
+    );
+    // SAFETY: as above.
+    unsafe { write_volatile(context_word(1, 3), 0) };
+    d.set(qd::reg::QUEUE_NOTIFY, 1);
+    ok &= wait_for("the unmasked interrupt", || {
+        count(cpu1, QUEUE_VECTOR + 1) > before
+    });
+    println!("ims-queues: a masked context latched its interrupt and delivered it on unmask");
+
+    // A dropped interrupt: the next one reaps both completions.
+    let cpu2 = 2 % cpus;
+    let before = count(cpu2, QUEUE_VECTOR + 2);
+    d.set(qd::reg::INJECT_DROP, 1);
+    post(queue_ring(2));
+    post(queue_ring(2));
+    expect(cpu2, QUEUE_VECTOR + 2, 2);
+    d.set(qd::reg::QUEUE_NOTIFY, 2);
+    ok &= wait_for("completions after a dropped interrupt", || {
+        count(cpu2, QUEUE_VECTOR + 2) >= before + 2
+    });
+
+    // A command that never completes: the device resets itself after the timeout.
+    d.set(qd::reg::COMMAND_TIMEOUT_MS, 50);
+    d.set(qd::reg::INJECT_STALL, 1);
+    let interrupts = count(0, ADMIN_VECTOR);
+    let stalled = d.submit(qd::command::STOP, 3, 0);
+    d.recover(&mut ok, interrupts, 1, cpus, Some(stalled));
+    println!(
+        "ims-queues: a stalled command timed out into a reset; the driver restarted every queue"
+    );
+    // A reset forced by the fault-injection knob.
+    let interrupts = count(0, ADMIN_VECTOR);
+    d.set(qd::reg::INJECT_RESET, 1);
+    d.recover(&mut ok, interrupts, 2, cpus, None);
+    println!("ims-queues: a forced reset was recovered");
+
+    let completions = d.reg(qd::reg::COMPLETIONS);
+    check(
+        &mut ok,
+        "queue completions counted",
+        u64::from(queue_counted(cpus)),
+        u64::from(completions),
+    );
+    check(
+        &mut ok,
+        "queue device faults",
+        u64::from(d.reg(qd::reg::FAULTS)),
+        0,
+    );
+    for j in 0..CONTEXTS {
+        let status = d.command(&mut ok, qd::command::STOP, j as u32, 0);
+        check(
+            &mut ok,
+            "final STOP",
+            u64::from(status),
+            u64::from(qd::command::OK),
+        );
+    }
+    d.set(qd::reg::ADMIN_ENABLE, 0);
+    hc.call(
+        "free queue entries",
+        call::FREE,
+        rid,
+        first,
+        1 + CONTEXTS as u64,
+    );
+    println!("ims-queues: {} completions, all counted", completions);
+    ok
+}
+
+impl QueueDriver {
+    /// `items` work items on every context; waits until each is counted.
+    fn work_each(&self, cpus: usize, items: u32) -> bool {
+        let before = queue_counted(cpus);
+        for j in 0..CONTEXTS {
+            for _ in 0..items {
+                post(queue_ring(j));
+            }
+            expect(j % cpus, QUEUE_VECTOR + j as u8, items);
+            self.set(qd::reg::QUEUE_NOTIFY, j as u32);
+        }
+        wait_for("queue completions", || {
+            queue_counted(cpus) >= before + items * CONTEXTS as u32
+        })
+    }
+}
