@@ -330,8 +330,9 @@ fn slot_device(
         u64::from(reg(sd::reg::ID)),
         u64::from(sd::ID),
     );
+    let slots = reg(sd::reg::SLOTS) as usize;
     let n = (want as usize)
-        .min(reg(sd::reg::SLOTS) as usize)
+        .min(slots)
         .min(reg(sd::reg::QUEUES) as usize)
         .min(MAX_SLOT_QUEUES);
     if n == 0 {
@@ -363,13 +364,13 @@ fn slot_device(
 
     // Slots: the message once, then unmask. Queues: one per slot.
     for i in 0..n {
-        let at = sd::reg::SLOT_BASE + sd::reg::SLOT_SIZE * i as u64;
+        let at = slot_at(slots, n, i);
         set(at, compose(first + i as u64));
         set(at + 12, 0);
         let ring = slot_ring(i);
         set(sd::reg::QUEUE_SELECT, i as u32);
         set(sd::reg::QUEUE_SIZE, QSIZE as u32);
-        set(sd::reg::QUEUE_SLOT, i as u32);
+        set(sd::reg::QUEUE_SLOT, (slots - n + i) as u32);
         // SAFETY: addresses of our ring's parts.
         let (desc, avail, used) = unsafe {
             (
@@ -422,12 +423,83 @@ fn slot_device(
         n, cpus, rounds, completions, counted
     );
 
+    ok &= slot_format_and_mask(bar, slot_at(slots, n, n - 1), n - 1, cpus);
     ok &= retarget_under_load(hc, bar, rid, first, n, cpus, &apic);
     if let Some(other) = other {
-        ok &= foreign_entry(hc, bar, other, cpus, &apic);
+        ok &= foreign_entry(hc, bar, slot_at(slots, n, 0), other, cpus, &apic);
     }
     ACTIVE.store(0, Ordering::Release);
     hc.call("free slot entries", call::FREE, rid, first, n as u64);
+    ok
+}
+
+/// Register offset of the slot queue `q` uses: the driver takes the last `n` of the
+/// device's `slots`, so the top of the array is exercised.
+fn slot_at(slots: usize, n: usize, q: usize) -> u64 {
+    sd::reg::SLOT_BASE + sd::reg::SLOT_SIZE * (slots - n + q) as u64
+}
+
+/// A compatibility-format message is refused with a device error and the slot keeps its
+/// message; a masked slot latches its interrupt and delivers it on unmask.
+fn slot_format_and_mask(bar: u64, at: u64, q: usize, cpus: usize) -> bool {
+    let mut ok = true;
+    let message = mmio_read(bar + at);
+    mmio_write(bar + at, 0xfee0_0000);
+    check(
+        &mut ok,
+        "STATUS after a compatibility message",
+        u64::from(mmio_read(bar + sd::reg::STATUS)),
+        u64::from(sd::STATUS_FORMAT_ERROR),
+    );
+    let slot = (at - sd::reg::SLOT_BASE) / sd::reg::SLOT_SIZE;
+    check(
+        &mut ok,
+        "ERROR_SLOT",
+        u64::from(mmio_read(bar + sd::reg::ERROR_SLOT)),
+        slot,
+    );
+    check(
+        &mut ok,
+        "the refused slot's message",
+        u64::from(mmio_read(bar + at)),
+        u64::from(message),
+    );
+    mmio_write(bar + sd::reg::STATUS, sd::STATUS_FORMAT_ERROR);
+
+    let off = q % SLOT_VECTORS;
+    let (cpu, vector) = (off % cpus, SLOT_VECTOR + off as u8);
+    let before = count(cpu, vector);
+    let used = used_idx(slot_ring(q));
+    mmio_write(bar + at + 12, sd::SLOT_MASK);
+    post(slot_ring(q));
+    expect(cpu, vector, 1);
+    mmio_write(bar + sd::reg::QUEUE_NOTIFY, q as u32);
+    ok &= wait_for("the masked slot's completion", || {
+        used_idx(slot_ring(q)) != used
+    });
+    check(
+        &mut ok,
+        "masked slot control",
+        u64::from(mmio_read(bar + at + 12)),
+        u64::from(sd::SLOT_MASK | sd::SLOT_PENDING),
+    );
+    check(
+        &mut ok,
+        "interrupts while masked",
+        u64::from(count(cpu, vector) - before),
+        0,
+    );
+    mmio_write(bar + at + 12, 0);
+    ok &= wait_for("the unmasked slot's interrupt", || {
+        count(cpu, vector) > before
+    });
+    check(
+        &mut ok,
+        "slot control after unmask",
+        u64::from(mmio_read(bar + at + 12)),
+        0,
+    );
+    println!("ims-slots: a compatibility-format message was refused (STATUS, ERROR_SLOT {}); a masked slot latched and fired on unmask", slot);
     ok
 }
 
@@ -510,6 +582,7 @@ fn retarget_under_load(
 fn foreign_entry(
     hc: &mut Hc,
     bar: u64,
+    at: u64,
     other: u8,
     cpus: usize,
     apic: &impl Fn(usize) -> u32,
@@ -534,12 +607,9 @@ fn foreign_entry(
     );
     let faults = mmio_read(bar + sd::reg::FAULTS);
     let completions = mmio_read(bar + sd::reg::COMPLETIONS);
-    let (active, slot0) = (
-        ACTIVE.load(Ordering::Acquire),
-        mmio_read(bar + sd::reg::SLOT_BASE),
-    );
+    let (active, slot0) = (ACTIVE.load(Ordering::Acquire), mmio_read(bar + at));
     ACTIVE.store(0, Ordering::Release);
-    mmio_write(bar + sd::reg::SLOT_BASE, compose(idx));
+    mmio_write(bar + at, compose(idx));
     post(slot_ring(0));
     mmio_write(bar + sd::reg::QUEUE_NOTIFY, 0);
     ok &= wait_for("the foreign completion", || {
@@ -559,7 +629,7 @@ fn foreign_entry(
     );
     // That completion was never signalled: count it as seen, and put the slot back.
     SLOT_SEEN[0].store(used_idx(slot_ring(0)), Ordering::Release);
-    mmio_write(bar + sd::reg::SLOT_BASE, slot0);
+    mmio_write(bar + at, slot0);
     ACTIVE.store(active, Ordering::Release);
     hc.call(
         "free the other device's entry",
