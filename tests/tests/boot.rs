@@ -92,9 +92,10 @@ fn every_scenario_in_xapic_mode() {
         "{console}"
     );
     // smoke 4 + msi 4 x 20 + remap 256 + retarget 2 x 300 + sid 1 + hypercall 5 + 5 + 4 + 1
+    // + ims 4096 + 1 + 96 slot completions, 28 queue completions and 23 admin interrupts
     // + vtd 422 remapped and 6 fault events.
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
-    assert_eq!(total, 4 + 80 + 256 + 600 + 1 + 15 + 428, "{report}");
+    assert_eq!(total, 4 + 80 + 256 + 600 + 1 + 15 + 4244 + 428, "{report}");
     assert!(
         console.contains("vtd: interrupt remapping enabled (xAPIC mode)"),
         "{console}"
@@ -106,10 +107,11 @@ fn default_scenario_runs_every_scenario() {
     let (report, console) = boot(&config(2, ""));
     assert!(report.passed(), "{report}\n{console}");
     // smoke 2 + msi 2 x 50 + remap 256 + retarget 2 x 300 + sid 1 + hypercall 5 + 5 + 2 + 1
+    // + ims 4096 + 1 + 96 slot completions, 28 queue completions and 23 admin interrupts
     // + vtd 422 remapped and 6 fault events.
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
-    assert_eq!(total, 2 + 100 + 256 + 600 + 1 + 13 + 428, "{report}");
-    let faults = vec![(0x21, 1), (0x22, 4), (0x24, 1), (0x25, 1), (0x26, 11)];
+    assert_eq!(total, 2 + 100 + 256 + 600 + 1 + 13 + 4244 + 428, "{report}");
+    let faults = vec![(0x21, 1), (0x22, 4), (0x24, 1), (0x25, 1), (0x26, 12)];
     assert_eq!(report.remap_faults, faults, "{report}");
     for line in [
         "smoke:",
@@ -119,6 +121,8 @@ fn default_scenario_runs_every_scenario() {
         "retarget (joining",
         "sid:",
         "hypercall: PASS",
+        "ims-slots: 2048 slots over 2 vCPUs",
+        "ims-queues: 28 completions, all counted",
         "vtd: a malformed descriptor stopped the queue (IQE) until repaired; PASS",
     ] {
         assert!(console.contains(line), "{line} missing:\n{console}");

@@ -47,7 +47,7 @@ fn run_with_no_arguments_boots_the_test_guest() {
     assert!(stdout.contains("vmm: interrupts  vCPU 0: "), "{stdout}");
     assert!(stdout.contains("(counted by the guest)"), "{stdout}");
     assert!(
-        stdout.contains("vmm: IR faults   1 x 0x21, 4 x 0x22, 1 x 0x24, 1 x 0x25, 11 x 0x26"),
+        stdout.contains("vmm: IR faults   1 x 0x21, 4 x 0x22, 1 x 0x24, 1 x 0x25, 12 x 0x26"),
         "{stdout}"
     );
     assert!(stdout.contains("vmm: hypercalls  query"), "{stdout}");
@@ -247,4 +247,48 @@ fn help_describes_the_options() {
     ] {
         assert!(help.contains(option), "{option} missing from:\n{help}");
     }
+}
+
+#[test]
+fn devices_come_from_flags_or_the_config_file() {
+    let out = vmm(&["run", "--device", "none", "--cmdline", "scenario=ims"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("ims: FAIL: no slot-array IMS device"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("vmm: device"), "{stdout}");
+
+    let config = scratch("devices.toml");
+    std::fs::write(
+        &config,
+        "[[device]]\nkind = \"ims-queues\"\ncontexts = 8\npci_slot = 6\n",
+    )
+    .unwrap();
+    let out = vmm(&["run", "--config", config.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("ims: no slot-array IMS device; skipped"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("vmm: device      00:06.0 ims-queues (8 contexts): 28 completions"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_device() {
+    fails_with(
+        &["run", "--device", "ims-slots,slots=40000"],
+        125,
+        "error: invalid device ims-slots: slots 40000 must be between 1 and 32768",
+    );
+    fails_with(
+        &["run", "--device", "ims-slots,colour=red"],
+        125,
+        "unknown key `colour`",
+    );
 }
