@@ -6,7 +6,7 @@
 use integration_tests::{boot, config};
 use vmm::config::{DeviceConfig, DeviceKind};
 
-fn device<'a>(report: &'a vmm::RunReport, slot: u8) -> &'a vmm::pci::DeviceReport {
+fn device(report: &vmm::RunReport, slot: u8) -> &vmm::pci::DeviceReport {
     report
         .devices
         .iter()
