@@ -4,7 +4,7 @@
 //! its virtio split-ring addresses. The guest starts and stops queues with commands on an
 //! admin ring, also in guest RAM; `START` reads the context and caches its message (the
 //! message is composed once and never written to the device again: retargets happen at
-//! the IRTE), `STOP` drains the queue (every outstanding item completed and signalled)
+//! the IRTE) and resumes the queue at its used ring's index, `STOP` drains the queue (every outstanding item completed and signalled)
 //! before it completes. Masking is lazy: the device reads the context's mask bit when it
 //! is about to signal, latches the interrupt as pending if masked, and delivers it when
 //! the guest notifies the queue after unmasking. A command not completed within the
@@ -213,6 +213,7 @@ impl ImsQueues {
         self.admin_tail = 0;
         self.drop = 0;
         self.stall = 0;
+        self.delay = Duration::ZERO;
         self.stats.resets += 1;
         if notify {
             self.status |= STATUS_RESET;
