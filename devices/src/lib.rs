@@ -9,6 +9,8 @@
 //! - [`debug_exit`]: the port through which a guest reports its verdict.
 //! - [`harness`]: the doorbell of the test harness (see `hypercall::harness`).
 //! - [`viommu`]: the VT-d interrupt-remapping register model over the interrupt core.
+//! - [`pci`]: the PCI root bus, configuration space, BARs and MSI-X.
+//! - [`ims`]: the IMS devices (slot-array and queue-memory) and their event-loop backend.
 
 pub mod bus;
 pub mod debug_exit;

@@ -570,7 +570,14 @@ fn retarget_under_load(
             total, retargets, queues
         );
         for cpu in 0..cpus {
-            let _ = write!(out, " {} on vCPU {}", count(cpu, RETARGET_VECTOR), cpu);
+            let sep = if cpu == 0 { " " } else { ", " };
+            let _ = write!(
+                out,
+                "{}{} on vCPU {}",
+                sep,
+                count(cpu, RETARGET_VECTOR),
+                cpu
+            );
         }
         let _ = out.write_str("\n");
     });
