@@ -47,7 +47,7 @@ pub struct RunArgs {
     /// Guest RAM, e.g. 64M or 1G; a bare number is MiB [default: 64M]
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
-    /// Command line handed to the guest (the test guest reads scenario=smoke|msi|all|fail|hang)
+    /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
     /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, [[device]])

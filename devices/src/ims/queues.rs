@@ -286,7 +286,13 @@ impl ImsQueues {
     /// Reads and checks a context for `START`.
     fn load_context(&self, address: u64) -> Result<Running, u32> {
         let bad = command::BAD_CONTEXT;
-        if address % context::SIZE != 0 {
+        // Aligned and wholly in RAM: every field address below is then in RAM too.
+        let whole = self.mem.check_range(
+            GuestAddress(address),
+            usize::try_from(context::SIZE).unwrap_or(usize::MAX),
+            vm_memory::Permissions::ReadWrite,
+        );
+        if address % context::SIZE != 0 || !whole {
             return Err(bad);
         }
         let word = |off| self.read_u32(address + off).ok_or(bad);
@@ -317,7 +323,9 @@ impl ImsQueues {
         // queue was stopped runs now, completed work does not run again.
         let used: u16 = self
             .mem
-            .read_obj(GuestAddress(quad(context::USED)? + 2))
+            .read_obj(GuestAddress(
+                quad(context::USED)?.checked_add(2).ok_or(bad)?,
+            ))
             .map_err(|_| bad)?;
         queue.set_next_avail(used);
         queue.set_next_used(used);
@@ -782,14 +790,21 @@ mod tests {
         let e = submit(&mut rig, 0, command::START, 0, ctx);
         rig.dev.process(now);
         assert_eq!(status(&rig, e), command::BAD_CONTEXT);
-        let e = submit(&mut rig, 1, command::START, 0, 0xfff_ffc0);
+        let e = submit(&mut rig, 1, command::START, 0, u64::MAX - 63);
+        rig.dev.process(now);
+        assert_eq!(
+            status(&rig, e),
+            command::BAD_CONTEXT,
+            "at the top of memory"
+        );
+        let e = submit(&mut rig, 2, command::START, 0, 0xfff_ffc0);
         rig.dev.process(now);
         assert_eq!(status(&rig, e), command::BAD_CONTEXT, "outside RAM");
-        let e = submit(&mut rig, 2, 77, 0, ctx);
+        let e = submit(&mut rig, 3, 77, 0, ctx);
         rig.dev.process(now);
         assert_eq!(status(&rig, e), command::BAD_OPCODE);
         write_context(&mem, &mock);
-        let e = submit(&mut rig, 3, command::START, 0, ctx);
+        let e = submit(&mut rig, 4, command::START, 0, ctx);
         rig.dev.process(now);
         assert_eq!(status(&rig, e), command::OK);
         w(&mut rig.dev, reg::INJECT_DROP, 1);
