@@ -102,3 +102,41 @@ impl<D: ImsEngine> MutEventSubscriber for ImsBackend<D> {
         let _ = ops.add(Events::new(&self.timer, EventSet::IN));
     }
 }
+
+/// The interrupt core the device tests raise through: fake KVM routing, 1 MiB of RAM, and
+/// entries owned by `sid`.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use irq::backing::{Backing, Limits};
+    use irq::fake::FakeRouting;
+    use irq::irte::{Irte, SourceValidation};
+    use irq::msi::Target;
+    use irq::RouteTable;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// Entries `(index, destination, vector)`, present and verifying `sid`.
+    pub fn core(
+        sid: u16,
+        entries: &[(u32, u32, u8)],
+    ) -> (Backing<Arc<FakeRouting>>, Arc<FakeRouting>, GuestMemoryMmap) {
+        let kvm = Arc::new(FakeRouting::new());
+        let mut backing = Backing::new(
+            RouteTable::new(kvm.clone(), 4096).unwrap(),
+            Limits::default(),
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut txn = backing.transaction();
+        for &(index, dest, vector) in entries {
+            let entry = Irte::new(
+                Target::fixed(dest, vector),
+                SourceValidation::RequesterId { sid, qualifier: 0 },
+            );
+            txn.set(index, &entry).unwrap();
+        }
+        txn.commit().unwrap();
+        (backing, kvm, mem)
+    }
+}

@@ -578,11 +578,8 @@ impl PciFunction for ImsQueues {
 
 #[cfg(test)]
 mod tests {
-    use irq::backing::{Backing, Limits};
+    use irq::backing::Backing;
     use irq::fake::FakeRouting;
-    use irq::irte::{Irte, SourceValidation};
-    use irq::msi::Target;
-    use irq::RouteTable;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -600,26 +597,8 @@ mod tests {
     }
 
     fn rig() -> Rig {
-        let kvm = Arc::new(FakeRouting::new());
-        let mut backing = Backing::new(
-            RouteTable::new(kvm.clone(), 4096).unwrap(),
-            Limits::default(),
-        )
-        .unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (backing, _, mem) = super::super::testing::core(DEV, &[(3, 0, 0x41), (4, 0, 0x42)]);
         let dev = ImsQueues::new(8, DEV, backing.path(), mem.clone()).unwrap();
-        let mut txn = backing.transaction();
-        for (index, vector) in [(3, 0x41), (4, 0x42)] {
-            let entry = Irte::new(
-                Target::fixed(0, vector),
-                SourceValidation::RequesterId {
-                    sid: DEV,
-                    qualifier: 0,
-                },
-            );
-            txn.set(index, &entry).unwrap();
-        }
-        txn.commit().unwrap();
         Rig { dev, backing, mem }
     }
 

@@ -376,14 +376,11 @@ impl PciFunction for ImsSlots {
 
 #[cfg(test)]
 mod tests {
-    use irq::backing::{Backing, Limits};
+    use irq::backing::Backing;
     use irq::fake::FakeRouting;
-    use irq::irte::{Irte, SourceValidation};
     use irq::msi::Target;
     use irq::remap::FaultReason;
-    use irq::RouteTable;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
 
     use super::*;
 
@@ -397,24 +394,8 @@ mod tests {
     }
 
     fn rig() -> Rig {
-        let kvm = Arc::new(FakeRouting::new());
-        let mut backing = Backing::new(
-            RouteTable::new(kvm.clone(), 4096).unwrap(),
-            Limits::default(),
-        )
-        .unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (backing, kvm, mem) = super::super::testing::core(DEV, &[(7, 1, 0x40)]);
         let dev = ImsSlots::new(64, 4, DEV, backing.path(), mem.clone()).unwrap();
-        let entry = Irte::new(
-            Target::fixed(1, 0x40),
-            SourceValidation::RequesterId {
-                sid: DEV,
-                qualifier: 0,
-            },
-        );
-        let mut txn = backing.transaction();
-        txn.set(7, &entry).unwrap();
-        txn.commit().unwrap();
         Rig {
             dev,
             backing,
