@@ -12,6 +12,7 @@
 //! watchdog, stops the vCPUs and returns a [`RunReport`].
 
 pub mod acpi;
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -4,7 +4,7 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{Cli, Command, RunArgs};
+use vmm::cli::{BenchArgs, Cli, Command, RunArgs};
 use vmm::report::EXIT_VMM_ERROR;
 
 /// Prints an error and its causes on one line.
@@ -45,5 +45,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Run(args) => run(args),
+        Command::Bench(args) => bench(args),
     }
+}
+
+fn bench(args: &BenchArgs) -> ExitCode {
+    let config = vmm::bench::BenchConfig {
+        kvm_device: args.kvm_device.clone(),
+        samples: args.samples as usize,
+    };
+    let report = match vmm::bench::run(&config) {
+        Ok(report) => report,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    };
+    println!("{report}");
+    if let Err(e) = std::fs::write(&args.json, report.to_json()) {
+        eprintln!("error: cannot write {}: {e}", args.json.display());
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
+    println!("figures written to {}", args.json.display());
+    ExitCode::SUCCESS
 }

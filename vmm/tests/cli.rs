@@ -292,3 +292,30 @@ fn bad_device() {
         "unknown key `colour`",
     );
 }
+
+#[test]
+fn bench_prints_a_table_and_writes_json() {
+    let json = scratch("bench.json");
+    let out = vmm(&["bench", "--samples", "5", "--json", json.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("headline: retarget_speedup_at_4096"),
+        "{stdout}"
+    );
+    let written = std::fs::read_to_string(&json).unwrap();
+    for key in [
+        "\"retarget_speedup_at_4096\": ",
+        "\"delivery_ratio\": ",
+        "\"max_live_interrupts\": ",
+        "\"bulk_ratio\": ",
+        "\"live\": 65536",
+    ] {
+        assert!(written.contains(key), "{key} missing: {written}");
+    }
+    fails_with(
+        &["bench", "--kvm-device", "/nonexistent/kvm"],
+        125,
+        "error: cannot open KVM device /nonexistent/kvm",
+    );
+}

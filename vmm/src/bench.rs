@@ -1,0 +1,495 @@
+//! `vmm bench`: our control-path costs beside what raw KVM charges for the same change, in
+//! one run on one machine.
+//!
+//! Host-side figures, measured in-process on a real KVM VM (in-kernel irqchip, no vCPU
+//! needed):
+//!
+//! - **retarget**: one `UPDATE` hypercall through the dispatcher (validation, backing, route
+//!   change, publish), with 1, 512, 4,096 and 65,536 live interrupts, beside one
+//!   whole-table `KVM_SET_GSI_ROUTING` of that many MSI routes (what a VMM that rebuilds the
+//!   table pays per change; KVM takes at most 4,096, so the largest size has no baseline);
+//! - **bulk activation**: one `BATCH` hypercall activating 2,048 entries, beside one
+//!   2,048-entry `KVM_SET_GSI_ROUTING`.
+//!
+//! Each figure is the median and 99th percentile of many samples. Nothing here is a
+//! pass/fail check: the report says where a target is met and where it is not.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hypercall::abi::{call, status, target, BatchEntry, Registers};
+use irq::backing::{Backing, Limits};
+use irq::fdlimit::raise_fd_limit;
+use irq::routes::{RouteEntry, RouteKind};
+use irq::{KvmRouting, MsiMessage, RouteTable, RoutingBackend};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::hypercall::{Dispatcher, HypercallHandler};
+use crate::vm::VmError;
+
+/// Live-interrupt counts the retarget cost is measured at.
+pub const RETARGET_SIZES: [u32; 4] = [1, 512, 4096, 65_536];
+/// Entries activated by one batch in the bulk figure.
+pub const BULK_ENTRIES: u32 = 2048;
+/// KVM's routing-table limit (one MSI route per GSI).
+const KVM_MAX_ROUTES: u32 = 4096;
+/// vCPUs the targets spread over (APIC IDs 0..CPUS).
+const CPUS: u32 = 2;
+/// Vectors per vCPU the targets spread over, from 0x30 (as the test guest's IMS driver
+/// spreads its interrupts): the number of distinct targets, hence routes, is the same at
+/// every size, so the table shows cost against live interrupts alone.
+const VECTORS: u32 = 32;
+/// The requester ID the benchmark allocates as.
+const REQUESTER: u16 = 0x0018;
+/// Where the batch array sits in the benchmark's guest memory.
+const BATCH_ADDR: u64 = 0x1000;
+
+/// What to measure and where to put it.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+    /// Samples per figure.
+    pub samples: usize,
+}
+
+/// Median and 99th percentile of one figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Figure {
+    /// Median.
+    pub median: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Samples taken.
+    pub samples: usize,
+}
+
+impl Figure {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let n = samples.len();
+        // Nearest rank, rounded: the sample `percent`% of the way from first to last.
+        let at = |percent: usize| {
+            let i = (n.saturating_sub(1) * percent + 50) / 100;
+            samples.get(i).copied().unwrap_or_default()
+        };
+        Self {
+            median: at(50),
+            p99: at(99),
+            samples: n,
+        }
+    }
+}
+
+/// One row of the retarget table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetargetRow {
+    /// Live interrupts.
+    pub live: u32,
+    /// Our `UPDATE` to a target that already has a route.
+    pub ours: Figure,
+    /// One whole-table `KVM_SET_GSI_ROUTING` of `live` MSI routes (`None` beyond KVM's
+    /// limit).
+    pub rebuild: Option<Figure>,
+}
+
+/// The results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchReport {
+    /// Retarget cost by live interrupts.
+    pub retarget: Vec<RetargetRow>,
+    /// One `BATCH` activating [`BULK_ENTRIES`] entries.
+    pub bulk_ours: Figure,
+    /// One `KVM_SET_GSI_ROUTING` of [`BULK_ENTRIES`] routes.
+    pub bulk_raw: Figure,
+}
+
+fn ratio(a: Duration, b: Duration) -> Option<f64> {
+    (!b.is_zero()).then(|| a.as_secs_f64() / b.as_secs_f64())
+}
+
+impl BenchReport {
+    /// Whole-table rebuild cost over our retarget cost, both at 4,096 live.
+    #[must_use]
+    pub fn retarget_speedup_at_4096(&self) -> Option<f64> {
+        let row = self.retarget.iter().find(|r| r.live == 4096)?;
+        ratio(row.rebuild?.median, row.ours.median)
+    }
+
+    /// Our 2,048-entry batch activation over one 2,048-entry routing set.
+    #[must_use]
+    pub fn bulk_ratio(&self) -> Option<f64> {
+        ratio(self.bulk_ours.median, self.bulk_raw.median)
+    }
+
+    /// The report as JSON: the headline ratios at the top level, the tables beside them.
+    /// Figures not measured by this command are `null`.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
+        let us = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e6);
+        let fig = |f: &Figure| {
+            format!(
+                "{{\"median_us\": {}, \"p99_us\": {}, \"samples\": {}}}",
+                us(f.median),
+                us(f.p99),
+                f.samples
+            )
+        };
+        let mut out = String::from("{\n");
+        let _ = writeln!(
+            out,
+            "  \"retarget_speedup_at_4096\": {},",
+            num(self.retarget_speedup_at_4096())
+        );
+        let _ = writeln!(out, "  \"delivery_ratio\": null,");
+        let _ = writeln!(out, "  \"max_live_interrupts\": null,");
+        let _ = writeln!(out, "  \"bulk_ratio\": {},", num(self.bulk_ratio()));
+        out.push_str("  \"retarget\": [\n");
+        let rows: Vec<String> = self
+            .retarget
+            .iter()
+            .map(|r| {
+                format!(
+                    "    {{\"live\": {}, \"ours\": {}, \"whole_table_rebuild\": {}}}",
+                    r.live,
+                    fig(&r.ours),
+                    r.rebuild.as_ref().map_or("null".to_string(), fig)
+                )
+            })
+            .collect();
+        out.push_str(&rows.join(",\n"));
+        out.push_str("\n  ],\n");
+        let _ = writeln!(
+            out,
+            "  \"bulk_activation\": {{\"entries\": {BULK_ENTRIES}, \"ours_batch\": {}, \"raw_set_gsi_routing\": {}}}",
+            fig(&self.bulk_ours),
+            fig(&self.bulk_raw)
+        );
+        out.push_str("}\n");
+        out
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+        writeln!(
+            f,
+            "IRTE retarget, host side (us): our UPDATE hypercall vs one whole-table KVM_SET_GSI_ROUTING"
+        )?;
+        writeln!(
+            f,
+            "{:>8} | {:>10} {:>10} | {:>12} {:>12} | {:>8}",
+            "live", "ours p50", "ours p99", "rebuild p50", "rebuild p99", "speedup"
+        )?;
+        for r in &self.retarget {
+            let (p50, p99, speedup) = match r.rebuild {
+                Some(b) => (
+                    us(b.median),
+                    us(b.p99),
+                    ratio(b.median, r.ours.median).map_or("-".into(), |x| format!("{x:.0}x")),
+                ),
+                None => ("n/a".into(), "n/a".into(), "-".into()),
+            };
+            writeln!(
+                f,
+                "{:>8} | {:>10} {:>10} | {:>12} {:>12} | {:>8}",
+                r.live,
+                us(r.ours.median),
+                us(r.ours.p99),
+                p50,
+                p99,
+                speedup
+            )?;
+        }
+        writeln!(
+            f,
+            "(KVM takes at most {KVM_MAX_ROUTES} routes: no whole-table baseline beyond that)"
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Bulk activation of {BULK_ENTRIES} entries (us): one BATCH hypercall vs one {BULK_ENTRIES}-entry KVM_SET_GSI_ROUTING"
+        )?;
+        writeln!(
+            f,
+            "  ours p50 {} p99 {} | raw p50 {} p99 {} | ratio {}",
+            us(self.bulk_ours.median),
+            us(self.bulk_ours.p99),
+            us(self.bulk_raw.median),
+            us(self.bulk_raw.p99),
+            self.bulk_ratio().map_or("-".into(), |x| format!("{x:.2}x"))
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "headline: retarget_speedup_at_4096 {} (target >= 20), bulk_ratio {} (target <= 3)",
+            self.retarget_speedup_at_4096()
+                .map_or("-".into(), |x| format!("{x:.1}")),
+            self.bulk_ratio().map_or("-".into(), |x| format!("{x:.2}"))
+        )
+    }
+}
+
+/// A VM with an in-kernel irqchip, and the dispatcher over its interrupt core.
+struct Rig {
+    vm: Arc<VmFd>,
+    dispatcher: Dispatcher<KvmRouting>,
+    mem: GuestMemoryMmap,
+}
+
+fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
+    let vm = Arc::new(
+        kvm.create_vm()
+            .map_err(|e| VmError::Kvm("create the VM", e))?,
+    );
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    let routing = KvmRouting::new(vm.clone());
+    let limit = routing.route_limit();
+    raise_fd_limit(u64::from(limit) + 256)?;
+    let backing = Backing::new(RouteTable::new(routing, limit)?, Limits::default())?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])
+        .map_err(|e| VmError::Os("allocate benchmark memory", std::io::Error::other(e)))?;
+    let dispatcher = Dispatcher::new(
+        Arc::new(Mutex::new(backing)),
+        mem.clone(),
+        (0..CPUS).collect(),
+        vec![REQUESTER],
+        u32::MAX,
+    );
+    Ok(Rig {
+        vm,
+        dispatcher,
+        mem,
+    })
+}
+
+/// Target `k` of the spread: APIC `k % CPUS`, vector `0x30 + (k / CPUS) % VECTORS`.
+fn spread(k: u32) -> u64 {
+    let vector = 0x30 + (k / CPUS) % VECTORS;
+    target::fixed(k % CPUS, u8::try_from(vector).unwrap_or(0x30))
+}
+
+impl Rig {
+    fn call(&self, number: u32, a: u64, b: u64) -> Registers {
+        let mut regs = Registers {
+            rax: u64::from(number),
+            rcx: u64::from(REQUESTER),
+            rsi: a,
+            rdi: b,
+            r8: 0,
+            r9: 0,
+        };
+        self.dispatcher.call(&mut regs);
+        regs
+    }
+
+    fn checked(
+        &self,
+        what: &'static str,
+        number: u32,
+        a: u64,
+        b: u64,
+    ) -> Result<Registers, VmError> {
+        let regs = self.call(number, a, b);
+        if regs.rax == status::OK {
+            Ok(regs)
+        } else {
+            Err(VmError::Os(
+                what,
+                std::io::Error::other(format!("hypercall status {}", regs.rax)),
+            ))
+        }
+    }
+
+    /// Writes entries `first..first + count` with `word(k)` into the batch array and
+    /// applies them with one BATCH; returns how long the call took.
+    fn batch(
+        &self,
+        first: u64,
+        count: u32,
+        word: impl Fn(u32) -> u64,
+    ) -> Result<Duration, VmError> {
+        for k in 0..count {
+            let entry = BatchEntry {
+                index: u32::try_from(first + u64::from(k)).unwrap_or(u32::MAX),
+                status: 0,
+                target: word(k),
+            };
+            self.mem
+                .write_slice(
+                    &entry.to_bytes(),
+                    GuestAddress(BATCH_ADDR + 16 * u64::from(k)),
+                )
+                .map_err(|e| VmError::Os("write the batch array", std::io::Error::other(e)))?;
+        }
+        let begin = Instant::now();
+        self.checked("apply a batch", call::BATCH, BATCH_ADDR, u64::from(count))?;
+        Ok(begin.elapsed())
+    }
+
+    /// Activates `live` entries spread over the targets; returns the first.
+    fn populate(&self, live: u32) -> Result<u64, VmError> {
+        let first = self
+            .checked("allocate", call::ALLOCATE, u64::from(live), 0)?
+            .rsi;
+        let mut done = 0;
+        while done < live {
+            let n = (live - done).min(4096);
+            self.batch(first + u64::from(done), n, |k| spread(done + k))?;
+            done += n;
+        }
+        Ok(first)
+    }
+}
+
+/// `count` MSI routes, as a VMM that keeps one route per interrupt would have them.
+fn raw_table(count: u32) -> Vec<RouteEntry> {
+    (0..count)
+        .map(|gsi| RouteEntry {
+            gsi,
+            kind: RouteKind::Msi(MsiMessage {
+                address: 0xfee0_0000 | (u64::from(gsi % CPUS) << 12),
+                data: 0x30 + (gsi / CPUS) % VECTORS,
+            }),
+        })
+        .collect()
+}
+
+fn time_set_routes(vm: &Arc<VmFd>, count: u32, samples: usize) -> Result<Figure, VmError> {
+    let routing = KvmRouting::new(vm.clone());
+    let table = raw_table(count);
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let begin = Instant::now();
+        routing
+            .set_routes(&table)
+            .map_err(|e| VmError::Os("set a whole routing table", e))?;
+        times.push(begin.elapsed());
+    }
+    Ok(Figure::of(times))
+}
+
+/// Runs every host-side benchmark.
+///
+/// # Errors
+/// KVM could not be opened or a VM set up, or a call the benchmark relies on failed.
+pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
+    let open_error = |source| VmError::OpenKvm {
+        path: config.kvm_device.clone(),
+        source,
+    };
+    let device = std::ffi::CString::new(config.kvm_device.as_os_str().as_encoded_bytes())
+        .map_err(|_| open_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(device).map_err(open_error)?;
+    let samples = config.samples.max(1);
+
+    let mut retarget = Vec::new();
+    for live in RETARGET_SIZES {
+        let rig = new_rig(&kvm)?;
+        let first = rig.populate(live)?;
+        // Move entry k to the target of entry k + 1 (or to the other CPU when there is
+        // only one entry): always a target that already has a route.
+        let mut times = Vec::with_capacity(samples);
+        let moves = u64::from(live.max(2));
+        for s in 0..samples as u64 {
+            let k = (s * 7919) % u64::from(live);
+            let to = spread(u32::try_from((k + 1 + s) % moves).unwrap_or(0));
+            let begin = Instant::now();
+            rig.checked("retarget", call::UPDATE, first + k, to)?;
+            times.push(begin.elapsed());
+        }
+        let rebuild = if live <= KVM_MAX_ROUTES {
+            let vm = new_rig(&kvm)?.vm;
+            Some(time_set_routes(&vm, live, samples)?)
+        } else {
+            None
+        };
+        retarget.push(RetargetRow {
+            live,
+            ours: Figure::of(times),
+            rebuild,
+        });
+    }
+
+    let rig = new_rig(&kvm)?;
+    let first = rig
+        .checked("allocate", call::ALLOCATE, u64::from(BULK_ENTRIES), 0)?
+        .rsi;
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        times.push(rig.batch(first, BULK_ENTRIES, spread)?);
+        rig.batch(first, BULK_ENTRIES, |_| 0)?;
+    }
+    let bulk_ours = Figure::of(times);
+    let bulk_raw = time_set_routes(&new_rig(&kvm)?.vm, BULK_ENTRIES, samples)?;
+    Ok(BenchReport {
+        retarget,
+        bulk_ours,
+        bulk_raw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn figures_are_median_and_p99() {
+        let f = Figure::of((1..=100).rev().map(us).collect());
+        assert_eq!((f.median, f.p99, f.samples), (us(51), us(99), 100));
+        assert_eq!(Figure::of(vec![us(7)]).median, us(7));
+    }
+
+    #[test]
+    fn json_leads_with_the_headline_ratios() {
+        let fig = |n| Figure {
+            median: us(n),
+            p99: us(2 * n),
+            samples: 3,
+        };
+        let report = BenchReport {
+            retarget: vec![
+                RetargetRow {
+                    live: 4096,
+                    ours: fig(4),
+                    rebuild: Some(fig(1000)),
+                },
+                RetargetRow {
+                    live: 65_536,
+                    ours: fig(5),
+                    rebuild: None,
+                },
+            ],
+            bulk_ours: fig(800),
+            bulk_raw: fig(400),
+        };
+        let near = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() < 1e-9);
+        assert!(near(report.retarget_speedup_at_4096(), 250.0));
+        assert!(near(report.bulk_ratio(), 2.0));
+        let json = report.to_json();
+        let keys: Vec<&str> = json.lines().skip(1).take(4).collect();
+        assert_eq!(
+            keys,
+            [
+                "  \"retarget_speedup_at_4096\": 250.000,",
+                "  \"delivery_ratio\": null,",
+                "  \"max_live_interrupts\": null,",
+                "  \"bulk_ratio\": 2.000,"
+            ]
+        );
+        assert!(json.contains("\"whole_table_rebuild\": null"), "{json}");
+        let text = report.to_string();
+        assert!(text.contains("250x"), "{text}");
+        assert!(text.contains("n/a"), "{text}");
+    }
+}
