@@ -191,7 +191,13 @@ impl std::fmt::Display for BenchReport {
                 Some(b) => (
                     us(b.median),
                     us(b.p99),
-                    ratio(b.median, r.ours.median).map_or("-".into(), |x| format!("{x:.0}x")),
+                    ratio(b.median, r.ours.median).map_or("-".into(), |x| {
+                        if x < 10.0 {
+                            format!("{x:.1}x")
+                        } else {
+                            format!("{x:.0}x")
+                        }
+                    }),
                 ),
                 None => ("n/a".into(), "n/a".into(), "-".into()),
             };

@@ -18,6 +18,12 @@ fn report_error(error: &dyn Error) {
     eprintln!("{line}");
 }
 
+/// Prints a line on stdout; a closed stdout (a pipe into `head`) is not an error.
+fn out(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 fn run(args: &RunArgs) -> ExitCode {
     let config = match args.settings().and_then(vmm::Settings::resolve) {
         Ok(config) => config,
@@ -28,7 +34,7 @@ fn run(args: &RunArgs) -> ExitCode {
     };
     match vmm::run(&config) {
         Ok(report) => {
-            println!("{report}");
+            out(format_args!("{report}"));
             if let Some(failure) = report.failure() {
                 eprintln!("error: {failure}");
             }
@@ -61,11 +67,11 @@ fn bench(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(EXIT_VMM_ERROR);
         }
     };
-    println!("{report}");
+    out(format_args!("{report}"));
     if let Err(e) = std::fs::write(&args.json, report.to_json()) {
         eprintln!("error: cannot write {}: {e}", args.json.display());
         return ExitCode::from(EXIT_VMM_ERROR);
     }
-    println!("figures written to {}", args.json.display());
+    out(format_args!("figures written to {}", args.json.display()));
     ExitCode::SUCCESS
 }
