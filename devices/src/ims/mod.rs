@@ -14,6 +14,7 @@
 pub mod queues;
 pub mod slots;
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -22,6 +23,44 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
+
+/// Work taken off a device's rings and waiting for its completion: each item is due one
+/// injected delay after the one before it (at once when there is no delay).
+#[derive(Debug, Default)]
+pub(crate) struct Deferred(VecDeque<(u32, u16, Instant)>);
+
+impl Deferred {
+    /// Queues the descriptor chain `head` of queue `queue`, `delay` after the last item
+    /// (or after `now`).
+    pub(crate) fn push(&mut self, queue: u32, head: u16, delay: Duration, now: Instant) {
+        let last = self.0.back().map_or(now, |(.., at)| (*at).max(now));
+        self.0.push_back((queue, head, last + delay));
+    }
+
+    /// The next item due by `now`: (queue, head).
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(u32, u16)> {
+        let &(queue, head, at) = self.0.front()?;
+        (at <= now).then(|| {
+            self.0.pop_front();
+            (queue, head)
+        })
+    }
+
+    /// When the next item is due.
+    pub(crate) fn next(&self) -> Option<Instant> {
+        self.0.front().map(|(.., at)| *at)
+    }
+
+    /// Whether queue `queue` has items waiting.
+    pub(crate) fn holds(&self, queue: u32) -> bool {
+        self.0.iter().any(|(q, ..)| *q == queue)
+    }
+
+    /// Drops every item.
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// A device whose work the backend runs.
 pub trait ImsEngine: Send {
@@ -115,6 +154,20 @@ pub(crate) mod testing {
     use irq::msi::Target;
     use irq::RouteTable;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use crate::pci::PciFunction;
+
+    /// A 32-bit write to BAR 0.
+    pub fn w(dev: &mut impl PciFunction, offset: u64, value: u32) {
+        dev.bar_write(0, offset, &value.to_le_bytes());
+    }
+
+    /// A 32-bit read of BAR 0.
+    pub fn r(dev: &mut impl PciFunction, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        dev.bar_read(0, offset, &mut b);
+        u32::from_le_bytes(b)
+    }
 
     /// Entries `(index, destination, vector)`, present and verifying `sid`.
     pub fn core(

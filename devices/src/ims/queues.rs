@@ -26,7 +26,7 @@
 //! 0x1000 MSI-X table (1 vector: admin completions and resets)    0x1800 MSI-X PBA
 //! ```
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,7 +98,7 @@ pub struct ImsQueues {
     stall: u32,
     reset_due: bool,
     stats: QueueStats,
-    deferred: VecDeque<(u32, u16, Instant)>,
+    deferred: super::Deferred,
     notified: BTreeSet<u32>,
     requester: u16,
     path: Arc<InterruptPath>,
@@ -147,7 +147,7 @@ impl ImsQueues {
             stall: 0,
             reset_due: false,
             stats: QueueStats::default(),
-            deferred: VecDeque::new(),
+            deferred: super::Deferred::default(),
             notified: BTreeSet::new(),
             requester,
             path,
@@ -244,10 +244,10 @@ impl ImsQueues {
 
     /// A notified context: deliver a pending interrupt the guest has unmasked since, and
     /// take its new work.
-    fn take_work(&mut self, id: u32, mut due: Instant) -> Instant {
+    fn take_work(&mut self, id: u32, now: Instant) {
         let mem = self.mem.clone();
         let Some(Some(ctx)) = self.contexts.get_mut(id as usize) else {
-            return due;
+            return;
         };
         let unmasked = mem
             .read_obj::<u32>(GuestAddress(ctx.address + context::CONTROL))
@@ -258,13 +258,11 @@ impl ImsQueues {
             let _ = mem.write_obj(0u32, GuestAddress(ctx.address + context::PENDING));
         }
         while let Some(chain) = ctx.queue.pop_descriptor_chain(&mem) {
-            due += self.delay;
-            self.deferred.push_back((id, chain.head_index(), due));
+            self.deferred.push(id, chain.head_index(), self.delay, now);
         }
         if let Some(msg) = fire {
             self.signal(&msg);
         }
-        due
     }
 
     fn complete(&mut self, id: u32, head: u16) {
@@ -378,8 +376,7 @@ impl ImsQueues {
                         Ok(ctx) => {
                             self.contexts[id as usize] = Some(ctx);
                             // Work made available while the queue was stopped runs now.
-                            let due = self.deferred.back().map_or(now, |(.., at)| (*at).max(now));
-                            self.take_work(id, due);
+                            self.take_work(id, now);
                             command::OK
                         }
                         Err(e) => e,
@@ -387,9 +384,8 @@ impl ImsQueues {
                 }
                 (command::STOP, Some(Some(_))) => {
                     // Drain: whatever the guest made available is completed first.
-                    let due = self.deferred.back().map_or(now, |(.., at)| (*at).max(now));
-                    self.take_work(id, due);
-                    if self.deferred.iter().any(|(c, ..)| *c == id) {
+                    self.take_work(id, now);
+                    if self.deferred.holds(id) {
                         self.waiting = Some(Waiting {
                             entry,
                             draining: Some(id),
@@ -413,17 +409,12 @@ impl ImsQueues {
         if std::mem::take(&mut self.reset_due) {
             self.reset(true);
         }
-        let mut due = self.deferred.back().map_or(now, |(.., at)| (*at).max(now));
         for id in std::mem::take(&mut self.notified) {
-            due = self.take_work(id, due);
+            self.take_work(id, now);
         }
         loop {
             self.run_admin(now);
-            while let Some(&(id, head, at)) = self.deferred.front() {
-                if at > now {
-                    break;
-                }
-                self.deferred.pop_front();
+            while let Some((id, head)) = self.deferred.pop_due(now) {
                 self.complete(id, head);
             }
             let Some(w) = self.waiting else { break };
@@ -432,7 +423,7 @@ impl ImsQueues {
                 break;
             }
             match w.draining {
-                Some(id) if !self.deferred.iter().any(|(c, ..)| *c == id) => {
+                Some(id) if !self.deferred.holds(id) => {
                     self.waiting = None;
                     if let Some(c) = self.contexts.get_mut(id as usize) {
                         *c = None;
@@ -442,7 +433,7 @@ impl ImsQueues {
                 _ => break,
             }
         }
-        let next_item = self.deferred.front().map(|(.., at)| *at);
+        let next_item = self.deferred.next();
         let deadline = self.waiting.map(|w| w.deadline);
         match (next_item, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -602,15 +593,7 @@ mod tests {
         Rig { dev, backing, mem }
     }
 
-    fn w(dev: &mut ImsQueues, offset: u64, value: u32) {
-        dev.bar_write(0, offset, &value.to_le_bytes());
-    }
-
-    fn r(dev: &mut ImsQueues, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        dev.bar_read(0, offset, &mut b);
-        u32::from_le_bytes(b)
-    }
+    use super::super::testing::{r, w};
 
     /// Admin ring of 4, MSI-X vector 0 through entry 4.
     fn enable_admin(rig: &mut Rig) {

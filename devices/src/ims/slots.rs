@@ -24,7 +24,7 @@
 //! Register accesses come from vCPU threads; the work itself is done by
 //! [`super::ImsBackend`] on an event loop, woken by an eventfd that `QUEUE_NOTIFY` writes.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,7 @@ pub struct ImsSlots {
     faults: u64,
     delay: Duration,
     /// Work taken off the rings, waiting for its (delayed) completion: queue, head, due.
-    deferred: VecDeque<(u32, u16, Instant)>,
+    deferred: super::Deferred,
 }
 
 fn u32_of(data: &[u8]) -> u32 {
@@ -122,7 +122,7 @@ impl ImsSlots {
             kick: EventFd::new(EFD_NONBLOCK)?,
             faults: 0,
             delay: Duration::ZERO,
-            deferred: VecDeque::new(),
+            deferred: super::Deferred::default(),
         })
     }
 
@@ -295,7 +295,6 @@ impl ImsSlots {
     /// the used ring and raises its queue's slot. Returns the completions made.
     pub fn process(&mut self, now: Instant) -> u64 {
         let notified = std::mem::take(&mut self.notified);
-        let mut due = self.deferred.back().map_or(now, |(.., at)| (*at).max(now));
         for index in notified {
             let Some(q) = self.queues.get_mut(index as usize) else {
                 continue;
@@ -304,18 +303,12 @@ impl ImsSlots {
                 continue;
             }
             while let Some(chain) = q.queue.pop_descriptor_chain(&self.mem) {
-                if !self.delay.is_zero() {
-                    due += self.delay;
-                }
-                self.deferred.push_back((index, chain.head_index(), due));
+                self.deferred
+                    .push(index, chain.head_index(), self.delay, now);
             }
         }
         let mut done = 0;
-        while let Some(&(index, head, at)) = self.deferred.front() {
-            if at > now {
-                break;
-            }
-            self.deferred.pop_front();
+        while let Some((index, head)) = self.deferred.pop_due(now) {
             if self.complete(index, head) {
                 done += 1;
             }
@@ -345,7 +338,7 @@ impl super::ImsEngine for ImsSlots {
 
     fn run(&mut self, now: Instant) -> Option<Instant> {
         self.process(now);
-        self.deferred.front().map(|(.., at)| *at)
+        self.deferred.next()
     }
 }
 
@@ -404,15 +397,7 @@ mod tests {
         }
     }
 
-    fn w(dev: &mut ImsSlots, offset: u64, value: u32) {
-        dev.bar_write(0, offset, &value.to_le_bytes());
-    }
-
-    fn r(dev: &mut ImsSlots, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        dev.bar_read(0, offset, &mut b);
-        u32::from_le_bytes(b)
-    }
+    use super::super::testing::{r, w};
 
     fn program_slot(dev: &mut ImsSlots, slot: u64, msg: MsiMessage, masked: bool) {
         let at = reg::SLOT_BASE + reg::SLOT_SIZE * slot;
