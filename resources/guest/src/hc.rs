@@ -66,13 +66,22 @@ pub fn discover() -> Option<Interface> {
     })
 }
 
-struct Guest {
+pub struct Guest {
     port: u16,
     ok: bool,
     retries: u64,
 }
 
 impl Guest {
+    /// A caller of the doorbell at `port`.
+    pub fn new(port: u16) -> Self {
+        Self {
+            port,
+            ok: true,
+            retries: 0,
+        }
+    }
+
     /// One call, without retrying.
     fn call_once(&self, number: u32, requester: u64, a: u64, b: u64) -> Registers {
         let mut regs = Registers {
@@ -90,7 +99,7 @@ impl Guest {
     }
 
     /// One call, tried again while the host answers BUSY (as a driver should).
-    fn call(&mut self, number: u32, requester: u64, a: u64, b: u64) -> Registers {
+    pub fn call(&mut self, number: u32, requester: u64, a: u64, b: u64) -> Registers {
         loop {
             let regs = self.call_once(number, requester, a, b);
             if regs.rax != status::BUSY {

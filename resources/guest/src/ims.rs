@@ -11,7 +11,7 @@ use core::fmt::Write;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, AtomicU16, AtomicU32, Ordering};
 
-use hypercall::abi::{call, invoke, status, target, Registers};
+use hypercall::abi::{call, status, target, Registers};
 use hypercall::ims::{queues as qd, slots as sd};
 
 use crate::pci::{self, mmio_read, mmio_write};
@@ -218,34 +218,19 @@ fn compose(index: u64) -> u32 {
 
 /// Hypercalls for one requester, retried while BUSY.
 struct Hc {
-    port: u16,
+    guest: crate::hc::Guest,
     ok: bool,
 }
 
 impl Hc {
+    /// One call (retried while BUSY); a status other than OK is a failure.
     fn call(&mut self, what: &str, number: u32, requester: u16, a: u64, b: u64) -> Registers {
-        loop {
-            let mut regs = Registers {
-                rax: u64::from(number),
-                rcx: u64::from(requester),
-                rsi: a,
-                rdi: b,
-                r8: 0,
-                r9: 0,
-            };
-            // SAFETY: the doorbell found through CPUID; the only memory passed is the
-            // batch array, which is ours.
-            unsafe { invoke(self.port, &mut regs) };
-            if regs.rax == status::BUSY {
-                core::hint::spin_loop();
-                continue;
-            }
-            if regs.rax != status::OK {
-                println!("ims: FAIL: {}: hypercall status {}", what, regs.rax);
-                self.ok = false;
-            }
-            return regs;
+        let regs = self.guest.call(number, u64::from(requester), a, b);
+        if regs.rax != status::OK {
+            println!("ims: FAIL: {}: hypercall status {}", what, regs.rax);
+            self.ok = false;
         }
+        regs
     }
 }
 
@@ -284,7 +269,7 @@ pub fn run(
         return false;
     };
     let mut hc = Hc {
-        port: iface.port,
+        guest: crate::hc::Guest::new(iface.port),
         ok: true,
     };
     CPUS.store(cpus as u32, Ordering::Relaxed);
