@@ -243,18 +243,22 @@ impl std::fmt::Display for BenchReport {
 
 /// A VM with an in-kernel irqchip, and the dispatcher over its interrupt core.
 struct Rig {
-    vm: Arc<VmFd>,
     dispatcher: Dispatcher<KvmRouting>,
     mem: GuestMemoryMmap,
 }
 
-fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
-    let vm = Arc::new(
-        kvm.create_vm()
-            .map_err(|e| VmError::Kvm("create the VM", e))?,
-    );
+/// A VM with an in-kernel irqchip and nothing else.
+fn irqchip_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("create the VM", e))?;
     vm.create_irq_chip()
         .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    Ok(Arc::new(vm))
+}
+
+fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
+    let vm = irqchip_vm(kvm)?;
     let routing = KvmRouting::new(vm.clone());
     let limit = routing.route_limit();
     raise_fd_limit(u64::from(limit) + 256)?;
@@ -268,11 +272,7 @@ fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
         vec![REQUESTER],
         u32::MAX,
     );
-    Ok(Rig {
-        vm,
-        dispatcher,
-        mem,
-    })
+    Ok(Rig { dispatcher, mem })
 }
 
 /// Target `k` of the spread: APIC `k % CPUS`, vector `0x30 + (k / CPUS) % VECTORS`.
@@ -411,8 +411,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
             times.push(begin.elapsed());
         }
         let rebuild = if live <= KVM_MAX_ROUTES {
-            let vm = new_rig(&kvm)?.vm;
-            Some(time_set_routes(&vm, live, samples)?)
+            Some(time_set_routes(&irqchip_vm(&kvm)?, live, samples)?)
         } else {
             None
         };
@@ -433,7 +432,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
         rig.batch(first, BULK_ENTRIES, |_| 0)?;
     }
     let bulk_ours = Figure::of(times);
-    let bulk_raw = time_set_routes(&new_rig(&kvm)?.vm, BULK_ENTRIES, samples)?;
+    let bulk_raw = time_set_routes(&irqchip_vm(&kvm)?, BULK_ENTRIES, samples)?;
     Ok(BenchReport {
         retarget,
         bulk_ours,
