@@ -7,6 +7,11 @@
 //! vCPU is not held) and, when done, writes [`offset::STATUS`] and then copies the sequence
 //! number into [`offset::DONE_SEQ`]. The guest waits for `DONE_SEQ` to match.
 //!
+//! When a `BENCH_*` request with valid arguments is done, whatever its status, the host
+//! raises one more interrupt after writing `DONE_SEQ`: a plain MSI with the request's
+//! vector at vCPU 0 (not in `FIRED`). The guest may therefore wait for such a request in
+//! `hlt` rather than spinning, and vCPU 0 is idle when the timed interrupts reach it.
+//!
 //! The counter table is written by the guest's interrupt handlers: one u32 per vector per
 //! vCPU, at `COUNTERS + cpu * COUNTERS_STRIDE + vector * 4`. The host reads it to pace what
 //! it fires (so that two interrupts never merge in the LAPIC) and to report what the guest
@@ -24,7 +29,8 @@
 //! | `0x01c`  | 4    | guest  | argument: mode (per request) |
 //! | `0x020`  | 4    | host   | result of the last request (per request) |
 //! | `0x024`  | 12   | guest  | `RAISE_MSI`: message address low, high, data |
-//! | `0x030`  | 4    | guest  | `RAISE_MSI`: requester ID |
+//! | `0x030`  | 4    | guest  | `RAISE_MSI`, `BENCH_*`: requester ID |
+//! | `0x034`  | 4    | guest  | `BENCH_THROUGHPUT`: window |
 //! | `0x400`  | 4 × cpus | host | interrupts fired at each vCPU by the last request |
 //! | `0x1000` | 1024 × cpus | guest | counter table |
 
@@ -54,8 +60,10 @@ pub mod offset {
     pub const ARG_ADDR_HI: usize = 0x028;
     /// u32, guest: message data (`RAISE_MSI`).
     pub const ARG_DATA: usize = 0x02c;
-    /// u32, guest: requester ID (`RAISE_MSI`).
+    /// u32, guest: requester ID (`RAISE_MSI`; the IMS device of `BENCH_*`).
     pub const ARG_SID: usize = 0x030;
+    /// u32, guest: interrupts in flight at once (`BENCH_THROUGHPUT`).
+    pub const ARG_WINDOW: usize = 0x034;
     /// `[u32; cpus]`, host: interrupts fired at each vCPU by the last request.
     pub const FIRED: usize = 0x400;
     /// Start of the counter table.
@@ -123,7 +131,31 @@ pub mod request {
     /// raise, so the entry may be retargeted meanwhile). `FIRED[cpu]` says where each was
     /// counted; `RESULT` how many were delivered (faults are not).
     pub const RAISE_MSI: u32 = 6;
+    /// Delivery latency, for `vmm bench`: `count` samples, each made of two interrupts
+    /// delivering `vector` to vCPU 0, one after the other. The first is slot `mode` of the
+    /// slot-array IMS device whose requester ID is `ARG_SID`, raised as a completion raises
+    /// it (through the slot's message and the remapping core); the guest must have
+    /// programmed that slot's entry to deliver `vector` to vCPU 0. The second is a raw
+    /// irqfd on a plain MSI route to vCPU 0 with `vector`, set up by the host for the
+    /// request. The host times each from the raise until the guest's counter for
+    /// (vCPU 0, `vector`) has grown, spinning meanwhile. `FIRED[0]` is `2 × count` when
+    /// everything was delivered; the timings stay with the host.
+    pub const BENCH_DELIVERY: u32 = 7;
+    /// Throughput, for `vmm bench`: [`super::BENCH_RUNS`] runs through each path,
+    /// alternating, each of `count` interrupts over `ARG_WINDOW` vectors (1 to
+    /// [`super::MAX_BENCH_WINDOW`]): interrupt `i` of a run delivers `vector + i % window`
+    /// to vCPU 0, through slot `mode + i % window` of the device at `ARG_SID` (whose
+    /// entries the guest programmed so) or through one of `window` raw irqfds on plain MSI
+    /// routes. A vector is raised again only once the guest counted its previous
+    /// interrupt, so none merge. `FIRED[0]` is `2 × BENCH_RUNS × count` when everything
+    /// was delivered.
+    pub const BENCH_THROUGHPUT: u32 = 8;
 }
+
+/// Runs through each path in a `BENCH_THROUGHPUT` request.
+pub const BENCH_RUNS: u32 = 5;
+/// The most vectors a `BENCH_THROUGHPUT` request keeps in flight.
+pub const MAX_BENCH_WINDOW: u32 = 64;
 
 /// The requester ID (bus 0, device 31, function 0) the harness raises interrupts as.
 pub const HARNESS_SOURCE_ID: u16 = 0x00f8;

@@ -4,37 +4,12 @@
 //! These tests need `/dev/kvm`. Where it is missing they fail (the VMM's error says
 //! why); they never skip.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use vmm::{Kernel, RunReport, VmConfig};
 
 /// A console that keeps what the guest printed.
-#[derive(Debug, Clone, Default)]
-pub struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    /// Everything written so far, as text.
-    #[must_use]
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+pub use vmm::CapturedConsole as Captured;
 
 /// The default machine with `cpus` vCPUs, the built-in guest and `cmdline`.
 #[must_use]

@@ -1,9 +1,25 @@
-//! `vmm bench`: our control-path costs beside what raw KVM charges for the same change, in
-//! one run on one machine.
+//! `vmm bench`: our interrupt paths beside what raw KVM charges for the same work, in one
+//! run on one machine.
+//!
+//! In-guest figures, from the built-in test guest's `bench` scenario on a 2-vCPU VM with
+//! one slot-array IMS device (the harness times, the guest checks every interrupt
+//! arrived; `hypercall::harness` has the protocol):
+//!
+//! - **delivery latency**: from the device model raising an IMS slot (the slot's message,
+//!   the remapping core, the entry's irqfd) until the guest's handler on vCPU 0 has
+//!   counted it, beside a raw irqfd on a plain MSI route to the same vCPU and vector,
+//!   sample by sample, alternating;
+//! - **throughput**: interrupts per second through the device's slots beside raw irqfds,
+//!   with one interrupt in flight per vector over a window of vectors;
+//! - **live interrupts**: the largest number of remapped interrupts live at once that were
+//!   all delivered (each raised once, through its irqfd line).
 //!
 //! Host-side figures, measured in-process on a real KVM VM (in-kernel irqchip, no vCPU
 //! needed):
 //!
+//! - **signal cost**: what a device model pays per interrupt: our data path (decode a
+//!   remappable message, check the requester, write the entry's line) beside a bare
+//!   eventfd write to a raw irqfd;
 //! - **retarget**: one `UPDATE` hypercall through the dispatcher (validation, backing, route
 //!   change, publish), with 1, 512, 4,096 and 65,536 live interrupts, beside one
 //!   whole-table `KVM_SET_GSI_ROUTING` of that many MSI routes (what a VMM that rebuilds the
@@ -20,15 +36,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypercall::abi::{call, status, target, BatchEntry, Registers};
-use irq::backing::{Backing, Limits};
+use irq::backing::{Backing, InterruptPath, Limits};
 use irq::fdlimit::raise_fd_limit;
 use irq::routes::{RouteEntry, RouteKind};
 use irq::{KvmRouting, MsiMessage, RouteTable, RoutingBackend};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::{Console, DeviceConfig, DeviceKind, Kernel, VmConfig};
 use crate::hypercall::{Dispatcher, HypercallHandler};
-use crate::vm::VmError;
+use crate::vm::{CapturedConsole, VmError};
+use hypercall::harness::BENCH_RUNS;
 
 /// Live-interrupt counts the retarget cost is measured at.
 pub const RETARGET_SIZES: [u32; 4] = [1, 512, 4096, 65_536];
@@ -46,6 +65,14 @@ const VECTORS: u32 = 32;
 const REQUESTER: u16 = 0x0018;
 /// Where the batch array sits in the benchmark's guest memory.
 const BATCH_ADDR: u64 = 0x1000;
+/// vCPUs of the in-guest benchmark's VM.
+const GUEST_CPUS: u32 = 2;
+/// Vectors in flight in a throughput run.
+const WINDOW: u32 = 32;
+/// How long the in-guest benchmark may run.
+const GUEST_WATCHDOG: Duration = Duration::from_secs(1800);
+/// Console lines kept to explain a failed in-guest run.
+const CONSOLE_TAIL: usize = 20;
 
 /// What to measure and where to put it.
 #[derive(Debug, Clone)]
@@ -54,6 +81,10 @@ pub struct BenchConfig {
     pub kvm_device: PathBuf,
     /// Samples per figure.
     pub samples: usize,
+    /// Interrupts per throughput run.
+    pub interrupts: u32,
+    /// Remapped interrupts to make live at once (halved until all are delivered).
+    pub live: u32,
 }
 
 /// Median and 99th percentile of one figure.
@@ -96,6 +127,26 @@ pub struct RetargetRow {
     pub rebuild: Option<Figure>,
 }
 
+/// What the test guest's `bench` scenario measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFigures {
+    /// Delivery latency through an IMS slot and the remapping core.
+    pub delivery_ours: Figure,
+    /// Delivery latency through a raw irqfd on a plain MSI route.
+    pub delivery_raw: Figure,
+    /// Time per interrupt of each throughput run through IMS slots (median: the median
+    /// run; p99: the slowest).
+    pub throughput_ours: Figure,
+    /// The same through raw irqfds.
+    pub throughput_raw: Figure,
+    /// Interrupts per throughput run.
+    pub interrupts_per_run: u32,
+    /// Live interrupts asked for.
+    pub live_asked: u32,
+    /// The largest number live at once that were all delivered.
+    pub max_live: u32,
+}
+
 /// The results.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BenchReport {
@@ -105,6 +156,17 @@ pub struct BenchReport {
     pub bulk_ours: Figure,
     /// One `KVM_SET_GSI_ROUTING` of [`BULK_ENTRIES`] routes.
     pub bulk_raw: Figure,
+    /// One interrupt signalled through our data path (remappable message in).
+    pub signal_ours: Figure,
+    /// One eventfd write to a raw irqfd.
+    pub signal_raw: Figure,
+    /// The in-guest figures.
+    pub guest: GuestFigures,
+}
+
+/// Interrupts per second at `per_interrupt`.
+fn rate(per_interrupt: Duration) -> Option<f64> {
+    (!per_interrupt.is_zero()).then(|| 1.0 / per_interrupt.as_secs_f64())
 }
 
 fn ratio(a: Duration, b: Duration) -> Option<f64> {
@@ -123,6 +185,24 @@ impl BenchReport {
     #[must_use]
     pub fn bulk_ratio(&self) -> Option<f64> {
         ratio(self.bulk_ours.median, self.bulk_raw.median)
+    }
+
+    /// Our median delivery latency over the raw irqfd's.
+    #[must_use]
+    pub fn delivery_ratio(&self) -> Option<f64> {
+        ratio(
+            self.guest.delivery_ours.median,
+            self.guest.delivery_raw.median,
+        )
+    }
+
+    /// Our median throughput over the raw irqfds'.
+    #[must_use]
+    pub fn throughput_ratio(&self) -> Option<f64> {
+        ratio(
+            self.guest.throughput_raw.median,
+            self.guest.throughput_ours.median,
+        )
     }
 
     /// The report as JSON: the headline ratios at the top level, the tables beside them.
@@ -145,9 +225,38 @@ impl BenchReport {
             "  \"retarget_speedup_at_4096\": {},",
             num(self.retarget_speedup_at_4096())
         );
-        let _ = writeln!(out, "  \"delivery_ratio\": null,");
-        let _ = writeln!(out, "  \"max_live_interrupts\": null,");
+        let _ = writeln!(out, "  \"delivery_ratio\": {},", num(self.delivery_ratio()));
+        let _ = writeln!(out, "  \"max_live_interrupts\": {},", self.guest.max_live);
         let _ = writeln!(out, "  \"bulk_ratio\": {},", num(self.bulk_ratio()));
+        let g = &self.guest;
+        let _ = writeln!(
+            out,
+            "  \"delivery\": {{\"ours_ims_slot\": {}, \"raw_irqfd\": {}}},",
+            fig(&g.delivery_ours),
+            fig(&g.delivery_raw)
+        );
+        let per_s = |f: &Figure| num(rate(f.median));
+        let _ = writeln!(
+            out,
+            "  \"throughput\": {{\"interrupts_per_run\": {}, \"window\": {WINDOW}, \"runs\": {BENCH_RUNS}, \"ours_per_s\": {}, \"raw_per_s\": {}, \"ratio\": {}, \"ours_per_interrupt\": {}, \"raw_per_interrupt\": {}}},",
+            g.interrupts_per_run,
+            per_s(&g.throughput_ours),
+            per_s(&g.throughput_raw),
+            num(self.throughput_ratio()),
+            fig(&g.throughput_ours),
+            fig(&g.throughput_raw)
+        );
+        let _ = writeln!(
+            out,
+            "  \"live_interrupts\": {{\"asked\": {}, \"all_delivered\": {}}},",
+            g.live_asked, g.max_live
+        );
+        let _ = writeln!(
+            out,
+            "  \"signal_cost\": {{\"ours_remapped\": {}, \"raw_eventfd\": {}}},",
+            fig(&self.signal_ours),
+            fig(&self.signal_raw)
+        );
         out.push_str("  \"retarget\": [\n");
         let rows: Vec<String> = self
             .retarget
@@ -177,6 +286,65 @@ impl BenchReport {
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+        let times = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}x"));
+        let g = &self.guest;
+        writeln!(
+            f,
+            "Delivery latency, device-model raise -> guest handler on vCPU 0 (us), {} samples each",
+            g.delivery_ours.samples
+        )?;
+        writeln!(f, "{:>30} | {:>10} {:>10}", "path", "p50", "p99")?;
+        for (name, fig) in [
+            ("IMS slot + remapping (ours)", &g.delivery_ours),
+            ("raw irqfd, plain MSI route", &g.delivery_raw),
+        ] {
+            writeln!(f, "{name:>30} | {:>10} {:>10}", us(fig.median), us(fig.p99))?;
+        }
+        writeln!(f, "  ratio ours/raw {}", times(self.delivery_ratio()))?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Throughput, vCPU 0, {} interrupts per run over {WINDOW} vectors, {BENCH_RUNS} runs each (interrupts/s)",
+            g.interrupts_per_run
+        )?;
+        writeln!(
+            f,
+            "{:>30} | {:>12} {:>12}",
+            "path", "median run", "slowest run"
+        )?;
+        let per_s = |d: Duration| rate(d).map_or("-".into(), |r| format!("{r:.0}"));
+        for (name, fig) in [
+            ("IMS slots + remapping (ours)", &g.throughput_ours),
+            ("raw irqfds, plain MSI routes", &g.throughput_raw),
+        ] {
+            writeln!(
+                f,
+                "{name:>30} | {:>12} {:>12}",
+                per_s(fig.median),
+                per_s(fig.p99)
+            )?;
+        }
+        writeln!(f, "  ratio ours/raw {}", times(self.throughput_ratio()))?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Device-side cost of one interrupt, host only (us): our data path vs an eventfd write"
+        )?;
+        writeln!(
+            f,
+            "  ours p50 {:.3} p99 {:.3} | raw p50 {:.3} p99 {:.3}",
+            self.signal_ours.median.as_secs_f64() * 1e6,
+            self.signal_ours.p99.as_secs_f64() * 1e6,
+            self.signal_raw.median.as_secs_f64() * 1e6,
+            self.signal_raw.p99.as_secs_f64() * 1e6,
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Live remapped interrupts, all delivered through irqfd lines: {} (asked for {})",
+            g.max_live, g.live_asked
+        )?;
+        writeln!(f)?;
         writeln!(
             f,
             "IRTE retarget, host side (us): our UPDATE hypercall vs one whole-table KVM_SET_GSI_ROUTING"
@@ -233,9 +401,11 @@ impl std::fmt::Display for BenchReport {
         writeln!(f)?;
         writeln!(
             f,
-            "headline: retarget_speedup_at_4096 {} (target >= 20), bulk_ratio {} (target <= 3)",
+            "headline: retarget_speedup_at_4096 {} (target >= 20), delivery_ratio {} (target <= 1.1), max_live_interrupts {} (target 65536), bulk_ratio {} (target <= 3)",
             self.retarget_speedup_at_4096()
                 .map_or("-".into(), |x| format!("{x:.1}")),
+            self.delivery_ratio().map_or("-".into(), |x| format!("{x:.3}")),
+            g.max_live,
             self.bulk_ratio().map_or("-".into(), |x| format!("{x:.2}"))
         )
     }
@@ -244,6 +414,7 @@ impl std::fmt::Display for BenchReport {
 /// A VM with an in-kernel irqchip, and the dispatcher over its interrupt core.
 struct Rig {
     dispatcher: Dispatcher<KvmRouting>,
+    path: Arc<InterruptPath>,
     mem: GuestMemoryMmap,
 }
 
@@ -263,6 +434,7 @@ fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
     let limit = routing.route_limit();
     raise_fd_limit(u64::from(limit) + 256)?;
     let backing = Backing::new(RouteTable::new(routing, limit)?, Limits::default())?;
+    let path = backing.path();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])
         .map_err(|e| VmError::Os("allocate benchmark memory", std::io::Error::other(e)))?;
     let dispatcher = Dispatcher::new(
@@ -272,7 +444,11 @@ fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
         vec![REQUESTER],
         u32::MAX,
     );
-    Ok(Rig { dispatcher, mem })
+    Ok(Rig {
+        dispatcher,
+        path,
+        mem,
+    })
 }
 
 /// Target `k` of the spread: APIC `k % CPUS`, vector `0x30 + (k / CPUS) % VECTORS`.
@@ -381,11 +557,101 @@ fn time_set_routes(vm: &Arc<VmFd>, count: u32, samples: usize) -> Result<Figure,
     Ok(Figure::of(times))
 }
 
-/// Runs every host-side benchmark.
+/// What one interrupt costs the device model: a live entry's remappable message through
+/// our data path, beside an eventfd write to a raw irqfd (on VMs without vCPUs, so KVM's
+/// injection finds no one to deliver to, the same for both).
+fn signal_cost(kvm: &Kvm, samples: usize) -> Result<(Figure, Figure), VmError> {
+    let rig = new_rig(kvm)?;
+    let first = rig.populate(1)?;
+    let msg = MsiMessage::remappable(u16::try_from(first).unwrap_or(0), None);
+    let mut routes = RouteTable::new(KvmRouting::new(irqchip_vm(kvm)?), 64)?;
+    // APIC 0, vector 0x30, fixed, edge: the target of the first entry of the spread.
+    let gsi = routes.allocate(MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x30,
+    })?;
+    routes.commit()?;
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
+    routes.attach_irqfd(&fd, gsi)?;
+    let mut ours = Vec::with_capacity(samples);
+    let mut raw = Vec::with_capacity(samples);
+    // Interleaved, so that both see the same state of the machine.
+    for _ in 0..samples {
+        let begin = Instant::now();
+        let signalled = rig.path.signal_msi(&msg, REQUESTER);
+        ours.push(begin.elapsed());
+        signalled.map_err(|f| {
+            VmError::Os(
+                "signal a live entry",
+                std::io::Error::other(format!("{f:?}")),
+            )
+        })?;
+        let begin = Instant::now();
+        let written = fd.write(1);
+        raw.push(begin.elapsed());
+        written.map_err(|e| VmError::Os("write a raw irqfd", e))?;
+    }
+    routes.detach_irqfd(&fd, gsi)?;
+    Ok((Figure::of(ours), Figure::of(raw)))
+}
+
+/// Boots the test guest's `bench` scenario and collects what the harness measured.
+fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmError> {
+    let slots = DeviceConfig::defaults()
+        .into_iter()
+        .filter(|d| matches!(d.kind, DeviceKind::ImsSlots { .. }))
+        .collect();
+    let samples = u32::try_from(config.samples).unwrap_or(u32::MAX);
+    let vm = VmConfig {
+        cpus: GUEST_CPUS,
+        kernel: Kernel::BuiltIn,
+        cmdline: format!(
+            "scenario=bench bench_samples={samples} bench_interrupts={} bench_window={WINDOW} bench_live={}",
+            config.interrupts, config.live
+        ),
+        console: Console::Off,
+        watchdog: Some(GUEST_WATCHDOG),
+        kvm_device: config.kvm_device.clone(),
+        devices: slots,
+        ..VmConfig::default()
+    };
+    let console = CapturedConsole::default();
+    let report = crate::vm::run_with_console(&vm, Box::new(console.clone()))?;
+    if !report.passed() {
+        let text = console.text();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(CONSOLE_TAIL)..].join("\n");
+        return Err(VmError::Os(
+            "run the test guest's bench scenario",
+            std::io::Error::other(format!("{:?}; console:\n{tail}", report.outcome)),
+        ));
+    }
+    let m = report.measurements;
+    let per_interrupt = |runs: &[(u32, Duration)]| {
+        Figure::of(
+            runs.iter()
+                .map(|&(n, t)| t.checked_div(n).unwrap_or_default())
+                .collect(),
+        )
+    };
+    Ok(GuestFigures {
+        delivery_ours: Figure::of(m.delivery_ours),
+        delivery_raw: Figure::of(m.delivery_raw),
+        throughput_ours: per_interrupt(&m.throughput_ours),
+        throughput_raw: per_interrupt(&m.throughput_raw),
+        interrupts_per_run: config.interrupts,
+        live_asked: config.live,
+        max_live: m.max_live_delivered,
+    })
+}
+
+/// Runs every benchmark: the in-guest ones first, then the host-side ones.
 ///
 /// # Errors
-/// KVM could not be opened or a VM set up, or a call the benchmark relies on failed.
+/// KVM could not be opened or a VM set up, the test guest's bench scenario failed, or a
+/// call the benchmark relies on failed.
 pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
+    let guest = guest_figures(config)?;
     let open_error = |source| VmError::OpenKvm {
         path: config.kvm_device.clone(),
         source,
@@ -433,10 +699,14 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
     }
     let bulk_ours = Figure::of(times);
     let bulk_raw = time_set_routes(&irqchip_vm(&kvm)?, BULK_ENTRIES, samples)?;
+    let (signal_ours, signal_raw) = signal_cost(&kvm, samples)?;
     Ok(BenchReport {
         retarget,
         bulk_ours,
         bulk_raw,
+        signal_ours,
+        signal_raw,
+        guest,
     })
 }
 
@@ -477,18 +747,31 @@ mod tests {
             ],
             bulk_ours: fig(800),
             bulk_raw: fig(400),
+            signal_ours: fig(1),
+            signal_raw: fig(1),
+            guest: GuestFigures {
+                delivery_ours: fig(110),
+                delivery_raw: fig(100),
+                throughput_ours: fig(100),
+                throughput_raw: fig(80),
+                interrupts_per_run: 2000,
+                live_asked: 65_536,
+                max_live: 32_768,
+            },
         };
         let near = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() < 1e-9);
         assert!(near(report.retarget_speedup_at_4096(), 250.0));
         assert!(near(report.bulk_ratio(), 2.0));
+        assert!(near(report.delivery_ratio(), 1.1));
+        assert!(near(report.throughput_ratio(), 0.8));
         let json = report.to_json();
         let keys: Vec<&str> = json.lines().skip(1).take(4).collect();
         assert_eq!(
             keys,
             [
                 "  \"retarget_speedup_at_4096\": 250.000,",
-                "  \"delivery_ratio\": null,",
-                "  \"max_live_interrupts\": null,",
+                "  \"delivery_ratio\": 1.100,",
+                "  \"max_live_interrupts\": 32768,",
                 "  \"bulk_ratio\": 2.000,"
             ]
         );
@@ -496,5 +779,9 @@ mod tests {
         let text = report.to_string();
         assert!(text.contains("250x"), "{text}");
         assert!(text.contains("n/a"), "{text}");
+        assert!(text.contains("ratio ours/raw 1.10x"), "{text}");
+        // 80 us and 100 us per interrupt.
+        assert!(text.contains("12500") && text.contains("10000"), "{text}");
+        assert!(text.contains(": 32768 (asked for 65536)"), "{text}");
     }
 }

@@ -12,6 +12,10 @@
 //! `REMAP_EACH_CPU`, `REMAP_RETARGET` and `REMAP_SOURCE_ID` go through the interrupt core
 //! (`irq::backing`): the harness programs IRTEs as a front end would, and raises them as a
 //! device would, through the data path with its requester ID.
+//!
+//! `BENCH_DELIVERY` and `BENCH_THROUGHPUT` time interrupts for `vmm bench` ([`bench`]).
+
+mod bench;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -20,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::harness::DoorbellSink;
+use devices::ims::slots::ImsSlots;
 use hypercall::harness::{self, offset, request, status, HARNESS_SOURCE_ID};
 use irq::backing::{AllocFlags, Backing, InterruptPath};
 use irq::irte::{Irte, SourceValidation};
@@ -28,6 +33,8 @@ use irq::remap::FaultReason;
 use irq::{Gsi, KvmRouting, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use bench::Measurements;
 
 /// The interrupt core of the VM (remapping table, routes, lines), shared by its front ends.
 pub type SharedBacking = Arc<Mutex<Backing<KvmRouting>>>;
@@ -56,6 +63,9 @@ pub struct Harness {
     path: Arc<InterruptPath>,
     stop: Arc<AtomicBool>,
     fired: Arc<Vec<AtomicU64>>,
+    /// Slot-array IMS devices by requester ID, for the benchmark requests.
+    slot_devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>,
+    measurements: Arc<Mutex<Measurements>>,
 }
 
 impl Harness {
@@ -81,7 +91,22 @@ impl Harness {
             path,
             stop,
             fired,
+            slot_devices: Vec::new(),
+            measurements: Arc::default(),
         }
+    }
+
+    /// The slot-array IMS devices the benchmark requests may raise, by requester ID.
+    #[must_use]
+    pub fn with_slot_devices(mut self, devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>) -> Self {
+        self.slot_devices = devices;
+        self
+    }
+
+    /// What the benchmark requests measured (and the largest remapped set delivered).
+    #[must_use]
+    pub fn measurements(&self) -> Arc<Mutex<Measurements>> {
+        self.measurements.clone()
     }
 
     /// Interrupts fired at each vCPU so far (over all requests).
@@ -133,17 +158,21 @@ impl Harness {
         let mode = self.read(offset::ARG_MODE);
         let mut fired = vec![0u32; self.apic_ids.len()];
         let mut result = 0;
-        let spread = if code == request::REMAP_EACH_CPU {
-            mode.max(1)
-        } else {
-            1
+        let window = self.read(offset::ARG_WINDOW);
+        let spread = match code {
+            request::REMAP_EACH_CPU => mode.max(1),
+            request::BENCH_THROUGHPUT => window,
+            _ => 1,
         };
         let args_ok = matches!(code, request::RAISE | request::RAISE_MSI)
             && count <= harness::MAX_COUNT
             || vector >= harness::MIN_VECTOR
-                && vector + spread - 1 <= 0xff
-                && count <= harness::MAX_COUNT
-                && spread <= harness::MAX_REMAP_VECTORS;
+                && (1..=harness::MAX_REMAP_VECTORS).contains(&spread)
+                && vector
+                    .checked_add(spread - 1)
+                    .is_some_and(|top| top <= 0xff)
+                && count <= harness::MAX_COUNT;
+        let sid = u16::try_from(self.read(offset::ARG_SID)).unwrap_or(u16::MAX);
         let v = u8::try_from(vector).unwrap_or(0);
         let outcome = match code {
             _ if !args_ok => status::BAD_ARGUMENT,
@@ -163,8 +192,11 @@ impl Harness {
                     address,
                     data: self.read(offset::ARG_DATA),
                 };
-                let sid = u16::try_from(self.read(offset::ARG_SID)).unwrap_or(u16::MAX);
                 self.raise_msi(msg, sid, count, &mut fired, &mut result)
+            }
+            request::BENCH_DELIVERY => self.bench_delivery(v, count, mode, sid, &mut fired),
+            request::BENCH_THROUGHPUT => {
+                self.bench_throughput(v, count, mode, window, sid, &mut fired)
             }
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
             _ => status::UNKNOWN_REQUEST,
@@ -175,6 +207,9 @@ impl Harness {
         self.write(offset::RESULT, result);
         self.write(offset::STATUS, outcome);
         self.write(offset::DONE_SEQ, seq);
+        if args_ok && matches!(code, request::BENCH_DELIVERY | request::BENCH_THROUGHPUT) {
+            self.wake(v);
+        }
     }
 
     fn cpus(&self) -> u32 {
@@ -282,6 +317,13 @@ impl Harness {
         }
         if !self.release(first, count) && outcome == status::OK {
             outcome = status::HOST_ERROR;
+        }
+        if outcome == status::OK {
+            let mut m = self
+                .measurements
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            m.max_live_delivered = m.max_live_delivered.max(count);
         }
         outcome
     }
@@ -459,7 +501,8 @@ impl Harness {
     }
 
     fn fire_each_cpu(&self, vector: u8, count: u32, fired: &mut [u32]) -> u32 {
-        let Ok(lines) = self.attach(vector) else {
+        let targets: Vec<(u32, u8)> = self.apic_ids.iter().map(|&a| (a, vector)).collect();
+        let Ok(lines) = self.attach(&targets) else {
             return status::HOST_ERROR;
         };
         let mut result = status::OK;
@@ -483,12 +526,12 @@ impl Harness {
         result
     }
 
-    /// One route and one irqfd per vCPU, committed together.
-    fn attach(&self, vector: u8) -> Result<Vec<(Gsi, EventFd)>, ()> {
+    /// One plain MSI route and one irqfd per (APIC ID, vector), committed together.
+    fn attach(&self, targets: &[(u32, u8)]) -> Result<Vec<(Gsi, EventFd)>, ()> {
         let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
         let routes = backing.routes_mut();
-        let mut gsis = Vec::with_capacity(self.apic_ids.len());
-        for &apic in &self.apic_ids {
+        let mut gsis = Vec::with_capacity(targets.len());
+        for &(apic, vector) in targets {
             let allocated = MsiMessage::compatibility(apic, vector)
                 .map_err(|_| ())
                 .and_then(|msg| routes.allocate(msg).map_err(|_| ()));

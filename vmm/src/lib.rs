@@ -31,4 +31,4 @@ pub mod x86;
 
 pub use config::{Console, Kernel, Settings, VmConfig};
 pub use report::{Outcome, RunReport};
-pub use vm::{run, run_with_console, VmError, TEST_GUEST_ELF};
+pub use vm::{run, run_with_console, CapturedConsole, VmError, TEST_GUEST_ELF};

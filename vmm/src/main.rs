@@ -59,6 +59,8 @@ fn bench(args: &BenchArgs) -> ExitCode {
     let config = vmm::bench::BenchConfig {
         kvm_device: args.kvm_device.clone(),
         samples: args.samples as usize,
+        interrupts: args.interrupts,
+        live: args.live,
     };
     let report = match vmm::bench::run(&config) {
         Ok(report) => report,

@@ -150,6 +150,19 @@ impl PciDevices {
         self.models.iter().map(|(d, _)| d.requester_id()).collect()
     }
 
+    /// The slot-array devices, by requester ID (what the harness's benchmark requests
+    /// raise).
+    #[must_use]
+    pub fn slot_devices(&self) -> Vec<(u16, Arc<Mutex<ImsSlots>>)> {
+        self.models
+            .iter()
+            .filter_map(|(d, model)| match model {
+                Model::Slots(dev) => Some((d.requester_id(), dev.clone())),
+                Model::Queues(_) => None,
+            })
+            .collect()
+    }
+
     /// Puts configuration access (ports `0xcf8`-`0xcff` and ECAM) and the BAR window on
     /// the buses.
     ///

@@ -60,6 +60,8 @@ pub struct RunReport {
     pub hypercalls: crate::hypercall::HypercallStats,
     /// What each PCI device did.
     pub devices: Vec<crate::pci::DeviceReport>,
+    /// What the harness's benchmark requests measured (empty unless the guest asked).
+    pub measurements: crate::harness::Measurements,
     /// Port and MMIO accesses that reached no device.
     pub unmapped_accesses: u64,
     /// Console output errors.
@@ -262,6 +264,7 @@ mod tests {
                 resets: 2,
                 dropped: 0,
             }],
+            measurements: crate::harness::Measurements::default(),
             unmapped_accesses: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),

@@ -152,6 +152,33 @@ pub enum VmError {
     Os(&'static str, #[source] io::Error),
 }
 
+/// A console that keeps what the guest printed, for callers that want it afterwards (or
+/// from another thread).
+#[derive(Debug, Clone, Default)]
+pub struct CapturedConsole(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedConsole {
+    /// Everything written so far, as text.
+    #[must_use]
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+impl Write for CapturedConsole {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Reports the guest's verdict to the controller.
 #[derive(Debug)]
 struct ExitEvents(Sender<VmEvent>);
@@ -321,8 +348,10 @@ pub fn run_with_console(
         apic_ids,
         backing.clone(),
         stop.clone(),
-    );
+    )
+    .with_slot_devices(pci.slot_devices());
     let harness_fired = harness.fired();
+    let measurements = harness.measurements();
     let harness_thread = harness
         .spawn(ring_rx)
         .map_err(|e| VmError::Os("start the harness thread", e))?;
@@ -377,6 +406,10 @@ pub fn run_with_console(
         return Err(e);
     }
 
+    let measurements = measurements
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     let remap_stats = backing
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -397,6 +430,7 @@ pub fn run_with_console(
         remap_stats,
         hypercalls: dispatcher.stats(),
         devices,
+        measurements,
         unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
             + counters.unmapped_mmio.load(Ordering::Relaxed),
         console_errors: serial.errors() + flush_failed,

@@ -296,23 +296,61 @@ fn bad_device() {
 #[test]
 fn bench_prints_a_table_and_writes_json() {
     let json = scratch("bench.json");
-    let out = vmm(&["bench", "--samples", "5", "--json", json.to_str().unwrap()]);
+    let out = vmm(&[
+        "bench",
+        "--samples",
+        "5",
+        "--interrupts",
+        "64",
+        "--live",
+        "256",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.contains("headline: retarget_speedup_at_4096"),
-        "{stdout}"
-    );
-    let written = std::fs::read_to_string(&json).unwrap();
-    for key in [
-        "\"retarget_speedup_at_4096\": ",
-        "\"delivery_ratio\": ",
-        "\"max_live_interrupts\": ",
-        "\"bulk_ratio\": ",
-        "\"live\": 65536",
+    for line in [
+        "Delivery latency, device-model raise -> guest handler on vCPU 0 (us), 5 samples each",
+        "Throughput, vCPU 0, 64 interrupts per run",
+        "Live remapped interrupts, all delivered through irqfd lines: 256 (asked for 256)",
+        "headline: retarget_speedup_at_4096",
     ] {
-        assert!(written.contains(key), "{key} missing: {written}");
+        assert!(stdout.contains(line), "{line} missing: {stdout}");
     }
+    let written = std::fs::read_to_string(&json).unwrap();
+    let keys: Vec<&str> = written
+        .lines()
+        .skip(1)
+        .take(4)
+        .filter_map(|l| l.trim().split('"').nth(1))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "retarget_speedup_at_4096",
+            "delivery_ratio",
+            "max_live_interrupts",
+            "bulk_ratio"
+        ]
+    );
+    let v: serde_json::Value = serde_json::from_str(&written).expect("the JSON parses");
+    for ratio in ["retarget_speedup_at_4096", "delivery_ratio", "bulk_ratio"] {
+        assert!(
+            v[ratio].as_f64().is_some_and(|x| x > 0.0),
+            "{ratio}: {written}"
+        );
+    }
+    assert_eq!(v["max_live_interrupts"], 256, "{written}");
+    assert_eq!(v["delivery"]["ours_ims_slot"]["samples"], 5, "{written}");
+    assert_eq!(v["delivery"]["raw_irqfd"]["samples"], 5, "{written}");
+    assert!(v["throughput"]["ours_per_s"]
+        .as_f64()
+        .is_some_and(|x| x > 0.0));
+    assert!(v["throughput"]["raw_per_s"]
+        .as_f64()
+        .is_some_and(|x| x > 0.0));
+    assert_eq!(v["retarget"][3]["live"], 65536, "{written}");
+    assert!(v["retarget"][3]["whole_table_rebuild"].is_null());
     fails_with(
         &["bench", "--kvm-device", "/nonexistent/kvm"],
         125,

@@ -65,6 +65,23 @@ pub fn hlt() {
     unsafe { asm!("hlt", options(nomem, nostack)) }
 }
 
+/// Waits in `hlt` until `done` holds. `done` is checked with interrupts disabled and
+/// `sti; hlt` is one step (an interrupt is taken only after the `hlt`), so an interrupt
+/// that makes `done` true cannot slip in between the check and the halt.
+pub fn halt_until(mut done: impl FnMut() -> bool) {
+    loop {
+        // SAFETY: masking interrupts has no memory effects; it is a compiler barrier
+        // (no `nomem`) so that `done` reads memory after it.
+        unsafe { asm!("cli", options(nostack)) }
+        if done() {
+            sti();
+            return;
+        }
+        // SAFETY: as for `hlt`; interrupts are enabled again before the halt.
+        unsafe { asm!("sti", "hlt", options(nostack)) }
+    }
+}
+
 /// Halts with interrupts disabled, forever.
 pub fn stop() -> ! {
     loop {

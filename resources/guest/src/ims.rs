@@ -212,7 +212,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> bool {
 }
 
 /// The remappable-format message of entry `index` (`docs/hypercall.md`, COMPOSE).
-fn compose(index: u64) -> u32 {
+pub fn compose(index: u64) -> u32 {
     0xfee0_0010 | (((index & 0x7fff) as u32) << 5) | ((((index >> 15) & 1) as u32) << 2)
 }
 

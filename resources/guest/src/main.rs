@@ -3,7 +3,7 @@
 //! Every CPU installs the IDT (built once by the BSP), enables its local APIC (x2APIC
 //! when offered) and checks in. Interrupt handlers count interrupts per vector per CPU in
 //! the harness mailbox's counter table. The BSP then runs the scenario named on the
-//! command line (`scenario=smoke|msi|all|fail|hang`, default `all`; `msi_count=N`;
+//! command line (`scenario=smoke|msi|...|bench|all|fail|hang`, default `all`; `msi_count=N`;
 //! `apic=xapic` to stay in xAPIC mode) and reports a verdict
 //! through the debug-exit port; the APs idle in `hlt`.
 //!
@@ -19,6 +19,7 @@
 )]
 
 mod arch;
+mod bench;
 mod hc;
 mod ims;
 mod mem;

@@ -49,6 +49,7 @@ enum Scenario {
     Hypercall,
     Ims,
     Vtd,
+    Bench,
     All,
     Fail,
     Hang,
@@ -64,6 +65,7 @@ struct Options {
     hammer: u32,
     ims_slots: u32,
     ims_rounds: u32,
+    bench: crate::bench::Options,
     /// `apic=xapic` keeps the LAPIC in xAPIC (MMIO) mode even when x2APIC is offered.
     xapic: bool,
 }
@@ -92,6 +94,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
         hammer: 0,
         ims_slots: 2048,
         ims_rounds: 2,
+        bench: crate::bench::Options {
+            samples: 200,
+            interrupts: 1000,
+            window: 32,
+            live: 4096,
+        },
         xapic: false,
     };
     for word in text.split_ascii_whitespace() {
@@ -110,11 +118,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "hypercall" => Scenario::Hypercall,
                     "vtd" => Scenario::Vtd,
                     "ims" => Scenario::Ims,
+                    "bench" => Scenario::Bench,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, all, fail, hang)",
                         ),
                     }
             }
@@ -133,6 +142,14 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
             "hammer" => o.hammer = number(value)?,
             "ims_slots" => o.ims_slots = number(value)?.clamp(1, crate::ims::MAX_SLOT_QUEUES as u32),
             "ims_rounds" => o.ims_rounds = number(value)?.clamp(1, 1000),
+            "bench_samples" => o.bench.samples = number(value)?.min(hypercall::harness::MAX_COUNT / 2),
+            "bench_interrupts" => {
+                o.bench.interrupts = number(value)?.min(hypercall::harness::MAX_COUNT);
+            }
+            "bench_window" => {
+                o.bench.window = number(value)?.clamp(1, hypercall::harness::MAX_BENCH_WINDOW);
+            }
+            "bench_live" => o.bench.live = number(value)?.min(hypercall::harness::MAX_COUNT),
             _ => {}
         }
     }
@@ -224,6 +241,9 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if all || s == Scenario::Ims {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
         ok &= crate::ims::run(cpus, apic, o.ims_slots, o.ims_rounds, s == Scenario::Ims);
+    }
+    if s == Scenario::Bench {
+        ok &= crate::bench::run(cpus, info.apic_id(0).unwrap_or(0), &o.bench);
     }
     // Last: it turns interrupt remapping on for good.
     if all || s == Scenario::Vtd {

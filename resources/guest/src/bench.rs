@@ -1,0 +1,187 @@
+//! The `bench` scenario: the guest side of `vmm bench`.
+//!
+//! The guest programs `window` IRTEs through the hypercall for the slot-array IMS device
+//! (entry `k` delivers `VECTOR + k` to vCPU 0) and puts their messages in the device's
+//! first `window` slots, unmasked. Then it asks the host harness to time interrupts
+//! through those slots beside raw irqfds to the same vectors (`BENCH_DELIVERY`,
+//! `BENCH_THROUGHPUT`), and to make as many remapped interrupts live at once as it can
+//! deliver (`REMAP_EACH_CPU` with `bench_live` entries, halved until one succeeds). The
+//! host keeps the timings; the guest checks that every interrupt arrived, on vCPU 0,
+//! once.
+
+use hypercall::abi::{call, status, target};
+use hypercall::harness::{offset, request, status as host_status, BENCH_RUNS, MAX_BENCH_WINDOW};
+use hypercall::ims::slots as sd;
+
+use crate::pci::{self, mmio_read, mmio_write};
+use crate::scenario::{expect, harness_request, harness_start};
+use crate::{arch, count, mailbox_cell, println};
+
+/// First vector of the timed interrupts (vCPU 0).
+const VECTOR: u8 = 0x40;
+/// First vector of the live-interrupt run; it spreads over `REMAP_VECTORS` from here.
+const REMAP_VECTOR: u8 = 0x80;
+const REMAP_VECTORS: u32 = 64;
+
+/// What to ask the host for.
+pub struct Options {
+    /// Delivery-latency samples (each one interrupt per path).
+    pub samples: u32,
+    /// Interrupts per throughput run.
+    pub interrupts: u32,
+    /// Vectors in flight in a throughput run.
+    pub window: u32,
+    /// Remapped interrupts to make live at once.
+    pub live: u32,
+}
+
+fn fired(cpu: usize) -> u32 {
+    mailbox_cell(offset::FIRED + 4 * cpu).load(core::sync::atomic::Ordering::Acquire)
+}
+
+/// Sends a `BENCH_*` request and waits for it in `hlt` (the host raises `vector` at vCPU
+/// 0 when done; that interrupt is expected here); returns the host's status.
+fn bench_request(code: u32, vector: u8, count: u32) -> u32 {
+    use core::sync::atomic::Ordering::Acquire;
+    let seq = harness_start(code, vector, count, 0);
+    arch::halt_until(|| mailbox_cell(offset::DONE_SEQ).load(Acquire) == seq);
+    expect(0, vector, 1);
+    mailbox_cell(offset::STATUS).load(Acquire)
+}
+
+fn set_device_args(sid: u16, window: u32) {
+    use core::sync::atomic::Ordering::Relaxed;
+    mailbox_cell(offset::ARG_SID).store(u32::from(sid), Relaxed);
+    mailbox_cell(offset::ARG_WINDOW).store(window, Relaxed);
+}
+
+/// Runs the scenario; `apic0` is vCPU 0's APIC ID.
+pub fn run(cpus: usize, apic0: u32, o: &Options) -> bool {
+    let Some(iface) = crate::hc::discover() else {
+        println!("bench: FAIL: no hypercall interface");
+        return false;
+    };
+    let mut hc = crate::hc::Guest::new(iface.port);
+    let Some(dev) = pci::find(sd::VENDOR_ID, sd::DEVICE_ID) else {
+        println!("bench: FAIL: no slot-array IMS device (1b36:1100)");
+        return false;
+    };
+    let bar = pci::bar0(dev);
+    let rid = pci::requester_id(dev);
+    let window = o
+        .window
+        .min(mmio_read(bar + sd::reg::SLOTS))
+        .clamp(1, MAX_BENCH_WINDOW);
+    let sid = u64::from(rid);
+
+    let r = hc.call(call::ALLOCATE, sid, u64::from(window), 0);
+    if r.rax != status::OK {
+        println!("bench: FAIL: allocate {} entries: status {}", window, r.rax);
+        return false;
+    }
+    let first = r.rsi;
+    let mut ok = true;
+    for k in 0..window {
+        let word = target::fixed(apic0, VECTOR + k as u8);
+        let r = hc.call(call::UPDATE, sid, first + u64::from(k), word);
+        if r.rax != status::OK {
+            println!("bench: FAIL: program entry {}: status {}", k, r.rax);
+            ok = false;
+        }
+        let at = bar + sd::reg::SLOT_BASE + sd::reg::SLOT_SIZE * u64::from(k);
+        mmio_write(at, crate::ims::compose(first + u64::from(k)));
+        mmio_write(at + 4, 0);
+        mmio_write(at + 8, 0);
+        mmio_write(at + 12, 0);
+    }
+    set_device_args(rid, window);
+
+    // Delivery latency: two interrupts per sample on VECTOR.
+    let host = bench_request(request::BENCH_DELIVERY, VECTOR, o.samples);
+    expect(0, VECTOR, 2 * o.samples);
+    if host == host_status::OK && fired(0) == 2 * o.samples {
+        println!(
+            "bench: delivery: {} samples through an IMS slot and through a raw irqfd, all counted",
+            o.samples
+        );
+    } else {
+        println!(
+            "bench: FAIL: delivery: host status {}, {} fired",
+            host,
+            fired(0)
+        );
+        ok = false;
+    }
+
+    // Throughput: interrupt i of a run goes to VECTOR + i % window.
+    let host = bench_request(request::BENCH_THROUGHPUT, VECTOR, o.interrupts);
+    let runs = 2 * BENCH_RUNS;
+    for k in 0..window {
+        let per_run = (o.interrupts + window - 1 - k) / window;
+        expect(0, VECTOR + k as u8, runs * per_run);
+    }
+    if host == host_status::OK && fired(0) == runs * o.interrupts {
+        println!(
+            "bench: throughput: {} runs of {} interrupts over {} vectors, all counted",
+            runs, o.interrupts, window
+        );
+    } else {
+        println!(
+            "bench: FAIL: throughput: host status {}, {} fired",
+            host,
+            fired(0)
+        );
+        ok = false;
+    }
+    for k in 0..window {
+        mmio_write(
+            bar + sd::reg::SLOT_BASE + sd::reg::SLOT_SIZE * u64::from(k) + 12,
+            1,
+        );
+    }
+    hc.call(call::FREE, sid, first, u64::from(window));
+
+    ok &= live(cpus, o.live);
+    ok
+}
+
+/// As many remapped interrupts live at once as the host can deliver, from `want` down by
+/// halves. The counters of the spread's vectors are accepted as counted: a failed attempt
+/// delivers an unknown part of its entries, and the host's status already says whether
+/// every entry of an attempt was counted on its vCPU.
+fn live(cpus: usize, want: u32) -> bool {
+    let mut n = want;
+    let mut delivered = 0;
+    while n > 0 {
+        let (host, commits) =
+            harness_request(request::REMAP_EACH_CPU, REMAP_VECTOR, n, REMAP_VECTORS);
+        if host == host_status::OK {
+            println!(
+                "bench: {} remapped interrupts live at once ({} route commits), each delivered once",
+                n, commits
+            );
+            delivered = n;
+            break;
+        }
+        println!(
+            "bench: {} live interrupts not all delivered (host status {}); trying {}",
+            n,
+            host,
+            n / 2
+        );
+        n /= 2;
+    }
+    for cpu in 0..cpus {
+        for k in 0..REMAP_VECTORS {
+            let v = REMAP_VECTOR + k as u8;
+            expect(cpu, v, count(cpu, v));
+        }
+    }
+    if delivered < want {
+        println!(
+            "bench: only {} of the {} live interrupts asked for were delivered",
+            delivered, want
+        );
+    }
+    want == 0 || delivered > 0
+}

@@ -1,0 +1,59 @@
+//! The guest side of `vmm bench` on real KVM: the test guest's `bench` scenario asks the
+//! harness to time interrupts through an IMS device's slots beside raw irqfds, and every
+//! timed interrupt must have been counted by the guest's handler on vCPU 0, once.
+
+use hypercall::harness::BENCH_RUNS;
+use integration_tests::{boot, config};
+
+#[test]
+fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
+    let cmdline =
+        "scenario=bench bench_samples=40 bench_interrupts=96 bench_window=8 bench_live=300";
+    let (report, console) = boot(&config(2, cmdline));
+    assert!(report.passed(), "{report}\n{console}");
+    for line in [
+        "bench: delivery: 40 samples through an IMS slot and through a raw irqfd, all counted",
+        "bench: throughput: 10 runs of 96 interrupts over 8 vectors, all counted",
+        "bench: 300 remapped interrupts live at once",
+    ] {
+        assert!(console.contains(line), "{line} missing:\n{console}");
+    }
+    let m = &report.measurements;
+    assert_eq!((m.delivery_ours.len(), m.delivery_raw.len()), (40, 40));
+    assert!(m
+        .delivery_ours
+        .iter()
+        .chain(&m.delivery_raw)
+        .all(|t| !t.is_zero()));
+    let runs = BENCH_RUNS as usize;
+    assert_eq!(
+        (m.throughput_ours.len(), m.throughput_raw.len()),
+        (runs, runs)
+    );
+    assert!(m
+        .throughput_ours
+        .iter()
+        .chain(&m.throughput_raw)
+        .all(|&(n, t)| n == 96 && !t.is_zero()));
+    assert_eq!(m.max_live_delivered, 300);
+    // Timed interrupts go to vCPU 0: 2 × 40 + 2 × 5 × 96, the live run's split evenly.
+    let timed = 2 * 40 + 2 * BENCH_RUNS as u64 * 96;
+    assert_eq!(report.harness_fired, vec![timed + 150, 150]);
+    // The guest also counted the two wake-ups that end the timed requests.
+    assert_eq!(report.interrupts, Some(vec![timed + 150 + 2, 150]));
+    // Nothing went through the slots' error paths.
+    assert!(report.devices.iter().all(|d| d.faults == 0), "{report}");
+}
+
+#[test]
+fn bench_scenario_without_an_ims_device_fails_and_says_why() {
+    let mut cfg = config(1, "scenario=bench bench_samples=5");
+    cfg.devices.clear();
+    let (report, console) = boot(&cfg);
+    assert!(!report.passed(), "{report}\n{console}");
+    assert!(
+        console.contains("bench: FAIL: no slot-array IMS device (1b36:1100)"),
+        "{console}"
+    );
+    assert!(report.measurements.delivery_ours.is_empty());
+}
