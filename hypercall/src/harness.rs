@@ -150,6 +150,12 @@ pub mod request {
     /// interrupt, so none merge. `FIRED[0]` is `2 × BENCH_RUNS × count` when everything
     /// was delivered.
     pub const BENCH_THROUGHPUT: u32 = 8;
+    /// Hypercall timing, for `vmm bench`: with `mode` 1 the host starts recording the
+    /// host time of every hypercall from its exit to the guest's re-entry (dropping what
+    /// it had); with `mode` 0 it stops and keeps the `UPDATE` calls recorded, labelled
+    /// with `count` (the live interrupts they ran with). `RESULT` is the number kept.
+    /// `vector` is not used.
+    pub const BENCH_HYPERCALLS: u32 = 9;
 }
 
 /// Runs through each path in a `BENCH_THROUGHPUT` request.

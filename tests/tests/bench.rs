@@ -7,14 +7,16 @@ use integration_tests::{boot, config};
 
 #[test]
 fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
-    let cmdline =
-        "scenario=bench bench_samples=40 bench_interrupts=96 bench_window=8 bench_live=300";
+    let cmdline = "scenario=bench bench_samples=40 bench_interrupts=96 bench_window=8 \
+                   bench_live=300 bench_retarget_max=512";
     let (report, console) = boot(&config(2, cmdline));
     assert!(report.passed(), "{report}\n{console}");
     for line in [
         "bench: delivery: 40 samples through an IMS slot and through a raw irqfd, all counted",
         "bench: throughput: 10 runs of 96 interrupts over 8 vectors, all counted",
         "bench: 300 remapped interrupts live at once",
+        "bench: 40 retargets timed with 1 live interrupts",
+        "bench: 40 retargets timed with 512 live interrupts",
     ] {
         assert!(console.contains(line), "{line} missing:\n{console}");
     }
@@ -36,6 +38,10 @@ fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
         .chain(&m.throughput_raw)
         .all(|&(n, t)| n == 96 && !t.is_zero()));
     assert_eq!(m.max_live_delivered, 300);
+    // Every UPDATE the guest made while recording, and nothing else, was timed.
+    let phases: Vec<(u32, usize)> = m.retarget.iter().map(|(n, t)| (*n, t.len())).collect();
+    assert_eq!(phases, [(1, 40), (512, 40)]);
+    assert!(m.retarget.iter().flat_map(|(_, t)| t).all(|t| !t.is_zero()));
     // Timed interrupts go to vCPU 0: 2 × 40 + 2 × 5 × 96, the live run's split evenly.
     let timed = 2 * 40 + 2 * BENCH_RUNS as u64 * 96;
     assert_eq!(report.harness_fired, vec![timed + 150, 150]);

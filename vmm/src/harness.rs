@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use devices::harness::DoorbellSink;
 use devices::ims::slots::ImsSlots;
+
+use crate::vcpu::HypercallTimes;
 use hypercall::harness::{self, offset, request, status, HARNESS_SOURCE_ID};
 use irq::backing::{AllocFlags, Backing, InterruptPath};
 use irq::irte::{Irte, SourceValidation};
@@ -65,6 +67,7 @@ pub struct Harness {
     fired: Arc<Vec<AtomicU64>>,
     /// Slot-array IMS devices by requester ID, for the benchmark requests.
     slot_devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>,
+    hypercall_times: Option<Arc<HypercallTimes>>,
     measurements: Arc<Mutex<Measurements>>,
 }
 
@@ -92,6 +95,7 @@ impl Harness {
             stop,
             fired,
             slot_devices: Vec::new(),
+            hypercall_times: None,
             measurements: Arc::default(),
         }
     }
@@ -100,6 +104,13 @@ impl Harness {
     #[must_use]
     pub fn with_slot_devices(mut self, devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>) -> Self {
         self.slot_devices = devices;
+        self
+    }
+
+    /// Where the vCPUs record hypercall times (for `BENCH_HYPERCALLS`).
+    #[must_use]
+    pub fn with_hypercall_times(mut self, times: Arc<HypercallTimes>) -> Self {
+        self.hypercall_times = Some(times);
         self
     }
 
@@ -164,8 +175,10 @@ impl Harness {
             request::BENCH_THROUGHPUT => window,
             _ => 1,
         };
-        let args_ok = matches!(code, request::RAISE | request::RAISE_MSI)
-            && count <= harness::MAX_COUNT
+        let args_ok = matches!(
+            code,
+            request::RAISE | request::RAISE_MSI | request::BENCH_HYPERCALLS
+        ) && count <= harness::MAX_COUNT
             || vector >= harness::MIN_VECTOR
                 && (1..=harness::MAX_REMAP_VECTORS).contains(&spread)
                 && vector
@@ -198,6 +211,7 @@ impl Harness {
             request::BENCH_THROUGHPUT => {
                 self.bench_throughput(v, count, mode, window, sid, &mut fired)
             }
+            request::BENCH_HYPERCALLS => self.bench_hypercalls(mode, count, &mut result),
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
             _ => status::UNKNOWN_REQUEST,
         };

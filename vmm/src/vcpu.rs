@@ -7,8 +7,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
 use kvm_ioctls::VcpuFd;
@@ -44,6 +45,47 @@ pub struct VcpuShared {
     pub events: Sender<VmEvent>,
     /// The hypercall dispatcher, when the VM offers the hypercall.
     pub hypercalls: Option<Arc<dyn HypercallHandler>>,
+    /// Where hypercall times go while recording is on.
+    pub hypercall_times: Arc<HypercallTimes>,
+}
+
+/// The most samples [`HypercallTimes`] keeps between a start and a take.
+pub const MAX_HYPERCALL_SAMPLES: usize = 100_000;
+
+/// The host time of each hypercall from its exit (`KVM_RUN` returning) to the guest's
+/// re-entry (the next `KVM_RUN`), by call number, recorded only while switched on (for
+/// `vmm bench`, which switches it on through the test harness).
+#[derive(Debug, Default)]
+pub struct HypercallTimes {
+    recording: AtomicBool,
+    samples: Mutex<Vec<(u32, Duration)>>,
+}
+
+impl HypercallTimes {
+    /// Drops what was recorded and starts recording.
+    pub fn start(&self) {
+        self.samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.recording.store(true, Ordering::Release);
+    }
+
+    /// Stops recording and returns what was recorded (call number, time), at most
+    /// [`MAX_HYPERCALL_SAMPLES`].
+    pub fn take(&self) -> Vec<(u32, Duration)> {
+        self.recording.store(false, Ordering::Release);
+        std::mem::take(&mut *self.samples.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn record(&self, number: u32, time: Duration) {
+        if self.recording.load(Ordering::Acquire) {
+            let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+            if samples.len() < MAX_HYPERCALL_SAMPLES {
+                samples.push((number, time));
+            }
+        }
+    }
 }
 
 fn kick_signal() -> i32 {
@@ -90,7 +132,9 @@ fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
         if shared.stop.load(Ordering::Acquire) {
             return StopReason::Requested;
         }
-        let action = match vcpu.run() {
+        let result = vcpu.run();
+        let exited = Instant::now();
+        let action = match result {
             Ok(exit) => handle_exit(exit.into(), &shared.buses, &shared.counters),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
@@ -100,11 +144,10 @@ fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
         };
         match action {
             Action::Continue => {}
-            Action::Hypercall => {
-                if let Err(reason) = hypercall(&mut vcpu, shared) {
-                    return reason;
-                }
-            }
+            Action::Hypercall => match hypercall(&mut vcpu, shared) {
+                Ok(number) => shared.hypercall_times.record(number, exited.elapsed()),
+                Err(reason) => return reason,
+            },
             Action::Stop(reason) => return describe(&mut vcpu, reason),
         }
     }
@@ -112,8 +155,8 @@ fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
 
 /// Handles a doorbell ring. The `out` is still pending in KVM, and registers may only be
 /// changed once it is complete: re-entering with `immediate_exit` set completes it
-/// without running a guest instruction (KVM API, "KVM_RUN").
-fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<(), StopReason> {
+/// without running a guest instruction (KVM API, "KVM_RUN"). Returns the call number.
+fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<u32, StopReason> {
     let failed = |e: kvm_ioctls::Error| StopReason::RunFailed(e.to_string());
     vcpu.set_kvm_immediate_exit(1);
     let completed = vcpu.run().map(|_| ());
@@ -123,6 +166,7 @@ fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<(), StopReason> {
         _ => {}
     }
     let mut regs = vcpu.get_regs().map_err(failed)?;
+    let regs_number = regs.rax & 0xffff_ffff;
     let mut call = hypercall::abi::Registers {
         rax: regs.rax,
         rcx: regs.rcx,
@@ -140,7 +184,8 @@ fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<(), StopReason> {
     regs.rdi = call.rdi;
     regs.r8 = call.r8;
     regs.r9 = call.r9;
-    vcpu.set_regs(&regs).map_err(failed)
+    vcpu.set_regs(&regs).map_err(failed)?;
+    Ok(u32::try_from(regs_number).unwrap_or(u32::MAX))
 }
 
 /// Adds what KVM can still tell about a stopped vCPU (RIP, internal-error detail).

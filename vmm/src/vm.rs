@@ -38,7 +38,7 @@ use crate::loader::{LoadError, LoadedImage};
 use crate::memory::{self, MemoryError};
 use crate::pci::PciDevices;
 use crate::report::{Outcome, RunReport};
-use crate::vcpu::{self, VcpuShared, VmEvent};
+use crate::vcpu::{self, HypercallTimes, VcpuShared, VmEvent};
 use crate::x86::{self, BootStateError};
 use hypercall::harness::{FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
 
@@ -342,6 +342,7 @@ pub fn run_with_console(
         .collect::<Result<Vec<_>, _>>()?;
 
     let apic_ids: Vec<u32> = (0..config.cpus).collect();
+    let hypercall_times = Arc::new(HypercallTimes::default());
     let harness = Harness::new(
         mem.clone(),
         placement.mailbox,
@@ -349,7 +350,8 @@ pub fn run_with_console(
         backing.clone(),
         stop.clone(),
     )
-    .with_slot_devices(pci.slot_devices());
+    .with_slot_devices(pci.slot_devices())
+    .with_hypercall_times(hypercall_times.clone());
     let harness_fired = harness.fired();
     let measurements = harness.measurements();
     let harness_thread = harness
@@ -376,6 +378,7 @@ pub fn run_with_console(
         stop: stop.clone(),
         events,
         hypercalls: Some(dispatcher.clone()),
+        hypercall_times,
     };
     let mut threads = Vec::with_capacity(vcpus.len());
     let mut spawn_error = None;

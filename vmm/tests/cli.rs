@@ -351,6 +351,10 @@ fn bench_prints_a_table_and_writes_json() {
         .is_some_and(|x| x > 0.0));
     assert_eq!(v["retarget"][3]["live"], 65536, "{written}");
     assert!(v["retarget"][3]["whole_table_rebuild"].is_null());
+    for row in 0..4 {
+        let exit = &v["retarget"][row]["ours_exit_to_entry"];
+        assert_eq!(exit["samples"], 5, "{written}");
+    }
     fails_with(
         &["bench", "--kvm-device", "/nonexistent/kvm"],
         125,

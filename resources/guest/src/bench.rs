@@ -5,9 +5,13 @@
 //! first `window` slots, unmasked. Then it asks the host harness to time interrupts
 //! through those slots beside raw irqfds to the same vectors (`BENCH_DELIVERY`,
 //! `BENCH_THROUGHPUT`), and to make as many remapped interrupts live at once as it can
-//! deliver (`REMAP_EACH_CPU` with `bench_live` entries, halved until one succeeds). The
-//! host keeps the timings; the guest checks that every interrupt arrived, on vCPU 0,
-//! once.
+//! deliver (`REMAP_EACH_CPU` with `bench_live` entries, halved until one succeeds).
+//! Finally it retargets entries with the `UPDATE` hypercall while 1, 512, 4,096 and 65,536
+//! (up to `bench_retarget_max`) are live, with the host recording each call's time from
+//! exit to re-entry (`BENCH_HYPERCALLS`). The host keeps the timings; the guest checks
+//! that every interrupt arrived, on vCPU 0, once, and that every call succeeded.
+
+use core::ptr::{addr_of, addr_of_mut, write_volatile};
 
 use hypercall::abi::{call, status, target};
 use hypercall::harness::{offset, request, status as host_status, BENCH_RUNS, MAX_BENCH_WINDOW};
@@ -22,6 +26,18 @@ const VECTOR: u8 = 0x40;
 /// First vector of the live-interrupt run; it spreads over `REMAP_VECTORS` from here.
 const REMAP_VECTOR: u8 = 0x80;
 const REMAP_VECTORS: u32 = 64;
+/// First vector of the retargeted entries (never raised); they spread over 32.
+const RETARGET_VECTOR: u8 = 0xc0;
+const RETARGET_VECTORS: u32 = 32;
+/// Live-interrupt counts the retarget hypercall is timed at.
+const RETARGET_SIZES: [u32; 4] = [1, 512, 4096, 65_536];
+/// Entries per BATCH call.
+const BATCH_ENTRIES: usize = 4096;
+
+#[repr(C, align(16))]
+struct Batch([[u64; 2]; BATCH_ENTRIES]);
+
+static mut BATCH: Batch = Batch([[0; 2]; BATCH_ENTRIES]);
 
 /// What to ask the host for.
 pub struct Options {
@@ -33,6 +49,8 @@ pub struct Options {
     pub window: u32,
     /// Remapped interrupts to make live at once.
     pub live: u32,
+    /// The largest live count the retarget hypercall is timed at.
+    pub retarget_max: u32,
 }
 
 fn fired(cpu: usize) -> u32 {
@@ -55,8 +73,9 @@ fn set_device_args(sid: u16, window: u32) {
     mailbox_cell(offset::ARG_WINDOW).store(window, Relaxed);
 }
 
-/// Runs the scenario; `apic0` is vCPU 0's APIC ID.
-pub fn run(cpus: usize, apic0: u32, o: &Options) -> bool {
+/// Runs the scenario; `apic` maps vCPU index to APIC ID.
+pub fn run(cpus: usize, apic: impl Fn(usize) -> u32, o: &Options) -> bool {
+    let apic0 = apic(0);
     let Some(iface) = crate::hc::discover() else {
         println!("bench: FAIL: no hypercall interface");
         return false;
@@ -142,6 +161,83 @@ pub fn run(cpus: usize, apic0: u32, o: &Options) -> bool {
     hc.call(call::FREE, sid, first, u64::from(window));
 
     ok &= live(cpus, o.live);
+    for size in RETARGET_SIZES.into_iter().filter(|&n| n <= o.retarget_max) {
+        ok &= retarget(&mut hc, sid, size, o.samples, |k| {
+            let cpu = k as usize % cpus;
+            let v = RETARGET_VECTOR + ((k / cpus as u32) % RETARGET_VECTORS) as u8;
+            target::fixed(apic(cpu), v)
+        });
+    }
+    ok
+}
+
+/// Makes `live` entries live, spread by `spread`, and retargets `samples` of them with
+/// `UPDATE`, each to the target of another entry (a target with a route), while the host
+/// times each call.
+fn retarget(
+    hc: &mut crate::hc::Guest,
+    sid: u64,
+    live: u32,
+    samples: u32,
+    spread: impl Fn(u32) -> u64,
+) -> bool {
+    let r = hc.call(call::ALLOCATE, sid, u64::from(live), 0);
+    if r.rax != status::OK {
+        println!("bench: FAIL: allocate {} entries: status {}", live, r.rax);
+        return false;
+    }
+    let first = r.rsi;
+    let mut ok = true;
+    let mut done = 0;
+    while done < live {
+        let n = (live - done).min(BATCH_ENTRIES as u32);
+        for i in 0..n {
+            let k = done + i;
+            // SAFETY: only the BSP runs this; the host reads the array only during the
+            // BATCH call below.
+            unsafe {
+                write_volatile(
+                    addr_of_mut!(BATCH.0[i as usize]),
+                    [first + u64::from(k), spread(k)],
+                );
+            }
+        }
+        let batch = addr_of!(BATCH) as u64;
+        let r = hc.call(call::BATCH, sid, batch, u64::from(n));
+        if r.rax != status::OK {
+            println!("bench: FAIL: activate {} entries: status {}", live, r.rax);
+            ok = false;
+            break;
+        }
+        done += n;
+    }
+    let (host, _) = harness_request(request::BENCH_HYPERCALLS, 0, 0, 1);
+    ok &= host == host_status::OK;
+    let moves = u64::from(live.max(2));
+    for s in 0..u64::from(samples) {
+        let k = (s * 7919) % u64::from(live);
+        let to = spread(((k + 1 + s) % moves) as u32);
+        let r = hc.call(call::UPDATE, sid, first + k, to);
+        if r.rax != status::OK {
+            println!("bench: FAIL: retarget at {} live: status {}", live, r.rax);
+            ok = false;
+            break;
+        }
+    }
+    let (host, kept) = harness_request(request::BENCH_HYPERCALLS, 0, live, 0);
+    ok &= host == host_status::OK && (kept == samples || !ok);
+    hc.call(call::FREE, sid, first, u64::from(live));
+    if ok {
+        println!(
+            "bench: {} retargets timed with {} live interrupts",
+            samples, live
+        );
+    } else {
+        println!(
+            "bench: FAIL: retarget at {} live (host status {}, {} timed)",
+            live, host, kept
+        );
+    }
     ok
 }
 

@@ -99,6 +99,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
             interrupts: 1000,
             window: 32,
             live: 4096,
+            retarget_max: 4096,
         },
         xapic: false,
     };
@@ -150,6 +151,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                 o.bench.window = number(value)?.clamp(1, hypercall::harness::MAX_BENCH_WINDOW);
             }
             "bench_live" => o.bench.live = number(value)?.min(hypercall::harness::MAX_COUNT),
+            "bench_retarget_max" => o.bench.retarget_max = number(value)?,
             _ => {}
         }
     }
@@ -243,7 +245,8 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
         ok &= crate::ims::run(cpus, apic, o.ims_slots, o.ims_rounds, s == Scenario::Ims);
     }
     if s == Scenario::Bench {
-        ok &= crate::bench::run(cpus, info.apic_id(0).unwrap_or(0), &o.bench);
+        let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
+        ok &= crate::bench::run(cpus, apic, &o.bench);
     }
     // Last: it turns interrupt remapping on for good.
     if all || s == Scenario::Vtd {

@@ -17,6 +17,17 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Harness, DELIVERY_PATIENCE};
 
+/// The most samples a run keeps of each kind (a guest may ask again and again).
+const MAX_KEPT: usize = 1 << 20;
+/// The most hypercall-timing phases a run keeps.
+const MAX_PHASES: usize = 64;
+
+/// Appends `more` to `to` up to [`MAX_KEPT`].
+fn keep<T>(to: &mut Vec<T>, more: impl IntoIterator<Item = T>) {
+    let room = MAX_KEPT.saturating_sub(to.len());
+    to.extend(more.into_iter().take(room));
+}
+
 /// What the benchmark requests measured in one run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Measurements {
@@ -31,6 +42,8 @@ pub struct Measurements {
     /// The largest `REMAP_EACH_CPU` request whose entries were all live at once and all
     /// delivered.
     pub max_live_delivered: u32,
+    /// `UPDATE` hypercalls from exit to re-entry, by the live interrupts they ran with.
+    pub retarget: Vec<(u32, Vec<Duration>)>,
 }
 
 /// Where one benchmark interrupt comes from.
@@ -104,6 +117,31 @@ impl Harness {
         }
     }
 
+    pub(super) fn bench_hypercalls(&self, mode: u32, live: u32, result: &mut u32) -> u32 {
+        let Some(times) = &self.hypercall_times else {
+            return status::HOST_ERROR;
+        };
+        match mode {
+            1 => times.start(),
+            0 => {
+                let kept: Vec<Duration> = times
+                    .take()
+                    .into_iter()
+                    .filter(|&(number, _)| number == hypercall::abi::call::UPDATE)
+                    .map(|(_, t)| t)
+                    .collect();
+                *result = u32::try_from(kept.len()).unwrap_or(u32::MAX);
+                self.record(|m| {
+                    if m.retarget.len() < MAX_PHASES {
+                        m.retarget.push((live, kept));
+                    }
+                });
+            }
+            _ => return status::BAD_ARGUMENT,
+        }
+        status::OK
+    }
+
     /// Raises one plain MSI with `vector` at vCPU 0 (the wake-up after a benchmark
     /// request).
     pub(super) fn wake(&self, vector: u8) {
@@ -160,8 +198,8 @@ impl Harness {
             outcome = status::HOST_ERROR;
         }
         self.record(|m| {
-            m.delivery_ours.extend(times.0);
-            m.delivery_raw.extend(times.1);
+            keep(&mut m.delivery_ours, times.0);
+            keep(&mut m.delivery_raw, times.1);
         });
         outcome
     }
@@ -200,7 +238,7 @@ impl Harness {
                     } else {
                         &mut m.throughput_raw
                     };
-                    runs.push((count, t));
+                    keep(runs, [(count, t)]);
                 }),
                 Err(e) => {
                     outcome = e;
