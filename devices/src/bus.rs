@@ -16,8 +16,9 @@ pub trait BusDevice: Send {
 #[must_use]
 pub fn le_u32(data: &[u8]) -> u32 {
     let mut bytes = [0u8; 4];
-    let n = data.len().min(4);
-    bytes[..n].copy_from_slice(&data[..n]);
+    for (b, d) in bytes.iter_mut().zip(data) {
+        *b = *d;
+    }
     u32::from_le_bytes(bytes)
 }
 

@@ -12,6 +12,19 @@
 //! - [`pci`]: the PCI root bus, configuration space, BARs and MSI-X.
 //! - [`ims`]: the IMS devices (slot-array and queue-memory) and their event-loop backend.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+
 pub mod bus;
 pub mod debug_exit;
 pub mod harness;

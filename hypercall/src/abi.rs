@@ -288,13 +288,11 @@ impl BatchEntry {
     /// The entry in 16 bytes.
     #[must_use]
     pub fn from_bytes(b: &[u8; 16]) -> Self {
-        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let mut target = [0u8; 8];
-        target.copy_from_slice(&b[8..]);
+        let [i0, i1, i2, i3, s0, s1, s2, s3, t @ ..] = *b;
         Self {
-            index: u32_at(0),
-            status: u32_at(4),
-            target: u64::from_le_bytes(target),
+            index: u32::from_le_bytes([i0, i1, i2, i3]),
+            status: u32::from_le_bytes([s0, s1, s2, s3]),
+            target: u64::from_le_bytes(t),
         }
     }
 

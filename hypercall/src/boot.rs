@@ -117,8 +117,11 @@ impl BootInfo<'_> {
     }
 }
 
+/// Writes `bytes` at `at` (the encoder checked the page is big enough for every field).
 fn put(page: &mut [u8], at: usize, bytes: &[u8]) {
-    page[at..at + bytes.len()].copy_from_slice(bytes);
+    if let Some(dst) = page.get_mut(at..at + bytes.len()) {
+        dst.copy_from_slice(bytes);
+    }
 }
 
 /// A read-only view of a boot-information page, for guests (and tests).
@@ -141,16 +144,20 @@ impl<'a> BootInfoView<'a> {
         Ok(view)
     }
 
+    /// The u32 at `at` (0 beyond the page).
     fn u32_at(&self, at: usize) -> u32 {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&self.page[at..at + 4]);
-        u32::from_le_bytes(b)
+        self.page
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
     }
 
+    /// The u64 at `at` (0 beyond the page).
     fn u64_at(&self, at: usize) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.page[at..at + 8]);
-        u64::from_le_bytes(b)
+        self.page
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
     }
 
     /// Number of vCPUs (at most [`MAX_CPUS`]).

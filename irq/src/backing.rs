@@ -766,7 +766,12 @@ impl<B: RoutingBackend> Backing<B> {
             self.managed_fds.append(&mut fds);
             self.managed_allocated += count;
         }
-        for entry in &mut self.entries[first as usize..(first + count) as usize] {
+        for entry in self
+            .entries
+            .iter_mut()
+            .skip(first as usize)
+            .take(count as usize)
+        {
             entry.owner = Some(Owner {
                 source_id,
                 managed: flags.managed,
@@ -786,10 +791,11 @@ impl<B: RoutingBackend> Backing<B> {
         let size = self.limits.table_size;
         let mut first = 0u32;
         while first.checked_add(count)? <= size {
-            match (first..first + count)
-                .rev()
-                .find(|&i| self.entries[i as usize].owner.is_some())
-            {
+            match (first..first + count).rev().find(|&i| {
+                self.entries
+                    .get(i as usize)
+                    .is_none_or(|e| e.owner.is_some())
+            }) {
                 None => return Some(first),
                 Some(taken) => first = (taken + 1).div_ceil(step) * step,
             }
@@ -813,7 +819,7 @@ impl<B: RoutingBackend> Backing<B> {
             .filter(|&e| e <= self.limits.table_size);
         let end = end.ok_or(BackingError::IndexOutOfRange(first.saturating_add(count)))?;
         for index in first..end {
-            match self.entries[index as usize].owner {
+            match self.entries.get(index as usize).and_then(|e| e.owner) {
                 None => return Err(BackingError::NotAllocated(index)),
                 Some(o) if o.source_id != source_id => {
                     return Err(BackingError::NotOwner {
@@ -830,7 +836,11 @@ impl<B: RoutingBackend> Backing<B> {
         }
         txn.commit()?;
         for index in first..end {
-            if let Some(owner) = self.entries[index as usize].owner.take() {
+            let owner = self
+                .entries
+                .get_mut(index as usize)
+                .and_then(|e| e.owner.take());
+            if let Some(owner) = owner {
                 self.allocated -= 1;
                 if owner.managed {
                     self.managed_allocated -= 1;
@@ -881,7 +891,9 @@ impl<B: RoutingBackend> Backing<B> {
         let mut plan = Vec::with_capacity(staged.len());
         let mut live_after = i64::from(self.live);
         for (&index, &raw) in &staged {
-            let entry = self.entries[index as usize];
+            let Some(&entry) = self.entries.get(index as usize) else {
+                return Err(BackingError::IndexOutOfRange(index));
+            };
             let managed = entry.owner.is_some_and(|o| o.managed);
             let state = self.decide(raw, managed);
             let step = match (entry.live, state) {
@@ -927,7 +939,7 @@ impl<B: RoutingBackend> Backing<B> {
             let (NewState::Live { key, .. }, Step::Join) = (p.state, p.step) else {
                 continue;
             };
-            let Some(old) = self.entries[p.index as usize].live else {
+            let Some(old) = self.entries.get(p.index as usize).and_then(|e| e.live) else {
                 continue;
             };
             let fresh = sim
@@ -1019,9 +1031,9 @@ impl<B: RoutingBackend> Backing<B> {
                     for (key, line) in lines {
                         self.retire_line(key, line);
                     }
-                    self.orphans.extend(created[i..].iter().map(|(_, g)| *g));
+                    self.orphans.extend(created.iter().skip(i).map(|(_, g)| *g));
                     // The routes of the retired lines stay in the cache without a line.
-                    for (key, gsi) in &created[..i] {
+                    for (key, gsi) in created.iter().take(i) {
                         self.cache.insert(
                             *key,
                             CachedRoute {
@@ -1049,7 +1061,9 @@ impl<B: RoutingBackend> Backing<B> {
 
         // 4. Publish. Nothing fails from here on.
         for p in plan {
-            let entry = &mut self.entries[p.index as usize];
+            let Some(entry) = self.entries.get_mut(p.index as usize) else {
+                continue;
+            };
             let old = entry.live;
             let published = match (p.step, p.state) {
                 (Step::Keep | Step::Join, NewState::Live { key, policy }) => {
@@ -1074,9 +1088,9 @@ impl<B: RoutingBackend> Backing<B> {
                     Published::Absent
                 }
             };
-            *self.path.slots[p.index as usize]
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = published;
+            if let Some(slot) = self.path.slots.get(p.index as usize) {
+                *slot.write().unwrap_or_else(PoisonError::into_inner) = published;
+            }
             match (old, entry.live) {
                 (Some(_), None) => self.live -= 1,
                 (None, Some(_)) => self.live += 1,

@@ -14,6 +14,19 @@
 //! is the real implementation, and unit tests use a fake that can fail any call.
 //! No device, bus or CLI knowledge lives here.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+
 pub mod backing;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;

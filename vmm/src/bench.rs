@@ -624,7 +624,7 @@ fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmError> {
         kernel: Kernel::BuiltIn,
         cmdline: format!(
             "scenario=bench bench_samples={samples} bench_interrupts={} bench_window={WINDOW} bench_live={} bench_retarget_max={}",
-            config.interrupts, config.live, RETARGET_SIZES[RETARGET_SIZES.len() - 1]
+            config.interrupts, config.live, RETARGET_SIZES.iter().max().unwrap_or(&0)
         ),
         console: Console::Off,
         watchdog: Some(GUEST_WATCHDOG),
@@ -637,7 +637,12 @@ fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmError> {
     if !report.passed() {
         let text = console.text();
         let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(CONSOLE_TAIL)..].join("\n");
+        let tail = lines
+            .iter()
+            .skip(lines.len().saturating_sub(CONSOLE_TAIL))
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n");
         return Err(VmError::Os(
             "run the test guest's bench scenario",
             std::io::Error::other(format!("{:?}; console:\n{tail}", report.outcome)),

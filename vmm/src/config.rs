@@ -199,7 +199,10 @@ fn resolve_devices(settings: Option<Vec<DeviceSetting>>) -> Result<Vec<DeviceCon
                     d.kind
                 )));
             }
-            if std::mem::replace(&mut taken[usize::from(slot)], true) {
+            let Some(cell) = taken.get_mut(usize::from(slot)) else {
+                continue;
+            };
+            if std::mem::replace(cell, true) {
                 return Err(ConfigError::Device(format!(
                     "pci_slot {slot} is given to two devices"
                 )));
@@ -258,10 +261,18 @@ fn resolve_devices(settings: Option<Vec<DeviceSetting>>) -> Result<Vec<DeviceCon
         let pci_slot = match d.pci_slot {
             Some(slot) => slot,
             None => {
-                let free = (3..32).find(|&i| !taken[i]).ok_or_else(|| {
-                    ConfigError::Device("more devices than free PCI slots".into())
-                })?;
-                taken[free] = true;
+                let free = taken
+                    .iter_mut()
+                    .enumerate()
+                    .skip(3)
+                    .find(|(_, t)| !**t)
+                    .map(|(i, t)| {
+                        *t = true;
+                        i
+                    })
+                    .ok_or_else(|| {
+                        ConfigError::Device("more devices than free PCI slots".into())
+                    })?;
                 u8::try_from(free).unwrap_or(31)
             }
         };

@@ -321,9 +321,9 @@ impl Harness {
                 }
                 self.count_fired(place(i).0 as usize, fired);
             }
-            for (k, i) in (start..end).enumerate() {
+            for (&start, i) in before.iter().zip(start..end) {
                 let (cpu, v) = place(i);
-                if !self.wait_for(|| self.counter(cpu as usize, v).wrapping_sub(before[k]) >= 1) {
+                if !self.wait_for(|| self.counter(cpu as usize, v).wrapping_sub(start) >= 1) {
                     outcome = status::NOT_DELIVERED;
                     break 'rounds;
                 }

@@ -412,7 +412,9 @@ impl<B: RoutingBackend> Dispatcher<B> {
             match checked {
                 Ok(entry) => parsed.push((index, entry)),
                 Err(e) => {
-                    statuses[i] = e;
+                    if let Some(s) = statuses.get_mut(i) {
+                        *s = e;
+                    }
                     first_error.get_or_insert(e);
                 }
             }

@@ -11,6 +11,19 @@
 //! controller then waits for the guest's verdict, for every vCPU to stop, or for the
 //! watchdog, stops the vCPUs and returns a [`RunReport`].
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+
 pub mod acpi;
 pub mod bench;
 pub mod bus;

@@ -59,18 +59,23 @@ pub struct LoadedImage {
 
 const PT_LOAD: u32 = 1;
 
+/// The little-endian value of the `N` bytes at `at` (0 beyond `b`: callers check sizes).
+fn le_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    b.get(at..at.saturating_add(N))
+        .and_then(|s| s.try_into().ok())
+        .unwrap_or([0; N])
+}
+
 fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
+    u16::from_le_bytes(le_at(b, at))
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    u32::from_le_bytes(le_at(b, at))
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
+    u64::from_le_bytes(le_at(b, at))
 }
 
 /// Checks the headers of `image`: returns the entry and the loadable segments' ranges.

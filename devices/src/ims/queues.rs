@@ -374,7 +374,9 @@ impl ImsQueues {
                     let address = self.read_u64(entry + command::ADDRESS).unwrap_or(1);
                     match self.load_context(address) {
                         Ok(ctx) => {
-                            self.contexts[id as usize] = Some(ctx);
+                            if let Some(slot) = self.contexts.get_mut(id as usize) {
+                                *slot = Some(ctx);
+                            }
                             // Work made available while the queue was stopped runs now.
                             self.take_work(id, now);
                             command::OK
@@ -393,7 +395,9 @@ impl ImsQueues {
                         });
                         return;
                     }
-                    self.contexts[id as usize] = None;
+                    if let Some(slot) = self.contexts.get_mut(id as usize) {
+                        *slot = None;
+                    }
                     command::OK
                 }
                 _ => command::BAD_OPCODE,

@@ -176,7 +176,11 @@ impl ImsSlots {
                 }
                 s.message[0] = value;
             }
-            1 | 2 => s.message[word] = value,
+            1 | 2 => {
+                if let Some(m) = s.message.get_mut(word) {
+                    *m = value;
+                }
+            }
             _ => {
                 let was_pending = s.control & SLOT_PENDING != 0;
                 s.control = (value & SLOT_MASK) | (s.control & SLOT_PENDING);
@@ -199,7 +203,7 @@ impl ImsSlots {
             let Some(s) = usize::try_from(index).ok().and_then(|i| self.slots.get(i)) else {
                 return 0;
             };
-            return if word < 3 { s.message[word] } else { s.control };
+            return s.message.get(word).copied().unwrap_or(s.control);
         }
         let slots = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
         let queues = u32::try_from(self.queues.len()).unwrap_or(u32::MAX);

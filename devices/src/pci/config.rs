@@ -74,16 +74,23 @@ impl ConfigSpace {
     }
 
     fn set16(&mut self, at: usize, v: u16) {
-        self.bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        self.set_bytes(at, &v.to_le_bytes());
     }
 
-    /// Adds a 64-bit memory BAR.
+    /// Makes the bits of `mask` at `at` writable by the guest.
+    fn set_writable(&mut self, at: usize, mask: &[u8]) {
+        if let Some(dst) = self.writable.get_mut(at..at + mask.len()) {
+            dst.copy_from_slice(mask);
+        }
+    }
+
+    /// Adds a 64-bit memory BAR (index 0 to 4, a power-of-two size of at least 16).
     pub fn add_bar(&mut self, bar: Bar) {
         let at = BAR0 + 4 * bar.index;
-        self.bytes[at] = 0b100; // 64-bit, memory, not prefetchable
-        let mask = !(bar.size - 1);
-        self.writable[at..at + 8].copy_from_slice(&mask.to_le_bytes());
-        self.writable[at] &= 0xf0;
+        self.set_bytes(at, &[0b100]); // 64-bit, memory, not prefetchable
+        let mut mask = (!(bar.size.max(16) - 1)).to_le_bytes();
+        mask[0] &= 0xf0;
+        self.set_writable(at, &mask);
         self.bars.push(bar);
     }
 
@@ -91,17 +98,16 @@ impl ConfigSpace {
     /// set in `writable` may be written. Returns its offset.
     pub fn add_capability(&mut self, id: u8, body: &[u8], writable: &[u8]) -> usize {
         let at = self.next_cap;
-        self.bytes[at] = id;
-        self.bytes[at + 2..at + 2 + body.len()].copy_from_slice(body);
-        for (i, w) in writable.iter().enumerate() {
-            self.writable[at + 2 + i] = *w;
-        }
+        self.set_bytes(at, &[id]);
+        self.set_bytes(at + 2, body);
+        self.set_writable(at + 2, writable);
+        let pointer = u8::try_from(at).unwrap_or(0);
         if self.last_cap == 0 {
-            self.bytes[0x34] = u8::try_from(at).unwrap_or(0);
-            let status = u16::from_le_bytes([self.bytes[6], self.bytes[7]]) | STATUS_CAP_LIST;
+            self.set_bytes(0x34, &[pointer]);
+            let status = self.u16_at(0x06) | STATUS_CAP_LIST;
             self.set16(0x06, status);
         } else {
-            self.bytes[self.last_cap + 1] = u8::try_from(at).unwrap_or(0);
+            self.set_bytes(self.last_cap + 1, &[pointer]);
         }
         self.last_cap = at;
         self.next_cap = (at + 2 + body.len() + 3) & !3;
@@ -112,7 +118,7 @@ impl ConfigSpace {
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
             *b = match offset.checked_add(i) {
-                Some(at) if at < SIZE => self.bytes[at],
+                Some(at) if at < SIZE => self.bytes.get(at).copied().unwrap_or(0),
                 Some(_) => 0,
                 None => 0xff,
             };
@@ -123,13 +129,15 @@ impl ConfigSpace {
     pub fn write(&mut self, offset: usize, data: &[u8]) -> ConfigChange {
         let mut change = ConfigChange::default();
         for (i, b) in data.iter().enumerate() {
-            let Some(at) = offset.checked_add(i).filter(|&a| a < SIZE) else {
+            let Some(at) = offset.checked_add(i) else {
                 break;
             };
-            let w = self.writable[at];
-            let old = self.bytes[at];
-            self.bytes[at] = (old & !w) | (b & w);
-            if w != 0 && (at == 0x04 || (BAR0..BAR0 + 24).contains(&at)) && self.bytes[at] != old {
+            let (Some(&w), Some(byte)) = (self.writable.get(at), self.bytes.get_mut(at)) else {
+                break;
+            };
+            let old = *byte;
+            *byte = (old & !w) | (b & w);
+            if w != 0 && (at == 0x04 || (BAR0..BAR0 + 24).contains(&at)) && *byte != old {
                 change.bars = true;
             }
         }
@@ -139,7 +147,10 @@ impl ConfigSpace {
     /// Reads a little-endian u16.
     #[must_use]
     pub fn u16_at(&self, at: usize) -> u16 {
-        u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]])
+        self.bytes
+            .get(at..at + 2)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u16::from_le_bytes)
     }
 
     /// Overwrites bytes the device itself owns (a capability's state).
@@ -165,9 +176,12 @@ impl ConfigSpace {
             .iter()
             .map(|bar| {
                 let at = BAR0 + 4 * bar.index;
-                let mut v = [0u8; 8];
-                v.copy_from_slice(&self.bytes[at..at + 8]);
-                (bar.index, u64::from_le_bytes(v) & !0xf, bar.size)
+                let v = self
+                    .bytes
+                    .get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes);
+                (bar.index, v & !0xf, bar.size)
             })
             .filter(|(_, addr, _)| *addr != 0)
             .collect()

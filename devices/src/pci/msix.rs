@@ -85,8 +85,12 @@ impl Msix {
         }
         let mut out = Vec::new();
         for v in 0..self.table.len() {
-            if self.pending[v / 64] & (1 << (v % 64)) != 0 && !self.masked(v) {
-                self.pending[v / 64] &= !(1 << (v % 64));
+            let bit = 1u64 << (v % 64);
+            let pending = self.pending.get(v / 64).is_some_and(|w| w & bit != 0);
+            if pending && !self.masked(v) {
+                if let Some(w) = self.pending.get_mut(v / 64) {
+                    *w &= !bit;
+                }
                 out.push(u16::try_from(v).unwrap_or(u16::MAX));
             }
         }
@@ -111,7 +115,9 @@ impl Msix {
             return None;
         }
         if self.masked(v) {
-            self.pending[v / 64] |= 1 << (v % 64);
+            if let Some(w) = self.pending.get_mut(v / 64) {
+                *w |= 1 << (v % 64);
+            }
             return None;
         }
         self.message(vector)
@@ -135,8 +141,8 @@ impl Msix {
                 continue;
             };
             let word = ((at % ENTRY_SIZE) / 4) as usize;
-            if let Some(e) = self.table.get(entry) {
-                *b = e[word].to_le_bytes()[(at % 4) as usize];
+            if let Some(w) = self.table.get(entry).and_then(|e| e.get(word)) {
+                *b = w.to_le_bytes().get((at % 4) as usize).copied().unwrap_or(0);
             }
         }
         out
@@ -152,12 +158,14 @@ impl Msix {
                 continue;
             };
             let word = ((at % ENTRY_SIZE) / 4) as usize;
-            if let Some(e) = self.table.get_mut(entry) {
-                let mut bytes = e[word].to_le_bytes();
-                bytes[(at % 4) as usize] = *b;
-                e[word] = u32::from_le_bytes(bytes);
+            if let Some(w) = self.table.get_mut(entry).and_then(|e| e.get_mut(word)) {
+                let mut bytes = w.to_le_bytes();
+                if let Some(byte) = bytes.get_mut((at % 4) as usize) {
+                    *byte = *b;
+                }
+                *w = u32::from_le_bytes(bytes);
                 if word == 3 {
-                    e[3] &= 1; // only the mask bit exists
+                    *w &= 1; // only the mask bit exists
                 }
             }
         }
@@ -173,7 +181,9 @@ impl Msix {
             let word = usize::try_from(at / 8)
                 .ok()
                 .and_then(|w| self.pending.get(w));
-            *b = word.map_or(0, |w| w.to_le_bytes()[(at % 8) as usize]);
+            *b = word.map_or(0, |w| {
+                w.to_le_bytes().get((at % 8) as usize).copied().unwrap_or(0)
+            });
         }
     }
 }

@@ -232,7 +232,12 @@ impl<B: RoutingBackend> Vtd<B> {
             o if (regs::IOTLB..regs::IOTLB + 16).contains(&o) => 0,
             o if (regs::FRCD..regs::FRCD + 16 * regs::NFR as u64).contains(&o) => {
                 let record = ((o - regs::FRCD) / 16) as usize;
-                s.frcd[record][((o - regs::FRCD) % 16 / 8) as usize]
+                let half = ((o - regs::FRCD) % 16 / 8) as usize;
+                s.frcd
+                    .get(record)
+                    .and_then(|r| r.get(half))
+                    .copied()
+                    .unwrap_or(0)
             }
             _ => return None,
         })
@@ -346,7 +351,9 @@ impl<B: RoutingBackend> Vtd<B> {
                 // Only F (bit 127) is writable: write 1 to clear.
                 if (o - regs::FRCD) % 16 == 8 && value >> 63 != 0 {
                     let record = ((o - regs::FRCD) / 16) as usize;
-                    s.frcd[record][1] &= !(1 << 63);
+                    if let Some(r) = s.frcd.get_mut(record) {
+                        r[1] &= !(1 << 63);
+                    }
                 }
             }
             _ => return false,
@@ -448,11 +455,11 @@ impl<B: RoutingBackend> Vtd<B> {
         let s = &mut self.state;
         let free = (0..regs::NFR)
             .map(|k| (s.next_frcd + k) % regs::NFR)
-            .find(|&i| s.frcd[i][1] >> 63 == 0);
-        match free {
-            Some(i) => {
+            .find(|&i| s.frcd.get(i).is_some_and(|r| r[1] >> 63 == 0));
+        match free.and_then(|i| s.frcd.get_mut(i).map(|r| (i, r))) {
+            Some((i, record)) => {
                 let index = u64::from(fault.index.unwrap_or(0) & 0xffff);
-                s.frcd[i] = [
+                *record = [
                     index << 48,
                     u64::from(fault.source_id) | (u64::from(fault.reason.code()) << 32) | (1 << 63),
                 ];
@@ -660,8 +667,9 @@ impl<B: RoutingBackend + 'static> BusDevice for VtdDevice<B> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let mut bytes = [0u8; 8];
-        let n = data.len().min(8);
-        bytes[..n].copy_from_slice(&data[..n]);
+        for (b, d) in bytes.iter_mut().zip(data) {
+            *b = *d;
+        }
         let mut unit = self.unit();
         if !unit.write(offset, data.len(), u64::from_le_bytes(bytes)) {
             unit.counters.bad_accesses += 1;

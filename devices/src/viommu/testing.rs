@@ -2,6 +2,14 @@
 //! code does, through its registers and an invalidation queue in guest memory. For tests
 //! of the unit and of code that sits on it (feature `test-utils`).
 
+#![cfg_attr(
+    not(test),
+    expect(
+        clippy::expect_used,
+        reason = "a test driver: memory the test set up that cannot be written is a broken test"
+    )
+)]
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::regs::{self, desc, global};

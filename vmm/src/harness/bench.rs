@@ -271,13 +271,17 @@ impl Harness {
         };
         let begin = Instant::now();
         for k in (0..vectors.len()).cycle().take(count as usize) {
-            if !self.spin_until(|| counted(k, sent[k])) {
+            let Some(n) = sent.get_mut(k) else {
+                return Err(status::HOST_ERROR);
+            };
+            let before = *n;
+            if !self.spin_until(|| counted(k, before)) {
                 return Err(status::NOT_DELIVERED);
             }
             if !source.raise(k) {
                 return Err(status::HOST_ERROR);
             }
-            sent[k] += 1;
+            *n += 1;
             self.count_fired(0, fired);
         }
         for (k, &n) in sent.iter().enumerate() {
