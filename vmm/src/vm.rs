@@ -281,7 +281,7 @@ pub fn run_with_console(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .path();
-    path.set_fault_sink(Arc::new(VtdDevice(vtd.clone())));
+    path.set_fault_sink(Arc::new(viommu::FaultsTo(Arc::downgrade(&vtd))));
     path.set_compat_injector(injector);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
     backing

@@ -683,5 +683,26 @@ impl<B: RoutingBackend + 'static> FaultSink for VtdDevice<B> {
     }
 }
 
+/// The unit as the data path's fault sink, held weakly: the unit holds the interrupt core,
+/// which holds its sink, so a strong sink would keep both alive (and their eventfds open)
+/// after the VM is gone. Faults raised after the unit is dropped go nowhere.
+pub struct FaultsTo<B: RoutingBackend>(pub std::sync::Weak<Mutex<Vtd<B>>>);
+
+impl<B: RoutingBackend> std::fmt::Debug for FaultsTo<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultsTo")
+    }
+}
+
+impl<B: RoutingBackend + 'static> FaultSink for FaultsTo<B> {
+    fn fault(&self, fault: &Fault) {
+        if let Some(unit) = self.0.upgrade() {
+            unit.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .record_fault(fault);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -48,7 +48,7 @@ impl Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let injected = Arc::new(Injected::default());
         let unit = Arc::new(Mutex::new(Vtd::new(backing, mem.clone(), injected.clone())));
-        path.set_fault_sink(Arc::new(VtdDevice(unit.clone())));
+        path.set_fault_sink(Arc::new(FaultsTo(Arc::downgrade(&unit))));
         path.set_compat_injector(injected.clone());
         let driver = FakeDriver::new(VtdDevice(unit.clone()), mem, TABLE, QUEUE, STATUS);
         Self {
@@ -382,4 +382,20 @@ fn random_register_accesses_never_panic() {
     // Still answering.
     assert_eq!(rig.driver.read32(regs::VER), 0x10);
     assert!(rig.unit.lock().unwrap().counters().bad_accesses > 0);
+}
+
+/// Found by fuzzing: with the unit as a strong fault sink, the unit, the interrupt core
+/// and every eventfd behind it outlived the VM (a reference cycle), and a process that
+/// builds VMs one after another ran out of descriptors.
+#[test]
+fn a_dropped_unit_takes_the_interrupt_core_with_it() {
+    let rig = Rig::enabled(true);
+    let weak = Arc::downgrade(&rig.unit);
+    let path = Arc::downgrade(&rig.path);
+    drop(rig);
+    assert!(weak.upgrade().is_none(), "the unit outlived its VM");
+    assert!(
+        path.upgrade().is_none(),
+        "the interrupt core outlived its VM"
+    );
 }

@@ -1,0 +1,84 @@
+//! What the fuzz targets share: an interrupt core over a fake KVM (every routing call
+//! succeeds unless told otherwise, eventfds are real), guest memory filled from the input,
+//! and a few live entries to aim at. Each target feeds one guest-facing parser with what a
+//! hostile guest could write and checks that it answers without panicking, and where
+//! cheap, that what it answers is one of the documented outcomes.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use irq::backing::{Backing, Limits, MsiInjector};
+use irq::fake::FakeRouting;
+use irq::irte::{Irte, SourceValidation};
+use irq::msi::Target;
+use irq::{MsiMessage, RouteTable};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest RAM of every target.
+pub const MEM_SIZE: usize = 256 << 10;
+/// Remapping-table entries of every target (small, so that indexes often hit).
+pub const TABLE_SIZE: u32 = 1024;
+/// The requester IDs of the devices the targets model.
+pub const DEVICE_A: u16 = 0x0018;
+/// Another device.
+pub const DEVICE_B: u16 = 0x0020;
+/// The most operations one input runs (longer inputs are cut, so each run stays fast).
+pub const MAX_OPS: usize = 128;
+
+/// The interrupt core of a target.
+pub type Core = Arc<Mutex<Backing<Arc<FakeRouting>>>>;
+
+/// Guest RAM with `fill` at address 0 (cut at [`MEM_SIZE`]).
+///
+/// # Panics
+/// If the host cannot map 256 KiB (not an input's doing).
+#[must_use]
+pub fn memory(fill: &[u8]) -> GuestMemoryMmap {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+        .expect("256 KiB of anonymous memory");
+    let n = fill.len().min(MEM_SIZE);
+    mem.write_slice(&fill[..n], GuestAddress(0))
+        .expect("the fill fits");
+    mem
+}
+
+/// An interrupt core whose entries `0..live` are present for [`DEVICE_A`], spread over
+/// two CPUs and four vectors.
+///
+/// # Panics
+/// If the fake refuses a set-up that it always accepts.
+#[must_use]
+pub fn core(live: u32) -> Core {
+    let kvm = Arc::new(FakeRouting::new());
+    let limits = Limits {
+        table_size: TABLE_SIZE,
+        ..Limits::default()
+    };
+    let mut backing =
+        Backing::new(RouteTable::new(kvm, 256).expect("routes"), limits).expect("backing");
+    let mut txn = backing.transaction();
+    for i in 0..live.min(TABLE_SIZE) {
+        let target = Target::fixed(i % 2, 0x30 + u8::try_from(i % 4).unwrap_or(0));
+        let validation = SourceValidation::RequesterId {
+            sid: DEVICE_A,
+            qualifier: 0,
+        };
+        txn.set(i, &Irte::new(target, validation)).expect("entry");
+    }
+    txn.commit().expect("commit");
+    Arc::new(Mutex::new(backing))
+}
+
+/// Locks a core.
+pub fn lock(core: &Core) -> std::sync::MutexGuard<'_, Backing<Arc<FakeRouting>>> {
+    core.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An injector for compatibility-format messages and event interrupts that accepts all.
+#[derive(Debug, Default)]
+pub struct Sink;
+
+impl MsiInjector for Sink {
+    fn inject(&self, _msg: &MsiMessage) -> std::io::Result<()> {
+        Ok(())
+    }
+}
