@@ -156,7 +156,18 @@ pub mod request {
     /// with `count` (the live interrupts they ran with). `RESULT` is the number kept.
     /// `vector` is not used.
     pub const BENCH_HYPERCALLS: u32 = 9;
+    /// Interrupt storm: two IRTEs for vCPU 0 (the harness's requester), the storm with
+    /// `vector` and the bystander with `vector + 1`. The storm entry is raised `count`
+    /// times back to back, without waiting; spread among those raises, the bystander is
+    /// raised `mode` times (1 to [`super::MAX_BYSTANDERS`]), each time waiting until the
+    /// guest counted it. Then the host waits until the storm's counter has been still for
+    /// 50 ms (its coalesced interrupt delivered). `FIRED[0]` counts the raises
+    /// (`count + mode`); `RESULT` the storm's signals that storm control coalesced.
+    pub const STORM: u32 = 10;
 }
+
+/// The most bystander interrupts a `STORM` request raises.
+pub const MAX_BYSTANDERS: u32 = 1000;
 
 /// Runs through each path in a `BENCH_THROUGHPUT` request.
 pub const BENCH_RUNS: u32 = 5;

@@ -59,6 +59,7 @@ use crate::irte::{Irte, SourceValidation};
 use crate::msi::{DecodedMsi, MsiMessage};
 use crate::remap::{Fault, FaultReason, RemapError, RemapTable};
 use crate::routes::{Gsi, RouteError, RouteTable, RoutingBackend};
+use crate::storm::{StormStats, Storms};
 
 /// Faults kept for the front ends to read before older ones are dropped (and counted).
 pub const FAULT_QUEUE_LEN: usize = 256;
@@ -213,6 +214,7 @@ pub struct InterruptPath {
     hooks: RwLock<Hooks>,
     /// Entries in use by the front end's table (indexes at or beyond fault with 0x21).
     active_size: AtomicU32,
+    storms: Storms,
 }
 
 impl InterruptPath {
@@ -226,7 +228,44 @@ impl InterruptPath {
             write_errors: AtomicU64::new(0),
             hooks: RwLock::new(Hooks::default()),
             active_size: AtomicU32::new(size),
+            storms: Storms::new(size),
         }
+    }
+
+    /// Storm control: at most `per_second` interrupts per second from each entry (0: no
+    /// limit); signals beyond it are coalesced into one later delivery by
+    /// [`Self::flush_throttled`] (see [`crate::storm`]).
+    pub fn set_storm_rate(&self, per_second: u32) {
+        self.storms.set_rate(per_second);
+    }
+
+    /// Delivers the coalesced interrupt of every entry that was throttled since the last
+    /// call, through its line as published now (an entry gone meanwhile gets nothing).
+    /// Call it every [`crate::storm::WINDOW`] while storm control is on. Returns how many
+    /// were delivered.
+    pub fn flush_throttled(&self) -> usize {
+        let mut n = 0;
+        for index in self.storms.take_pending() {
+            let Some(slot) = self.slots.get(index as usize) else {
+                continue;
+            };
+            if let Published::Live { line, .. } =
+                &*slot.read().unwrap_or_else(PoisonError::into_inner)
+            {
+                if line.fd.write(1).is_err() {
+                    self.write_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
+            }
+        }
+        self.storms.count_flushed(n as u64);
+        n
+    }
+
+    /// What storm control did.
+    #[must_use]
+    pub fn storm_stats(&self) -> StormStats {
+        self.storms.stats()
     }
 
     /// Sends every recorded fault to `sink` too.
@@ -297,7 +336,9 @@ impl InterruptPath {
                 Published::Live { line, policy } => {
                     let (validation, fpd) = unpack_policy(*policy);
                     if validation.allows(source_id) {
-                        if line.fd.write(1).is_err() {
+                        if !self.storms.admit(index) {
+                            // Coalesced: delivered by the next flush.
+                        } else if line.fd.write(1).is_err() {
                             self.write_errors.fetch_add(1, Ordering::Relaxed);
                         }
                         None

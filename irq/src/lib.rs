@@ -35,6 +35,7 @@ pub mod irte;
 pub mod msi;
 pub mod remap;
 pub mod routes;
+pub mod storm;
 
 pub use msi::{MsiError, MsiMessage};
 pub use routes::{Gsi, KvmRouting, RouteError, RouteTable, RoutingBackend};

@@ -81,7 +81,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
@@ -99,6 +99,9 @@ pub struct RunArgs {
     /// Hypercalls per second before the guest is answered BUSY [default: 200000]
     #[arg(long, value_name = "N")]
     pub hypercall_rate: Option<u32>,
+    /// Interrupts per second from one entry before the rest are coalesced; 0 for no limit [default: 200000]
+    #[arg(long, value_name = "N")]
+    pub irq_rate: Option<u32>,
     /// A PCI device, repeatable: ims-slots[,slots=N][,queues=N][,pci_slot=N] or
     /// ims-queues[,contexts=N][,command_timeout_ms=MS][,pci_slot=N]; `none` for no devices
     /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
@@ -136,6 +139,7 @@ impl RunArgs {
             kvm_device: self.kvm_device.clone(),
             max_routes: self.max_routes,
             hypercall_rate: self.hypercall_rate,
+            irq_rate: self.irq_rate,
             device,
         };
         Ok(file.overridden_by(flags))

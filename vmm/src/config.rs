@@ -11,6 +11,7 @@
 //! kvm_device = "/dev/kvm"
 //! max_routes = 64         # cap on KVM MSI routes for remapped targets (default: KVM's)
 //! hypercall_rate = 200000 # hypercalls per second per VM before BUSY
+//! irq_rate = 200000       # interrupts per second per entry before the rest coalesce; 0: off
 //!
 //! # PCI devices; none listed: the default set (below); `device = []`: none
 //! [[device]]
@@ -48,6 +49,8 @@ pub const MAX_CPUS: u32 = 255;
 pub const MIN_MEMORY: u64 = 4 << 20;
 /// Hypercalls per second per VM when nothing says otherwise.
 pub const DEFAULT_HYPERCALL_RATE: u32 = 200_000;
+/// Interrupts per second from one remapping entry before the rest are coalesced.
+pub const DEFAULT_IRQ_RATE: u32 = 200_000;
 /// Slots of the default slot-array IMS device.
 pub const DEFAULT_IMS_SLOTS: u32 = 2048;
 /// Queue contexts of the default queue-memory IMS device.
@@ -347,6 +350,9 @@ pub struct VmConfig {
     pub max_routes: Option<u32>,
     /// Hypercalls per second before the VM is throttled with `BUSY`.
     pub hypercall_rate: u32,
+    /// Interrupts per second from one remapping entry before the rest are coalesced
+    /// (storm control; 0: no limit).
+    pub irq_rate: u32,
     /// PCI devices.
     pub devices: Vec<DeviceConfig>,
 }
@@ -363,6 +369,7 @@ impl Default for VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             max_routes: None,
             hypercall_rate: DEFAULT_HYPERCALL_RATE,
+            irq_rate: DEFAULT_IRQ_RATE,
             devices: DeviceConfig::defaults(),
         }
     }
@@ -390,6 +397,8 @@ pub struct Settings {
     pub max_routes: Option<u32>,
     /// Hypercalls per second.
     pub hypercall_rate: Option<u32>,
+    /// Interrupts per second per remapping entry (0: no limit).
+    pub irq_rate: Option<u32>,
     /// PCI devices (`[[device]]`); absent: the default set.
     pub device: Option<Vec<DeviceSetting>>,
 }
@@ -541,6 +550,7 @@ impl Settings {
             kvm_device: over.kvm_device.or(self.kvm_device),
             max_routes: over.max_routes.or(self.max_routes),
             hypercall_rate: over.hypercall_rate.or(self.hypercall_rate),
+            irq_rate: over.irq_rate.or(self.irq_rate),
             device: over.device.or(self.device),
         }
     }
@@ -605,6 +615,7 @@ impl Settings {
                 Some(n) => n,
                 None => defaults.hypercall_rate,
             },
+            irq_rate: self.irq_rate.unwrap_or(defaults.irq_rate),
             devices: resolve_devices(self.device)?,
         })
     }
@@ -656,6 +667,18 @@ mod tests {
         };
         let c = file.overridden_by(flags).resolve().unwrap();
         assert_eq!((c.cpus, c.memory, c.watchdog), (8, 128 << 20, None));
+    }
+
+    #[test]
+    fn storm_control_is_on_by_default_and_can_be_set_or_turned_off() {
+        assert_eq!(VmConfig::default().irq_rate, DEFAULT_IRQ_RATE);
+        let file: Settings = toml::from_str("irq_rate = 5000\n").unwrap();
+        assert_eq!(file.clone().resolve().unwrap().irq_rate, 5000);
+        let off = Settings {
+            irq_rate: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(file.overridden_by(off).resolve().unwrap().irq_rate, 0);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub use bench::Measurements;
 /// The interrupt core of the VM (remapping table, routes, lines), shared by its front ends.
 pub type SharedBacking = Arc<Mutex<Backing<KvmRouting>>>;
 
+/// How long a storm's counter must stay still before the storm is over.
+const STORM_SETTLE: Duration = Duration::from_millis(50);
 /// How long the host waits for the guest to count one interrupt.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -173,6 +175,7 @@ impl Harness {
         let spread = match code {
             request::REMAP_EACH_CPU => mode.max(1),
             request::BENCH_THROUGHPUT => window,
+            request::STORM => 2,
             _ => 1,
         };
         let args_ok = matches!(
@@ -212,6 +215,10 @@ impl Harness {
                 self.bench_throughput(v, count, mode, window, sid, &mut fired)
             }
             request::BENCH_HYPERCALLS => self.bench_hypercalls(mode, count, &mut result),
+            request::STORM if (1..=harness::MAX_BYSTANDERS).contains(&mode) => {
+                self.storm(v, count, mode, &mut fired, &mut result)
+            }
+            request::STORM => status::BAD_ARGUMENT,
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
             _ => status::UNKNOWN_REQUEST,
         };
@@ -483,6 +490,73 @@ impl Harness {
             }
         }
         status::OK
+    }
+
+    fn storm(
+        &self,
+        vector: u8,
+        count: u32,
+        bystanders: u32,
+        fired: &mut [u32],
+        result: &mut u32,
+    ) -> u32 {
+        let bystander = vector.wrapping_add(1);
+        let Some((first, _)) = self.activate(2, |i| {
+            self.entry(0, if i == 0 { vector } else { bystander })
+        }) else {
+            return status::HOST_ERROR;
+        };
+        let before = self.path.storm_stats().throttled;
+        let every = (count / bystanders).max(1);
+        let mut raised = 0;
+        let mut outcome = status::OK;
+        let raise_bystander = |this: &Self, fired: &mut [u32]| {
+            let start = this.counter(0, bystander);
+            if this.path.signal(first + 1, HARNESS_SOURCE_ID).is_err() {
+                return status::HOST_ERROR;
+            }
+            this.count_fired(0, fired);
+            if this.wait_for(|| this.counter(0, bystander).wrapping_sub(start) >= 1) {
+                status::OK
+            } else {
+                status::NOT_DELIVERED
+            }
+        };
+        for i in 1..=count {
+            if self.path.signal(first, HARNESS_SOURCE_ID).is_err() {
+                outcome = status::HOST_ERROR;
+                break;
+            }
+            self.count_fired(0, fired);
+            if i % every == 0 && raised < bystanders {
+                raised += 1;
+                outcome = raise_bystander(self, fired);
+                if outcome != status::OK {
+                    break;
+                }
+            }
+        }
+        while outcome == status::OK && raised < bystanders {
+            raised += 1;
+            outcome = raise_bystander(self, fired);
+        }
+        // The storm's last, coalesced interrupt arrives with the next flush.
+        let settle = Instant::now();
+        let mut last = self.counter(0, vector);
+        let mut still = Instant::now();
+        while settle.elapsed() < Duration::from_secs(2) && still.elapsed() < STORM_SETTLE {
+            std::thread::sleep(Duration::from_millis(1));
+            let now = self.counter(0, vector);
+            if now != last {
+                last = now;
+                still = Instant::now();
+            }
+        }
+        *result = u32::try_from(self.path.storm_stats().throttled - before).unwrap_or(u32::MAX);
+        if !self.release(first, 2) && outcome == status::OK {
+            outcome = status::HOST_ERROR;
+        }
+        outcome
     }
 
     fn remap_source_id(&self, vector: u8, count: u32, fired: &mut [u32], result: &mut u32) -> u32 {

@@ -60,6 +60,8 @@ pub struct RunReport {
     pub hypercalls: crate::hypercall::HypercallStats,
     /// What each PCI device did.
     pub devices: Vec<crate::pci::DeviceReport>,
+    /// What storm control did.
+    pub storms: irq::storm::StormStats,
     /// What the harness's benchmark requests measured (empty unless the guest asked).
     pub measurements: crate::harness::Measurements,
     /// Port and MMIO accesses that reached no device.
@@ -197,6 +199,14 @@ impl fmt::Display for RunReport {
                 hc.throttled
             )?;
         }
+        let st = &self.storms;
+        if st.throttled > 0 {
+            writeln!(
+                f,
+                "vmm: storms      {} interrupts from {} entries over {}/s coalesced into {} later deliveries",
+                st.throttled, st.entries, st.rate, st.flushed
+            )?;
+        }
         for d in &self.devices {
             let mut line = format!(
                 "vmm: device      {}: {} completions, {} interrupts refused by remapping",
@@ -265,6 +275,7 @@ mod tests {
                 dropped: 0,
             }],
             measurements: crate::harness::Measurements::default(),
+            storms: irq::storm::StormStats::default(),
             unmapped_accesses: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),

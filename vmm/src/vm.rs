@@ -18,7 +18,7 @@ use devices::serial::{EventFdTrigger, SerialConsole};
 use devices::viommu::{self, Vtd, VtdDevice};
 use hypercall::boot::BootInfo;
 use hypercall::{harness, platform};
-use irq::backing::{Backing, BackingError, Limits, MsiInjector};
+use irq::backing::{Backing, BackingError, InterruptPath, Limits, MsiInjector};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
 use irq::remap::FaultReason;
 use irq::{KvmRouting, RouteError, RouteTable};
@@ -283,6 +283,7 @@ pub fn run_with_console(
         .path();
     path.set_fault_sink(Arc::new(viommu::FaultsTo(Arc::downgrade(&vtd))));
     path.set_compat_injector(injector);
+    path.set_storm_rate(config.irq_rate);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
     backing
         .lock()
@@ -380,6 +381,8 @@ pub fn run_with_console(
         hypercalls: Some(dispatcher.clone()),
         hypercall_times,
     };
+    let storm_ticker = spawn_storm_ticker(&path, config.irq_rate, stop.clone())
+        .map_err(|e| VmError::Os("start the storm ticker", e))?;
     let mut threads = Vec::with_capacity(vcpus.len());
     let mut spawn_error = None;
     for (index, vcpu) in (0..).zip(vcpus) {
@@ -404,6 +407,9 @@ pub fn run_with_console(
     // The doorbell device, and with it the harness's last sender, goes with the buses.
     drop(shared);
     let _ = harness_thread.join();
+    if let Some(t) = storm_ticker {
+        let _ = t.join();
+    }
     let devices = pci.finish();
     if let Some(e) = spawn_error {
         return Err(e);
@@ -432,6 +438,7 @@ pub fn run_with_console(
         remap_faults: remap_faults(&backing),
         remap_stats,
         hypercalls: dispatcher.stats(),
+        storms: path.storm_stats(),
         devices,
         measurements,
         unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
@@ -561,6 +568,28 @@ fn supervise(events: &mpsc::Receiver<VmEvent>, config: &VmConfig, cpus: u32) -> 
             Err(RecvTimeoutError::Disconnected) => return Outcome::VcpusStopped { stopped },
         }
     }
+}
+
+/// With storm control on, a thread that delivers the coalesced interrupts of throttled
+/// entries every window, until `stop`.
+fn spawn_storm_ticker(
+    path: &Arc<InterruptPath>,
+    rate: u32,
+    stop: Arc<AtomicBool>,
+) -> io::Result<Option<JoinHandle<()>>> {
+    if rate == 0 {
+        return Ok(None);
+    }
+    let path = path.clone();
+    std::thread::Builder::new()
+        .name("irq-storms".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(irq::storm::WINDOW);
+                path.flush_throttled();
+            }
+        })
+        .map(Some)
 }
 
 /// Kicks every vCPU thread until it has left `KVM_RUN`, then joins it.

@@ -21,6 +21,8 @@ const MSI_VECTOR: u8 = 0x50;
 /// Vectors of `retarget` (mode 0, mode 1) and `sid`.
 const RETARGET_VECTOR: u8 = 0x60;
 const SID_VECTOR: u8 = 0x62;
+/// Vectors of `storm`: the storm, then the bystander.
+const STORM_VECTOR: u8 = 0x66;
 /// First vector of `remap`; it spreads over up to 64 from here.
 const REMAP_VECTOR: u8 = 0x80;
 
@@ -50,6 +52,7 @@ enum Scenario {
     Ims,
     Vtd,
     Bench,
+    Storm,
     All,
     Fail,
     Hang,
@@ -66,6 +69,8 @@ struct Options {
     ims_slots: u32,
     ims_rounds: u32,
     bench: crate::bench::Options,
+    storm_count: u32,
+    storm_bystanders: u32,
     /// `apic=xapic` keeps the LAPIC in xAPIC (MMIO) mode even when x2APIC is offered.
     xapic: bool,
 }
@@ -101,6 +106,8 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
             live: 4096,
             retarget_max: 4096,
         },
+        storm_count: 20_000,
+        storm_bystanders: 20,
         xapic: false,
     };
     for word in text.split_ascii_whitespace() {
@@ -120,11 +127,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "vtd" => Scenario::Vtd,
                     "ims" => Scenario::Ims,
                     "bench" => Scenario::Bench,
+                    "storm" => Scenario::Storm,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, all, fail, hang)",
                         ),
                     }
             }
@@ -152,6 +160,10 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
             }
             "bench_live" => o.bench.live = number(value)?.min(hypercall::harness::MAX_COUNT),
             "bench_retarget_max" => o.bench.retarget_max = number(value)?,
+            "storm_count" => o.storm_count = number(value)?.min(hypercall::harness::MAX_COUNT),
+            "storm_bystanders" => {
+                o.storm_bystanders = number(value)?.clamp(1, hypercall::harness::MAX_BYSTANDERS);
+            }
             _ => {}
         }
     }
@@ -243,6 +255,9 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if all || s == Scenario::Ims {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
         ok &= crate::ims::run(cpus, apic, o.ims_slots, o.ims_rounds, s == Scenario::Ims);
+    }
+    if s == Scenario::Storm {
+        ok &= storm(o.storm_count, o.storm_bystanders);
     }
     if s == Scenario::Bench {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
@@ -412,6 +427,36 @@ fn sid(n: u32) -> bool {
             host,
             faults,
             count(0, SID_VECTOR)
+        );
+    }
+    ok
+}
+
+/// The host raises one IRTE `n` times back to back while raising another, the bystander,
+/// `bystanders` times and waiting for each: storm control must coalesce the storm (fewer
+/// arrive than were raised, at least one does) and leave the bystander alone (every one
+/// arrives).
+fn storm(n: u32, bystanders: u32) -> bool {
+    let (host, coalesced) = harness_request(request::STORM, STORM_VECTOR, n, bystanders);
+    let bystander = STORM_VECTOR + 1;
+    let (stormed, stood) = (count(0, STORM_VECTOR), count(0, bystander));
+    // The storm's count is whatever coalescing let through; it is checked here.
+    expect(0, STORM_VECTOR, stormed);
+    expect(0, bystander, bystanders);
+    let ok = host == status::OK
+        && fired(0) == n + bystanders
+        && stood == bystanders
+        && (1..n).contains(&stormed)
+        && coalesced > 0;
+    if ok {
+        println!(
+            "storm: {} interrupts raised back to back arrived as {} ({} coalesced), all {} bystander interrupts arrived",
+            n, stormed, coalesced, bystanders
+        );
+    } else {
+        println!(
+            "storm: FAIL (host status {}, {} of {} arrived, {} coalesced, {} of {} bystanders)",
+            host, stormed, n, coalesced, stood, bystanders
         );
     }
     ok

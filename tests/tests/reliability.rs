@@ -1,0 +1,37 @@
+//! Reliability on real KVM: interrupt storms are coalesced per entry without touching
+//! other sources.
+
+use integration_tests::{boot, config};
+
+#[test]
+fn a_storm_is_coalesced_counted_and_reported_and_a_bystander_is_unaffected() {
+    let mut cfg = config(2, "scenario=storm storm_count=20000 storm_bystanders=25");
+    cfg.irq_rate = 1000;
+    let (report, console) = boot(&cfg);
+    assert!(report.passed(), "{report}\n{console}");
+    assert!(
+        console.contains("all 25 bystander interrupts arrived"),
+        "{console}"
+    );
+    let s = report.storms;
+    assert_eq!((s.rate, s.entries), (1000, 1), "{report}");
+    assert!(s.throttled > 10_000, "{report}");
+    assert!(
+        s.flushed >= 1,
+        "the storm's last interrupt was delivered late: {report}"
+    );
+    let text = report.to_string();
+    assert!(text.contains("vmm: storms      "), "{text}");
+    assert!(
+        text.contains("from 1 entries over 1000/s coalesced"),
+        "{text}"
+    );
+}
+
+#[test]
+fn without_a_storm_nothing_is_throttled() {
+    let (report, console) = boot(&config(2, "scenario=remap remap_entries=512"));
+    assert!(report.passed(), "{report}\n{console}");
+    assert_eq!(report.storms.throttled, 0);
+    assert!(!report.to_string().contains("vmm: storms"));
+}
