@@ -164,6 +164,12 @@ pub mod request {
     /// 50 ms (its coalesced interrupt delivered). `FIRED[0]` counts the raises
     /// (`count + mode`); `RESULT` the storm's signals that storm control coalesced.
     pub const STORM: u32 = 10;
+    /// Fault injection into the interrupt core's KVM calls: with `mode` 1 the next `count`
+    /// `KVM_SET_GSI_ROUTING` calls fail, with `mode` 2 the next `count` irqfd
+    /// registrations (0 disarms). `vector` is not used. A failed call must leave the
+    /// previous state working, and the hypercall or register write that needed it must
+    /// report the failure.
+    pub const INJECT: u32 = 11;
 }
 
 /// The most bystander interrupts a `STORM` request raises.

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,17 +78,55 @@ pub trait RoutingBackend: Send + Sync {
     fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()>;
 }
 
+/// Fault injection for a [`KvmRouting`]: the next calls of a kind fail (with `ENOMEM`)
+/// before reaching KVM, as a real failure would, so that tests can show that every
+/// failure leaves the previous state working and is reported.
+#[derive(Debug, Default)]
+pub struct InjectedFaults {
+    set_routes: AtomicU32,
+    assign_irqfd: AtomicU32,
+}
+
+impl InjectedFaults {
+    /// Makes the next `n` `KVM_SET_GSI_ROUTING` calls fail.
+    pub fn fail_route_commits(&self, n: u32) {
+        self.set_routes.store(n, Ordering::Relaxed);
+    }
+
+    /// Makes the next `n` irqfd registrations fail.
+    pub fn fail_irqfd_assigns(&self, n: u32) {
+        self.assign_irqfd.store(n, Ordering::Relaxed);
+    }
+
+    fn take(counter: &AtomicU32) -> io::Result<()> {
+        match counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)) {
+            Ok(_) => Err(io::Error::from_raw_os_error(12)), // ENOMEM, injected
+            Err(_) => Ok(()),
+        }
+    }
+}
+
 /// [`RoutingBackend`] over a KVM VM file descriptor.
 #[derive(Debug, Clone)]
 pub struct KvmRouting {
     vm: Arc<VmFd>,
+    faults: Arc<InjectedFaults>,
 }
 
 impl KvmRouting {
     /// Routing for `vm`, which must have an in-kernel irqchip (`KVM_CREATE_IRQCHIP`).
     #[must_use]
     pub fn new(vm: Arc<VmFd>) -> Self {
-        Self { vm }
+        Self {
+            vm,
+            faults: Arc::default(),
+        }
+    }
+
+    /// The fault-injection switches of this routing (shared by its clones).
+    #[must_use]
+    pub fn faults(&self) -> Arc<InjectedFaults> {
+        self.faults.clone()
     }
 
     /// The number of routes KVM accepts (`KVM_CAP_IRQ_ROUTING`), capped at what the
@@ -139,6 +178,7 @@ impl crate::backing::MsiInjector for KvmRouting {
 
 impl RoutingBackend for KvmRouting {
     fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
+        InjectedFaults::take(&self.faults.set_routes)?;
         let entries: Vec<_> = routes.iter().map(to_kvm).collect();
         let table = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
@@ -146,6 +186,7 @@ impl RoutingBackend for KvmRouting {
     }
 
     fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        InjectedFaults::take(&self.faults.assign_irqfd)?;
         self.vm.register_irqfd(fd, gsi).map_err(io::Error::from)
     }
 

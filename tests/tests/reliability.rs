@@ -1,5 +1,6 @@
 //! Reliability on real KVM: interrupt storms are coalesced per entry without touching
-//! other sources.
+//! other sources, and injected KVM failures are reported to the guest while the previous
+//! state keeps working. (Device command timeouts and resets are in `ims.rs`.)
 
 use integration_tests::{boot, config};
 
@@ -34,4 +35,21 @@ fn without_a_storm_nothing_is_throttled() {
     assert!(report.passed(), "{report}\n{console}");
     assert_eq!(report.storms.throttled, 0);
     assert!(!report.to_string().contains("vmm: storms"));
+}
+
+#[test]
+fn injected_kvm_failures_are_reported_and_leave_the_previous_state_working() {
+    let (report, console) = boot(&config(1, "scenario=faults"));
+    assert!(report.passed(), "{report}\n{console}");
+    for line in [
+        "faults: a failed route commit is reported to the guest (NO_SPACE)",
+        "faults: a failed irqfd registration is reported to the guest (NO_SPACE)",
+        "faults: each injected failure left the entry delivering as before",
+    ] {
+        assert!(console.contains(line), "{line} missing:\n{console}");
+    }
+    assert_eq!(report.remap_stats.rollbacks, 2, "{report}");
+    // The NO_SPACE answers are counted as failed updates.
+    let update = report.hypercalls.calls.iter().find(|c| c.name == "update");
+    assert_eq!(update.map(|c| c.errors), Some(2), "{report}");
 }

@@ -32,6 +32,7 @@ use irq::backing::{AllocFlags, Backing, InterruptPath};
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::Target;
 use irq::remap::FaultReason;
+use irq::routes::InjectedFaults;
 use irq::{Gsi, KvmRouting, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -70,6 +71,7 @@ pub struct Harness {
     /// Slot-array IMS devices by requester ID, for the benchmark requests.
     slot_devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>,
     hypercall_times: Option<Arc<HypercallTimes>>,
+    faults: Option<Arc<InjectedFaults>>,
     measurements: Arc<Mutex<Measurements>>,
 }
 
@@ -98,6 +100,7 @@ impl Harness {
             fired,
             slot_devices: Vec::new(),
             hypercall_times: None,
+            faults: None,
             measurements: Arc::default(),
         }
     }
@@ -113,6 +116,13 @@ impl Harness {
     #[must_use]
     pub fn with_hypercall_times(mut self, times: Arc<HypercallTimes>) -> Self {
         self.hypercall_times = Some(times);
+        self
+    }
+
+    /// The interrupt core's fault-injection switches (for `INJECT`).
+    #[must_use]
+    pub fn with_faults(mut self, faults: Arc<InjectedFaults>) -> Self {
+        self.faults = Some(faults);
         self
     }
 
@@ -180,7 +190,7 @@ impl Harness {
         };
         let args_ok = matches!(
             code,
-            request::RAISE | request::RAISE_MSI | request::BENCH_HYPERCALLS
+            request::RAISE | request::RAISE_MSI | request::BENCH_HYPERCALLS | request::INJECT
         ) && count <= harness::MAX_COUNT
             || vector >= harness::MIN_VECTOR
                 && (1..=harness::MAX_REMAP_VECTORS).contains(&spread)
@@ -219,6 +229,18 @@ impl Harness {
                 self.storm(v, count, mode, &mut fired, &mut result)
             }
             request::STORM => status::BAD_ARGUMENT,
+            request::INJECT => match (mode, &self.faults) {
+                (1, Some(f)) => {
+                    f.fail_route_commits(count);
+                    status::OK
+                }
+                (2, Some(f)) => {
+                    f.fail_irqfd_assigns(count);
+                    status::OK
+                }
+                (1 | 2, None) => status::HOST_ERROR,
+                _ => status::BAD_ARGUMENT,
+            },
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
             _ => status::UNKNOWN_REQUEST,
         };

@@ -261,6 +261,7 @@ pub fn run_with_console(
     let placement = write_boot_state(&mem, config, &image)?;
 
     let routing = KvmRouting::new(vm.clone());
+    let injected_faults = routing.faults();
     let kvm_limit = routing.route_limit();
     let limit = config.max_routes.map_or(kvm_limit, |cap| {
         kvm_limit.min(cap.saturating_add(irq::routes::LEGACY_GSI_COUNT))
@@ -352,7 +353,8 @@ pub fn run_with_console(
         stop.clone(),
     )
     .with_slot_devices(pci.slot_devices())
-    .with_hypercall_times(hypercall_times.clone());
+    .with_hypercall_times(hypercall_times.clone())
+    .with_faults(injected_faults);
     let harness_fired = harness.fired();
     let measurements = harness.measurements();
     let harness_thread = harness

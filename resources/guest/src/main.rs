@@ -20,6 +20,7 @@
 
 mod arch;
 mod bench;
+mod faults;
 mod hc;
 mod ims;
 mod mem;

@@ -53,6 +53,7 @@ enum Scenario {
     Vtd,
     Bench,
     Storm,
+    Faults,
     All,
     Fail,
     Hang,
@@ -128,11 +129,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "ims" => Scenario::Ims,
                     "bench" => Scenario::Bench,
                     "storm" => Scenario::Storm,
+                    "faults" => Scenario::Faults,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, faults, all, fail, hang)",
                         ),
                     }
             }
@@ -255,6 +257,9 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if all || s == Scenario::Ims {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
         ok &= crate::ims::run(cpus, apic, o.ims_slots, o.ims_rounds, s == Scenario::Ims);
+    }
+    if s == Scenario::Faults {
+        ok &= crate::faults::run(info.apic_id(0).unwrap_or(0));
     }
     if s == Scenario::Storm {
         ok &= storm(o.storm_count, o.storm_bystanders);
