@@ -64,6 +64,8 @@ use crate::storm::{StormStats, Storms};
 /// Faults kept for the front ends to read before older ones are dropped (and counted).
 pub const FAULT_QUEUE_LEN: usize = 256;
 
+pub mod snapshot;
+
 // ---- Data path ----------------------------------------------------------------------------
 
 /// The requester check of a live entry, packed: bits 1:0 SVT, 3:2 SQ, 4 FPD, 31:16 SID.
@@ -446,7 +448,7 @@ impl InterruptPath {
 // ---- Control path -------------------------------------------------------------------------
 
 /// Limits of one VM's remapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Entries in the remapping table (1 to 65536).
     pub table_size: u32,
@@ -796,16 +798,7 @@ impl<B: RoutingBackend> Backing<B> {
             .find_free(count, flags.aligned)
             .ok_or(BackingError::NoSpace(count))?;
         if flags.managed {
-            let unmanaged = self.routes.staged_msi_routes() - self.managed_routes();
-            if unmanaged + (self.managed_allocated + count) as usize > self.routes.capacity() {
-                return Err(BackingError::RoutesExhausted);
-            }
-            let mut fds = Vec::with_capacity(count as usize);
-            for _ in 0..count {
-                fds.push(EventFd::new(EFD_NONBLOCK).map_err(BackingError::EventFd)?);
-            }
-            self.managed_fds.append(&mut fds);
-            self.managed_allocated += count;
+            self.reserve_managed(count)?;
         }
         for entry in self
             .entries
@@ -821,6 +814,21 @@ impl<B: RoutingBackend> Backing<B> {
         *self.per_device.entry(source_id).or_insert(0) += count;
         self.allocated += count;
         Ok(first)
+    }
+
+    /// Reserves eventfds and route budget for `count` more managed entries.
+    fn reserve_managed(&mut self, count: u32) -> Result<(), BackingError> {
+        let unmanaged = self.routes.staged_msi_routes() - self.managed_routes();
+        if unmanaged + (self.managed_allocated + count) as usize > self.routes.capacity() {
+            return Err(BackingError::RoutesExhausted);
+        }
+        let mut fds = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            fds.push(EventFd::new(EFD_NONBLOCK).map_err(BackingError::EventFd)?);
+        }
+        self.managed_fds.append(&mut fds);
+        self.managed_allocated += count;
+        Ok(())
     }
 
     fn find_free(&self, count: u32, aligned: bool) -> Option<u32> {
