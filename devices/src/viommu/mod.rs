@@ -41,8 +41,8 @@ use regs::{desc, event, fsts, global};
 /// Where the unit's registers are (QEMU's intel-iommu uses the same base).
 pub const DEFAULT_BASE: u64 = 0xfed9_0000;
 
-/// The guest-visible register state (what a snapshot would hold).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The guest-visible register state (what a snapshot holds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VtdState {
     /// Global status.
     pub gsts: u32,
@@ -82,6 +82,38 @@ pub struct VtdState {
     pub frcd: [[u64; 2]; regs::NFR],
     /// Where the next fault is recorded.
     pub next_frcd: usize,
+}
+
+/// Why a unit's state cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VtdRestoreError {
+    /// A field out of range.
+    #[error("VT-d state: {0}")]
+    Invalid(&'static str),
+}
+
+impl VtdState {
+    /// Checks what the unit relies on: the latched table's size, the queue pointers, the
+    /// next fault record.
+    ///
+    /// # Errors
+    /// The first field out of range.
+    pub fn validate(&self) -> Result<(), VtdRestoreError> {
+        let bad = |why| Err(VtdRestoreError::Invalid(why));
+        if let Some((_, entries, _)) = self.table {
+            if !(2..=1 << 16).contains(&entries) || !entries.is_power_of_two() {
+                return bad("the table size is not a power of two from 2 to 65536");
+            }
+        }
+        let bytes = 16 * (256u64 << (self.iqa & regs::iqa::QS_MASK));
+        if self.iqh % 16 != 0 || self.iqh >= bytes || self.iqt % 16 != 0 || self.iqt >= bytes {
+            return bad("a queue pointer is unaligned or beyond the queue");
+        }
+        if self.next_frcd >= regs::NFR {
+            return bad("the next fault record is beyond the registers");
+        }
+        Ok(())
+    }
 }
 
 /// What the unit did, for statistics and tests.
@@ -181,6 +213,27 @@ impl<B: RoutingBackend> Vtd<B> {
     #[must_use]
     pub fn state(&self) -> &VtdState {
         &self.state
+    }
+
+    /// A unit in `state` (from a snapshot), over an interrupt core already restored from
+    /// the same snapshot (which carries the table and compatibility blocking).
+    ///
+    /// # Errors
+    /// A state no unit could be in; nothing is built.
+    pub fn restore(
+        backing: Arc<Mutex<Backing<B>>>,
+        mem: GuestMemoryMmap,
+        events: Arc<dyn MsiInjector>,
+        state: VtdState,
+    ) -> Result<Self, VtdRestoreError> {
+        state.validate()?;
+        Ok(Self {
+            state,
+            counters: VtdCounters::default(),
+            backing,
+            mem,
+            events,
+        })
     }
 
     /// The counters.

@@ -399,3 +399,37 @@ fn a_dropped_unit_takes_the_interrupt_core_with_it() {
         "the interrupt core outlived its VM"
     );
 }
+
+#[test]
+fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
+    let rig = Rig::enabled(true);
+    // A fault (an absent entry) fills a fault record.
+    assert!(rig.path.signal(5, DEV).is_err());
+    let (state, core) = {
+        let unit = rig.unit.lock().unwrap();
+        let core = unit.backing.lock().unwrap().snapshot();
+        (unit.state().clone(), core)
+    };
+    assert!(state.frcd.iter().any(|r| r[1] >> 63 != 0), "{state:?}");
+    assert!(state.table.is_some());
+    let restored_core = || {
+        let kvm = Arc::new(FakeRouting::new());
+        let routes = RouteTable::new(kvm, 4096).unwrap();
+        Arc::new(Mutex::new(Backing::restore(routes, &core).unwrap()))
+    };
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let events: Arc<dyn MsiInjector> = Arc::new(Injected::default());
+    let unit = Vtd::restore(restored_core(), mem.clone(), events.clone(), state.clone()).unwrap();
+    assert_eq!(unit.state(), &state);
+    let tamper: [fn(&mut VtdState); 4] = [
+        |s| s.iqh = 8,
+        |s| s.iqt = 1 << 40,
+        |s| s.next_frcd = regs::NFR,
+        |s| s.table = Some((0, 3, true)),
+    ];
+    for edit in tamper {
+        let mut bad = state.clone();
+        edit(&mut bad);
+        assert!(Vtd::restore(restored_core(), mem.clone(), events.clone(), bad).is_err());
+    }
+}
