@@ -13,6 +13,7 @@
 
 pub mod queues;
 pub mod slots;
+pub mod snapshot;
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -54,6 +55,39 @@ impl Deferred {
     /// Whether queue `queue` has items waiting.
     pub(crate) fn holds(&self, queue: u32) -> bool {
         self.0.iter().any(|(q, ..)| *q == queue)
+    }
+
+    /// The items at `now`: queue, head, microseconds until due (0: due already).
+    pub(crate) fn snapshot(&self, now: Instant) -> Vec<(u32, u16, u64)> {
+        self.0
+            .iter()
+            .map(|&(q, head, at)| {
+                let left = at.saturating_duration_since(now).as_micros();
+                (q, head, u64::try_from(left).unwrap_or(u64::MAX))
+            })
+            .collect()
+    }
+
+    /// Items from a snapshot, due from `now` on, for a device with `queues` queues.
+    pub(crate) fn restore(
+        items: &[(u32, u16, u64)],
+        queues: u32,
+        now: Instant,
+    ) -> Result<Self, snapshot::RestoreError> {
+        let mut out = VecDeque::with_capacity(items.len());
+        let mut last = now;
+        for &(q, head, left_us) in items {
+            if q >= queues {
+                return Err(snapshot::RestoreError(
+                    "deferred work of a queue beyond the device",
+                ));
+            }
+            // Due times stay in order (each item is due after the one before it).
+            let at = (now + Duration::from_micros(left_us.min(u64::from(u32::MAX)))).max(last);
+            last = at;
+            out.push_back((q, head, at));
+        }
+        Ok(Self(out))
     }
 
     /// Drops every item.

@@ -38,6 +38,9 @@ use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
 use crate::pci::PciFunction;
 
 pub use hypercall::ims::slots::*;
+pub use snapshot::SlotsSnapshot;
+
+mod snapshot;
 
 const ID_VALUE: u32 = ID;
 
@@ -513,5 +516,91 @@ mod tests {
         w(dev, reg::QUEUE_READY, 1);
         dev.bar_write(0, 1, &[1, 2]);
         assert_eq!(dev.process(Instant::now()), 0);
+    }
+
+    /// Three items with paced completions; the device is snapshotted after the first
+    /// completed, restored as a new device, and the new one completes the other two, once.
+    #[test]
+    fn a_restored_device_completes_exactly_what_was_owed() {
+        let mut rig = rig();
+        let mock = MockSplitQueue::new(&rig.mem, 16);
+        for k in 0..3u16 {
+            mock.add_desc_chains(
+                &[virtio_queue::desc::RawDescriptor::from(
+                    virtio_queue::desc::split::Descriptor::new(
+                        0x8_0000 + 64 * u64::from(k),
+                        64,
+                        0,
+                        0,
+                    ),
+                )],
+                k,
+            )
+            .unwrap();
+        }
+        let dev = &mut rig.dev;
+        program_slot(dev, 5, MsiMessage::remappable(7, None), false);
+        w(dev, reg::QUEUE_SELECT, 1);
+        w(dev, reg::QUEUE_SIZE, 16);
+        w(dev, reg::QUEUE_SLOT, 5);
+        w(
+            dev,
+            reg::QUEUE_DESC,
+            u32::try_from(mock.desc_table_addr().0).unwrap(),
+        );
+        w(
+            dev,
+            reg::QUEUE_AVAIL,
+            u32::try_from(mock.avail_addr().0).unwrap(),
+        );
+        w(
+            dev,
+            reg::QUEUE_USED,
+            u32::try_from(mock.used_addr().0).unwrap(),
+        );
+        w(dev, reg::QUEUE_READY, 1);
+        w(dev, reg::INJECT_DELAY_US, 1000);
+        w(dev, reg::QUEUE_NOTIFY, 1);
+        let t0 = Instant::now();
+        assert_eq!(dev.process(t0), 0, "the first is due a delay later");
+        assert_eq!(dev.process(t0 + Duration::from_micros(1000)), 1);
+        let snap = dev.snapshot(t0 + Duration::from_micros(1000));
+        assert_eq!(snap.deferred.len(), 2);
+        assert_eq!(snap.completions, 1);
+
+        let path = rig.backing.path();
+        let now = Instant::now();
+        let mut new = ImsSlots::restore(DEV, path.clone(), rig.mem.clone(), &snap, now).unwrap();
+        assert_eq!(
+            new.snapshot(now),
+            snap,
+            "the restored device is the same device"
+        );
+        assert_eq!(new.process(now + Duration::from_secs(1)), 2);
+        assert_eq!(
+            mock.used().idx().load(),
+            3,
+            "each item completed once in all"
+        );
+        assert_eq!((new.completions(), path.delivered(7)), (3, 3));
+        assert_eq!(
+            new.process(now + Duration::from_secs(2)),
+            0,
+            "nothing twice"
+        );
+
+        let tampered: [fn(&mut SlotsSnapshot); 6] = [
+            |s| s.config.pop().map_or((), drop),
+            |s| s.slots.clear(),
+            |s| s.queues[0].1 = 64,
+            |s| s.queues[1].0.size = 3,
+            |s| s.notified.push(4),
+            |s| s.deferred.push((9, 0, 0)),
+        ];
+        for edit in tampered {
+            let mut bad = snap.clone();
+            edit(&mut bad);
+            assert!(ImsSlots::restore(DEV, path.clone(), rig.mem.clone(), &bad, now).is_err());
+        }
     }
 }

@@ -144,6 +144,27 @@ impl ConfigSpace {
         change
     }
 
+    /// The whole space, for a snapshot.
+    #[must_use]
+    pub fn raw(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Puts back a snapshot's bytes (the writable mask, BARs and capabilities are the
+    /// device's own and stay as built).
+    ///
+    /// # Errors
+    /// A snapshot of another size.
+    pub fn restore_raw(&mut self, bytes: &[u8]) -> Result<(), crate::ims::snapshot::RestoreError> {
+        if bytes.len() != SIZE {
+            return Err(crate::ims::snapshot::RestoreError(
+                "configuration space of another size",
+            ));
+        }
+        self.bytes.copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// Reads a little-endian u16.
     #[must_use]
     pub fn u16_at(&self, at: usize) -> u16 {
