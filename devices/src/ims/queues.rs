@@ -41,6 +41,9 @@ use crate::pci::msix::{self, Msix};
 use crate::pci::PciFunction;
 
 pub use hypercall::ims::queues::*;
+pub use snapshot::QueuesSnapshot;
+
+mod snapshot;
 
 /// Command timeout when the guest has not set one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -64,7 +67,7 @@ struct Waiting {
 }
 
 /// Counters of a queue-memory device.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     /// Work items completed.
     pub completions: u64,
@@ -789,5 +792,61 @@ mod tests {
         rig.dev.bar_write(0, 3, &[1, 2]);
         w(&mut rig.dev, reg::QUEUE_NOTIFY, 4096);
         assert_eq!(rig.dev.process(now), None);
+    }
+
+    /// A started context with paced work half done is snapshotted, restored as a new
+    /// device, and the new one completes the rest once and stops the context cleanly.
+    #[test]
+    fn a_restored_device_carries_on_where_the_old_one_stopped() {
+        let mut rig = rig();
+        enable_admin(&mut rig);
+        let mem = rig.mem.clone();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x6_0000), 16);
+        let ctx = write_context(&mem, &mock);
+        let path = rig.backing.path();
+        let t0 = Instant::now();
+        let e = submit(&mut rig, 0, command::START, 2, ctx);
+        rig.dev.process(t0);
+        assert_eq!(status(&rig, e), command::OK);
+        w(&mut rig.dev, reg::INJECT_DELAY_US, 1000);
+        work(&mock, 3);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 2);
+        rig.dev.process(t0);
+        rig.dev.process(t0 + Duration::from_micros(1000));
+        assert_eq!(path.delivered(3), 1);
+        let snap = rig.dev.snapshot(t0 + Duration::from_micros(1000));
+        assert_eq!((snap.running.len(), snap.deferred.len()), (1, 2));
+
+        let now = Instant::now();
+        let mut new = ImsQueues::restore(DEV, path.clone(), mem.clone(), &snap, now).unwrap();
+        assert_eq!(
+            new.snapshot(now),
+            snap,
+            "the restored device is the same device"
+        );
+        new.process(now + Duration::from_secs(1));
+        assert_eq!(path.delivered(3), 3, "the two owed completions, once each");
+        assert_eq!(new.stats().completions, 3);
+        let e = ADMIN + command::SIZE;
+        mem.write_obj(command::STOP, GuestAddress(e)).unwrap();
+        mem.write_obj(2u32, GuestAddress(e + 4)).unwrap();
+        mem.write_obj(0u32, GuestAddress(e + 16)).unwrap();
+        w(&mut new, reg::ADMIN_TAIL, 2);
+        new.process(now + Duration::from_secs(1));
+        assert_eq!(status(&rig, e), command::OK, "the restored admin ring runs");
+
+        let tampered: [fn(&mut QueuesSnapshot); 6] = [
+            |s| s.contexts = 0,
+            |s| s.running[0].id = 99,
+            |s| s.running.push(s.running[0].clone()),
+            |s| s.admin_size = 3,
+            |s| s.msix.table.push([0; 4]),
+            |s| s.deferred.push((8, 0, 0)),
+        ];
+        for edit in tampered {
+            let mut bad = snap.clone();
+            edit(&mut bad);
+            assert!(ImsQueues::restore(DEV, path.clone(), mem.clone(), &bad, now).is_err());
+        }
     }
 }

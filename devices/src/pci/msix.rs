@@ -31,7 +31,48 @@ pub struct Msix {
     control: u16,
 }
 
+/// An MSI-X capability's state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixSnapshot {
+    /// Each entry: address low, high, data, vector control.
+    pub table: Vec<[u32; 4]>,
+    /// Pending bits.
+    pub pending: Vec<u64>,
+    /// Message control.
+    pub control: u16,
+}
+
 impl Msix {
+    /// The state, for a snapshot.
+    #[must_use]
+    pub fn snapshot(&self) -> MsixSnapshot {
+        MsixSnapshot {
+            table: self.table.clone(),
+            pending: self.pending.clone(),
+            control: self.control,
+        }
+    }
+
+    /// A capability of `vectors` entries in the state `snap` describes.
+    ///
+    /// # Errors
+    /// A table or pending array of another size.
+    pub fn restore(
+        snap: &MsixSnapshot,
+        vectors: u16,
+    ) -> Result<Self, crate::ims::snapshot::RestoreError> {
+        let mut m = Self::new(vectors);
+        if snap.table.len() != m.table.len() || snap.pending.len() != m.pending.len() {
+            return Err(crate::ims::snapshot::RestoreError(
+                "an MSI-X table of another size",
+            ));
+        }
+        m.table.clone_from(&snap.table);
+        m.pending.clone_from(&snap.pending);
+        m.control = snap.control;
+        Ok(m)
+    }
+
     /// `vectors` entries (1 to 2048; clamped), all masked.
     #[must_use]
     pub fn new(vectors: u16) -> Self {
