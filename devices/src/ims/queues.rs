@@ -657,18 +657,28 @@ mod tests {
         }
     }
 
+    /// The admin ring enabled and context 2 started on a queue at 0x6_0000; returns the
+    /// queue and the context's address.
+    fn started<'a>(
+        rig: &mut Rig,
+        mem: &'a GuestMemoryMmap,
+    ) -> (MockSplitQueue<'a, GuestMemoryMmap>, u64) {
+        enable_admin(rig);
+        let mock = MockSplitQueue::create(mem, GuestAddress(0x6_0000), 16);
+        let ctx = write_context(mem, &mock);
+        let e = submit(rig, 0, command::START, 2, ctx);
+        rig.dev.process(Instant::now());
+        assert_eq!(status(rig, e), command::OK);
+        (mock, ctx)
+    }
+
     #[test]
     fn start_work_lazy_mask_and_stop() {
         let mut rig = rig();
-        enable_admin(&mut rig);
         let mem = rig.mem.clone();
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0x6_0000), 16);
-        let ctx = write_context(&mem, &mock);
+        let (mock, ctx) = started(&mut rig, &mem);
         let path = rig.backing.path();
         let now = Instant::now();
-        let e = submit(&mut rig, 0, command::START, 2, ctx);
-        rig.dev.process(now);
-        assert_eq!(status(&rig, e), command::OK);
         assert_eq!(path.delivered(4), 1, "admin interrupt");
         let e = submit(&mut rig, 1, command::START, 2, ctx);
         rig.dev.process(now);
@@ -799,15 +809,10 @@ mod tests {
     #[test]
     fn a_restored_device_carries_on_where_the_old_one_stopped() {
         let mut rig = rig();
-        enable_admin(&mut rig);
         let mem = rig.mem.clone();
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0x6_0000), 16);
-        let ctx = write_context(&mem, &mock);
+        let (mock, _) = started(&mut rig, &mem);
         let path = rig.backing.path();
         let t0 = Instant::now();
-        let e = submit(&mut rig, 0, command::START, 2, ctx);
-        rig.dev.process(t0);
-        assert_eq!(status(&rig, e), command::OK);
         w(&mut rig.dev, reg::INJECT_DELAY_US, 1000);
         work(&mock, 3);
         w(&mut rig.dev, reg::QUEUE_NOTIFY, 2);

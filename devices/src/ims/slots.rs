@@ -414,6 +414,19 @@ mod tests {
         w(dev, at + 12, u32::from(masked));
     }
 
+    /// Queue `q` on `mock`'s rings, bound to slot 5 (entry 7's message, unmasked), ready.
+    fn bind_queue(dev: &mut ImsSlots, q: u32, mock: &MockSplitQueue<'_, GuestMemoryMmap>) {
+        program_slot(dev, 5, MsiMessage::remappable(7, None), false);
+        w(dev, reg::QUEUE_SELECT, q);
+        w(dev, reg::QUEUE_SIZE, 16);
+        w(dev, reg::QUEUE_SLOT, 5);
+        let address = |a: vm_memory::GuestAddress| u32::try_from(a.0).unwrap();
+        w(dev, reg::QUEUE_DESC, address(mock.desc_table_addr()));
+        w(dev, reg::QUEUE_AVAIL, address(mock.avail_addr()));
+        w(dev, reg::QUEUE_USED, address(mock.used_addr()));
+        w(dev, reg::QUEUE_READY, 1);
+    }
+
     #[test]
     fn identity_and_slot_format_checks() {
         let mut rig = rig();
@@ -484,26 +497,7 @@ mod tests {
         )])
         .unwrap();
         let dev = &mut rig.dev;
-        program_slot(dev, 5, MsiMessage::remappable(7, None), false);
-        w(dev, reg::QUEUE_SELECT, 2);
-        w(dev, reg::QUEUE_SIZE, 16);
-        w(dev, reg::QUEUE_SLOT, 5);
-        w(
-            dev,
-            reg::QUEUE_DESC,
-            u32::try_from(mock.desc_table_addr().0).unwrap(),
-        );
-        w(
-            dev,
-            reg::QUEUE_AVAIL,
-            u32::try_from(mock.avail_addr().0).unwrap(),
-        );
-        w(
-            dev,
-            reg::QUEUE_USED,
-            u32::try_from(mock.used_addr().0).unwrap(),
-        );
-        w(dev, reg::QUEUE_READY, 1);
+        bind_queue(dev, 2, &mock);
         assert_eq!(r(dev, reg::QUEUE_READY), 1);
         w(dev, reg::QUEUE_NOTIFY, 2);
         assert_eq!(dev.process(Instant::now()), 1);
@@ -539,26 +533,7 @@ mod tests {
             .unwrap();
         }
         let dev = &mut rig.dev;
-        program_slot(dev, 5, MsiMessage::remappable(7, None), false);
-        w(dev, reg::QUEUE_SELECT, 1);
-        w(dev, reg::QUEUE_SIZE, 16);
-        w(dev, reg::QUEUE_SLOT, 5);
-        w(
-            dev,
-            reg::QUEUE_DESC,
-            u32::try_from(mock.desc_table_addr().0).unwrap(),
-        );
-        w(
-            dev,
-            reg::QUEUE_AVAIL,
-            u32::try_from(mock.avail_addr().0).unwrap(),
-        );
-        w(
-            dev,
-            reg::QUEUE_USED,
-            u32::try_from(mock.used_addr().0).unwrap(),
-        );
-        w(dev, reg::QUEUE_READY, 1);
+        bind_queue(dev, 1, &mock);
         w(dev, reg::INJECT_DELAY_US, 1000);
         w(dev, reg::QUEUE_NOTIFY, 1);
         let t0 = Instant::now();
