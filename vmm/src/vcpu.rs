@@ -78,7 +78,17 @@ impl HypercallTimes {
         std::mem::take(&mut *self.samples.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn record(&self, number: u32, time: Duration) {
+    /// The moment of an exit, if hypercall times are being recorded (no clock read
+    /// otherwise: this runs on every exit).
+    fn exit_time(&self) -> Option<Instant> {
+        self.recording.load(Ordering::Relaxed).then(Instant::now)
+    }
+
+    fn record(&self, number: u32, exited: Option<Instant>) {
+        let Some(exited) = exited else {
+            return;
+        };
+        let time = exited.elapsed();
         if self.recording.load(Ordering::Acquire) {
             let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
             if samples.len() < MAX_HYPERCALL_SAMPLES {
@@ -133,7 +143,7 @@ fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
             return StopReason::Requested;
         }
         let result = vcpu.run();
-        let exited = Instant::now();
+        let exited = shared.hypercall_times.exit_time();
         let action = match result {
             Ok(exit) => handle_exit(exit.into(), &shared.buses, &shared.counters),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -145,7 +155,7 @@ fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
         match action {
             Action::Continue => {}
             Action::Hypercall => match hypercall(&mut vcpu, shared) {
-                Ok(number) => shared.hypercall_times.record(number, exited.elapsed()),
+                Ok(number) => shared.hypercall_times.record(number, exited),
                 Err(reason) => return reason,
             },
             Action::Stop(reason) => return describe(&mut vcpu, reason),
