@@ -6,7 +6,8 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,6 +25,30 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// The UART's registers and receive FIFO, for a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes not yet read by the guest (at most the FIFO's 64).
+    pub receive: Vec<u8>,
+}
+
 /// A 16550A UART whose transmitted bytes go to `W`.
 #[derive(Debug)]
 pub struct SerialConsole<W: Write> {
@@ -37,6 +62,51 @@ impl<W: Write + Send> SerialConsole<W> {
         Self {
             uart: Serial::new(irq, out),
             errors: 0,
+        }
+    }
+
+    /// A UART in the state `snap` describes, raising `irq` and writing to `out`.
+    ///
+    /// # Errors
+    /// A receive FIFO longer than the UART's.
+    pub fn restore(
+        snap: &SerialSnapshot,
+        irq: EventFdTrigger,
+        out: W,
+    ) -> Result<Self, crate::ims::snapshot::RestoreError> {
+        let [baud_divisor_low, baud_divisor_high] = snap.divisor;
+        let state = SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.receive.clone(),
+        };
+        let uart = Serial::from_state(&state, irq, NoEvents, out).map_err(|_| {
+            crate::ims::snapshot::RestoreError("serial receive FIFO longer than 64 bytes")
+        })?;
+        Ok(Self { uart, errors: 0 })
+    }
+
+    /// The UART's state.
+    #[must_use]
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            receive: s.in_buffer,
         }
     }
 
@@ -102,6 +172,25 @@ mod tests {
         uart.read(5, &mut wide);
         assert_eq!(&wide[1..], &[0; 7]);
         assert_eq!(uart.errors(), 0);
+    }
+
+    #[test]
+    fn a_restored_uart_keeps_its_registers_and_refuses_an_overlong_fifo() {
+        let irq = || EventFdTrigger(EventFd::new(libc_nonblock()).unwrap());
+        let mut uart = SerialConsole::new(irq(), Vec::new());
+        uart.write(1, &[0x02]); // IER: transmitter empty interrupt
+        uart.write(7, &[0x5a]); // scratch
+        let snap = uart.snapshot();
+        let mut again = SerialConsole::restore(&snap, irq(), Vec::new()).unwrap();
+        assert_eq!(again.snapshot(), snap);
+        let mut scratch = [0u8];
+        again.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        let long = SerialSnapshot {
+            receive: vec![0; 65],
+            ..snap
+        };
+        assert!(SerialConsole::restore(&long, irq(), Vec::new()).is_err());
     }
 
     fn libc_nonblock() -> i32 {

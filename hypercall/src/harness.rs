@@ -170,6 +170,15 @@ pub mod request {
     /// previous state working, and the hypercall or register write that needed it must
     /// report the failure.
     pub const INJECT: u32 = 11;
+    /// A snapshot of the whole VM, to the file the VM was started with
+    /// (`vmm run --snapshot FILE`). The host completes the request (`DONE_SEQ`, status OK)
+    /// and then pauses the VM and writes the snapshot, so a restored VM finds the request
+    /// done; what the VM does next (stop, or go on) is the run's choice. Arguments are not
+    /// used. Without a snapshot file: [`super::status::UNAVAILABLE`].
+    ///
+    /// A request rung before a snapshot and not yet done when it was taken (`REQUEST_SEQ`
+    /// ahead of `DONE_SEQ`) is served by the restored VM.
+    pub const SNAPSHOT: u32 = 12;
 }
 
 /// The most bystander interrupts a `STORM` request raises.
@@ -201,6 +210,8 @@ pub mod status {
     pub const NOT_DELIVERED: u32 = 3;
     /// The host could not set up the interrupt (route or irqfd failure).
     pub const HOST_ERROR: u32 = 4;
+    /// The VM cannot do this (`SNAPSHOT` without a snapshot file).
+    pub const UNAVAILABLE: u32 = 5;
 }
 
 /// The largest `count` a request may ask for.

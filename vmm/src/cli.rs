@@ -44,6 +44,54 @@ at once that all delivered. On the host: the IRTE retarget hypercall with 1, 512
 activating 2048 entries beside one 2048-entry KVM_SET_GSI_ROUTING; the device-side cost of
 one interrupt. Medians and 99th percentiles. The README says how to read them.")]
     Bench(BenchArgs),
+    /// Restore a VM from a snapshot file (`vmm run --snapshot`) and run it on until a
+    /// verdict, as `vmm run` would.
+    #[command(after_help = "\
+The snapshot fixes the machine (vCPUs, memory, devices, interrupt limits, command line);
+the console, the watchdog, the KVM device and further snapshots are this run's. A file that
+is not a snapshot of this VMM, of another format version, truncated or tampered with is
+refused with the reason; nothing runs. Exit status as for `vmm run`.
+
+Examples:
+  vmm run --cmdline scenario=snapshot --snapshot vm.snap
+  vmm restore vm.snap")]
+    Restore(RestoreArgs),
+}
+
+/// Options of `vmm restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot file
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<String>,
+    /// Seconds the guest may run without a verdict; 0 disables the watchdog [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    pub watchdog: Option<u64>,
+    /// KVM device node [default: /dev/kvm]
+    #[arg(long, value_name = "PATH")]
+    pub kvm_device: Option<PathBuf>,
+    #[command(flatten)]
+    pub snapshots: SnapshotArgs,
+}
+
+impl RestoreArgs {
+    /// The run's settings (console, watchdog, KVM device, snapshot); the machine comes
+    /// from the file.
+    #[must_use]
+    pub fn settings(&self) -> Settings {
+        Settings {
+            console: self.console.clone(),
+            watchdog: self.watchdog,
+            kvm_device: self.kvm_device.clone(),
+            snapshot: self.snapshots.snapshot.clone(),
+            snapshot_after_ms: self.snapshots.snapshot_after_ms,
+            snapshot_then: self.snapshots.snapshot_then.clone(),
+            ..Settings::default()
+        }
+    }
 }
 
 /// Options of `vmm bench`.
@@ -107,6 +155,23 @@ pub struct RunArgs {
     /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
+    #[command(flatten)]
+    pub snapshots: SnapshotArgs,
+}
+
+/// When a running VM snapshots itself.
+#[derive(Debug, Default, Args)]
+pub struct SnapshotArgs {
+    /// Where a snapshot of the VM goes: taken when the guest asks (harness SNAPSHOT
+    /// request) or at --snapshot-after-ms, whichever comes first
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: Option<PathBuf>,
+    /// Take the snapshot this many milliseconds into the run
+    #[arg(long, value_name = "MS", requires = "snapshot")]
+    pub snapshot_after_ms: Option<u64>,
+    /// What the VM does after its snapshot: stop or continue [default: stop]
+    #[arg(long, value_name = "WHAT", requires = "snapshot")]
+    pub snapshot_then: Option<String>,
 }
 
 impl RunArgs {
@@ -141,6 +206,9 @@ impl RunArgs {
             hypercall_rate: self.hypercall_rate,
             irq_rate: self.irq_rate,
             device,
+            snapshot: self.snapshots.snapshot.clone(),
+            snapshot_after_ms: self.snapshots.snapshot_after_ms,
+            snapshot_then: self.snapshots.snapshot_then.clone(),
         };
         Ok(file.overridden_by(flags))
     }

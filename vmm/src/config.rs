@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::layout::CMDLINE_MAX;
@@ -93,6 +93,31 @@ impl DeviceConfig {
         u16::from(self.pci_slot) << 3
     }
 
+    /// The setting that resolves to this device.
+    #[must_use]
+    pub fn setting(&self) -> DeviceSetting {
+        let mut d = DeviceSetting {
+            pci_slot: Some(self.pci_slot),
+            ..DeviceSetting::default()
+        };
+        match self.kind {
+            DeviceKind::ImsSlots { slots, queues } => {
+                d.kind = "ims-slots".into();
+                d.slots = Some(slots);
+                d.queues = Some(queues);
+            }
+            DeviceKind::ImsQueues {
+                contexts,
+                command_timeout_ms,
+            } => {
+                d.kind = "ims-queues".into();
+                d.contexts = Some(contexts);
+                d.command_timeout_ms = Some(command_timeout_ms);
+            }
+        }
+        d
+    }
+
     /// The devices of a VM whose configuration lists none.
     #[must_use]
     pub fn defaults() -> Vec<DeviceConfig> {
@@ -133,7 +158,7 @@ impl fmt::Display for DeviceConfig {
 }
 
 /// A device as written in a config file (`[[device]]`) or given with `--device`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSetting {
     /// `ims-slots` or `ims-queues`.
@@ -329,6 +354,50 @@ impl fmt::Display for Console {
     }
 }
 
+/// What a VM does after taking its snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterSnapshot {
+    /// It stops; the run ends with the snapshot (restore it to go on).
+    #[default]
+    Stop,
+    /// It goes on running.
+    Continue,
+}
+
+/// When and where a running VM takes a snapshot of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPlan {
+    /// The file (written whole under a temporary name, then renamed).
+    pub path: PathBuf,
+    /// When, from the start of the run (or of the restored run); `None`: only when the
+    /// guest asks (the harness `SNAPSHOT` request). The first of the two takes it.
+    pub after: Option<Duration>,
+    /// What the VM does afterwards.
+    pub then: AfterSnapshot,
+}
+
+fn resolve_snapshot(
+    path: Option<PathBuf>,
+    after_ms: Option<u64>,
+    then: Option<String>,
+) -> Result<Option<SnapshotPlan>, ConfigError> {
+    let then = match then.as_deref() {
+        None | Some("stop") => AfterSnapshot::Stop,
+        Some("continue") => AfterSnapshot::Continue,
+        Some(other) => return Err(ConfigError::SnapshotThen(other.to_string())),
+    };
+    match path {
+        Some(path) if !path.as_os_str().is_empty() => Ok(Some(SnapshotPlan {
+            path,
+            after: after_ms.map(Duration::from_millis),
+            then,
+        })),
+        Some(_) => Err(ConfigError::SnapshotPath),
+        None if after_ms.is_some() || then != AfterSnapshot::Stop => Err(ConfigError::SnapshotPath),
+        None => Ok(None),
+    }
+}
+
 /// A validated VM configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -355,6 +424,31 @@ pub struct VmConfig {
     pub irq_rate: u32,
     /// PCI devices.
     pub devices: Vec<DeviceConfig>,
+    /// Whether, when and where the VM takes a snapshot of itself.
+    pub snapshot: Option<SnapshotPlan>,
+}
+
+impl VmConfig {
+    /// The settings that make this machine (what a snapshot keeps): vCPUs, memory,
+    /// image, command line, interrupt limits and devices; not where the console goes,
+    /// the watchdog, the KVM device or snapshots, which belong to a run.
+    #[must_use]
+    pub fn machine_settings(&self) -> Settings {
+        Settings {
+            cpus: Some(self.cpus),
+            memory: Some(SizeSetting::Text(format!("{}b", self.memory))),
+            kernel: match &self.kernel {
+                Kernel::BuiltIn => None,
+                Kernel::Elf(path) => Some(path.clone()),
+            },
+            cmdline: Some(self.cmdline.clone()),
+            max_routes: self.max_routes,
+            hypercall_rate: Some(self.hypercall_rate),
+            irq_rate: Some(self.irq_rate),
+            device: Some(self.devices.iter().map(DeviceConfig::setting).collect()),
+            ..Settings::default()
+        }
+    }
 }
 
 impl Default for VmConfig {
@@ -371,12 +465,13 @@ impl Default for VmConfig {
             hypercall_rate: DEFAULT_HYPERCALL_RATE,
             irq_rate: DEFAULT_IRQ_RATE,
             devices: DeviceConfig::defaults(),
+            snapshot: None,
         }
     }
 }
 
 /// Settings as written in a config file or given as flags; every one optional.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Number of vCPUs.
@@ -401,10 +496,20 @@ pub struct Settings {
     pub irq_rate: Option<u32>,
     /// PCI devices (`[[device]]`); absent: the default set.
     pub device: Option<Vec<DeviceSetting>>,
+    /// Where a snapshot of the VM goes, when the guest asks for one or at
+    /// `snapshot_after_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<PathBuf>,
+    /// Milliseconds after the start at which the snapshot is taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_after_ms: Option<u64>,
+    /// What the VM does after its snapshot: `stop` (the default) or `continue`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_then: Option<String>,
 }
 
 /// A size as a string with a unit or a number of MiB.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum SizeSetting {
     /// `"64M"`, `"1G"`, ...
@@ -465,6 +570,12 @@ pub enum ConfigError {
     /// A device setting is wrong.
     #[error("invalid device {0}")]
     Device(String),
+    /// A snapshot setting without a file, or an empty file name.
+    #[error("snapshot_after_ms and snapshot_then need a snapshot file (--snapshot FILE)")]
+    SnapshotPath,
+    /// Not a snapshot follow-up.
+    #[error("invalid snapshot_then `{0}`: expected stop or continue")]
+    SnapshotThen(String),
     /// The command line does not fit its page.
     #[error("command line is {0} bytes long; at most {CMDLINE_MAX} fit")]
     CmdlineTooLong(usize),
@@ -552,6 +663,9 @@ impl Settings {
             hypercall_rate: over.hypercall_rate.or(self.hypercall_rate),
             irq_rate: over.irq_rate.or(self.irq_rate),
             device: over.device.or(self.device),
+            snapshot: over.snapshot.or(self.snapshot),
+            snapshot_after_ms: over.snapshot_after_ms.or(self.snapshot_after_ms),
+            snapshot_then: over.snapshot_then.or(self.snapshot_then),
         }
     }
 
@@ -617,6 +731,7 @@ impl Settings {
             },
             irq_rate: self.irq_rate.unwrap_or(defaults.irq_rate),
             devices: resolve_devices(self.device)?,
+            snapshot: resolve_snapshot(self.snapshot, self.snapshot_after_ms, self.snapshot_then)?,
         })
     }
 }
@@ -646,6 +761,47 @@ mod tests {
         assert_eq!(format_size(64 << 20), "64 MiB");
         assert_eq!(format_size(3 << 29), "1.5 GiB");
         assert_eq!(format_size(100), "100 B");
+    }
+
+    #[test]
+    fn machine_settings_resolve_to_the_same_machine() {
+        let config = VmConfig {
+            cpus: 3,
+            memory: 96 << 20,
+            cmdline: "scenario=ims".into(),
+            max_routes: Some(40),
+            irq_rate: 0,
+            ..VmConfig::default()
+        };
+        let again = config.machine_settings().resolve().unwrap();
+        assert_eq!(again, config);
+        let snap = Settings {
+            snapshot: Some("x.snap".into()),
+            snapshot_after_ms: Some(1500),
+            snapshot_then: Some("continue".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap()
+        .snapshot
+        .unwrap();
+        assert_eq!(
+            (snap.after, snap.then),
+            (Some(Duration::from_millis(1500)), AfterSnapshot::Continue)
+        );
+        for bad in [
+            Settings {
+                snapshot_after_ms: Some(5),
+                ..Settings::default()
+            },
+            Settings {
+                snapshot: Some("x".into()),
+                snapshot_then: Some("pause".into()),
+                ..Settings::default()
+            },
+        ] {
+            assert!(bad.resolve().is_err());
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use devices::harness::DoorbellSink;
 use devices::ims::slots::ImsSlots;
 
-use crate::vcpu::HypercallTimes;
+use crate::vcpu::{HypercallTimes, VmEvent};
 use hypercall::harness::{self, offset, request, status, HARNESS_SOURCE_ID};
 use irq::backing::{AllocFlags, Backing, InterruptPath};
 use irq::irte::{Irte, SourceValidation};
@@ -73,6 +73,10 @@ pub struct Harness {
     hypercall_times: Option<Arc<HypercallTimes>>,
     faults: Option<Arc<InjectedFaults>>,
     measurements: Arc<Mutex<Measurements>>,
+    /// Where `SNAPSHOT` requests go, if the VM takes snapshots.
+    snapshots: Option<Sender<VmEvent>>,
+    /// Held while a request is served: whoever holds it knows the harness is idle.
+    idle: Arc<Mutex<()>>,
 }
 
 impl Harness {
@@ -102,6 +106,8 @@ impl Harness {
             hypercall_times: None,
             faults: None,
             measurements: Arc::default(),
+            snapshots: None,
+            idle: Arc::default(),
         }
     }
 
@@ -126,6 +132,29 @@ impl Harness {
         self
     }
 
+    /// Where `SNAPSHOT` requests are passed on (without it they are answered
+    /// `UNAVAILABLE`).
+    #[must_use]
+    pub fn with_snapshots(mut self, to: Sender<VmEvent>) -> Self {
+        self.snapshots = Some(to);
+        self
+    }
+
+    /// A lock the harness holds while it serves a request: holding it keeps the harness
+    /// between requests (a snapshot pauses it so).
+    #[must_use]
+    pub fn idle_lock(&self) -> Arc<Mutex<()>> {
+        self.idle.clone()
+    }
+
+    /// The request the guest rang for but the host has not done (the mailbox's
+    /// `REQUEST_SEQ` ahead of `DONE_SEQ`), as after a restore: its sequence number.
+    #[must_use]
+    pub fn unserved(&self) -> Option<u32> {
+        let seq = self.read(offset::REQUEST_SEQ);
+        (seq != self.read(offset::DONE_SEQ)).then_some(seq)
+    }
+
     /// What the benchmark requests measured (and the largest remapped set delivered).
     #[must_use]
     pub fn measurements(&self) -> Arc<Mutex<Measurements>> {
@@ -147,6 +176,8 @@ impl Harness {
             .name("harness".into())
             .spawn(move || {
                 for seq in rings {
+                    let idle = self.idle.clone();
+                    let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);
                     self.serve(seq);
                 }
             })
@@ -190,7 +221,11 @@ impl Harness {
         };
         let args_ok = matches!(
             code,
-            request::RAISE | request::RAISE_MSI | request::BENCH_HYPERCALLS | request::INJECT
+            request::RAISE
+                | request::RAISE_MSI
+                | request::BENCH_HYPERCALLS
+                | request::INJECT
+                | request::SNAPSHOT
         ) && count <= harness::MAX_COUNT
             || vector >= harness::MIN_VECTOR
                 && (1..=harness::MAX_REMAP_VECTORS).contains(&spread)
@@ -242,6 +277,8 @@ impl Harness {
                 _ => status::BAD_ARGUMENT,
             },
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
+            request::SNAPSHOT if self.snapshots.is_some() => status::OK,
+            request::SNAPSHOT => status::UNAVAILABLE,
             _ => status::UNKNOWN_REQUEST,
         };
         for (cpu, n) in fired.iter().enumerate() {
@@ -252,6 +289,13 @@ impl Harness {
         self.write(offset::DONE_SEQ, seq);
         if args_ok && matches!(code, request::BENCH_DELIVERY | request::BENCH_THROUGHPUT) {
             self.wake(v);
+        }
+        if code == request::SNAPSHOT && outcome == status::OK {
+            if let Some(to) = &self.snapshots {
+                // Done first: the snapshot (taken once this request has returned) finds
+                // it done.
+                let _ = to.send(VmEvent::SnapshotRequested);
+            }
         }
     }
 

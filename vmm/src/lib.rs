@@ -38,10 +38,13 @@ pub mod loader;
 pub mod memory;
 pub mod pci;
 pub mod report;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
 pub use config::{Console, Kernel, Settings, VmConfig};
 pub use report::{Outcome, RunReport};
-pub use vm::{run, run_with_console, CapturedConsole, VmError, TEST_GUEST_ELF};
+pub use vm::{
+    restore, restore_with_console, run, run_with_console, CapturedConsole, VmError, TEST_GUEST_ELF,
+};

@@ -4,7 +4,7 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{BenchArgs, Cli, Command, RunArgs};
+use vmm::cli::{BenchArgs, Cli, Command, RestoreArgs, RunArgs};
 use vmm::report::EXIT_VMM_ERROR;
 
 /// Prints an error and its causes on one line.
@@ -32,7 +32,16 @@ fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_VMM_ERROR);
         }
     };
-    match vmm::run(&config) {
+    finish(vmm::run(&config))
+}
+
+fn restore(args: &RestoreArgs) -> ExitCode {
+    finish(vmm::restore(&args.file, &args.settings()))
+}
+
+/// Prints the report (or the error) and gives the exit status.
+fn finish(result: Result<vmm::RunReport, vmm::VmError>) -> ExitCode {
+    match result {
         Ok(report) => {
             out(format_args!("{report}"));
             if let Some(failure) = report.failure() {
@@ -52,6 +61,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Run(args) => run(args),
         Command::Bench(args) => bench(args),
+        Command::Restore(args) => restore(args),
     }
 }
 

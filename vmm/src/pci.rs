@@ -1,18 +1,20 @@
 //! The VM's PCI devices: the root bus on the port and MMIO buses (CF8/CFC, ECAM, the BAR
 //! window), each configured IMS device at its slot with its requester ID, and the
-//! devices' backends on one event-loop thread.
+//! devices' backends on one event-loop thread, which a snapshot pauses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use devices::ims::queues::ImsQueues;
-use devices::ims::slots::ImsSlots;
-use devices::ims::ImsBackend;
-use devices::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot, SharedRoot};
+use devices::ims::queues::{ImsQueues, QueuesSnapshot};
+use devices::ims::slots::{ImsSlots, SlotsSnapshot};
+use devices::ims::snapshot::RestoreError;
+use devices::ims::{ImsBackend, ImsEngine};
+use devices::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use irq::backing::InterruptPath;
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::BusError;
@@ -26,6 +28,26 @@ const LOOP_TIMEOUT_MS: i32 = 50;
 enum Model {
     Slots(Arc<Mutex<ImsSlots>>),
     Queues(Arc<Mutex<ImsQueues>>),
+}
+
+/// One device's state in a snapshot, in the order of the VM's device list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum DeviceSnapshot {
+    /// A slot-array device.
+    ImsSlots(SlotsSnapshot),
+    /// A queue-memory device.
+    ImsQueues(QueuesSnapshot),
+}
+
+/// The PCI side of a VM in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PciSnapshot {
+    /// The root bus (address latch, host bridge).
+    pub root: RootSnapshot,
+    /// The devices, in the order of the VM's device list.
+    pub devices: Vec<DeviceSnapshot>,
 }
 
 /// What one device did in a run.
@@ -43,25 +65,61 @@ pub struct DeviceReport {
     pub dropped: u64,
 }
 
+type Subscriber = Box<dyn MutEventSubscriber + Send>;
+type Loop = EventManager<Subscriber>;
+
 /// The PCI side of a VM.
-#[derive(Debug)]
 pub struct PciDevices {
     root: SharedRoot,
     models: Vec<(DeviceConfig, Model)>,
-    thread: Option<JoinHandle<()>>,
+    /// The event loop while running, or the loop itself while paused.
+    thread: Option<JoinHandle<Loop>>,
+    paused: Option<Loop>,
     stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PciDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciDevices")
+            .field("root", &self.root)
+            .field("models", &self.models)
+            .field("running", &self.thread.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for PciDevices {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.pause();
     }
 }
 
-type Subscriber = Box<dyn MutEventSubscriber + Send>;
+fn other(e: impl std::fmt::Debug) -> std::io::Error {
+    std::io::Error::other(format!("{e:?}"))
+}
+
+/// How a device comes to be: new, or from its snapshot.
+enum Origin<'a> {
+    New,
+    Restored(&'a DeviceSnapshot, Instant),
+}
+
+/// Why the PCI side cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    /// An eventfd, timer, epoll or thread could not be had.
+    #[error("cannot set up the PCI devices")]
+    Os(#[from] std::io::Error),
+    /// A device's (or the root bus's) snapshot is refused.
+    #[error("cannot restore PCI device {device}")]
+    Restore {
+        /// Which (`00:03.0 ims-slots ...`, or the root bus).
+        device: String,
+        /// Why.
+        #[source]
+        source: RestoreError,
+    },
+}
 
 impl PciDevices {
     /// Creates `devices`, raising interrupts through `path`, and starts their event loop,
@@ -73,75 +131,220 @@ impl PciDevices {
         devices: &[DeviceConfig],
         path: &Arc<InterruptPath>,
         mem: &GuestMemoryMmap,
-    ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+    ) -> Result<Self, PciError> {
+        let origins = devices.iter().map(|d| (*d, Origin::New)).collect();
+        Self::build(origins, None, path, mem)
+    }
+
+    /// Creates `devices` in the states `snap` holds (one per device, same kinds, same
+    /// order) and starts their event loop; each device then looks at its queues once, as
+    /// if notified, so work the guest made available before the snapshot is not missed.
+    ///
+    /// # Errors
+    /// As [`PciDevices::new`], or a snapshot that does not fit `devices` or is refused.
+    pub fn restore(
+        devices: &[DeviceConfig],
+        snap: &PciSnapshot,
+        path: &Arc<InterruptPath>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, PciError> {
+        let refuse = |device: String, why: &'static str| PciError::Restore {
+            device,
+            source: RestoreError(why),
+        };
+        if snap.devices.len() != devices.len() {
+            return Err(refuse(
+                "list".into(),
+                "the snapshot holds another number of devices",
+            ));
+        }
+        let now = Instant::now();
+        let origins = devices
+            .iter()
+            .zip(&snap.devices)
+            .map(|(d, s)| (*d, Origin::Restored(s, now)))
+            .collect();
+        Self::build(origins, Some(&snap.root), path, mem)
+    }
+
+    fn build(
+        devices: Vec<(DeviceConfig, Origin<'_>)>,
+        root_snap: Option<&RootSnapshot>,
+        path: &Arc<InterruptPath>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, PciError> {
         let mut root = PciRoot::new();
-        let mut events: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let mut events: Loop = EventManager::new().map_err(other)?;
         let mut models = Vec::with_capacity(devices.len());
-        for d in devices {
+        let mut kicks = Vec::new();
+        for (d, origin) in devices {
             let rid = d.requester_id();
-            let (function, backend, model): (pci::SharedFunction, Subscriber, Model) = match d.kind
-            {
-                DeviceKind::ImsSlots { slots, queues } => {
-                    let dev = Arc::new(Mutex::new(ImsSlots::new(
-                        slots,
-                        queues,
-                        rid,
-                        path.clone(),
-                        mem.clone(),
-                    )?));
-                    (
-                        dev.clone(),
-                        Box::new(ImsBackend::new(dev.clone())?),
-                        Model::Slots(dev),
-                    )
-                }
-                DeviceKind::ImsQueues {
-                    contexts,
-                    command_timeout_ms,
-                } => {
-                    let mut q = ImsQueues::new(contexts, rid, path.clone(), mem.clone())?;
-                    q.set_timeout(Duration::from_millis(u64::from(command_timeout_ms)));
-                    let dev = Arc::new(Mutex::new(q));
-                    (
-                        dev.clone(),
-                        Box::new(ImsBackend::new(dev.clone())?),
-                        Model::Queues(dev),
-                    )
-                }
+            let refused = |source| PciError::Restore {
+                device: d.to_string(),
+                source,
             };
+            let (function, backend, model): (pci::SharedFunction, Subscriber, Model) =
+                match (d.kind, origin) {
+                    (DeviceKind::ImsSlots { slots, queues }, origin) => {
+                        let dev = match origin {
+                            Origin::New => {
+                                ImsSlots::new(slots, queues, rid, path.clone(), mem.clone())?
+                            }
+                            Origin::Restored(DeviceSnapshot::ImsSlots(s), now) => {
+                                let dev = ImsSlots::restore(rid, path.clone(), mem.clone(), s, now)
+                                    .map_err(refused)?;
+                                if (dev.slot_count(), dev.queue_count()) != (slots, queues) {
+                                    return Err(refused(RestoreError(
+                                        "slot or queue count differs from the device list",
+                                    )));
+                                }
+                                kicks.push(dev.kick_fd()?);
+                                dev
+                            }
+                            Origin::Restored(..) => {
+                                return Err(refused(RestoreError(
+                                    "the snapshot holds another kind of device",
+                                )))
+                            }
+                        };
+                        let dev = Arc::new(Mutex::new(dev));
+                        (
+                            dev.clone(),
+                            Box::new(ImsBackend::new(dev.clone())?),
+                            Model::Slots(dev),
+                        )
+                    }
+                    (
+                        DeviceKind::ImsQueues {
+                            contexts,
+                            command_timeout_ms,
+                        },
+                        origin,
+                    ) => {
+                        let dev = match origin {
+                            Origin::New => {
+                                let mut q =
+                                    ImsQueues::new(contexts, rid, path.clone(), mem.clone())?;
+                                q.set_timeout(Duration::from_millis(u64::from(command_timeout_ms)));
+                                q
+                            }
+                            Origin::Restored(DeviceSnapshot::ImsQueues(s), now) => {
+                                let dev =
+                                    ImsQueues::restore(rid, path.clone(), mem.clone(), s, now)
+                                        .map_err(refused)?;
+                                if dev.context_count() != contexts {
+                                    return Err(refused(RestoreError(
+                                        "context count differs from the device list",
+                                    )));
+                                }
+                                kicks.push(dev.kick_fd()?);
+                                dev
+                            }
+                            Origin::Restored(..) => {
+                                return Err(refused(RestoreError(
+                                    "the snapshot holds another kind of device",
+                                )))
+                            }
+                        };
+                        let dev = Arc::new(Mutex::new(dev));
+                        (
+                            dev.clone(),
+                            Box::new(ImsBackend::new(dev.clone())?),
+                            Model::Queues(dev),
+                        )
+                    }
+                };
             if root.add(d.pci_slot, 0, function).is_none() {
-                return Err(std::io::Error::other(format!(
-                    "PCI slot {} is taken",
-                    d.pci_slot
-                )));
+                return Err(other(format!("PCI slot {} is taken", d.pci_slot)).into());
             }
             events.add_subscriber(backend);
-            models.push((*d, model));
+            models.push((d, model));
         }
-        root.assign_bars();
-        let stopped = stop.clone();
-        let thread = if models.is_empty() {
-            None
-        } else {
-            Some(
-                std::thread::Builder::new()
-                    .name("ims-devices".into())
-                    .spawn(move || {
-                        while !stopped.load(Ordering::Acquire) {
-                            // An error here is an interrupted wait; the loop tries again.
-                            let _ = events.run_with_timeout(LOOP_TIMEOUT_MS);
-                        }
-                    })?,
-            )
-        };
-        Ok(Self {
+        match root_snap {
+            None => root.assign_bars(),
+            Some(snap) => root.restore(snap).map_err(|source| PciError::Restore {
+                device: "root bus".into(),
+                source,
+            })?,
+        }
+        for kick in kicks {
+            kick.write(1)?;
+        }
+        let mut devices = Self {
             root: Arc::new(Mutex::new(root)),
             models,
-            thread,
-            stop,
-        })
+            thread: None,
+            paused: Some(events),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        devices.resume()?;
+        Ok(devices)
+    }
+
+    /// Stops the event loop (no device works until [`PciDevices::resume`]); returns once
+    /// it has stopped.
+    pub fn pause(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            // A loop thread that panicked took its loop with it; nothing is left to pause.
+            self.paused = t.join().ok();
+        }
+    }
+
+    /// Starts the event loop again (or for the first time).
+    ///
+    /// # Errors
+    /// The error of spawning its thread.
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        if self.models.is_empty() || self.thread.is_some() {
+            return Ok(());
+        }
+        let Some(mut events) = self.paused.take() else {
+            return Ok(());
+        };
+        self.stop.store(false, Ordering::Release);
+        let stopped = self.stop.clone();
+        self.thread = Some(
+            std::thread::Builder::new()
+                .name("ims-devices".into())
+                .spawn(move || {
+                    while !stopped.load(Ordering::Acquire) {
+                        // An error here is an interrupted wait; the loop tries again.
+                        let _ = events.run_with_timeout(LOOP_TIMEOUT_MS);
+                    }
+                    events
+                })?,
+        );
+        Ok(())
+    }
+
+    /// The state of the root bus and every device (pause first for a consistent one).
+    #[must_use]
+    pub fn snapshot(&self) -> PciSnapshot {
+        let now = Instant::now();
+        PciSnapshot {
+            root: self
+                .root
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .snapshot(),
+            devices: self
+                .models
+                .iter()
+                .map(|(_, model)| match model {
+                    Model::Slots(d) => DeviceSnapshot::ImsSlots(
+                        d.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .snapshot(now),
+                    ),
+                    Model::Queues(d) => DeviceSnapshot::ImsQueues(
+                        d.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .snapshot(now),
+                    ),
+                })
+                .collect(),
+        }
     }
 
     /// The requester IDs of the devices (the hypercall's permitted requesters).
@@ -198,10 +401,7 @@ impl PciDevices {
     /// Stops the event loop and reports each device.
     #[must_use]
     pub fn finish(mut self) -> Vec<DeviceReport> {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.pause();
         self.models
             .iter()
             .map(|(device, model)| match model {

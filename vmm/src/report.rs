@@ -35,6 +35,29 @@ pub enum Outcome {
         /// Each vCPU and why it stopped.
         stopped: Vec<(u32, StopReason)>,
     },
+    /// The VM took its snapshot and stopped (restore it to go on).
+    Snapshotted {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// A snapshot was due but could not be taken; the VM stopped.
+    SnapshotFailed {
+        /// Why, with its causes.
+        error: String,
+    },
+}
+
+/// A snapshot the run took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTaken {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// How long the VM was paused to take it (including writing the file).
+    pub pause: Duration,
+    /// How long pausing took (harness idle, devices and vCPUs stopped).
+    pub pausing: Duration,
 }
 
 /// What happened in one run.
@@ -48,6 +71,10 @@ pub struct RunReport {
     pub memory: u64,
     /// How it ended.
     pub outcome: Outcome,
+    /// The snapshot file the run was restored from, if it was.
+    pub restored_from: Option<std::path::PathBuf>,
+    /// The snapshot the run took, if it took one.
+    pub snapshot: Option<SnapshotTaken>,
     /// Interrupts each vCPU counted, if the guest keeps the harness counter table.
     pub interrupts: Option<Vec<u64>>,
     /// Interrupts the test harness fired at each vCPU.
@@ -89,6 +116,8 @@ impl RunReport {
                 .min(EXIT_GUEST_MAX),
             Outcome::Watchdog { .. } => EXIT_WATCHDOG,
             Outcome::VcpusStopped { .. } => EXIT_VCPUS_STOPPED,
+            Outcome::Snapshotted { .. } => 0,
+            Outcome::SnapshotFailed { .. } => EXIT_VMM_ERROR,
         }
     }
 
@@ -121,6 +150,8 @@ impl RunReport {
                 "every vCPU stopped without a verdict: {}",
                 stops(stopped)
             )),
+            Outcome::Snapshotted { .. } => None,
+            Outcome::SnapshotFailed { error } => Some(format!("cannot take the snapshot: {error}")),
         }
     }
 }
@@ -141,6 +172,9 @@ impl fmt::Display for RunReport {
             Kernel::Elf(p) => p.display().to_string(),
         };
         writeln!(f, "vmm: kernel      {kernel}")?;
+        if let Some(from) = &self.restored_from {
+            writeln!(f, "vmm: restored    from {}", from.display())?;
+        }
         writeln!(
             f,
             "vmm: machine     {} vCPU{}, {}, ran {:.2} s",
@@ -149,6 +183,16 @@ impl fmt::Display for RunReport {
             format_size(self.memory),
             self.elapsed.as_secs_f64()
         )?;
+        if let Some(s) = &self.snapshot {
+            writeln!(
+                f,
+                "vmm: snapshot    {} ({}), VM paused {} ms ({} ms to pause)",
+                s.path.display(),
+                format_size(s.bytes),
+                s.pause.as_millis(),
+                s.pausing.as_millis()
+            )?;
+        }
         match &self.interrupts {
             Some(counts) => writeln!(
                 f,
@@ -247,6 +291,10 @@ impl fmt::Display for RunReport {
             Outcome::GuestExit { code } => format!("FAIL (guest exit code {code})"),
             Outcome::Watchdog { .. } => "HUNG (stopped by the watchdog)".to_string(),
             Outcome::VcpusStopped { .. } => "CRASHED (every vCPU stopped)".to_string(),
+            Outcome::Snapshotted { path } => {
+                format!("SNAPSHOT (written to {}; the VM stopped)", path.display())
+            }
+            Outcome::SnapshotFailed { .. } => "SNAPSHOT FAILED (the VM stopped)".to_string(),
         };
         write!(f, "vmm: verdict     {verdict}")
     }
@@ -262,6 +310,8 @@ mod tests {
             cpus: 2,
             memory: 64 << 20,
             outcome,
+            restored_from: None,
+            snapshot: None,
             interrupts: Some(vec![51, 51]),
             harness_fired: vec![50, 50],
             remap_faults: vec![],

@@ -4,6 +4,10 @@
 //! real-time signal whose handler does nothing; the signal makes a blocked `KVM_RUN`
 //! return `EINTR`, and the loop sees the flag. A kick that lands just before the thread
 //! enters `KVM_RUN` is missed, so the controller repeats it until the thread has ended.
+//!
+//! Pausing (for a snapshot) is the same with the pause flag: the thread first completes
+//! any port or MMIO access still pending in KVM (so the vCPU's state is between two
+//! instructions), reports nothing, and hands its `VcpuFd` back through its join handle.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -23,6 +27,8 @@ use crate::hypercall::HypercallHandler;
 pub enum VmEvent {
     /// The guest reported its verdict on the debug-exit port.
     GuestExit(u32),
+    /// A snapshot is due (the guest asked through the harness, or a library caller).
+    SnapshotRequested,
     /// A vCPU stopped running.
     VcpuStopped {
         /// vCPU index.
@@ -41,6 +47,8 @@ pub struct VcpuShared {
     pub counters: Arc<ExitCounters>,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
+    /// Set when the VM is pausing.
+    pub pause: Arc<AtomicBool>,
     /// Where it reports.
     pub events: Sender<VmEvent>,
     /// The hypercall dispatcher, when the VM offers the hypercall.
@@ -118,29 +126,37 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 }
 
 /// Sends the kick signal to a vCPU thread.
-pub fn kick(handle: &JoinHandle<()>) {
+pub fn kick<T>(handle: &JoinHandle<T>) {
     // An error means the thread has already exited, which is what a kick wants anyway.
     let _ = handle.kill(kick_signal());
 }
 
-/// Starts vCPU `index` on its own thread.
+/// Starts vCPU `index` on its own thread, which returns the vCPU when it ends.
 ///
 /// # Errors
 /// The error of spawning the thread.
-pub fn spawn(vcpu: VcpuFd, index: u32, shared: VcpuShared) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn(vcpu: VcpuFd, index: u32, shared: VcpuShared) -> std::io::Result<JoinHandle<VcpuFd>> {
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
-            let reason = run(vcpu, &shared);
-            // The controller may already be gone; then nobody needs the report.
-            let _ = shared.events.send(VmEvent::VcpuStopped { index, reason });
+            let mut vcpu = vcpu;
+            if let Some(reason) = run(&mut vcpu, &shared) {
+                // The controller may already be gone; then nobody needs the report.
+                let _ = shared.events.send(VmEvent::VcpuStopped { index, reason });
+            }
+            vcpu
         })
 }
 
-fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
+/// Runs until stopped (`Some(why)`) or paused (`None`).
+fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
     loop {
         if shared.stop.load(Ordering::Acquire) {
-            return StopReason::Requested;
+            return Some(StopReason::Requested);
+        }
+        if shared.pause.load(Ordering::Acquire) {
+            complete_pending(vcpu);
+            return None;
         }
         let result = vcpu.run();
         let exited = shared.hypercall_times.exit_time();
@@ -154,13 +170,23 @@ fn run(mut vcpu: VcpuFd, shared: &VcpuShared) -> StopReason {
         };
         match action {
             Action::Continue => {}
-            Action::Hypercall => match hypercall(&mut vcpu, shared) {
+            Action::Hypercall => match hypercall(vcpu, shared) {
                 Ok(number) => shared.hypercall_times.record(number, exited),
-                Err(reason) => return reason,
+                Err(reason) => return Some(reason),
             },
-            Action::Stop(reason) => return describe(&mut vcpu, reason),
+            Action::Stop(reason) => return Some(describe(vcpu, reason)),
         }
     }
+}
+
+/// Completes a port or MMIO access KVM still holds from the last exit, without running
+/// a guest instruction (`KVM_RUN` with `immediate_exit`; KVM API, "KVM_RUN"): afterwards
+/// the vCPU's state can be read and later restored as is.
+fn complete_pending(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; anything else leaves the state as KVM has it.
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 /// Handles a doorbell ring. The `out` is still pending in KVM, and registers may only be

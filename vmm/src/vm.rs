@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, BufWriter, Cursor, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,7 +29,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{BusError, SharedDevice};
-use crate::config::{format_size, Console, Kernel, VmConfig};
+use crate::config::{
+    format_size, AfterSnapshot, Console, Kernel, Settings, SnapshotPlan, VmConfig,
+};
 use crate::exit::{Buses, ExitCounters, StopReason};
 use crate::harness::{Doorbell, Harness, SharedBacking};
 use crate::hypercall::Dispatcher;
@@ -37,7 +39,8 @@ use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR};
 use crate::loader::{LoadError, LoadedImage};
 use crate::memory::{self, MemoryError};
 use crate::pci::PciDevices;
-use crate::report::{Outcome, RunReport};
+use crate::report::{Outcome, RunReport, SnapshotTaken};
+use crate::snapshot::{self, SnapshotError, VmSnapshot};
 use crate::vcpu::{self, HypercallTimes, VcpuShared, VmEvent};
 use crate::x86::{self, BootStateError};
 use hypercall::harness::{FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
@@ -147,6 +150,15 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A snapshot could not be taken, read or restored.
+    #[error("snapshot")]
+    Snapshot(#[from] SnapshotError),
+    /// The run's settings over a snapshot's machine are refused.
+    #[error("invalid settings")]
+    Config(#[source] crate::config::ConfigError),
+    /// The PCI devices could not be set up or restored.
+    #[error(transparent)]
+    Pci(#[from] crate::pci::PciError),
     /// An OS resource (thread, eventfd, signal handler) could not be had.
     #[error("cannot {0}")]
     Os(&'static str, #[source] io::Error),
@@ -189,13 +201,9 @@ impl ExitSink for ExitEvents {
     }
 }
 
-/// Runs a VM as configured, with console output where the configuration says.
-///
-/// # Errors
-/// Any [`VmError`] raised while building the VM. How the guest ended (including a
-/// failure it reported, a watchdog stop or a crash) is in the [`RunReport`].
-pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
-    let console: Box<dyn Write + Send> = match &config.console {
+/// Opens the console a configuration names.
+fn open_console(console: &Console) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match console {
         Console::Stdout => Box::new(io::stdout()),
         Console::Off => Box::new(io::sink()),
         Console::File(path) => Box::new(BufWriter::new(File::create(path).map_err(|source| {
@@ -204,8 +212,16 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
                 source,
             }
         })?)),
-    };
-    run_with_console(config, console)
+    })
+}
+
+/// Runs a VM as configured, with console output where the configuration says.
+///
+/// # Errors
+/// Any [`VmError`] raised while building the VM. How the guest ended (including a
+/// failure it reported, a watchdog stop or a crash) is in the [`RunReport`].
+pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
+    run_with_console(config, open_console(&config.console)?)
 }
 
 /// Runs a VM as configured, with console output going to `console` (whatever
@@ -215,6 +231,95 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
 /// As [`run`].
 pub fn run_with_console(
     config: &VmConfig,
+    console: Box<dyn Write + Send>,
+) -> Result<RunReport, VmError> {
+    run_vm(config, Start::Boot, console)
+}
+
+/// Restores the VM in the snapshot at `path` and runs it on, with `run`'s settings for
+/// the console, watchdog, KVM device and further snapshots (the machine is the
+/// snapshot's; `run`'s machine settings are ignored).
+///
+/// # Errors
+/// A snapshot that cannot be read or is refused ([`VmError::Snapshot`]), or any
+/// [`VmError`] of building the VM.
+pub fn restore(path: &Path, run: &Settings) -> Result<RunReport, VmError> {
+    let (snap, config, file) = read_snapshot(path, run)?;
+    let console = open_console(&config.console)?;
+    run_vm(
+        &config,
+        Start::Restore(Box::new(snap), file, path.into()),
+        console,
+    )
+}
+
+/// As [`restore`], with console output going to `console`.
+///
+/// # Errors
+/// As [`restore`].
+pub fn restore_with_console(
+    path: &Path,
+    run: &Settings,
+    console: Box<dyn Write + Send>,
+) -> Result<RunReport, VmError> {
+    let (snap, config, file) = read_snapshot(path, run)?;
+    run_vm(
+        &config,
+        Start::Restore(Box::new(snap), file, path.into()),
+        console,
+    )
+}
+
+fn read_snapshot(path: &Path, run: &Settings) -> Result<(VmSnapshot, VmConfig, File), VmError> {
+    let (snap, _, file) = snapshot::read(path)?;
+    let run = Settings {
+        console: run.console.clone(),
+        watchdog: run.watchdog,
+        kvm_device: run.kvm_device.clone(),
+        snapshot: run.snapshot.clone(),
+        snapshot_after_ms: run.snapshot_after_ms,
+        snapshot_then: run.snapshot_then.clone(),
+        ..Settings::default()
+    };
+    let config = snap
+        .machine
+        .clone()
+        .overridden_by(run)
+        .resolve()
+        .map_err(VmError::Config)?;
+    Ok((snap, config, file))
+}
+
+/// Where a VM's state comes from.
+enum Start {
+    /// A fresh boot of the configured image.
+    Boot,
+    /// A snapshot, with its file positioned at guest RAM, and the file's name.
+    Restore(Box<VmSnapshot>, File, PathBuf),
+}
+
+/// The parts of a running VM a snapshot pauses and reads.
+struct Machine<'a> {
+    config: &'a VmConfig,
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    msr_list: &'a [u32],
+    image_end: u64,
+    shared: VcpuShared,
+    threads: Vec<JoinHandle<VcpuFd>>,
+    harness_idle: Arc<Mutex<()>>,
+    storm_gate: Arc<Mutex<()>>,
+    path: &'a Arc<InterruptPath>,
+    backing: &'a SharedBacking,
+    vtd: &'a Arc<Mutex<Vtd<KvmRouting>>>,
+    serial: &'a Arc<Mutex<SerialConsole<Box<dyn Write + Send>>>>,
+    pci: &'a mut PciDevices,
+    taken: Option<SnapshotTaken>,
+}
+
+fn run_vm(
+    config: &VmConfig,
+    start: Start,
     console: Box<dyn Write + Send>,
 ) -> Result<RunReport, VmError> {
     let started = Instant::now();
@@ -246,6 +351,14 @@ pub fn run_with_console(
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
+    let msr_list = match &config.snapshot {
+        Some(_) => kvm
+            .get_msr_index_list()
+            .map_err(|e| VmError::Kvm("read the MSRs KVM saves", e))?
+            .as_slice()
+            .to_vec(),
+        None => Vec::new(),
+    };
     let vm = Arc::new(
         kvm.create_vm()
             .map_err(|e| VmError::Kvm("create the VM", e))?,
@@ -257,8 +370,22 @@ pub fn run_with_console(
 
     let mem = memory::allocate(config.memory)?;
     memory::register(&vm, &mem)?;
-    let image = load_kernel(&mem, config)?;
-    let placement = write_boot_state(&mem, config, &image)?;
+    let (snap, restored_from, entry, image_end) = match start {
+        Start::Boot => {
+            let image = load_kernel(&mem, config)?;
+            (None, None, Some(image.entry), image.end)
+        }
+        Start::Restore(snap, mut file, from) => {
+            snapshot::load_memory(&mut file, &from, &mem, config.memory)?;
+            snapshot::restore_vm(&vm, &snap.vm)?;
+            let end = snap.image_end;
+            (Some(snap), Some(from), None, end)
+        }
+    };
+    let placement = match (&snap, entry) {
+        (None, Some(_)) => write_boot_state(&mem, config, image_end)?,
+        _ => place(config, image_end)?,
+    };
 
     let routing = KvmRouting::new(vm.clone());
     let injected_faults = routing.faults();
@@ -268,16 +395,27 @@ pub fn run_with_console(
     });
     // One line (eventfd) per route at most, plus the VM's own descriptors.
     raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.cpus))?;
-    let backing = Backing::new(RouteTable::new(routing, limit)?, Limits::default())?;
+    let routes = RouteTable::new(routing, limit)?;
+    let backing = match &snap {
+        None => Backing::new(routes, Limits::default())?,
+        Some(s) => Backing::restore(routes, &s.interrupts).map_err(SnapshotError::from)?,
+    };
+    let table_size = backing.limits().table_size;
     let backing: SharedBacking = Arc::new(Mutex::new(backing));
     // The VT-d unit: registers on the MMIO bus, faults from the data path, its own event
     // interrupts (and compatibility-format requests while allowed) injected directly.
     let injector: Arc<dyn MsiInjector> = Arc::new(KvmRouting::new(vm.clone()));
-    let vtd = Arc::new(Mutex::new(Vtd::new(
-        backing.clone(),
-        mem.clone(),
-        injector.clone(),
-    )));
+    let vtd = match &snap {
+        None => Vtd::new(backing.clone(), mem.clone(), injector.clone()),
+        Some(s) => Vtd::restore(
+            backing.clone(),
+            mem.clone(),
+            injector.clone(),
+            s.vtd.clone(),
+        )
+        .map_err(SnapshotError::from)?,
+    };
+    let vtd = Arc::new(Mutex::new(vtd));
     let path = backing
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -291,10 +429,12 @@ pub fn run_with_console(
         .unwrap_or_else(PoisonError::into_inner)
         .routes_mut()
         .attach_irqfd(&serial_irq, COM1_GSI)?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        EventFdTrigger(serial_irq),
-        console,
-    )));
+    let serial = match &snap {
+        None => SerialConsole::new(EventFdTrigger(serial_irq), console),
+        Some(s) => SerialConsole::restore(&s.serial, EventFdTrigger(serial_irq), console)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
 
     let (events, event_rx) = mpsc::channel();
     let (rings, ring_rx) = mpsc::channel();
@@ -317,7 +457,7 @@ pub fn run_with_console(
             platform::HARNESS_PORT,
             1,
             "harness doorbell",
-            Arc::new(Mutex::new(HarnessDoorbell::new(Doorbell(rings)))),
+            Arc::new(Mutex::new(HarnessDoorbell::new(Doorbell(rings.clone())))),
         ),
     ];
     buses
@@ -328,8 +468,10 @@ pub fn run_with_console(
             Arc::new(Mutex::new(VtdDevice(vtd.clone()))),
         )
         .map_err(|e| VmError::Bus("VT-d unit", e))?;
-    let pci = PciDevices::new(&config.devices, &path, &mem)
-        .map_err(|e| VmError::Os("set up the PCI devices", e))?;
+    let mut pci = match &snap {
+        None => PciDevices::new(&config.devices, &path, &mem)?,
+        Some(s) => PciDevices::restore(&config.devices, &s.pci, &path, &mem)?,
+    };
     pci.place(&mut buses)
         .map_err(|(name, e)| VmError::Bus(name, e))?;
     for (port, len, name, device) in devices {
@@ -339,13 +481,27 @@ pub fn run_with_console(
             .map_err(|e| VmError::Bus(name, e))?;
     }
 
-    let vcpus = (0..config.cpus)
-        .map(|index| create_vcpu(&vm, &cpuid, index, config.cpus, &placement, image.entry))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    for index in 0..config.cpus {
+        let vcpu = create_vcpu(&vm, &cpuid, index, config.cpus, table_size)?;
+        match (&snap, entry) {
+            (Some(s), _) => {
+                let state = s
+                    .vcpus
+                    .get(index as usize)
+                    .ok_or_else(|| SnapshotError::Invalid(format!("no state for vCPU {index}")))?;
+                snapshot::restore_vcpu(&vcpu, index, state)?;
+            }
+            (None, entry) => {
+                boot_vcpu(&vcpu, index, &placement, entry.unwrap_or_default())?;
+            }
+        }
+        vcpus.push(vcpu);
+    }
 
     let apic_ids: Vec<u32> = (0..config.cpus).collect();
     let hypercall_times = Arc::new(HypercallTimes::default());
-    let harness = Harness::new(
+    let mut harness = Harness::new(
         mem.clone(),
         placement.mailbox,
         apic_ids,
@@ -355,8 +511,19 @@ pub fn run_with_console(
     .with_slot_devices(pci.slot_devices())
     .with_hypercall_times(hypercall_times.clone())
     .with_faults(injected_faults);
+    if config.snapshot.is_some() {
+        harness = harness.with_snapshots(events.clone());
+    }
+    if snap.is_some() {
+        if let Some(seq) = harness.unserved() {
+            // Rung before the snapshot, not done when it was taken: serve it now.
+            let _ = rings.send(seq);
+        }
+    }
+    drop(rings);
     let harness_fired = harness.fired();
     let measurements = harness.measurements();
+    let harness_idle = harness.idle_lock();
     let harness_thread = harness
         .spawn(ring_rx)
         .map_err(|e| VmError::Os("start the harness thread", e))?;
@@ -379,11 +546,13 @@ pub fn run_with_console(
         buses: Arc::new(buses),
         counters: Arc::new(ExitCounters::default()),
         stop: stop.clone(),
+        pause: Arc::new(AtomicBool::new(false)),
         events,
         hypercalls: Some(dispatcher.clone()),
         hypercall_times,
     };
-    let storm_ticker = spawn_storm_ticker(&path, config.irq_rate, stop.clone())
+    let storm_gate = Arc::new(Mutex::new(()));
+    let storm_ticker = spawn_storm_ticker(&path, config.irq_rate, stop.clone(), storm_gate.clone())
         .map_err(|e| VmError::Os("start the storm ticker", e))?;
     let mut threads = Vec::with_capacity(vcpus.len());
     let mut spawn_error = None;
@@ -396,18 +565,37 @@ pub fn run_with_console(
             }
         }
     }
+    let counters = shared.counters.clone();
+    let mut machine = Machine {
+        config,
+        vm: &vm,
+        mem: &mem,
+        msr_list: &msr_list,
+        image_end,
+        shared,
+        threads,
+        harness_idle,
+        storm_gate,
+        path: &path,
+        backing: &backing,
+        vtd: &vtd,
+        serial: &serial,
+        pci: &mut pci,
+        taken: None,
+    };
     let outcome = match spawn_error {
-        None => supervise(&event_rx, config, config.cpus),
+        None => machine.supervise(&event_rx),
         Some(_) => Outcome::VcpusStopped {
             stopped: Vec::new(),
         },
     };
 
     stop.store(true, Ordering::Release);
+    let threads = std::mem::take(&mut machine.threads);
     stop_vcpus(threads);
-    let counters = shared.counters.clone();
+    let snapshot = machine.taken.take();
     // The doorbell device, and with it the harness's last sender, goes with the buses.
-    drop(shared);
+    drop(machine);
     let _ = harness_thread.join();
     if let Some(t) = storm_ticker {
         let _ = t.join();
@@ -432,6 +620,8 @@ pub fn run_with_console(
         cpus: config.cpus,
         memory: config.memory,
         outcome,
+        restored_from,
+        snapshot,
         interrupts: guest_counts(&mem, &placement, config.cpus),
         harness_fired: harness_fired
             .iter()
@@ -448,6 +638,179 @@ pub fn run_with_console(
         console_errors: serial.errors() + flush_failed,
         elapsed: started.elapsed(),
     })
+}
+
+impl Machine<'_> {
+    /// Waits for a verdict, for every vCPU to stop, or for the watchdog; takes the
+    /// snapshot when it is due.
+    fn supervise(&mut self, events: &mpsc::Receiver<VmEvent>) -> Outcome {
+        let config = self.config;
+        let begin = Instant::now();
+        let deadline = config.watchdog.map(|w| begin + w);
+        let mut snapshot_at = config
+            .snapshot
+            .as_ref()
+            .and_then(|p| p.after)
+            .map(|a| begin + a);
+        let mut stopped: Vec<(u32, StopReason)> = Vec::new();
+        loop {
+            let wake = match (deadline, snapshot_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let event = match wake {
+                Some(d) => events.recv_timeout(d.saturating_duration_since(Instant::now())),
+                None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let snapshot_due = match &event {
+                Ok(VmEvent::SnapshotRequested) => true,
+                Err(RecvTimeoutError::Timeout) => {
+                    snapshot_at.is_some_and(|at| Instant::now() >= at)
+                }
+                _ => false,
+            };
+            if snapshot_due {
+                snapshot_at = None;
+                let Some(plan) = config.snapshot.as_ref() else {
+                    continue;
+                };
+                if self.taken.is_some() {
+                    // One snapshot per run; a second request is answered but not taken.
+                    continue;
+                }
+                match self.snapshot(plan) {
+                    Ok(()) if plan.then == AfterSnapshot::Stop => {
+                        return Outcome::Snapshotted {
+                            path: plan.path.clone(),
+                        }
+                    }
+                    Ok(()) => continue,
+                    Err(e) => {
+                        return Outcome::SnapshotFailed {
+                            error: error_line(&e),
+                        }
+                    }
+                }
+            }
+            match event {
+                Ok(VmEvent::GuestExit(code)) => return Outcome::GuestExit { code },
+                Ok(VmEvent::VcpuStopped { index, reason }) => {
+                    if !stopped.iter().any(|(i, _)| *i == index) {
+                        stopped.push((index, reason));
+                    }
+                    if stopped.len() == config.cpus as usize {
+                        return Outcome::VcpusStopped { stopped };
+                    }
+                }
+                Ok(VmEvent::SnapshotRequested) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        let after = config.watchdog.unwrap_or_default();
+                        return Outcome::Watchdog { after, stopped };
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Outcome::VcpusStopped { stopped },
+            }
+        }
+    }
+
+    /// Pauses the VM, writes its snapshot to `plan.path`, and (to go on) resumes it.
+    fn snapshot(&mut self, plan: &SnapshotPlan) -> Result<(), VmError> {
+        let began = Instant::now();
+        // The harness between requests, the devices' loop and storm control stopped,
+        // then the vCPUs out of KVM_RUN with nothing pending.
+        let harness_idle = self.harness_idle.clone();
+        let _harness = harness_idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let storm_gate = self.storm_gate.clone();
+        let _storms = storm_gate.lock().unwrap_or_else(PoisonError::into_inner);
+        self.pci.pause();
+        // Interrupts storm control holds back go to the LAPICs, where the snapshot
+        // finds them.
+        self.path.flush_throttled();
+        self.shared.pause.store(true, Ordering::Release);
+        let vcpus = pause_vcpus(std::mem::take(&mut self.threads));
+        self.shared.pause.store(false, Ordering::Release);
+        let paused = began.elapsed();
+        let written = self.capture(&vcpus).and_then(|snap| {
+            snapshot::write(&plan.path, &snap, self.mem, self.config.memory).map_err(VmError::from)
+        });
+        let bytes = written?;
+        self.taken = Some(SnapshotTaken {
+            path: plan.path.clone(),
+            bytes,
+            pause: began.elapsed(),
+            pausing: paused,
+        });
+        if plan.then == AfterSnapshot::Continue {
+            self.pci
+                .resume()
+                .map_err(|e| VmError::Os("resume the PCI devices", e))?;
+            for (index, vcpu) in (0..).zip(vcpus) {
+                let handle = vcpu::spawn(vcpu, index, self.shared.clone())
+                    .map_err(|e| VmError::Os("resume a vCPU thread", e))?;
+                self.threads.push(handle);
+            }
+        }
+        Ok(())
+    }
+
+    /// The paused VM's state (everything but RAM, which [`snapshot::write`] adds).
+    fn capture(&self, vcpus: &[VcpuFd]) -> Result<VmSnapshot, VmError> {
+        let states = (0..)
+            .zip(vcpus)
+            .map(|(index, vcpu)| snapshot::capture_vcpu(vcpu, index, self.msr_list))
+            .collect::<Result<Vec<_>, _>>()?;
+        if states.len() != self.config.cpus as usize {
+            return Err(SnapshotError::Invalid("a vCPU thread was lost".into()).into());
+        }
+        Ok(VmSnapshot {
+            machine: self.config.machine_settings(),
+            image_end: self.image_end,
+            vm: snapshot::capture_vm(self.vm)?,
+            vcpus: states,
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .snapshot(),
+            interrupts: self
+                .backing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .snapshot(),
+            vtd: self
+                .vtd
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .state()
+                .clone(),
+            pci: self.pci.snapshot(),
+        })
+    }
+}
+
+/// An error and its causes on one line.
+fn error_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        line.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    line
+}
+
+/// Pauses every vCPU thread (the pause flag is set): kicks each until it has handed its
+/// vCPU back. A thread that ended on its own hands its vCPU back as well.
+fn pause_vcpus(threads: Vec<JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
+    let begin = Instant::now();
+    while threads.iter().any(|t| !t.is_finished()) && begin.elapsed() < Duration::from_secs(10) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            vcpu::kick(t);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    threads.into_iter().filter_map(|t| t.join().ok()).collect()
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedImage, VmError> {
@@ -471,18 +834,24 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedImage, 
     }
 }
 
+/// Where the vCPU areas and the mailbox go after an image ending at `image_end`.
+fn place(config: &VmConfig, image_end: u64) -> Result<Placement, VmError> {
+    Placement::new(image_end, config.cpus, memory::low_ram_end(config.memory)).ok_or(
+        VmError::TooSmall {
+            memory: config.memory,
+            cpus: config.cpus,
+            image_end,
+        },
+    )
+}
+
 /// Page tables, vCPU areas, command line and boot information.
 fn write_boot_state(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
-    image: &LoadedImage,
+    image_end: u64,
 ) -> Result<Placement, VmError> {
-    let placement = Placement::new(image.end, config.cpus, memory::low_ram_end(config.memory))
-        .ok_or(VmError::TooSmall {
-            memory: config.memory,
-            cpus: config.cpus,
-            image_end: image.end,
-        })?;
+    let placement = place(config, image_end)?;
     x86::write_page_tables(mem, x86::identity_map_end(memory::ram_top(config.memory)))?;
     for cpu in 0..config.cpus {
         x86::write_cpu_area(mem, placement.cpu_area(cpu))?;
@@ -503,13 +872,13 @@ fn write_boot_state(
     Ok(placement)
 }
 
+/// A vCPU with its CPUID (which tells the guest the remapping table's size).
 fn create_vcpu(
     vm: &VmFd,
     supported: &CpuId,
     index: u32,
     cpus: u32,
-    placement: &Placement,
-    entry: u64,
+    table_size: u32,
 ) -> Result<VcpuFd, VmError> {
     let fail = |what| {
         move |source| VmError::Vcpu {
@@ -522,13 +891,25 @@ fn create_vcpu(
         .create_vcpu(u64::from(index))
         .map_err(fail("KVM_CREATE_VCPU"))?;
     let mut entries = supported.as_slice().to_vec();
-    crate::cpuid::patch(&mut entries, index, cpus, Limits::default().table_size);
+    crate::cpuid::patch(&mut entries, index, cpus, table_size);
     let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Vcpu {
         index,
         what: "building CPUID",
         source: kvm_ioctls::Error::new(libc::E2BIG),
     })?;
     vcpu.set_cpuid2(&cpuid).map_err(fail("KVM_SET_CPUID2"))?;
+    Ok(vcpu)
+}
+
+/// A new vCPU's boot state: long mode at the image's entry point.
+fn boot_vcpu(vcpu: &VcpuFd, index: u32, placement: &Placement, entry: u64) -> Result<(), VmError> {
+    let fail = |what| {
+        move |source| VmError::Vcpu {
+            index,
+            what,
+            source,
+        }
+    };
     let area = placement.cpu_area(index);
     let sregs = vcpu.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
     vcpu.set_sregs(&x86::long_mode_sregs(sregs, area))
@@ -542,34 +923,7 @@ fn create_vcpu(
     vcpu.set_mp_state(kvm_mp_state {
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
-    .map_err(fail("KVM_SET_MP_STATE"))?;
-    Ok(vcpu)
-}
-
-/// Waits for a verdict, for every vCPU to stop, or for the watchdog.
-fn supervise(events: &mpsc::Receiver<VmEvent>, config: &VmConfig, cpus: u32) -> Outcome {
-    let deadline = config.watchdog.map(|w| Instant::now() + w);
-    let mut stopped: Vec<(u32, StopReason)> = Vec::new();
-    loop {
-        let event = match deadline {
-            Some(d) => events.recv_timeout(d.saturating_duration_since(Instant::now())),
-            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match event {
-            Ok(VmEvent::GuestExit(code)) => return Outcome::GuestExit { code },
-            Ok(VmEvent::VcpuStopped { index, reason }) => {
-                stopped.push((index, reason));
-                if stopped.len() == cpus as usize {
-                    return Outcome::VcpusStopped { stopped };
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                let after = config.watchdog.unwrap_or_default();
-                return Outcome::Watchdog { after, stopped };
-            }
-            Err(RecvTimeoutError::Disconnected) => return Outcome::VcpusStopped { stopped },
-        }
-    }
+    .map_err(fail("KVM_SET_MP_STATE"))
 }
 
 /// With storm control on, a thread that delivers the coalesced interrupts of throttled
@@ -578,6 +932,7 @@ fn spawn_storm_ticker(
     path: &Arc<InterruptPath>,
     rate: u32,
     stop: Arc<AtomicBool>,
+    gate: Arc<Mutex<()>>,
 ) -> io::Result<Option<JoinHandle<()>>> {
     if rate == 0 {
         return Ok(None);
@@ -588,6 +943,8 @@ fn spawn_storm_ticker(
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(irq::storm::WINDOW);
+                // A snapshot holds the gate while the VM is paused.
+                let _open = gate.lock().unwrap_or_else(PoisonError::into_inner);
                 path.flush_throttled();
             }
         })
@@ -595,7 +952,7 @@ fn spawn_storm_ticker(
 }
 
 /// Kicks every vCPU thread until it has left `KVM_RUN`, then joins it.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+fn stop_vcpus(threads: Vec<JoinHandle<VcpuFd>>) {
     let begin = Instant::now();
     while threads.iter().any(|t| !t.is_finished()) && begin.elapsed() < Duration::from_secs(10) {
         for t in threads.iter().filter(|t| !t.is_finished()) {

@@ -164,6 +164,12 @@ impl ImsQueues {
         self.timeout = timeout;
     }
 
+    /// Queue contexts.
+    #[must_use]
+    pub fn context_count(&self) -> u32 {
+        u32::try_from(self.contexts.len()).unwrap_or(u32::MAX)
+    }
+
     /// The device's counters.
     #[must_use]
     pub fn stats(&self) -> QueueStats {

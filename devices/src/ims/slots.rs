@@ -129,6 +129,18 @@ impl ImsSlots {
         })
     }
 
+    /// Message slots.
+    #[must_use]
+    pub fn slot_count(&self) -> u32 {
+        u32::try_from(self.slots.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Work queues.
+    #[must_use]
+    pub fn queue_count(&self) -> u32 {
+        u32::try_from(self.queues.len()).unwrap_or(u32::MAX)
+    }
+
     /// Completions so far.
     #[must_use]
     pub fn completions(&self) -> u64 {

@@ -76,10 +76,22 @@ pub fn requester_id(device: u8, function: u8) -> u16 {
     (u16::from(device & 0x1f) << 3) | u16::from(function & 7)
 }
 
+/// The root bus's own state, for a snapshot: the configuration address latch and the
+/// host bridge's configuration space (the other functions' spaces are their devices').
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootSnapshot {
+    /// The value last written to port `0xcf8`.
+    pub address: u32,
+    /// The host bridge's configuration space.
+    pub host_bridge: Vec<u8>,
+}
+
 /// The root bus.
 #[derive(Default)]
 pub struct PciRoot {
     functions: BTreeMap<u16, SharedFunction>,
+    bridge: Arc<Mutex<HostBridge>>,
     address: u32,
     /// (address, size, requester ID, BAR) of every mapped BAR.
     map: Vec<(u64, u64, u16, usize)>,
@@ -103,9 +115,43 @@ impl PciRoot {
     #[must_use]
     pub fn new() -> Self {
         let mut root = Self::default();
-        root.functions
-            .insert(0, Arc::new(Mutex::new(HostBridge::default())));
+        root.functions.insert(0, root.bridge.clone());
         root
+    }
+
+    /// The root bus's own state.
+    #[must_use]
+    pub fn snapshot(&self) -> RootSnapshot {
+        RootSnapshot {
+            address: self.address,
+            host_bridge: self
+                .bridge
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+                .raw()
+                .to_vec(),
+        }
+    }
+
+    /// Puts the root bus in the state `snap` describes and maps the BARs its functions'
+    /// (already restored) configuration spaces program, instead of
+    /// [`PciRoot::assign_bars`].
+    ///
+    /// # Errors
+    /// A host-bridge configuration space of the wrong size; nothing changes.
+    pub fn restore(
+        &mut self,
+        snap: &RootSnapshot,
+    ) -> Result<(), crate::ims::snapshot::RestoreError> {
+        self.bridge
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .restore_raw(&snap.host_bridge)?;
+        self.address = snap.address;
+        self.remap();
+        Ok(())
     }
 
     /// Adds `function` at 00:`device`.`function_number`; returns its requester ID, or
@@ -376,5 +422,33 @@ mod tests {
         let mut old = [0u8; 1];
         window.read(0x10, &mut old);
         assert_eq!(old, [0xff], "nothing at the old address");
+    }
+
+    #[test]
+    fn a_restored_root_keeps_its_latch_and_maps_the_bars_its_functions_hold() {
+        let (root, probe) = rig();
+        let mut io = ConfigIo(root.clone());
+        io.write(0, &(0x8000_0000u32 | (3 << 11)).to_le_bytes());
+        Ecam(root.clone()).write((3 << 15) | 0x10, &0xc020_0000u32.to_le_bytes());
+        let snap = root.lock().unwrap().snapshot();
+
+        // A new root over the same function (whose own state its device restores).
+        let mut again = PciRoot::new();
+        again.add(3, 0, probe.clone());
+        again.restore(&snap).unwrap();
+        assert_eq!(again.bar_address(0x18, 0), Some(0xc020_0000));
+        let again = Arc::new(Mutex::new(again));
+        let mut id = [0u8; 4];
+        ConfigIo(again.clone()).read(4, &mut id);
+        assert_eq!(
+            u32::from_le_bytes(id),
+            0x1100_1b36,
+            "the latch still selects 00:03.0"
+        );
+        let short = RootSnapshot {
+            host_bridge: vec![0; 3],
+            ..snap
+        };
+        assert!(again.lock().unwrap().restore(&short).is_err());
     }
 }
