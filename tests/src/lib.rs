@@ -4,9 +4,10 @@
 //! These tests need `/dev/kvm`. Where it is missing they fail (the VMM's error says
 //! why); they never skip.
 
+use std::path::Path;
 use std::time::Duration;
 
-use vmm::{Kernel, RunReport, VmConfig};
+use vmm::{Kernel, RunReport, Settings, VmConfig};
 
 /// A console that keeps what the guest printed.
 pub use vmm::CapturedConsole as Captured;
@@ -23,6 +24,28 @@ pub fn config(cpus: u32, cmdline: &str) -> VmConfig {
     }
 }
 
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut chain = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        chain.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    chain
+}
+
+/// Restores the snapshot at `path` with `run`'s settings; the report and console text, or
+/// the error chain on one line.
+///
+/// # Errors
+/// The restore's error, as one line.
+pub fn restore(path: &Path, run: &Settings) -> Result<(RunReport, String), String> {
+    let console = Captured::default();
+    vmm::restore_with_console(path, run, Box::new(console.clone()))
+        .map(|report| (report, console.text()))
+        .map_err(|e| chain(&e))
+}
+
 /// Boots `config` and returns the report and the console text.
 ///
 /// # Panics
@@ -32,15 +55,7 @@ pub fn boot(config: &VmConfig) -> (RunReport, String) {
     let console = Captured::default();
     let report = match vmm::run_with_console(config, Box::new(console.clone())) {
         Ok(report) => report,
-        Err(e) => {
-            let mut chain = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                chain.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
-            panic!("the VM could not run: {chain}");
-        }
+        Err(e) => panic!("the VM could not run: {}", chain(&e)),
     };
     (report, console.text())
 }

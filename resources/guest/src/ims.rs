@@ -295,22 +295,33 @@ pub fn run(
     ok && hc.ok
 }
 
-fn slot_device(
+/// A slot device set up by [`setup_slots`]: `n` queues, queue `q` on slot
+/// `slots - n + q` with entry `first + q`.
+struct SlotSetup {
+    bar: u64,
+    rid: u16,
+    first: u64,
+    n: usize,
+    slots: usize,
+}
+
+/// Allocates and activates `want` entries (at most the device's slots and queues) spread
+/// over the CPUs' slot vectors, programs the slots and their queues, and makes them
+/// active for the handler. `None` if the device has nothing to set up.
+fn setup_slots(
     hc: &mut Hc,
     dev: u8,
-    other: Option<u8>,
     cpus: usize,
-    apic: impl Fn(usize) -> u32,
+    apic: &impl Fn(usize) -> u32,
     want: u32,
-    rounds: u32,
-) -> bool {
+    ok: &mut bool,
+) -> Option<SlotSetup> {
     let bar = pci::bar0(dev);
     let rid = pci::requester_id(dev);
     let reg = |off: u64| mmio_read(bar + off);
     let set = |off: u64, v: u32| mmio_write(bar + off, v);
-    let mut ok = true;
     check(
-        &mut ok,
+        ok,
         "slot device ID",
         u64::from(reg(sd::reg::ID)),
         u64::from(sd::ID),
@@ -322,7 +333,8 @@ fn slot_device(
         .min(MAX_SLOT_QUEUES);
     if n == 0 {
         println!("ims: FAIL: the slot device has no slots or queues");
-        return false;
+        *ok = false;
+        return None;
     }
 
     // One allocation, one batch that activates all of them, spread over the CPUs.
@@ -338,10 +350,10 @@ fn slot_device(
     }
     let batch = addr_of!(BATCH) as u64;
     let r = hc.call("activate slot entries", call::BATCH, rid, batch, n as u64);
-    check(&mut ok, "entries activated", r.rsi, n as u64);
+    check(ok, "entries activated", r.rsi, n as u64);
     let composed = hc.call("compose", call::COMPOSE, rid, first, 0);
     check(
-        &mut ok,
+        ok,
         "composed message",
         composed.rsi,
         u64::from(compose(first)),
@@ -369,13 +381,39 @@ fn slot_device(
         set(sd::reg::QUEUE_USED, used as u32);
         set(sd::reg::QUEUE_READY, 1);
     }
-    check(
-        &mut ok,
-        "slot device status",
-        u64::from(reg(sd::reg::STATUS)),
-        0,
-    );
+    check(ok, "slot device status", u64::from(reg(sd::reg::STATUS)), 0);
     ACTIVE.store(n as u32, Ordering::Release);
+    Some(SlotSetup {
+        bar,
+        rid,
+        first,
+        n,
+        slots,
+    })
+}
+
+fn slot_device(
+    hc: &mut Hc,
+    dev: u8,
+    other: Option<u8>,
+    cpus: usize,
+    apic: impl Fn(usize) -> u32,
+    want: u32,
+    rounds: u32,
+) -> bool {
+    let mut ok = true;
+    let Some(SlotSetup {
+        bar,
+        rid,
+        first,
+        n,
+        slots,
+    }) = setup_slots(hc, dev, cpus, &apic, want, &mut ok)
+    else {
+        return false;
+    };
+    let reg = |off: u64| mmio_read(bar + off);
+    let set = |off: u64, v: u32| mmio_write(bar + off, v);
 
     // Work on every queue, all at once, `rounds` times.
     let before = slot_vector_total(cpus);
@@ -770,15 +808,23 @@ fn queue_counted(cpus: usize) -> u32 {
         .sum()
 }
 
-fn queue_device(hc: &mut Hc, dev: u8, cpus: usize, apic: impl Fn(usize) -> u32) -> bool {
-    let mut ok = true;
+/// Allocates and activates the queue device's entries (MSI-X vector 0 for admin
+/// completions, one per context), enables MSI-X and the admin queue, and starts
+/// [`CONTEXTS`] queues from contexts in RAM. Returns the driver and the first entry.
+fn setup_queues(
+    hc: &mut Hc,
+    dev: u8,
+    cpus: usize,
+    apic: &impl Fn(usize) -> u32,
+    ok: &mut bool,
+) -> Option<(QueueDriver, u64)> {
     let rid = pci::requester_id(dev);
     let mut d = QueueDriver {
         bar: pci::bar0(dev),
         tail: 0,
     };
     check(
-        &mut ok,
+        ok,
         "queue device ID",
         u64::from(d.reg(qd::reg::ID)),
         u64::from(qd::ID),
@@ -788,7 +834,8 @@ fn queue_device(hc: &mut Hc, dev: u8, cpus: usize, apic: impl Fn(usize) -> u32) 
             "ims: FAIL: the queue device has fewer than {} contexts",
             CONTEXTS
         );
-        return false;
+        *ok = false;
+        return None;
     }
     // Entry `first` for MSI-X vector 0, then one per context.
     let first = hc
@@ -820,7 +867,8 @@ fn queue_device(hc: &mut Hc, dev: u8, cpus: usize, apic: impl Fn(usize) -> u32) 
     // MSI-X: vector 0 gets the admin entry's message, then the function is enabled.
     let Some(cap) = pci::capability(dev, 0x11) else {
         println!("ims: FAIL: the queue device has no MSI-X capability");
-        return false;
+        *ok = false;
+        return None;
     };
     d.set(qd::reg::MSIX_TABLE, compose(first));
     d.set(qd::reg::MSIX_TABLE + 4, 0);
@@ -859,12 +907,21 @@ fn queue_device(hc: &mut Hc, dev: u8, cpus: usize, apic: impl Fn(usize) -> u32) 
     }
     d.enable();
     check(
-        &mut ok,
+        ok,
         "ADMIN_ENABLE",
         u64::from(d.reg(qd::reg::ADMIN_ENABLE)),
         1,
     );
-    d.start_all(&mut ok);
+    d.start_all(ok);
+    Some((d, first))
+}
+
+fn queue_device(hc: &mut Hc, dev: u8, cpus: usize, apic: impl Fn(usize) -> u32) -> bool {
+    let mut ok = true;
+    let rid = pci::requester_id(dev);
+    let Some((mut d, first)) = setup_queues(hc, dev, cpus, &apic, &mut ok) else {
+        return false;
+    };
     let bad = d.command(&mut ok, qd::command::START, 0, context_address(0));
     check(
         &mut ok,
@@ -1044,4 +1101,156 @@ impl QueueDriver {
             queue_counted(cpus) >= before + items * CONTEXTS as u32
         })
     }
+}
+
+/// Slot-device queues and items each in the `snapshot` scenario, and the pacing.
+const SNAP_QUEUES: u32 = 64;
+const SNAP_SLOT_ITEMS: usize = 4;
+const SNAP_SLOT_DELAY_US: u32 = 3000;
+/// Queue-device items per context, and their pacing.
+const SNAP_QUEUE_ITEMS: usize = 6;
+const SNAP_QUEUE_DELAY_US: u32 = 20_000;
+/// Slot completions counted before the snapshot is asked for.
+const SNAP_AFTER: u32 = 32;
+
+/// The `snapshot` scenario: both IMS devices complete paced work; part-way the guest asks
+/// the host for a snapshot of the VM (harness `SNAPSHOT`), then waits for the rest. Run
+/// with `--snapshot FILE`, the VM stops there and a restored VM finishes the work: every
+/// completion counted by the handlers once, and each device's COMPLETIONS register equal
+/// to the work posted (nothing lost, nothing doubled across the snapshot).
+pub fn snapshot(cpus: usize, apic: impl Fn(usize) -> u32) -> bool {
+    let Some(iface) = crate::hc::discover() else {
+        println!("snapshot: FAIL: no hypercall interface");
+        return false;
+    };
+    let (Some(slot_dev), Some(queue_dev)) = (
+        pci::find(sd::VENDOR_ID, sd::DEVICE_ID),
+        pci::find(qd::VENDOR_ID, qd::DEVICE_ID),
+    ) else {
+        println!("snapshot: FAIL: both IMS devices are needed (the default device list)");
+        return false;
+    };
+    let mut hc = Hc {
+        guest: crate::hc::Guest::new(iface.port),
+        ok: true,
+    };
+    CPUS.store(cpus as u32, Ordering::Relaxed);
+    let mut ok = true;
+    let Some(slots) = setup_slots(&mut hc, slot_dev, cpus, &apic, SNAP_QUEUES, &mut ok) else {
+        return false;
+    };
+    let Some((d, queue_first)) = setup_queues(&mut hc, queue_dev, cpus, &apic, &mut ok) else {
+        return false;
+    };
+    let slot_reg = |off: u64| mmio_read(slots.bar + off);
+    let slot_before = (slot_vector_total(cpus), slot_reg(sd::reg::COMPLETIONS));
+    let queue_before = (queue_counted(cpus), d.reg(qd::reg::COMPLETIONS));
+
+    // Paced work on both devices.
+    mmio_write(slots.bar + sd::reg::INJECT_DELAY_US, SNAP_SLOT_DELAY_US);
+    d.set(qd::reg::INJECT_DELAY_US, SNAP_QUEUE_DELAY_US);
+    for q in 0..slots.n {
+        for _ in 0..SNAP_SLOT_ITEMS {
+            post(slot_ring(q));
+        }
+        let off = q % SLOT_VECTORS;
+        expect(off % cpus, SLOT_VECTOR + off as u8, SNAP_SLOT_ITEMS as u32);
+    }
+    for j in 0..CONTEXTS {
+        for _ in 0..SNAP_QUEUE_ITEMS {
+            post(queue_ring(j));
+        }
+        expect(j % cpus, QUEUE_VECTOR + j as u8, SNAP_QUEUE_ITEMS as u32);
+    }
+    mmio_write(slots.bar + sd::reg::QUEUE_NOTIFY, sd::NOTIFY_ALL);
+    for j in 0..CONTEXTS {
+        d.set(qd::reg::QUEUE_NOTIFY, j as u32);
+    }
+    let slot_total = (slots.n * SNAP_SLOT_ITEMS) as u32;
+    let queue_total = (CONTEXTS * SNAP_QUEUE_ITEMS) as u32;
+
+    ok &= wait_for("the first slot completions", || {
+        slot_vector_total(cpus) - slot_before.0 >= SNAP_AFTER
+    });
+    let at_slot = slot_vector_total(cpus) - slot_before.0;
+    let at_queue = queue_counted(cpus) - queue_before.0;
+    let (host, _) =
+        crate::scenario::harness_request(hypercall::harness::request::SNAPSHOT, 0, 0, 0);
+    if host == hypercall::harness::status::UNAVAILABLE {
+        println!("snapshot: FAIL: the VM has no snapshot file (run with --snapshot FILE)");
+        ok = false;
+    } else {
+        check(&mut ok, "SNAPSHOT request status", u64::from(host), 0);
+    }
+    println!(
+        "snapshot: taken with {} of {} slot and {} of {} queue completions counted",
+        at_slot, slot_total, at_queue, queue_total
+    );
+    if at_slot >= slot_total || at_queue >= queue_total {
+        println!("snapshot: FAIL: all work was done before the snapshot; nothing was in flight");
+        ok = false;
+    }
+
+    ok &= wait_for("the slot completions after the snapshot", || {
+        slot_vector_total(cpus) - slot_before.0 >= slot_total
+    });
+    ok &= wait_for("the queue completions after the snapshot", || {
+        queue_counted(cpus) - queue_before.0 >= queue_total
+    });
+    mmio_write(slots.bar + sd::reg::INJECT_DELAY_US, 0);
+    d.set(qd::reg::INJECT_DELAY_US, 0);
+    let slot_counted = slot_vector_total(cpus) - slot_before.0;
+    let slot_done = slot_reg(sd::reg::COMPLETIONS) - slot_before.1;
+    let queue_counted_now = queue_counted(cpus) - queue_before.0;
+    let queue_done = d.reg(qd::reg::COMPLETIONS) - queue_before.1;
+    check(
+        &mut ok,
+        "slot completions counted",
+        u64::from(slot_counted),
+        u64::from(slot_total),
+    );
+    check(
+        &mut ok,
+        "slot device COMPLETIONS",
+        u64::from(slot_done),
+        u64::from(slot_total),
+    );
+    check(
+        &mut ok,
+        "queue completions counted",
+        u64::from(queue_counted_now),
+        u64::from(queue_total),
+    );
+    check(
+        &mut ok,
+        "queue device COMPLETIONS",
+        u64::from(queue_done),
+        u64::from(queue_total),
+    );
+    check(
+        &mut ok,
+        "completions on the wrong CPU",
+        u64::from(WRONG_CPU.load(Ordering::Relaxed)),
+        0,
+    );
+    println!(
+        "snapshot: after it, {} slot and {} queue completions, each counted once",
+        slot_done, queue_done
+    );
+    ACTIVE.store(0, Ordering::Release);
+    hc.call(
+        "free slot entries",
+        call::FREE,
+        slots.rid,
+        slots.first,
+        slots.n as u64,
+    );
+    hc.call(
+        "free queue entries",
+        call::FREE,
+        pci::requester_id(queue_dev),
+        queue_first,
+        1 + CONTEXTS as u64,
+    );
+    ok && hc.ok
 }

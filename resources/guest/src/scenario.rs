@@ -54,6 +54,7 @@ enum Scenario {
     Bench,
     Storm,
     Faults,
+    Snapshot,
     All,
     Fail,
     Hang,
@@ -130,6 +131,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "bench" => Scenario::Bench,
                     "storm" => Scenario::Storm,
                     "faults" => Scenario::Faults,
+                    "snapshot" => Scenario::Snapshot,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
@@ -260,6 +262,10 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     }
     if s == Scenario::Faults {
         ok &= crate::faults::run(info.apic_id(0).unwrap_or(0));
+    }
+    if s == Scenario::Snapshot {
+        let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
+        ok &= crate::ims::snapshot(cpus, apic);
     }
     if s == Scenario::Storm {
         ok &= storm(o.storm_count, o.storm_bystanders);
