@@ -583,3 +583,39 @@ pub fn restore_vcpu(vcpu: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), 
     vcpu.set_vcpu_events(&state.events)
         .map_err(fail("KVM_SET_VCPU_EVENTS"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(version: u32, header: &[u8], length: Option<u64>) -> Vec<u8> {
+        let mut f = MAGIC.to_vec();
+        f.extend_from_slice(&version.to_le_bytes());
+        f.extend_from_slice(&0u32.to_le_bytes());
+        f.extend_from_slice(&length.unwrap_or(header.len() as u64).to_le_bytes());
+        f.extend_from_slice(header);
+        f
+    }
+
+    fn refused(bytes: &[u8]) -> String {
+        parse_header(bytes).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_preamble_is_checked_before_the_header_is_read() {
+        assert!(refused(b"").contains("not a snapshot"));
+        assert!(refused(b"IRQVMSN").contains("not a snapshot"));
+        assert!(refused(&file(1, b"{}", None)[1..]).contains("not a snapshot"));
+        assert!(refused(&file(2, b"{}", None)).contains("version 2"));
+        assert!(refused(&file(1, b"{}", Some(MAX_HEADER + 1))).contains("at most"));
+        assert!(refused(&file(1, b"{}", Some(3))).contains("file ends before"));
+    }
+
+    #[test]
+    fn a_header_that_is_not_a_whole_snapshot_is_refused() {
+        for header in [&b"{}"[..], b"[1,2]", b"\xff\xfe", b"{\"machine\":{}}"] {
+            let why = refused(&file(1, header, None));
+            assert!(why.starts_with("invalid snapshot header"), "{why}");
+        }
+    }
+}
