@@ -129,7 +129,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, snapshot, snapshot_after_ms, snapshot_then, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where serial console output goes: stdout, off or file:PATH [default: stdout]

@@ -361,3 +361,61 @@ fn bench_prints_a_table_and_writes_json() {
         "error: cannot open KVM device /nonexistent/kvm",
     );
 }
+
+#[test]
+fn a_snapshot_written_by_run_is_restored_by_restore() {
+    let snap = scratch("cli.snap");
+    let path = snap.to_str().unwrap();
+    let out = vmm(&[
+        "run",
+        "--cmdline",
+        "scenario=snapshot",
+        "--snapshot",
+        path,
+        "--console",
+        "off",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("vmm: snapshot    "), "{stdout}");
+    assert!(stdout.contains("SNAPSHOT (written to"), "{stdout}");
+    let out = vmm(&["restore", path]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!("vmm: restored    from {path}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("snapshot: after it, 256 slot and 24 queue completions"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("PASS (guest exit code 0)"), "{stdout}");
+
+    // Not a snapshot, and no such file: one line each, nothing runs.
+    let junk = scratch("junk.snap");
+    std::fs::write(&junk, b"hello").unwrap();
+    fails_with(
+        &["restore", junk.to_str().unwrap()],
+        125,
+        "not a snapshot of this VMM",
+    );
+    fails_with(
+        &["restore", scratch("absent.snap").to_str().unwrap()],
+        125,
+        "cannot read snapshot",
+    );
+    let _ = std::fs::remove_file(&snap);
+}
+
+#[test]
+fn snapshot_settings_without_a_file_or_with_a_bad_follow_up_are_refused() {
+    fails_with(
+        &["run", "--snapshot", "x.snap", "--snapshot-then", "pause"],
+        125,
+        "invalid snapshot_then `pause`",
+    );
+    let out = vmm(&["run", "--snapshot-after-ms", "5"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses it");
+    assert!(text(&out.stderr).contains("--snapshot <FILE>"));
+}
