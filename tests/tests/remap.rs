@@ -69,3 +69,24 @@ fn a_source_id_mismatch_is_not_delivered_and_is_recorded() {
     assert_eq!(report.remap_faults, vec![(0x26, 25)]);
     assert_eq!(report.interrupts, Some(vec![1, 0]));
 }
+
+/// More than 255 vCPUs: the guest runs in x2APIC mode, the interrupt core's IRTEs carry
+/// 32-bit destinations (EIM), and KVM's routes carry destination bits 31:8 in
+/// `address_hi`; one remapped interrupt reaches each of 288 vCPUs, vCPU 287 included.
+#[test]
+fn remapped_interrupts_reach_vcpu_287_of_288() {
+    let mut cfg = config(288, "scenario=remap remap_entries=288");
+    cfg.memory = 256 << 20;
+    cfg.watchdog = Some(std::time::Duration::from_secs(300));
+    let (report, console) = boot(&cfg);
+    assert!(report.passed(), "{report}\n{console}");
+    assert!(console.contains("x2APIC"), "{console}");
+    let counts = report
+        .interrupts
+        .clone()
+        .expect("the guest keeps its counters");
+    assert_eq!(counts.len(), 288);
+    assert_eq!(counts[287], 1, "{report}");
+    assert!(counts.iter().all(|&n| n == 1), "{report}");
+    assert_eq!(report.harness_fired[287], 1, "{report}");
+}

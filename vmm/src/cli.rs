@@ -120,7 +120,7 @@ pub struct RunArgs {
     /// 64-bit ELF image to boot [default: the built-in test guest]
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Number of vCPUs, 1 to 255 [default: 2]
+    /// Number of vCPUs, 1 to 512 (above 255 the guest needs x2APIC) [default: 2]
     #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
     /// Guest RAM, e.g. 64M or 1G; a bare number is MiB [default: 64M]

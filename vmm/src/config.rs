@@ -42,9 +42,10 @@ pub const DEFAULT_CPUS: u32 = 2;
 pub const DEFAULT_MEMORY: u64 = 64 << 20;
 /// Watchdog when nothing says otherwise.
 pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(30);
-/// Most vCPUs: compatibility-format MSIs address APIC IDs up to 255 (more needs
-/// interrupt remapping in x2APIC mode).
-pub const MAX_CPUS: u32 = 255;
+/// Most vCPUs: what the boot protocol describes. Above 255 the guest must use x2APIC, and
+/// interrupts reach those vCPUs only through remapping in x2APIC mode (EIM) or x2APIC
+/// MSIs; the VMM turns on KVM's 32-bit APIC IDs for them.
+pub const MAX_CPUS: u32 = hypercall::boot::MAX_CPUS as u32;
 /// Least guest RAM: the boot structures, an image and a few vCPU stacks.
 pub const MIN_MEMORY: u64 = 4 << 20;
 /// Hypercalls per second per VM when nothing says otherwise.
@@ -845,7 +846,7 @@ mod tests {
                 cpus: Some(0),
                 ..Default::default()
             }),
-            "invalid vCPU count 0: must be between 1 and 255"
+            "invalid vCPU count 0: must be between 1 and 512"
         );
         let small = Settings {
             memory: Some(SizeSetting::Text("1M".into())),

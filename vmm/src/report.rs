@@ -156,13 +156,36 @@ impl RunReport {
     }
 }
 
+/// Up to this many vCPUs are listed one by one in the summary.
+const LISTED_VCPUS: usize = 16;
+
 fn per_vcpu(values: &[u64]) -> String {
-    values
+    let one = |(i, n): (usize, &u64)| format!("vCPU {i}: {n}");
+    if values.len() <= LISTED_VCPUS {
+        return values
+            .iter()
+            .enumerate()
+            .map(one)
+            .collect::<Vec<_>>()
+            .join(", ");
+    }
+    // Many vCPUs: the first few, the last two, and the spread.
+    let head: Vec<String> = values.iter().enumerate().take(4).map(one).collect();
+    let tail: Vec<String> = values
         .iter()
         .enumerate()
-        .map(|(i, n)| format!("vCPU {i}: {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .skip(values.len() - 2)
+        .map(one)
+        .collect();
+    let total: u64 = values.iter().sum();
+    let min = values.iter().min().copied().unwrap_or(0);
+    let max = values.iter().max().copied().unwrap_or(0);
+    format!(
+        "{}, ..., {}; {total} over {} vCPUs, {min} to {max} each",
+        head.join(", "),
+        tail.join(", "),
+        values.len()
+    )
 }
 
 impl fmt::Display for RunReport {
@@ -330,6 +353,19 @@ mod tests {
             console_errors: 0,
             elapsed: Duration::from_millis(420),
         }
+    }
+
+    #[test]
+    fn many_vcpus_are_summed_up_not_listed() {
+        let mut values = vec![1u64; 288];
+        values[5] = 3;
+        let line = per_vcpu(&values);
+        assert_eq!(
+            line,
+            "vCPU 0: 1, vCPU 1: 1, vCPU 2: 1, vCPU 3: 1, ..., vCPU 286: 1, vCPU 287: 1; \
+             290 over 288 vCPUs, 1 to 3 each"
+        );
+        assert_eq!(per_vcpu(&[2, 3]), "vCPU 0: 2, vCPU 1: 3");
     }
 
     #[test]

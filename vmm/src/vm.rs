@@ -22,7 +22,10 @@ use irq::backing::{Backing, BackingError, InterruptPath, Limits, MsiInjector};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
 use irq::remap::FaultReason;
 use irq::{KvmRouting, RouteError, RouteTable};
-use kvm_bindings::{kvm_mp_state, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_mp_state, CpuId, KVM_CAP_X2APIC_API, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -201,6 +204,30 @@ impl ExitSink for ExitEvents {
     }
 }
 
+/// vCPUs beyond this many have APIC IDs only x2APIC can address.
+const X2APIC_ONLY_ABOVE: u32 = 255;
+
+/// Turns on 32-bit APIC IDs for MSI routes and LAPIC state (KVM_CAP_X2APIC_API): an MSI
+/// route then carries destination bits 31:8 in `address_hi`, which is how the interrupt
+/// core already writes them, so remapped interrupts reach vCPUs above 255. Broadcast
+/// quirks of xAPIC destination 0xff are off (0xff is an ordinary x2APIC ID).
+fn enable_x2apic_api(vm: &VmFd) -> Result<(), VmError> {
+    let wanted = u64::from(KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK);
+    let supported = u64::try_from(vm.check_extension_int(Cap::X2ApicApi)).unwrap_or(0);
+    if supported & wanted != wanted {
+        return Err(VmError::MissingCapability(
+            "32-bit APIC IDs (KVM_CAP_X2APIC_API), needed for more than 255 vCPUs",
+        ));
+    }
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X2APIC_API,
+        args: [wanted, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| VmError::Kvm("enable 32-bit APIC IDs (KVM_CAP_X2APIC_API)", e))
+}
+
 /// Opens the console a configuration names.
 fn open_console(console: &Console) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match console {
@@ -367,6 +394,9 @@ fn run_vm(
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
     vm.create_irq_chip()
         .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    if config.cpus > X2APIC_ONLY_ABOVE {
+        enable_x2apic_api(&vm)?;
+    }
 
     let mem = memory::allocate(config.memory)?;
     memory::register(&vm, &mem)?;

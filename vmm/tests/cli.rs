@@ -166,7 +166,7 @@ fn bad_vcpu_count() {
     fails_with(
         &["run", "--cpus", "0"],
         125,
-        "error: invalid vCPU count 0: must be between 1 and 255",
+        "error: invalid vCPU count 0: must be between 1 and 512",
     );
 }
 
