@@ -45,7 +45,12 @@ pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(30);
 /// Most vCPUs: what the boot protocol describes. Above 255 the guest must use x2APIC, and
 /// interrupts reach those vCPUs only through remapping in x2APIC mode (EIM) or x2APIC
 /// MSIs; the VMM turns on KVM's 32-bit APIC IDs for them.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the boot protocol's 512, checked below"
+)]
 pub const MAX_CPUS: u32 = hypercall::boot::MAX_CPUS as u32;
+const _: () = assert!(MAX_CPUS as usize == hypercall::boot::MAX_CPUS);
 /// Least guest RAM: the boot structures, an image and a few vCPU stacks.
 pub const MIN_MEMORY: u64 = 4 << 20;
 /// Hypercalls per second per VM when nothing says otherwise.
