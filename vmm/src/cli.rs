@@ -155,6 +155,11 @@ pub struct RunArgs {
     /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
+    /// CPU features to hide from the guest, comma-separated: xsave, cx16, avx, avx2,
+    /// avx512f, pcid, invpcid, tsc_deadline_timer, rdrand, rdseed, pdpe1gb, la57, umip
+    /// (a nested KVM may not emulate what some of them need) [default: none]
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub cpuid_hide: Vec<String>,
     #[command(flatten)]
     pub snapshots: SnapshotArgs,
 }
@@ -209,6 +214,7 @@ impl RunArgs {
             snapshot: self.snapshots.snapshot.clone(),
             snapshot_after_ms: self.snapshots.snapshot_after_ms,
             snapshot_then: self.snapshots.snapshot_then.clone(),
+            cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
         };
         Ok(file.overridden_by(flags))
     }

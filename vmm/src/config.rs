@@ -382,6 +382,28 @@ pub struct SnapshotPlan {
     pub then: AfterSnapshot,
 }
 
+fn hideable_names() -> String {
+    crate::cpuid::HIDEABLE
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn resolve_cpuid_hide(names: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::new();
+    for name in names.unwrap_or_default() {
+        let name = name.trim().to_ascii_lowercase();
+        if crate::cpuid::hideable(&name).is_none() {
+            return Err(ConfigError::CpuidHide(name));
+        }
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
 fn resolve_snapshot(
     path: Option<PathBuf>,
     after_ms: Option<u64>,
@@ -432,6 +454,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// Whether, when and where the VM takes a snapshot of itself.
     pub snapshot: Option<SnapshotPlan>,
+    /// CPU features hidden from the guest (names from [`crate::cpuid::HIDEABLE`]).
+    pub cpuid_hide: Vec<String>,
 }
 
 impl VmConfig {
@@ -452,6 +476,7 @@ impl VmConfig {
             hypercall_rate: Some(self.hypercall_rate),
             irq_rate: Some(self.irq_rate),
             device: Some(self.devices.iter().map(DeviceConfig::setting).collect()),
+            cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
             ..Settings::default()
         }
     }
@@ -472,6 +497,7 @@ impl Default for VmConfig {
             irq_rate: DEFAULT_IRQ_RATE,
             devices: DeviceConfig::defaults(),
             snapshot: None,
+            cpuid_hide: Vec::new(),
         }
     }
 }
@@ -502,6 +528,9 @@ pub struct Settings {
     pub irq_rate: Option<u32>,
     /// PCI devices (`[[device]]`); absent: the default set.
     pub device: Option<Vec<DeviceSetting>>,
+    /// CPU features to hide from the guest, e.g. `["xsave", "cx16"]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpuid_hide: Option<Vec<String>>,
     /// Where a snapshot of the VM goes, when the guest asks for one or at
     /// `snapshot_after_ms`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -576,6 +605,9 @@ pub enum ConfigError {
     /// A device setting is wrong.
     #[error("invalid device {0}")]
     Device(String),
+    /// A CPU feature this VMM cannot hide.
+    #[error("cannot hide CPU feature `{0}`: known are {known}", known = hideable_names())]
+    CpuidHide(String),
     /// A snapshot setting without a file, or an empty file name.
     #[error("snapshot_after_ms and snapshot_then need a snapshot file (--snapshot FILE)")]
     SnapshotPath,
@@ -672,6 +704,7 @@ impl Settings {
             snapshot: over.snapshot.or(self.snapshot),
             snapshot_after_ms: over.snapshot_after_ms.or(self.snapshot_after_ms),
             snapshot_then: over.snapshot_then.or(self.snapshot_then),
+            cpuid_hide: over.cpuid_hide.or(self.cpuid_hide),
         }
     }
 
@@ -738,6 +771,7 @@ impl Settings {
             irq_rate: self.irq_rate.unwrap_or(defaults.irq_rate),
             devices: resolve_devices(self.device)?,
             snapshot: resolve_snapshot(self.snapshot, self.snapshot_after_ms, self.snapshot_then)?,
+            cpuid_hide: resolve_cpuid_hide(self.cpuid_hide)?,
         })
     }
 }

@@ -17,6 +17,74 @@ fn leaf(function: u32, eax: u32, [ebx, ecx, edx]: [u32; 3]) -> kvm_cpuid_entry2 
     }
 }
 
+/// Where a CPU feature's bit is: leaf, register (0 EAX .. 3 EDX, subleaf 0), bit.
+type FeatureBit = (u32, usize, u32);
+
+/// CPU features a VM may hide from its guest (`--cpuid-hide`), by the names Linux's
+/// `/proc/cpuinfo` uses, with the bits that go with each (hiding XSAVE hides what needs it).
+pub const HIDEABLE: &[(&str, &[FeatureBit])] = &[
+    (
+        "xsave",
+        &[
+            (1, 2, 26), // XSAVE
+            (1, 2, 27), // OSXSAVE
+            (1, 2, 28), // AVX
+            (1, 2, 12), // FMA
+            (1, 2, 29), // F16C
+            (7, 1, 5),  // AVX2
+            (7, 1, 16), // AVX512F
+        ],
+    ),
+    ("cx16", &[(1, 2, 13)]),
+    (
+        "avx",
+        &[(1, 2, 28), (1, 2, 12), (1, 2, 29), (7, 1, 5), (7, 1, 16)],
+    ),
+    ("avx2", &[(7, 1, 5)]),
+    ("avx512f", &[(7, 1, 16)]),
+    ("pcid", &[(1, 2, 17)]),
+    ("invpcid", &[(7, 1, 10)]),
+    ("tsc_deadline_timer", &[(1, 2, 24)]),
+    ("rdrand", &[(1, 2, 30)]),
+    ("rdseed", &[(7, 1, 18)]),
+    ("pdpe1gb", &[(0x8000_0001, 3, 26)]),
+    ("la57", &[(7, 2, 16)]),
+    ("umip", &[(7, 2, 2)]),
+];
+
+/// The bits of a hideable feature, by name.
+#[must_use]
+pub fn hideable(name: &str) -> Option<&'static [FeatureBit]> {
+    HIDEABLE
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bits)| *bits)
+}
+
+/// Clears the bits of the named features (names from [`HIDEABLE`]; others are ignored,
+/// the configuration having checked them), and XSAVE's leaf 0xd with XSAVE.
+pub fn hide(entries: &mut Vec<kvm_cpuid_entry2>, features: &[String]) {
+    for name in features {
+        for &(function, register, bit) in hideable(name).unwrap_or_default() {
+            for e in entries
+                .iter_mut()
+                .filter(|e| e.function == function && e.index == 0)
+            {
+                let r = match register {
+                    0 => &mut e.eax,
+                    1 => &mut e.ebx,
+                    2 => &mut e.ecx,
+                    _ => &mut e.edx,
+                };
+                *r &= !(1 << bit);
+            }
+        }
+        if name == "xsave" {
+            entries.retain(|e| e.function != 0xd);
+        }
+    }
+}
+
 /// Adjusts KVM's supported CPUID for vCPU `cpu` (its APIC ID) of `cpus`, advertising the
 /// hypercall with a remapping table of `table_size` entries.
 pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, cpus: u32, table_size: u32) {
@@ -99,6 +167,24 @@ mod tests {
         let iface = find(&entries, hypercall::cpuid::INTERFACE_LEAF);
         assert_eq!((iface.eax, iface.ecx, iface.edx), (1, 0x510, 65536));
         assert_eq!(iface.ebx, hypercall::abi::features::V1);
+    }
+
+    #[test]
+    fn hidden_features_lose_their_bits_and_xsave_its_leaf() {
+        let mut entries = vec![
+            leaf(
+                1,
+                0,
+                [0, (1 << 26) | (1 << 27) | (1 << 28) | (1 << 13) | 1, 0],
+            ),
+            leaf(7, 0, [1 << 5, 0, 0]),
+            leaf(0xd, 7, [0; 3]),
+        ];
+        hide(&mut entries, &["xsave".into(), "cx16".into()]);
+        assert_eq!(find(&entries, 1).ecx, 1, "only SSE3 is left");
+        assert_eq!(find(&entries, 7).ebx, 0, "AVX2 goes with XSAVE");
+        assert!(entries.iter().all(|e| e.function != 0xd));
+        assert!(hideable("xsave").is_some() && hideable("sse").is_none());
     }
 
     #[test]

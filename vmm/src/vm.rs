@@ -513,7 +513,14 @@ fn run_vm(
 
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
     for index in 0..config.cpus {
-        let vcpu = create_vcpu(&vm, &cpuid, index, config.cpus, table_size)?;
+        let vcpu = create_vcpu(
+            &vm,
+            &cpuid,
+            index,
+            config.cpus,
+            table_size,
+            &config.cpuid_hide,
+        )?;
         match (&snap, entry) {
             (Some(s), _) => {
                 let state = s
@@ -909,6 +916,7 @@ fn create_vcpu(
     index: u32,
     cpus: u32,
     table_size: u32,
+    hidden: &[String],
 ) -> Result<VcpuFd, VmError> {
     let fail = |what| {
         move |source| VmError::Vcpu {
@@ -922,6 +930,7 @@ fn create_vcpu(
         .map_err(fail("KVM_CREATE_VCPU"))?;
     let mut entries = supported.as_slice().to_vec();
     crate::cpuid::patch(&mut entries, index, cpus, table_size);
+    crate::cpuid::hide(&mut entries, hidden);
     let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Vcpu {
         index,
         what: "building CPUID",

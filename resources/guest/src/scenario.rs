@@ -206,11 +206,15 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
         exit(code::BAD_CMDLINE)
     };
     let mode = if use_x2apic() { "x2APIC" } else { "xAPIC" };
+    let ecx = arch::cpuid(1).2;
+    let flag = |bit: u32| if ecx & (1 << bit) != 0 { "yes" } else { "no" };
     println!(
-        "test-guest: {} vCPUs, {} MiB, {}",
+        "test-guest: {} vCPUs, {} MiB, {} (CPUID xsave {}, cx16 {})",
         cpus,
         info.mem_size() >> 20,
-        mode
+        mode,
+        flag(26),
+        flag(13)
     );
     wait_until(|| CHECKED_IN.load(Ordering::Acquire) as usize == cpus);
     println!("all {} vCPUs checked in", cpus);
