@@ -117,7 +117,7 @@ pub struct BenchArgs {
 /// Options of `vmm run`.
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
-    /// 64-bit ELF image to boot [default: the built-in test guest]
+    /// Image to boot: a 64-bit ELF (this VMM's boot protocol) or a Linux bzImage [default: the built-in test guest]
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Number of vCPUs, 1 to 512 (above 255 the guest needs x2APIC) [default: 2]
@@ -155,6 +155,13 @@ pub struct RunArgs {
     /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
+    /// Stop the run with success once the console shows this text (for a guest that never
+    /// reports a verdict, e.g. a stock kernel)
+    #[arg(long, value_name = "TEXT")]
+    pub until: Option<String>,
+    /// Initial ramdisk for a Linux bzImage given with --kernel
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
     /// CPU features to hide from the guest, comma-separated: xsave, cx16, avx, avx2,
     /// avx512f, pcid, invpcid, tsc_deadline_timer, rdrand, rdseed, pdpe1gb, la57, umip
     /// (a nested KVM may not emulate what some of them need) [default: none]
@@ -215,6 +222,8 @@ impl RunArgs {
             snapshot_after_ms: self.snapshots.snapshot_after_ms,
             snapshot_then: self.snapshots.snapshot_then.clone(),
             cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
+            initrd: self.initrd.clone(),
+            until: self.until.clone(),
         };
         Ok(file.overridden_by(flags))
     }

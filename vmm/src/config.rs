@@ -320,7 +320,8 @@ fn resolve_devices(settings: Option<Vec<DeviceSetting>>) -> Result<Vec<DeviceCon
 pub enum Kernel {
     /// The test guest built with this VMM (`resources/guest`).
     BuiltIn,
-    /// A 64-bit ELF executable following the boot protocol of `hypercall::boot`.
+    /// A 64-bit ELF executable following the boot protocol of `hypercall::boot`, or a
+    /// Linux bzImage (told apart by its header), booted with the Linux boot protocol.
     Elf(PathBuf),
 }
 
@@ -456,6 +457,11 @@ pub struct VmConfig {
     pub snapshot: Option<SnapshotPlan>,
     /// CPU features hidden from the guest (names from [`crate::cpuid::HIDEABLE`]).
     pub cpuid_hide: Vec<String>,
+    /// An initial ramdisk for a Linux kernel.
+    pub initrd: Option<PathBuf>,
+    /// Text on the console at which the run stops with success (for guests that never
+    /// report a verdict, such as a stock kernel).
+    pub until: Option<String>,
 }
 
 impl VmConfig {
@@ -498,6 +504,8 @@ impl Default for VmConfig {
             devices: DeviceConfig::defaults(),
             snapshot: None,
             cpuid_hide: Vec::new(),
+            initrd: None,
+            until: None,
         }
     }
 }
@@ -528,6 +536,12 @@ pub struct Settings {
     pub irq_rate: Option<u32>,
     /// PCI devices (`[[device]]`); absent: the default set.
     pub device: Option<Vec<DeviceSetting>>,
+    /// An initial ramdisk for a Linux kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Console text at which the run stops with success.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
     /// CPU features to hide from the guest, e.g. `["xsave", "cx16"]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpuid_hide: Option<Vec<String>>,
@@ -605,6 +619,9 @@ pub enum ConfigError {
     /// A device setting is wrong.
     #[error("invalid device {0}")]
     Device(String),
+    /// An empty `until` text.
+    #[error("invalid until: the text to wait for is empty")]
+    Until,
     /// A CPU feature this VMM cannot hide.
     #[error("cannot hide CPU feature `{0}`: known are {known}", known = hideable_names())]
     CpuidHide(String),
@@ -705,6 +722,8 @@ impl Settings {
             snapshot_after_ms: over.snapshot_after_ms.or(self.snapshot_after_ms),
             snapshot_then: over.snapshot_then.or(self.snapshot_then),
             cpuid_hide: over.cpuid_hide.or(self.cpuid_hide),
+            initrd: over.initrd.or(self.initrd),
+            until: over.until.or(self.until),
         }
     }
 
@@ -772,6 +791,11 @@ impl Settings {
             devices: resolve_devices(self.device)?,
             snapshot: resolve_snapshot(self.snapshot, self.snapshot_after_ms, self.snapshot_then)?,
             cpuid_hide: resolve_cpuid_hide(self.cpuid_hide)?,
+            initrd: self.initrd,
+            until: match self.until {
+                Some(text) if text.is_empty() => return Err(ConfigError::Until),
+                other => other,
+            },
         })
     }
 }

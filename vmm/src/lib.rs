@@ -34,6 +34,7 @@ pub mod exit;
 pub mod harness;
 pub mod hypercall;
 pub mod layout;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod pci;

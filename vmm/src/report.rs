@@ -35,6 +35,12 @@ pub enum Outcome {
         /// Each vCPU and why it stopped.
         stopped: Vec<(u32, StopReason)>,
     },
+    /// The console showed the text the run was told to wait for (`--until`); the VM was
+    /// stopped there. A success.
+    ConsoleMatched {
+        /// The text.
+        text: String,
+    },
     /// The VM took its snapshot and stopped (restore it to go on).
     Snapshotted {
         /// The file.
@@ -116,7 +122,7 @@ impl RunReport {
                 .min(EXIT_GUEST_MAX),
             Outcome::Watchdog { .. } => EXIT_WATCHDOG,
             Outcome::VcpusStopped { .. } => EXIT_VCPUS_STOPPED,
-            Outcome::Snapshotted { .. } => 0,
+            Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } => 0,
             Outcome::SnapshotFailed { .. } => EXIT_VMM_ERROR,
         }
     }
@@ -150,7 +156,7 @@ impl RunReport {
                 "every vCPU stopped without a verdict: {}",
                 stops(stopped)
             )),
-            Outcome::Snapshotted { .. } => None,
+            Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } => None,
             Outcome::SnapshotFailed { error } => Some(format!("cannot take the snapshot: {error}")),
         }
     }
@@ -318,6 +324,9 @@ impl fmt::Display for RunReport {
                 format!("SNAPSHOT (written to {}; the VM stopped)", path.display())
             }
             Outcome::SnapshotFailed { .. } => "SNAPSHOT FAILED (the VM stopped)".to_string(),
+            Outcome::ConsoleMatched { text } => {
+                format!("PASS (the console showed \"{text}\"; the VM was stopped there)")
+            }
         };
         write!(f, "vmm: verdict     {verdict}")
     }

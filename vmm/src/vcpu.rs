@@ -27,6 +27,8 @@ use crate::hypercall::HypercallHandler;
 pub enum VmEvent {
     /// The guest reported its verdict on the debug-exit port.
     GuestExit(u32),
+    /// The console showed the text the run waits for (`--until`).
+    ConsoleMatched,
     /// A snapshot is due (the guest asked through the harness, or a library caller).
     SnapshotRequested,
     /// A vCPU stopped running.

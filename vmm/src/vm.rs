@@ -115,6 +115,15 @@ pub enum VmError {
         /// End of the image.
         image_end: u64,
     },
+    /// A Linux kernel could not be loaded.
+    #[error("cannot load Linux kernel {}", .path.display())]
+    Linux {
+        /// The bzImage.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::linux::LinuxError,
+    },
     /// Page tables, GDTs or TSSs could not be written.
     #[error("cannot write the boot state")]
     BootState(#[from] BootStateError),
@@ -191,6 +200,54 @@ impl Write for CapturedConsole {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A console that passes everything on and tells the controller, once, when the output
+/// shows `pattern` (`--until`).
+struct ConsoleWatch {
+    inner: Box<dyn Write + Send>,
+    pattern: Vec<u8>,
+    /// The last bytes seen, for a pattern split over writes.
+    tail: Vec<u8>,
+    events: Option<Sender<VmEvent>>,
+}
+
+impl ConsoleWatch {
+    fn new(inner: Box<dyn Write + Send>, pattern: &str, events: Sender<VmEvent>) -> Self {
+        Self {
+            inner,
+            pattern: pattern.as_bytes().to_vec(),
+            tail: Vec::new(),
+            events: Some(events),
+        }
+    }
+}
+
+impl Write for ConsoleWatch {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if self.events.is_some() && !self.pattern.is_empty() {
+            self.tail
+                .extend_from_slice(buf.get(..n).unwrap_or_default());
+            if self
+                .tail
+                .windows(self.pattern.len())
+                .any(|w| w == self.pattern.as_slice())
+            {
+                if let Some(events) = self.events.take() {
+                    let _ = events.send(VmEvent::ConsoleMatched);
+                }
+            }
+            let keep = self.pattern.len().saturating_sub(1);
+            let cut = self.tail.len().saturating_sub(keep);
+            self.tail.drain(..cut);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -401,10 +458,27 @@ fn run_vm(
     let mem = memory::allocate(config.memory)?;
     memory::register(&vm, &mem)?;
     let (snap, restored_from, entry, image_end) = match start {
-        Start::Boot => {
-            let image = load_kernel(&mem, config)?;
-            (None, None, Some(image.entry), image.end)
-        }
+        Start::Boot => match &config.kernel {
+            Kernel::Elf(path) if crate::linux::is_bzimage(path) => {
+                let boot = crate::linux::load(
+                    &mem,
+                    path,
+                    config.initrd.as_deref(),
+                    &config.cmdline,
+                    config.memory,
+                    memory::low_ram_end(config.memory),
+                )
+                .map_err(|source| VmError::Linux {
+                    path: path.clone(),
+                    source,
+                })?;
+                (None, None, Some(Entry::Linux(boot)), boot.kernel_end)
+            }
+            _ => {
+                let image = load_kernel(&mem, config)?;
+                (None, None, Some(Entry::Guest(image.entry)), image.end)
+            }
+        },
         Start::Restore(snap, mut file, from) => {
             snapshot::load_memory(&mut file, &from, &mem, config.memory)?;
             snapshot::restore_vm(&vm, &snap.vm)?;
@@ -413,7 +487,24 @@ fn run_vm(
         }
     };
     let placement = match (&snap, entry) {
-        (None, Some(_)) => write_boot_state(&mem, config, image_end)?,
+        (None, Some(entry)) => {
+            let placement = write_boot_state(&mem, config, image_end)?;
+            if let Entry::Linux(boot) = entry {
+                // The command line again, with the NUL the kernel wants.
+                let mut text = config.cmdline.as_bytes().to_vec();
+                text.push(0);
+                mem.write_slice(&text, GuestAddress(CMDLINE_ADDR))
+                    .map_err(|_| VmError::BootInfo)?;
+                x86::write_linux_gdt(
+                    &mem,
+                    crate::linux::BOOT_GDT,
+                    placement.cpu_area(0) + crate::layout::CPU_AREA_TSS,
+                )?;
+                debug_assert_eq!(boot.zero_page, crate::linux::ZERO_PAGE);
+            }
+            write_acpi(&mem, config)?;
+            placement
+        }
         _ => place(config, image_end)?,
     };
 
@@ -459,6 +550,11 @@ fn run_vm(
         .unwrap_or_else(PoisonError::into_inner)
         .routes_mut()
         .attach_irqfd(&serial_irq, COM1_GSI)?;
+    let (events, event_rx) = mpsc::channel();
+    let console: Box<dyn Write + Send> = match &config.until {
+        Some(text) => Box::new(ConsoleWatch::new(console, text, events.clone())),
+        None => console,
+    };
     let serial = match &snap {
         None => SerialConsole::new(EventFdTrigger(serial_irq), console),
         Some(s) => SerialConsole::restore(&s.serial, EventFdTrigger(serial_irq), console)
@@ -466,7 +562,6 @@ fn run_vm(
     };
     let serial = Arc::new(Mutex::new(serial));
 
-    let (events, event_rx) = mpsc::channel();
     let (rings, ring_rx) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let mut buses = Buses::default();
@@ -529,9 +624,8 @@ fn run_vm(
                     .ok_or_else(|| SnapshotError::Invalid(format!("no state for vCPU {index}")))?;
                 snapshot::restore_vcpu(&vcpu, index, state)?;
             }
-            (None, entry) => {
-                boot_vcpu(&vcpu, index, &placement, entry.unwrap_or_default())?;
-            }
+            (None, Some(entry)) => boot_vcpu(&vcpu, index, &placement, entry)?,
+            (None, None) => {}
         }
         vcpus.push(vcpu);
     }
@@ -731,6 +825,11 @@ impl Machine<'_> {
             }
             match event {
                 Ok(VmEvent::GuestExit(code)) => return Outcome::GuestExit { code },
+                Ok(VmEvent::ConsoleMatched) => {
+                    return Outcome::ConsoleMatched {
+                        text: config.until.clone().unwrap_or_default(),
+                    }
+                }
                 Ok(VmEvent::VcpuStopped { index, reason }) => {
                     if !stopped.iter().any(|(i, _)| *i == index) {
                         stopped.push((index, reason));
@@ -941,7 +1040,40 @@ fn create_vcpu(
 }
 
 /// A new vCPU's boot state: long mode at the image's entry point.
-fn boot_vcpu(vcpu: &VcpuFd, index: u32, placement: &Placement, entry: u64) -> Result<(), VmError> {
+/// Where a booted VM starts.
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    /// This VMM's boot protocol (`hypercall::boot`): every vCPU at the image's entry.
+    Guest(u64),
+    /// Linux's 64-bit boot protocol: the BSP at `startup_64`; the others wait for SIPI.
+    Linux(crate::linux::LinuxBoot),
+}
+
+/// The ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, MCFG, DMAR) in the BIOS area.
+fn write_acpi(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<(), VmError> {
+    let platform = crate::acpi::Platform {
+        apic_ids: (0..config.cpus).collect(),
+        vtd_base: platform::VTD_BASE,
+        ecam_base: devices::pci::ECAM_BASE,
+        scopes: Vec::new(),
+    };
+    for (at, table) in crate::acpi::tables(&platform) {
+        mem.write_slice(&table, GuestAddress(at))
+            .map_err(|_| VmError::BootInfo)?;
+    }
+    Ok(())
+}
+
+fn boot_vcpu(
+    vcpu: &VcpuFd,
+    index: u32,
+    placement: &Placement,
+    entry: Entry,
+) -> Result<(), VmError> {
+    let entry = match entry {
+        Entry::Guest(at) => at,
+        Entry::Linux(boot) => return boot_linux_vcpu(vcpu, index, placement, boot),
+    };
     let fail = |what| {
         move |source| VmError::Vcpu {
             index,
@@ -963,6 +1095,40 @@ fn boot_vcpu(vcpu: &VcpuFd, index: u32, placement: &Placement, entry: u64) -> Re
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
     .map_err(fail("KVM_SET_MP_STATE"))
+}
+
+/// The BSP of a Linux boot in long mode at `startup_64` with `RSI` at the zero page,
+/// interrupts off; the other vCPUs keep KVM's reset state and wait for INIT/SIPI.
+fn boot_linux_vcpu(
+    vcpu: &VcpuFd,
+    index: u32,
+    placement: &Placement,
+    boot: crate::linux::LinuxBoot,
+) -> Result<(), VmError> {
+    if index != 0 {
+        return Ok(());
+    }
+    let fail = |what| {
+        move |source| VmError::Vcpu {
+            index,
+            what,
+            source,
+        }
+    };
+    let sregs = vcpu.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
+    let area = placement.cpu_area(0);
+    vcpu.set_sregs(&x86::linux_sregs(sregs, area, crate::linux::BOOT_GDT))
+        .map_err(fail("KVM_SET_SREGS"))?;
+    let regs = kvm_bindings::kvm_regs {
+        rip: boot.entry,
+        rsi: boot.zero_page,
+        rsp: area + hypercall::boot::STACK_SIZE - 8,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(fail("KVM_SET_REGS"))?;
+    vcpu.set_fpu(&x86::initial_fpu())
+        .map_err(fail("KVM_SET_FPU"))
 }
 
 /// With storm control on, a thread that delivers the coalesced interrupts of throttled
@@ -1036,4 +1202,27 @@ fn guest_counts(mem: &GuestMemoryMmap, placement: &Placement, cpus: u32) -> Opti
                 .sum()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_watch_finds_text_split_over_writes_once() {
+        let (tx, rx) = mpsc::channel();
+        let out = CapturedConsole::default();
+        let mut watch = ConsoleWatch::new(Box::new(out.clone()), "IRQ remapping", tx);
+        for piece in ["boot ... Enabled IR", "Q rem", "apping in x2apic mode\n"] {
+            watch.write_all(piece.as_bytes()).unwrap();
+        }
+        watch.write_all(b"IRQ remapping again\n").unwrap();
+        assert_eq!(rx.try_iter().count(), 1);
+        assert!(out.text().ends_with("again\n"));
+        let (tx, rx) = mpsc::channel();
+        let mut none = ConsoleWatch::new(Box::new(io::sink()), "absent", tx);
+        none.write_all(b"abs").unwrap();
+        none.write_all(b"ent-ly not").unwrap();
+        assert_eq!(rx.try_iter().count(), 1, "split as abs|ent");
+    }
 }

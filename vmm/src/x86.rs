@@ -186,6 +186,34 @@ pub fn long_mode_sregs(mut base: kvm_sregs, area: u64) -> kvm_sregs {
     base
 }
 
+/// The GDT the Linux 64-bit boot protocol asks for: flat code at selector 0x10 and data at
+/// 0x18 (then the vCPU's TSS at 0x20), written at `at` for the TSS at `tss`.
+///
+/// # Errors
+/// [`BootStateError::Write`].
+pub fn write_linux_gdt(mem: &GuestMemoryMmap, at: u64, tss: u64) -> Result<(), BootStateError> {
+    let [_, code, data, tss_low, tss_high] = gdt_entries(tss);
+    for (i, entry) in [0, 0, code, data, tss_low, tss_high].iter().enumerate() {
+        write_u64(mem, at + 8 * i as u64, *entry)?;
+    }
+    Ok(())
+}
+
+/// [`long_mode_sregs`] with the boot protocol's selectors and the GDT of
+/// [`write_linux_gdt`] at `gdt`.
+#[must_use]
+pub fn linux_sregs(base: kvm_sregs, area: u64, gdt: u64) -> kvm_sregs {
+    let mut s = long_mode_sregs(base, area);
+    s.cs.selector = 0x10;
+    for seg in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+        seg.selector = 0x18;
+    }
+    s.tr.selector = 0x20;
+    s.gdt.base = gdt;
+    s.gdt.limit = 6 * 8 - 1;
+    s
+}
+
 /// General registers at entry: `RIP` = entry, `RSP` 8 below the stack top (as after a
 /// call), `RDI` = boot information, `RSI` = vCPU index, interrupts off.
 #[must_use]
