@@ -29,6 +29,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod harness;
 pub mod ims;
+pub mod ioapic;
 pub mod pci;
 pub mod serial;
 pub mod viommu;

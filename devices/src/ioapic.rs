@@ -1,0 +1,411 @@
+//! A userspace IOAPIC (82093AA register model, version 0x20) whose interrupts are MSI
+//! writes with the IOAPIC's requester ID, so they go through interrupt remapping like any
+//! device's: a redirection entry in remappable format (bit 48, Intel VT-d 5.1.5.1) names
+//! an IRTE; one in compatibility format is a plain MSI (refused once remapping blocks
+//! compatibility-format interrupts).
+//!
+//! Registers (MMIO): `IOREGSEL` at 0x00, `IOWIN` at 0x10, `EOI` at 0x40. Indirect
+//! registers: 0x00 ID, 0x01 version (0x20, 24 entries), 0x02 arbitration, 0x10 + 2n and
+//! 0x11 + 2n the low and high halves of redirection entry n.
+//!
+//! Inputs: [`IoApic::set_level`] for a level (or edge) line. An edge-triggered entry
+//! sends on each rising edge; a level-triggered one sends while its line is high and
+//! remote IRR is clear, sets remote IRR, and sends again after the EOI of its vector
+//! ([`IoApic::eoi`], from the `EOI` register or the local APIC's EOI exit) if the line
+//! is still high. A masked entry sends nothing; a level entry unmasked with its line high
+//! sends then.
+
+use std::sync::Arc;
+
+use irq::MsiMessage;
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{le_u32, put_le_u32, BusDevice};
+
+/// Redirection entries (pins).
+pub const PINS: usize = LAST_PIN as usize + 1;
+/// The highest entry's index (in the version register).
+const LAST_PIN: u32 = 23;
+/// The MMIO window's size.
+pub const SIZE: u64 = 0x1000;
+/// Version register value: version 0x20, highest entry `PINS - 1`.
+const VERSION: u32 = 0x20 | (LAST_PIN << 16);
+
+const RTE_VECTOR: u64 = 0xff;
+const RTE_DELIVERY_MODE: u64 = 0x700;
+const RTE_DEST_LOGICAL: u64 = 1 << 11;
+const RTE_DELIVERY_STATUS: u64 = 1 << 12;
+const RTE_REMOTE_IRR: u64 = 1 << 14;
+const RTE_LEVEL: u64 = 1 << 15;
+const RTE_MASKED: u64 = 1 << 16;
+const RTE_REMAPPABLE: u64 = 1 << 48;
+/// Bits the guest may not set: delivery status and remote IRR.
+const RTE_READ_ONLY: u64 = RTE_DELIVERY_STATUS | RTE_REMOTE_IRR;
+
+/// Where the IOAPIC's interrupts go: an MSI write with its requester ID.
+pub trait IoApicOutput: Send + Sync {
+    /// Sends `msg` (whatever becomes of it, a delivery or a remapping fault, is the
+    /// receiver's business).
+    fn send(&self, msg: &MsiMessage);
+}
+
+/// The IOAPIC's state, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoApicState {
+    /// The selected indirect register.
+    pub select: u32,
+    /// The ID register.
+    pub id: u32,
+    /// The redirection entries.
+    pub entries: Vec<u64>,
+    /// The input lines' levels.
+    pub lines: Vec<bool>,
+}
+
+/// The IOAPIC.
+pub struct IoApic {
+    state: IoApicState,
+    output: Arc<dyn IoApicOutput>,
+    sent: u64,
+}
+
+impl std::fmt::Debug for IoApic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoApic")
+            .field("state", &self.state)
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The MSI an entry sends.
+#[must_use]
+pub fn message(entry: u64) -> MsiMessage {
+    let vector = u32::try_from(entry & RTE_VECTOR).unwrap_or(0);
+    let level = entry & RTE_LEVEL != 0;
+    if entry & RTE_REMAPPABLE != 0 {
+        // Handle = index[14:0] in bits 63:49 and index[15] in bit 11; no subhandle.
+        let index = ((entry >> 49) & 0x7fff) | (((entry >> 11) & 1) << 15);
+        MsiMessage {
+            address: 0xfee0_0010 | ((index & 0x7fff) << 5) | (((index >> 15) & 1) << 2),
+            data: vector | (u32::from(level) << 15),
+        }
+    } else {
+        let dest = (entry >> 56) & 0xff;
+        let mode = u32::try_from((entry & RTE_DELIVERY_MODE) >> 8).unwrap_or(0);
+        MsiMessage {
+            address: 0xfee0_0000 | (dest << 12) | (u64::from(entry & RTE_DEST_LOGICAL != 0) << 2),
+            data: vector | (mode << 8) | (u32::from(level) << 15) | (1 << 14),
+        }
+    }
+}
+
+impl IoApic {
+    /// An IOAPIC with every entry masked, sending through `output`.
+    #[must_use]
+    pub fn new(output: Arc<dyn IoApicOutput>) -> Self {
+        Self {
+            state: IoApicState {
+                select: 0,
+                id: 0,
+                entries: vec![RTE_MASKED; PINS],
+                lines: vec![false; PINS],
+            },
+            output,
+            sent: 0,
+        }
+    }
+
+    /// An IOAPIC in `state` (from a snapshot).
+    ///
+    /// # Errors
+    /// A state with another number of entries or lines.
+    pub fn restore(
+        state: IoApicState,
+        output: Arc<dyn IoApicOutput>,
+    ) -> Result<Self, crate::ims::snapshot::RestoreError> {
+        if state.entries.len() != PINS || state.lines.len() != PINS {
+            return Err(crate::ims::snapshot::RestoreError(
+                "an IOAPIC with another number of pins",
+            ));
+        }
+        Ok(Self {
+            state,
+            output,
+            sent: 0,
+        })
+    }
+
+    /// Its state.
+    #[must_use]
+    pub fn state(&self) -> &IoApicState {
+        &self.state
+    }
+
+    /// Interrupts sent so far.
+    #[must_use]
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Redirection entry `pin` (0 beyond the last).
+    #[must_use]
+    pub fn entry(&self, pin: usize) -> u64 {
+        self.state.entries.get(pin).copied().unwrap_or(0)
+    }
+
+    /// Drives input `pin` to `high` (a pin beyond the last is ignored).
+    pub fn set_level(&mut self, pin: usize, high: bool) {
+        let Some(line) = self.state.lines.get_mut(pin) else {
+            return;
+        };
+        let rising = high && !*line;
+        *line = high;
+        let entry = self.entry(pin);
+        if entry & RTE_LEVEL == 0 {
+            if rising {
+                self.send(pin);
+            }
+        } else if high {
+            self.service(pin);
+        }
+    }
+
+    /// A pulse on `pin` (an edge-triggered source's interrupt).
+    pub fn pulse(&mut self, pin: usize) {
+        self.set_level(pin, true);
+        self.set_level(pin, false);
+    }
+
+    /// The end of interrupt `vector`: clears remote IRR of the level entries with that
+    /// vector and sends again for those whose line is still high.
+    pub fn eoi(&mut self, vector: u8) {
+        for pin in 0..PINS {
+            let entry = self.entry(pin);
+            if entry & RTE_REMOTE_IRR != 0 && entry & RTE_VECTOR == u64::from(vector) {
+                if let Some(e) = self.state.entries.get_mut(pin) {
+                    *e &= !RTE_REMOTE_IRR;
+                }
+                self.service(pin);
+            }
+        }
+    }
+
+    /// Sends for level pin `pin` if its line is high, it is unmasked and remote IRR is
+    /// clear.
+    fn service(&mut self, pin: usize) {
+        let entry = self.entry(pin);
+        let high = self.state.lines.get(pin).copied().unwrap_or(false);
+        if entry & RTE_LEVEL != 0 && high && entry & RTE_REMOTE_IRR == 0 && self.send(pin) {
+            if let Some(e) = self.state.entries.get_mut(pin) {
+                *e |= RTE_REMOTE_IRR;
+            }
+        }
+    }
+
+    /// Sends pin `pin`'s interrupt unless masked; whether it was sent.
+    fn send(&mut self, pin: usize) -> bool {
+        let entry = self.entry(pin);
+        if entry & RTE_MASKED != 0 {
+            return false;
+        }
+        self.output.send(&message(entry));
+        self.sent = self.sent.saturating_add(1);
+        true
+    }
+
+    fn read_indirect(&self) -> u32 {
+        let select = self.state.select;
+        match select {
+            0x00 => self.state.id,
+            0x01 => VERSION,
+            0x02 => self.state.id,
+            0x10..=0x3f => {
+                let entry = self.entry(((select - 0x10) / 2) as usize);
+                let half = if select % 2 == 0 { entry } else { entry >> 32 };
+                u32::try_from(half & 0xffff_ffff).unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    fn write_indirect(&mut self, value: u32) {
+        let select = self.state.select;
+        match select {
+            0x00 => self.state.id = value & 0x0f00_0000,
+            0x10..=0x3f => {
+                let pin = ((select - 0x10) / 2) as usize;
+                let Some(old) = self.state.entries.get(pin).copied() else {
+                    return;
+                };
+                let written = if select % 2 == 0 {
+                    (old & !0xffff_ffff) | u64::from(value)
+                } else {
+                    (old & 0xffff_ffff) | (u64::from(value) << 32)
+                };
+                let new = (written & !RTE_READ_ONLY) | (old & RTE_READ_ONLY);
+                // An edge entry has no remote IRR.
+                let new = if new & RTE_LEVEL == 0 {
+                    new & !RTE_REMOTE_IRR
+                } else {
+                    new
+                };
+                if let Some(e) = self.state.entries.get_mut(pin) {
+                    *e = new;
+                }
+                // Unmasking a level entry whose line is high sends it.
+                if old & RTE_MASKED != 0 && new & RTE_MASKED == 0 {
+                    self.service(pin);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for IoApic {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match offset {
+            0x00 => self.state.select,
+            0x10 => self.read_indirect(),
+            _ => 0,
+        };
+        put_le_u32(data, value);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let value = le_u32(data);
+        match offset {
+            0x00 => self.state.select = value & 0xff,
+            0x10 => self.write_indirect(value),
+            0x40 => self.eoi(u8::try_from(value & 0xff).unwrap_or(0)),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "test values are split on purpose"
+)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<MsiMessage>>);
+
+    impl IoApicOutput for Sent {
+        fn send(&self, msg: &MsiMessage) {
+            self.0.lock().unwrap().push(*msg);
+        }
+    }
+
+    fn rig() -> (IoApic, Arc<Sent>) {
+        let sent = Arc::new(Sent::default());
+        (IoApic::new(sent.clone()), sent)
+    }
+
+    fn program(io: &mut IoApic, pin: u32, entry: u64) {
+        io.write(0, &(0x10 + 2 * pin + 1).to_le_bytes());
+        io.write(0x10, &((entry >> 32) as u32).to_le_bytes());
+        io.write(0, &(0x10 + 2 * pin).to_le_bytes());
+        io.write(0x10, &(entry as u32).to_le_bytes());
+    }
+
+    /// A remappable entry for IRTE `index` with `vector`.
+    fn remappable(index: u64, vector: u64, level: bool) -> u64 {
+        ((index & 0x7fff) << 49)
+            | (((index >> 15) & 1) << 11)
+            | RTE_REMAPPABLE
+            | vector
+            | if level { RTE_LEVEL } else { 0 }
+    }
+
+    #[test]
+    fn registers_read_back_and_entries_start_masked() {
+        let (mut io, _) = rig();
+        let mut v = [0u8; 4];
+        io.write(0, &1u32.to_le_bytes());
+        io.read(0x10, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0x0017_0020);
+        io.write(0, &0x10u32.to_le_bytes());
+        io.read(0x10, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 1 << 16, "masked");
+        program(&mut io, 23, 0xff00_0000_0000_0031 | RTE_REMOTE_IRR);
+        assert_eq!(
+            io.entry(23),
+            0xff00_0000_0000_0031,
+            "remote IRR is read-only"
+        );
+        // Beyond the entries: nothing, no panic.
+        io.write(0, &0xffu32.to_le_bytes());
+        io.write(0x10, &1u32.to_le_bytes());
+        io.read(0x10, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0);
+        io.set_level(99, true);
+        io.read(0x7, &mut v);
+    }
+
+    #[test]
+    fn an_edge_entry_in_remappable_format_names_its_irte() {
+        let (mut io, sent) = rig();
+        program(&mut io, 4, remappable(0x8005, 0x24, false));
+        io.pulse(4);
+        io.pulse(4);
+        let msgs = sent.0.lock().unwrap().clone();
+        assert_eq!(msgs.len(), 2);
+        let m = msgs[0];
+        assert_eq!(m.address & 0xfff0_0000, 0xfee0_0000);
+        assert_eq!(m.address & 0x10, 0x10, "remappable format");
+        assert_eq!((m.address >> 5) & 0x7fff, 5);
+        assert_eq!((m.address >> 2) & 1, 1, "index bit 15");
+        let decoded = m.decode().unwrap();
+        assert_eq!(decoded.index(), Some(0x8005));
+        assert!(matches!(
+            decoded,
+            irq::msi::DecodedMsi::Remappable {
+                subhandle: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_level_entry_waits_for_its_eoi_and_fires_again_while_high() {
+        let (mut io, sent) = rig();
+        program(&mut io, 9, remappable(7, 0x41, true) | RTE_MASKED);
+        io.set_level(9, true);
+        assert_eq!(sent.0.lock().unwrap().len(), 0, "masked");
+        program(&mut io, 9, remappable(7, 0x41, true));
+        assert_eq!(sent.0.lock().unwrap().len(), 1, "unmasked while high");
+        assert_ne!(io.entry(9) & RTE_REMOTE_IRR, 0);
+        io.set_level(9, true);
+        assert_eq!(sent.0.lock().unwrap().len(), 1, "remote IRR holds it");
+        io.eoi(0x40);
+        assert_eq!(sent.0.lock().unwrap().len(), 1, "another vector's EOI");
+        io.write(0x40, &0x41u32.to_le_bytes());
+        assert_eq!(sent.0.lock().unwrap().len(), 2, "still high after the EOI");
+        io.set_level(9, false);
+        io.eoi(0x41);
+        assert_eq!(sent.0.lock().unwrap().len(), 2);
+        assert_eq!(io.entry(9) & RTE_REMOTE_IRR, 0);
+    }
+
+    #[test]
+    fn a_compatibility_entry_is_a_plain_msi() {
+        let m = message((3u64 << 56) | 0x30 | RTE_DEST_LOGICAL);
+        assert_eq!(m.address, 0xfee0_3004);
+        assert_eq!(m.data & 0xff, 0x30);
+        let snap = IoApic::new(Arc::new(Sent::default())).state().clone();
+        assert!(IoApic::restore(snap.clone(), Arc::new(Sent::default())).is_ok());
+        let short = IoApicState {
+            entries: vec![0; 3],
+            ..snap
+        };
+        assert!(IoApic::restore(short, Arc::new(Sent::default())).is_err());
+    }
+}
