@@ -30,6 +30,40 @@ enum Model {
     Queues(Arc<Mutex<ImsQueues>>),
 }
 
+impl Model {
+    fn slots(dev: ImsSlots) -> Self {
+        Self::Slots(Arc::new(Mutex::new(dev)))
+    }
+
+    fn queues(dev: ImsQueues) -> Self {
+        Self::Queues(Arc::new(Mutex::new(dev)))
+    }
+
+    /// The device as the root bus holds it.
+    fn function(&self) -> pci::SharedFunction {
+        match self {
+            Self::Slots(d) => d.clone(),
+            Self::Queues(d) => d.clone(),
+        }
+    }
+
+    /// Its backend on the event loop.
+    fn backend(&self) -> std::io::Result<Subscriber> {
+        Ok(match self {
+            Self::Slots(d) => Box::new(ImsBackend::new(d.clone())?),
+            Self::Queues(d) => Box::new(ImsBackend::new(d.clone())?),
+        })
+    }
+
+    /// Its kick eventfd (to make a restored device look at its queues once).
+    fn kick_fd(&self) -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+        match self {
+            Self::Slots(d) => d.lock().unwrap_or_else(PoisonError::into_inner).kick_fd(),
+            Self::Queues(d) => d.lock().unwrap_or_else(PoisonError::into_inner).kick_fd(),
+        }
+    }
+}
+
 /// One device's state in a snapshot, in the order of the VM's device list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,85 +213,67 @@ impl PciDevices {
         let mut kicks = Vec::new();
         for (d, origin) in devices {
             let rid = d.requester_id();
-            let refused = |source| PciError::Restore {
+            let refused = |why| PciError::Restore {
                 device: d.to_string(),
-                source,
+                source: RestoreError(why),
             };
-            let (function, backend, model): (pci::SharedFunction, Subscriber, Model) =
-                match (d.kind, origin) {
-                    (DeviceKind::ImsSlots { slots, queues }, origin) => {
-                        let dev = match origin {
-                            Origin::New => {
-                                ImsSlots::new(slots, queues, rid, path.clone(), mem.clone())?
-                            }
-                            Origin::Restored(DeviceSnapshot::ImsSlots(s), now) => {
-                                let dev = ImsSlots::restore(rid, path.clone(), mem.clone(), s, now)
-                                    .map_err(refused)?;
-                                if (dev.slot_count(), dev.queue_count()) != (slots, queues) {
-                                    return Err(refused(RestoreError(
-                                        "slot or queue count differs from the device list",
-                                    )));
-                                }
-                                kicks.push(dev.kick_fd()?);
-                                dev
-                            }
-                            Origin::Restored(..) => {
-                                return Err(refused(RestoreError(
-                                    "the snapshot holds another kind of device",
-                                )))
-                            }
-                        };
-                        let dev = Arc::new(Mutex::new(dev));
-                        (
-                            dev.clone(),
-                            Box::new(ImsBackend::new(dev.clone())?),
-                            Model::Slots(dev),
-                        )
-                    }
-                    (
-                        DeviceKind::ImsQueues {
-                            contexts,
-                            command_timeout_ms,
+            let restored = matches!(origin, Origin::Restored(..));
+            let model = match (d.kind, origin) {
+                (DeviceKind::ImsSlots { slots, queues }, Origin::New) => Model::slots(
+                    ImsSlots::new(slots, queues, rid, path.clone(), mem.clone())?,
+                ),
+                (
+                    DeviceKind::ImsSlots { slots, queues },
+                    Origin::Restored(DeviceSnapshot::ImsSlots(s), now),
+                ) => {
+                    let dev = ImsSlots::restore(rid, path.clone(), mem.clone(), s, now).map_err(
+                        |source| PciError::Restore {
+                            device: d.to_string(),
+                            source,
                         },
-                        origin,
-                    ) => {
-                        let dev = match origin {
-                            Origin::New => {
-                                let mut q =
-                                    ImsQueues::new(contexts, rid, path.clone(), mem.clone())?;
-                                q.set_timeout(Duration::from_millis(u64::from(command_timeout_ms)));
-                                q
-                            }
-                            Origin::Restored(DeviceSnapshot::ImsQueues(s), now) => {
-                                let dev =
-                                    ImsQueues::restore(rid, path.clone(), mem.clone(), s, now)
-                                        .map_err(refused)?;
-                                if dev.context_count() != contexts {
-                                    return Err(refused(RestoreError(
-                                        "context count differs from the device list",
-                                    )));
-                                }
-                                kicks.push(dev.kick_fd()?);
-                                dev
-                            }
-                            Origin::Restored(..) => {
-                                return Err(refused(RestoreError(
-                                    "the snapshot holds another kind of device",
-                                )))
-                            }
-                        };
-                        let dev = Arc::new(Mutex::new(dev));
-                        (
-                            dev.clone(),
-                            Box::new(ImsBackend::new(dev.clone())?),
-                            Model::Queues(dev),
-                        )
+                    )?;
+                    if (dev.slot_count(), dev.queue_count()) != (slots, queues) {
+                        return Err(refused("slot or queue count differs from the device list"));
                     }
-                };
-            if root.add(d.pci_slot, 0, function).is_none() {
+                    Model::slots(dev)
+                }
+                (
+                    DeviceKind::ImsQueues {
+                        contexts,
+                        command_timeout_ms,
+                    },
+                    Origin::New,
+                ) => {
+                    let mut q = ImsQueues::new(contexts, rid, path.clone(), mem.clone())?;
+                    q.set_timeout(Duration::from_millis(u64::from(command_timeout_ms)));
+                    Model::queues(q)
+                }
+                (
+                    DeviceKind::ImsQueues { contexts, .. },
+                    Origin::Restored(DeviceSnapshot::ImsQueues(s), now),
+                ) => {
+                    let dev = ImsQueues::restore(rid, path.clone(), mem.clone(), s, now).map_err(
+                        |source| PciError::Restore {
+                            device: d.to_string(),
+                            source,
+                        },
+                    )?;
+                    if dev.context_count() != contexts {
+                        return Err(refused("context count differs from the device list"));
+                    }
+                    Model::queues(dev)
+                }
+                (_, Origin::Restored(..)) => {
+                    return Err(refused("the snapshot holds another kind of device"))
+                }
+            };
+            if restored {
+                kicks.push(model.kick_fd()?);
+            }
+            if root.add(d.pci_slot, 0, model.function()).is_none() {
                 return Err(other(format!("PCI slot {} is taken", d.pci_slot)).into());
             }
-            events.add_subscriber(backend);
+            events.add_subscriber(model.backend()?);
             models.push((d, model));
         }
         match root_snap {
