@@ -64,15 +64,8 @@ pub struct RestoreArgs {
     /// The snapshot file
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
-    /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
-    #[arg(long, value_name = "WHERE")]
-    pub console: Option<String>,
-    /// Seconds the guest may run without a verdict; 0 disables the watchdog [default: 30]
-    #[arg(long, value_name = "SECONDS")]
-    pub watchdog: Option<u64>,
-    /// KVM device node [default: /dev/kvm]
-    #[arg(long, value_name = "PATH")]
-    pub kvm_device: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunOptions,
     #[command(flatten)]
     pub snapshots: SnapshotArgs,
 }
@@ -83,9 +76,10 @@ impl RestoreArgs {
     #[must_use]
     pub fn settings(&self) -> Settings {
         Settings {
-            console: self.console.clone(),
-            watchdog: self.watchdog,
-            kvm_device: self.kvm_device.clone(),
+            console: self.run.console.clone(),
+            watchdog: self.run.watchdog,
+            kvm_device: self.run.kvm_device.clone(),
+            until: self.run.until.clone(),
             snapshot: self.snapshots.snapshot.clone(),
             snapshot_after_ms: self.snapshots.snapshot_after_ms,
             snapshot_then: self.snapshots.snapshot_then.clone(),
@@ -129,18 +123,11 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, snapshot, snapshot_after_ms, snapshot_then, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
-    #[arg(long, value_name = "WHERE")]
-    pub console: Option<String>,
-    /// Seconds the guest may run without a verdict; 0 disables the watchdog [default: 30]
-    #[arg(long, value_name = "SECONDS")]
-    pub watchdog: Option<u64>,
-    /// KVM device node [default: /dev/kvm]
-    #[arg(long, value_name = "PATH")]
-    pub kvm_device: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunOptions,
     /// Cap on the KVM MSI routes for remapped interrupt targets [default: KVM's limit]
     #[arg(long, value_name = "N")]
     pub max_routes: Option<u32>,
@@ -155,10 +142,6 @@ pub struct RunArgs {
     /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
-    /// Stop the run with success once the console shows this text (for a guest that never
-    /// reports a verdict, e.g. a stock kernel)
-    #[arg(long, value_name = "TEXT")]
-    pub until: Option<String>,
     /// Initial ramdisk for a Linux bzImage given with --kernel
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -169,6 +152,24 @@ pub struct RunArgs {
     pub cpuid_hide: Vec<String>,
     #[command(flatten)]
     pub snapshots: SnapshotArgs,
+}
+
+/// What belongs to a run rather than to the machine (`vmm run` and `vmm restore`).
+#[derive(Debug, Default, Args)]
+pub struct RunOptions {
+    /// Where serial console output goes: stdout, off or file:PATH [default: stdout]
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<String>,
+    /// Seconds the guest may run without a verdict; 0 disables the watchdog [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    pub watchdog: Option<u64>,
+    /// KVM device node [default: /dev/kvm]
+    #[arg(long, value_name = "PATH")]
+    pub kvm_device: Option<PathBuf>,
+    /// Stop the run with success once the console shows this text (for a guest that never
+    /// reports a verdict, e.g. a stock kernel)
+    #[arg(long, value_name = "TEXT")]
+    pub until: Option<String>,
 }
 
 /// When a running VM snapshots itself.
@@ -211,9 +212,10 @@ impl RunArgs {
             memory: self.memory.clone().map(SizeSetting::Text),
             kernel: self.kernel.clone(),
             cmdline: self.cmdline.clone(),
-            console: self.console.clone(),
-            watchdog: self.watchdog,
-            kvm_device: self.kvm_device.clone(),
+            console: self.run.console.clone(),
+            watchdog: self.run.watchdog,
+            kvm_device: self.run.kvm_device.clone(),
+            until: self.run.until.clone(),
             max_routes: self.max_routes,
             hypercall_rate: self.hypercall_rate,
             irq_rate: self.irq_rate,
@@ -223,7 +225,6 @@ impl RunArgs {
             snapshot_then: self.snapshots.snapshot_then.clone(),
             cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
             initrd: self.initrd.clone(),
-            until: self.until.clone(),
         };
         Ok(file.overridden_by(flags))
     }

@@ -321,7 +321,7 @@ pub fn run_with_console(
 }
 
 /// Restores the VM in the snapshot at `path` and runs it on, with `run`'s settings for
-/// the console, watchdog, KVM device and further snapshots (the machine is the
+/// the console, watchdog, KVM device, `until` and further snapshots (the machine is the
 /// snapshot's; `run`'s machine settings are ignored).
 ///
 /// # Errors
@@ -360,6 +360,7 @@ fn read_snapshot(path: &Path, run: &Settings) -> Result<(VmSnapshot, VmConfig, F
         console: run.console.clone(),
         watchdog: run.watchdog,
         kvm_device: run.kvm_device.clone(),
+        until: run.until.clone(),
         snapshot: run.snapshot.clone(),
         snapshot_after_ms: run.snapshot_after_ms,
         snapshot_then: run.snapshot_then.clone(),
