@@ -490,18 +490,12 @@ fn run_vm(
     let placement = match (&snap, entry) {
         (None, Some(entry)) => {
             let placement = write_boot_state(&mem, config, image_end)?;
-            if let Entry::Linux(boot) = entry {
-                // The command line again, with the NUL the kernel wants.
-                let mut text = config.cmdline.as_bytes().to_vec();
-                text.push(0);
-                mem.write_slice(&text, GuestAddress(CMDLINE_ADDR))
-                    .map_err(|_| VmError::BootInfo)?;
+            if let Entry::Linux(_) = entry {
                 x86::write_linux_gdt(
                     &mem,
                     crate::linux::BOOT_GDT,
                     placement.cpu_area(0) + crate::layout::CPU_AREA_TSS,
                 )?;
-                debug_assert_eq!(boot.zero_page, crate::linux::ZERO_PAGE);
             }
             write_acpi(&mem, config)?;
             placement
@@ -993,7 +987,10 @@ fn write_boot_state(
     for cpu in 0..config.cpus {
         x86::write_cpu_area(mem, placement.cpu_area(cpu))?;
     }
-    mem.write_slice(config.cmdline.as_bytes(), GuestAddress(CMDLINE_ADDR))
+    // NUL-terminated (a Linux kernel wants the NUL; the boot information has the length).
+    let mut cmdline = config.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    mem.write_slice(&cmdline, GuestAddress(CMDLINE_ADDR))
         .map_err(|_| VmError::BootInfo)?;
     let apic_ids: Vec<u32> = (0..config.cpus).collect();
     let info = BootInfo {
