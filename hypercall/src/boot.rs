@@ -52,7 +52,8 @@ pub mod offset {
     pub const CPU_COUNT: usize = 0x0c;
     /// u64: bytes of guest RAM.
     pub const MEM_SIZE: usize = 0x10;
-    /// u64: guest-physical address of the command line (not NUL-terminated).
+    /// u64: guest-physical address of the command line (its length is [`CMDLINE_LEN`]; a NUL
+    /// follows it).
     pub const CMDLINE_ADDR: usize = 0x18;
     /// u64: length of the command line in bytes.
     pub const CMDLINE_LEN: usize = 0x20;
