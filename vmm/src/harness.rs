@@ -578,11 +578,23 @@ impl Harness {
         }) else {
             return status::HOST_ERROR;
         };
-        let before = self.path.storm_stats().throttled;
+        let stats = self.path.storm_stats();
+        let before = stats.throttled;
         let every = (count / bystanders).max(1);
+        // The bystander stays at half the limit however fast the host raises the storm,
+        // so none of its interrupts may be coalesced.
+        let pace = match stats.rate {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs(2) / rate,
+        };
+        let mut last_bystander: Option<Instant> = None;
         let mut raised = 0;
         let mut outcome = status::OK;
-        let raise_bystander = |this: &Self, fired: &mut [u32]| {
+        let raise_bystander = |this: &Self, fired: &mut [u32], last: &mut Option<Instant>| {
+            if let Some(wait) = last.and_then(|t| pace.checked_sub(t.elapsed())) {
+                std::thread::sleep(wait);
+            }
+            *last = Some(Instant::now());
             let start = this.counter(0, bystander);
             if this.path.signal(first + 1, HARNESS_SOURCE_ID).is_err() {
                 return status::HOST_ERROR;
@@ -600,9 +612,12 @@ impl Harness {
                 break;
             }
             self.count_fired(0, fired);
-            if i % every == 0 && raised < bystanders {
+            if i % every == 0
+                && raised < bystanders
+                && last_bystander.is_none_or(|t| t.elapsed() >= pace)
+            {
                 raised += 1;
-                outcome = raise_bystander(self, fired);
+                outcome = raise_bystander(self, fired, &mut last_bystander);
                 if outcome != status::OK {
                     break;
                 }
@@ -610,7 +625,7 @@ impl Harness {
         }
         while outcome == status::OK && raised < bystanders {
             raised += 1;
-            outcome = raise_bystander(self, fired);
+            outcome = raise_bystander(self, fired, &mut last_bystander);
         }
         // The storm's last, coalesced interrupt arrives with the next flush.
         let settle = Instant::now();
