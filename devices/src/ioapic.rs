@@ -14,10 +14,17 @@
 //! ([`IoApic::eoi`], from the `EOI` register or the local APIC's EOI exit) if the line
 //! is still high. A masked entry sends nothing; a level entry unmasked with its line high
 //! sends then.
+//!
+//! Outputs: [`IoApicOutput`]. [`RemappingOutput`] sends through the interrupt core's data
+//! path and keeps the split irqchip's pin routes (so that KVM reports the EOIs of
+//! level-triggered pins) equal to what each level pin's message translates to.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use irq::MsiMessage;
+use irq::backing::{Backing, InterruptPath};
+use irq::remap::Translation;
+use irq::{MsiMessage, RoutingBackend};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{le_u32, put_le_u32, BusDevice};
@@ -44,9 +51,84 @@ const RTE_READ_ONLY: u64 = RTE_DELIVERY_STATUS | RTE_REMOTE_IRR;
 
 /// Where the IOAPIC's interrupts go: an MSI write with its requester ID.
 pub trait IoApicOutput: Send + Sync {
-    /// Sends `msg` (whatever becomes of it, a delivery or a remapping fault, is the
-    /// receiver's business).
-    fn send(&self, msg: &MsiMessage);
+    /// Sends pin `pin`'s `msg` (whatever becomes of it, a delivery or a remapping fault,
+    /// is the receiver's business).
+    fn send(&self, pin: usize, msg: &MsiMessage);
+
+    /// Pin `pin` delivers `msg` level-triggered, or (`None`) is edge-triggered: told when
+    /// its entry is written or restored and before each level-triggered send, for
+    /// whoever must know which vectors' EOIs the IOAPIC needs.
+    fn level_message(&self, pin: usize, msg: Option<&MsiMessage>) {
+        let _ = (pin, msg);
+    }
+}
+
+/// Sends through the interrupt core with the IOAPIC's requester ID and keeps the split
+/// irqchip's pin routes: a level pin's route is the target its message translates to
+/// (when that target is level-triggered), so KVM exits on its vector's EOI.
+pub struct RemappingOutput<B: RoutingBackend> {
+    path: Arc<InterruptPath>,
+    backing: Arc<Mutex<Backing<B>>>,
+    source_id: u16,
+    route_errors: AtomicU64,
+}
+
+impl<B: RoutingBackend> std::fmt::Debug for RemappingOutput<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemappingOutput")
+            .field("source_id", &self.source_id)
+            .field("route_errors", &self.route_errors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: RoutingBackend> RemappingOutput<B> {
+    /// Output into `backing`'s data path as requester `source_id`.
+    #[must_use]
+    pub fn new(backing: Arc<Mutex<Backing<B>>>, source_id: u16) -> Self {
+        let path = backing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .path();
+        Self {
+            path,
+            backing,
+            source_id,
+            route_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Pin route commits KVM refused (the pin kept its previous route).
+    #[must_use]
+    pub fn route_errors(&self) -> u64 {
+        self.route_errors.load(Ordering::Relaxed)
+    }
+}
+
+impl<B: RoutingBackend> IoApicOutput for RemappingOutput<B> {
+    fn send(&self, _pin: usize, msg: &MsiMessage) {
+        // A refusal is a remapping fault, recorded by the data path for the guest to read.
+        let _ = self.path.signal_msi(msg, self.source_id);
+    }
+
+    fn level_message(&self, pin: usize, msg: Option<&MsiMessage>) {
+        let Ok(pin) = u32::try_from(pin) else {
+            return;
+        };
+        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let route = msg
+            .and_then(|m| match backing.table().translate(m, self.source_id) {
+                Ok(Translation::Remapped { target, .. } | Translation::Compatibility(target)) => {
+                    Some(target)
+                }
+                Err(_) => None,
+            })
+            .filter(|target| target.level)
+            .map(|target| target.to_msi());
+        if backing.routes_mut().set_pin_route(pin, route).is_err() {
+            self.route_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The IOAPIC's state, for a snapshot.
@@ -130,11 +212,22 @@ impl IoApic {
                 "an IOAPIC with another number of pins",
             ));
         }
-        Ok(Self {
+        let io = Self {
             state,
             output,
             sent: 0,
-        })
+        };
+        for pin in 0..PINS {
+            io.tell_level(pin);
+        }
+        Ok(io)
+    }
+
+    /// Tells the output what pin `pin` delivers while level-triggered.
+    fn tell_level(&self, pin: usize) {
+        let entry = self.entry(pin);
+        let msg = (entry & RTE_LEVEL != 0).then(|| message(entry));
+        self.output.level_message(pin, msg.as_ref());
     }
 
     /// Its state.
@@ -210,7 +303,12 @@ impl IoApic {
         if entry & RTE_MASKED != 0 {
             return false;
         }
-        self.output.send(&message(entry));
+        let msg = message(entry);
+        if entry & RTE_LEVEL != 0 {
+            // The entry it names may have changed since the route was set.
+            self.output.level_message(pin, Some(&msg));
+        }
+        self.output.send(pin, &msg);
         self.sent = self.sent.saturating_add(1);
         true
     }
@@ -253,6 +351,11 @@ impl IoApic {
                 };
                 if let Some(e) = self.state.entries.get_mut(pin) {
                     *e = new;
+                }
+                // A level entry's message (or its being level) changed.
+                let message_changed = (old ^ new) & !(RTE_MASKED | RTE_READ_ONLY) != 0;
+                if message_changed && (old | new) & RTE_LEVEL != 0 {
+                    self.tell_level(pin);
                 }
                 // Unmasking a level entry whose line is high sends it.
                 if old & RTE_MASKED != 0 && new & RTE_MASKED == 0 {
@@ -299,7 +402,7 @@ mod tests {
     struct Sent(Mutex<Vec<MsiMessage>>);
 
     impl IoApicOutput for Sent {
-        fn send(&self, msg: &MsiMessage) {
+        fn send(&self, _pin: usize, msg: &MsiMessage) {
             self.0.lock().unwrap().push(*msg);
         }
     }
@@ -393,6 +496,93 @@ mod tests {
         io.eoi(0x41);
         assert_eq!(sent.0.lock().unwrap().len(), 2);
         assert_eq!(io.entry(9) & RTE_REMOTE_IRR, 0);
+    }
+
+    mod through_the_core {
+        use irq::backing::Limits;
+        use irq::fake::FakeRouting;
+        use irq::irte::{Irte, SourceValidation};
+        use irq::msi::Target;
+        use irq::remap::FaultReason;
+        use irq::routes::Irqchip;
+        use irq::RouteTable;
+
+        use super::*;
+
+        const IOAPIC_SID: u16 = 0xff00;
+
+        fn level(dest: u32, vector: u8) -> Target {
+            Target {
+                level: true,
+                ..Target::fixed(dest, vector)
+            }
+        }
+
+        fn set(backing: &Mutex<Backing<Arc<FakeRouting>>>, index: u32, target: Target, sid: u16) {
+            let mut b = backing.lock().unwrap();
+            let mut txn = b.transaction();
+            let validation = SourceValidation::RequesterId { sid, qualifier: 0 };
+            txn.set(index, &Irte::new(target, validation)).unwrap();
+            txn.commit().unwrap();
+        }
+
+        #[test]
+        fn pins_send_through_their_irtes_and_level_pins_keep_routes_for_their_eois() {
+            let kvm = Arc::new(FakeRouting::new());
+            let routes = RouteTable::with_irqchip(kvm.clone(), 4096, Irqchip::Split).unwrap();
+            let backing = Arc::new(Mutex::new(Backing::new(routes, Limits::default()).unwrap()));
+            set(&backing, 5, level(1, 0x41), IOAPIC_SID);
+            set(&backing, 6, Target::fixed(1, 0x42), IOAPIC_SID);
+            set(&backing, 7, level(1, 0x43), 0x0010);
+            let out = Arc::new(RemappingOutput::new(backing.clone(), IOAPIC_SID));
+            let path = backing.lock().unwrap().path();
+            let mut io = IoApic::new(out.clone());
+
+            // A level pin gets its translated target as its route as soon as it is written.
+            program(&mut io, 9, remappable(5, 0x41, true));
+            assert_eq!(kvm.route(9), Some(level(1, 0x41).to_msi()));
+            io.set_level(9, true);
+            assert_eq!(path.delivered(5), 1);
+            let line = path.line_fd(5).unwrap();
+            assert_eq!(kvm.fire(line), Some(level(1, 0x41)));
+
+            // An edge pin has no route of its own.
+            program(&mut io, 4, remappable(6, 0x42, false));
+            assert_eq!(kvm.route(4), None);
+            io.pulse(4);
+            assert_eq!(path.delivered(6), 1);
+
+            // An entry that does not verify the IOAPIC: no route, and its send faults.
+            program(&mut io, 10, remappable(7, 0x43, true));
+            assert_eq!(kvm.route(10), None);
+            io.set_level(10, true);
+            assert_eq!(path.delivered(7), 0);
+            let log = path.fault_log();
+            assert_eq!(log.count(FaultReason::SourceIdMismatch), 1);
+
+            // The IRTE moves; the next send (after the EOI, line still high) moves the route.
+            set(&backing, 5, level(2, 0x41), IOAPIC_SID);
+            io.eoi(0x41);
+            assert_eq!(path.delivered(5), 2);
+            assert_eq!(kvm.route(9), Some(level(2, 0x41).to_msi()));
+
+            // Edge-triggered again: the route goes.
+            program(&mut io, 9, remappable(5, 0x41, false));
+            assert_eq!(kvm.route(9), None);
+            assert_eq!(out.route_errors(), 0);
+
+            // A restored IOAPIC sets its level pins' routes again.
+            program(&mut io, 11, remappable(5, 0x41, true));
+            backing
+                .lock()
+                .unwrap()
+                .routes_mut()
+                .set_pin_route(11, None)
+                .unwrap();
+            let state = io.state().clone();
+            let _restored = IoApic::restore(state, out.clone()).unwrap();
+            assert_eq!(kvm.route(11), Some(level(2, 0x41).to_msi()));
+        }
     }
 
     #[test]

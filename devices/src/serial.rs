@@ -1,8 +1,9 @@
 //! The 16550A console on COM1: vm-superio's UART model, output to any writer.
 //!
-//! The model raises its interrupt through an eventfd ([`EventFdTrigger`]) that the VMM
-//! attaches as an irqfd to the UART's legacy GSI (4 for COM1). Console output errors (a
-//! full disk, a closed pipe) are counted, never fatal to the guest.
+//! The model raises its interrupt through an [`IrqLine`]: in the VMM, a pulse on the
+//! userspace IOAPIC's pin 4 (COM1's ISA IRQ), so the UART's interrupts are remapped like
+//! any other; an eventfd attached as an irqfd works too. Console output errors (a full
+//! disk, a closed pipe) are counted, never fatal to the guest.
 
 use std::io::{self, Write};
 
@@ -13,15 +14,33 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
-/// An interrupt line backed by an eventfd (an irqfd on the KVM side).
-#[derive(Debug)]
-pub struct EventFdTrigger(pub EventFd);
+/// The UART's interrupt output: raises its line once per call.
+pub struct IrqLine(Box<dyn Fn() -> io::Result<()> + Send>);
 
-impl Trigger for EventFdTrigger {
+impl IrqLine {
+    /// A line that calls `raise`.
+    pub fn new(raise: impl Fn() -> io::Result<()> + Send + 'static) -> Self {
+        Self(Box::new(raise))
+    }
+
+    /// A line that writes `fd` (an irqfd on the KVM side).
+    #[must_use]
+    pub fn eventfd(fd: EventFd) -> Self {
+        Self::new(move || fd.write(1))
+    }
+}
+
+impl std::fmt::Debug for IrqLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IrqLine")
+    }
+}
+
+impl Trigger for IrqLine {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        (self.0)()
     }
 }
 
@@ -52,13 +71,13 @@ pub struct SerialSnapshot {
 /// A 16550A UART whose transmitted bytes go to `W`.
 #[derive(Debug)]
 pub struct SerialConsole<W: Write> {
-    uart: Serial<EventFdTrigger, NoEvents, W>,
+    uart: Serial<IrqLine, NoEvents, W>,
     errors: u64,
 }
 
 impl<W: Write + Send> SerialConsole<W> {
     /// A UART that raises `irq` and writes its output to `out`.
-    pub fn new(irq: EventFdTrigger, out: W) -> Self {
+    pub fn new(irq: IrqLine, out: W) -> Self {
         Self {
             uart: Serial::new(irq, out),
             errors: 0,
@@ -71,7 +90,7 @@ impl<W: Write + Send> SerialConsole<W> {
     /// A receive FIFO longer than the UART's.
     pub fn restore(
         snap: &SerialSnapshot,
-        irq: EventFdTrigger,
+        irq: IrqLine,
         out: W,
     ) -> Result<Self, crate::ims::snapshot::RestoreError> {
         let [baud_divisor_low, baud_divisor_high] = snap.divisor;
@@ -155,7 +174,7 @@ mod tests {
 
     #[test]
     fn transmitted_bytes_reach_the_writer() {
-        let irq = EventFdTrigger(EventFd::new(libc_nonblock()).unwrap());
+        let irq = IrqLine::eventfd(EventFd::new(libc_nonblock()).unwrap());
         let mut uart = SerialConsole::new(irq, Vec::new());
         for b in b"hi\n" {
             uart.write(0, &[*b]);
@@ -176,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_restored_uart_keeps_its_registers_and_refuses_an_overlong_fifo() {
-        let irq = || EventFdTrigger(EventFd::new(libc_nonblock()).unwrap());
+        let irq = || IrqLine::eventfd(EventFd::new(libc_nonblock()).unwrap());
         let mut uart = SerialConsole::new(irq(), Vec::new());
         uart.write(1, &[0x02]); // IER: transmitter empty interrupt
         uart.write(7, &[0x5a]); // scratch

@@ -38,4 +38,4 @@ pub mod routes;
 pub mod storm;
 
 pub use msi::{MsiError, MsiMessage};
-pub use routes::{Gsi, KvmRouting, RouteError, RouteTable, RoutingBackend};
+pub use routes::{Gsi, Irqchip, KvmRouting, RouteError, RouteTable, RoutingBackend};

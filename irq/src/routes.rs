@@ -1,11 +1,20 @@
 //! KVM's GSI routing table, owned in one place.
 //!
 //! `KVM_SET_GSI_ROUTING` replaces the whole table, so whoever sets it must know every
-//! route. [`RouteTable`] is that owner: it keeps the legacy GSIs (the in-kernel IOAPIC's
-//! 24 pins and the PIC's 16) routed as KVM's default table does, hands out MSI routes
-//! above them up to the limit KVM reports, stages changes, and commits them with one
-//! ioctl per [`RouteTable::commit`]. A commit that fails leaves both KVM's table and ours
-//! as they were (KVM applies a routing update atomically or not at all).
+//! route. [`RouteTable`] is that owner: it keeps the legacy GSIs 0-23 as the VM's
+//! [`Irqchip`] needs them, hands out MSI routes above them up to the limit KVM reports,
+//! stages changes, and commits them with one ioctl per [`RouteTable::commit`]. A commit
+//! that fails leaves both KVM's table and ours as they were (KVM applies a routing update
+//! atomically or not at all).
+//!
+//! With the in-kernel irqchip the legacy GSIs are routed to the IOAPIC's 24 pins and the
+//! PIC's 16, as KVM's default table does. With the split irqchip
+//! (`KVM_CAP_SPLIT_IRQCHIP` with 24 reserved pins) the IOAPIC is in user space and KVM
+//! reports the EOI of a vector (`KVM_EXIT_IOAPIC_EOI`) only when an MSI route at a GSI
+//! below 24 is level-triggered with that vector and targets the vCPU
+//! (`kvm_scan_ioapic_routes`). Legacy GSI `n` then carries the translated message IOAPIC
+//! pin `n` delivers while it is level-triggered ([`RouteTable::set_pin_route`]); nothing
+//! is injected through it.
 //!
 //! Ordering rules from the kernel (virt/kvm/eventfd.c): an irqfd resolves its route when
 //! it is assigned, so the route must be committed first ([`RouteError::NotCommitted`]);
@@ -32,8 +41,20 @@ use crate::msi::MsiMessage;
 /// A global system interrupt number: an index into KVM's routing table.
 pub type Gsi = u32;
 
-/// GSIs below this belong to the in-kernel IOAPIC (and the PIC below 16).
+/// GSIs below this belong to the IOAPIC's pins (and the in-kernel PIC's below 16).
 pub const LEGACY_GSI_COUNT: Gsi = 24;
+
+/// Where the VM's IOAPIC (and PIC) are, which decides what the legacy GSIs carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Irqchip {
+    /// KVM's in-kernel PIC and IOAPIC (`KVM_CREATE_IRQCHIP`): the legacy GSIs go to their
+    /// pins.
+    #[default]
+    InKernel,
+    /// The split irqchip: local APICs in KVM, the IOAPIC in user space, no PIC. The legacy
+    /// GSIs carry the level-triggered pins' messages (see the module documentation).
+    Split,
+}
 
 /// What one routing-table entry delivers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +135,7 @@ pub struct KvmRouting {
 }
 
 impl KvmRouting {
-    /// Routing for `vm`, which must have an in-kernel irqchip (`KVM_CREATE_IRQCHIP`).
+    /// Routing for `vm`, which must have an in-kernel or split irqchip.
     #[must_use]
     pub fn new(vm: Arc<VmFd>) -> Self {
         Self {
@@ -213,6 +234,9 @@ pub enum RouteError {
     /// A route was to be removed while irqfds are attached to it.
     #[error("GSI {0} still has irqfds attached (detach them before removing the route)")]
     IrqfdsAttached(Gsi),
+    /// A pin route was set on a table without the split irqchip, or beyond the pins.
+    #[error("GSI {0} is not an IOAPIC pin of a split irqchip")]
+    NotAPin(Gsi),
     /// KVM's route limit leaves no room above the legacy GSIs.
     #[error("KVM reports {0} routes, too few for the {LEGACY_GSI_COUNT} legacy GSIs")]
     LimitTooSmall(u32),
@@ -270,8 +294,11 @@ fn legacy_routes() -> Vec<RouteEntry> {
 pub struct RouteTable<B> {
     backend: B,
     limit: u32,
+    irqchip: Irqchip,
     committed: BTreeMap<Gsi, MsiMessage>,
     staged: BTreeMap<Gsi, MsiMessage>,
+    /// Split irqchip only: the level-triggered pins' routes (committed at once).
+    pins: BTreeMap<Gsi, MsiMessage>,
     irqfds: BTreeMap<Gsi, u32>,
     commits: u64,
     commit_time: Duration,
@@ -285,17 +312,30 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// # Errors
     /// [`RouteError::LimitTooSmall`] or [`RouteError::Commit`].
     pub fn new(backend: B, limit: u32) -> Result<Self, RouteError> {
+        Self::with_irqchip(backend, limit, Irqchip::InKernel)
+    }
+
+    /// Takes ownership of KVM's table for a VM with `irqchip`: with the in-kernel one as
+    /// [`Self::new`]; with the split one the table starts empty (no pin routes).
+    ///
+    /// # Errors
+    /// [`RouteError::LimitTooSmall`] or [`RouteError::Commit`].
+    pub fn with_irqchip(backend: B, limit: u32, irqchip: Irqchip) -> Result<Self, RouteError> {
         if limit <= LEGACY_GSI_COUNT {
             return Err(RouteError::LimitTooSmall(limit));
         }
-        backend
-            .set_routes(&legacy_routes())
-            .map_err(RouteError::Commit)?;
+        let initial = match irqchip {
+            Irqchip::InKernel => legacy_routes(),
+            Irqchip::Split => Vec::new(),
+        };
+        backend.set_routes(&initial).map_err(RouteError::Commit)?;
         Ok(Self {
             backend,
             limit,
+            irqchip,
             committed: BTreeMap::new(),
             staged: BTreeMap::new(),
+            pins: BTreeMap::new(),
             irqfds: BTreeMap::new(),
             commits: 1,
             commit_time: Duration::ZERO,
@@ -307,6 +347,45 @@ impl<B: RoutingBackend> RouteTable<B> {
     #[must_use]
     pub fn limit(&self) -> u32 {
         self.limit
+    }
+
+    /// The irqchip the legacy GSIs are routed for.
+    #[must_use]
+    pub fn irqchip(&self) -> Irqchip {
+        self.irqchip
+    }
+
+    /// The route IOAPIC pin `pin` has (split irqchip).
+    #[must_use]
+    pub fn pin_route(&self, pin: Gsi) -> Option<MsiMessage> {
+        self.pins.get(&pin).copied()
+    }
+
+    /// Split irqchip: gives IOAPIC pin `pin` the route `msg` (the translated message of a
+    /// level-triggered pin) or none, committing at once when that changes anything.
+    /// Returns whether a commit was made. Call it with nothing else staged.
+    ///
+    /// # Errors
+    /// [`RouteError::NotAPin`] or [`RouteError::Commit`] (the pin keeps its route).
+    pub fn set_pin_route(&mut self, pin: Gsi, msg: Option<MsiMessage>) -> Result<bool, RouteError> {
+        if self.irqchip != Irqchip::Split || pin >= LEGACY_GSI_COUNT {
+            return Err(RouteError::NotAPin(pin));
+        }
+        if self.pins.get(&pin) == msg.as_ref() {
+            return Ok(false);
+        }
+        let previous = match msg {
+            Some(m) => self.pins.insert(pin, m),
+            None => self.pins.remove(&pin),
+        };
+        let committed = self.commit_table();
+        if committed.is_err() {
+            match previous {
+                Some(m) => self.pins.insert(pin, m),
+                None => self.pins.remove(&pin),
+            };
+        }
+        committed.map(|()| true)
     }
 
     /// `KVM_SET_GSI_ROUTING` calls made so far (including the initial one).
@@ -401,22 +480,33 @@ impl<B: RoutingBackend> RouteTable<B> {
         if self.staged == self.committed {
             return Ok(false);
         }
-        let mut routes = legacy_routes();
-        routes.extend(self.staged.iter().map(|(&gsi, &msg)| RouteEntry {
+        if let Err(e) = self.commit_table() {
+            self.rollback();
+            return Err(e);
+        }
+        self.committed.clone_from(&self.staged);
+        Ok(true)
+    }
+
+    /// Sends the legacy GSIs and the staged MSI routes to KVM.
+    fn commit_table(&mut self) -> Result<(), RouteError> {
+        let mut routes = match self.irqchip {
+            Irqchip::InKernel => legacy_routes(),
+            Irqchip::Split => Vec::with_capacity(self.pins.len() + self.staged.len()),
+        };
+        let msi = |(&gsi, &msg): (&Gsi, &MsiMessage)| RouteEntry {
             gsi,
             kind: RouteKind::Msi(msg),
-        }));
+        };
+        routes.extend(self.pins.iter().map(msi));
+        routes.extend(self.staged.iter().map(msi));
         let begin = Instant::now();
         let result = self.backend.set_routes(&routes);
         self.last_commit_time = begin.elapsed();
         self.commit_time += self.last_commit_time;
-        if let Err(e) = result {
-            self.rollback();
-            return Err(RouteError::Commit(e));
-        }
-        self.committed.clone_from(&self.staged);
+        result.map_err(RouteError::Commit)?;
         self.commits += 1;
-        Ok(true)
+        Ok(())
     }
 
     /// Attaches `fd` to the committed route `gsi`.
@@ -424,8 +514,11 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// # Errors
     /// [`RouteError::NotCommitted`] or [`RouteError::Assign`].
     pub fn attach_irqfd(&mut self, fd: &EventFd, gsi: Gsi) -> Result<(), RouteError> {
-        let legacy = gsi < LEGACY_GSI_COUNT;
-        if !legacy && !self.committed.contains_key(&gsi) {
+        let routed = match self.irqchip {
+            Irqchip::InKernel => gsi < LEGACY_GSI_COUNT,
+            Irqchip::Split => self.pins.contains_key(&gsi),
+        };
+        if !routed && !self.committed.contains_key(&gsi) {
             return Err(RouteError::NotCommitted(gsi));
         }
         self.backend
@@ -574,6 +667,59 @@ mod tests {
         assert!(matches!(
             table.update(gsi, msi(1)),
             Err(RouteError::NotAllocated(24))
+        ));
+    }
+
+    #[test]
+    fn a_split_irqchip_table_has_only_the_level_pins_routes() {
+        let kvm = FakeKvm::default();
+        let mut table = RouteTable::with_irqchip(&kvm, 4096, Irqchip::Split).unwrap();
+        assert!(kvm.tables.lock().unwrap()[0].is_empty());
+        let gsi = table.allocate(msi(0)).unwrap();
+        assert_eq!(gsi, 24);
+        table.commit().unwrap();
+        // A pin route commits at once, beside the MSI routes; setting it again is free.
+        assert!(table.set_pin_route(4, Some(msi(3))).unwrap());
+        assert!(!table.set_pin_route(4, Some(msi(3))).unwrap());
+        let last = kvm.tables.lock().unwrap().last().unwrap().clone();
+        assert_eq!(
+            last,
+            vec![
+                RouteEntry {
+                    gsi: 4,
+                    kind: RouteKind::Msi(msi(3))
+                },
+                RouteEntry {
+                    gsi: 24,
+                    kind: RouteKind::Msi(msi(0))
+                }
+            ]
+        );
+        assert_eq!(table.pin_route(4), Some(msi(3)));
+        // A failed commit leaves the pin as it was.
+        *kvm.fail_set.lock().unwrap() = true;
+        assert!(table.set_pin_route(4, None).is_err());
+        assert!(table.set_pin_route(5, Some(msi(1))).is_err());
+        *kvm.fail_set.lock().unwrap() = false;
+        assert_eq!(
+            (table.pin_route(4), table.pin_route(5)),
+            (Some(msi(3)), None)
+        );
+        // Later MSI commits keep the pin routes.
+        table.update(gsi, msi(2)).unwrap();
+        table.commit().unwrap();
+        assert_eq!(kvm.tables.lock().unwrap().last().unwrap().len(), 2);
+        assert!(table.set_pin_route(4, None).unwrap());
+        assert_eq!(kvm.tables.lock().unwrap().last().unwrap().len(), 1);
+        // Only pins 0-23 of a split irqchip have pin routes.
+        assert!(matches!(
+            table.set_pin_route(24, None),
+            Err(RouteError::NotAPin(24))
+        ));
+        let mut in_kernel = RouteTable::new(&kvm, 4096).unwrap();
+        assert!(matches!(
+            in_kernel.set_pin_route(4, None),
+            Err(RouteError::NotAPin(4))
         ));
     }
 

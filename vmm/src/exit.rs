@@ -3,6 +3,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::{Arc, Mutex, PoisonError};
+
+use devices::ioapic::IoApic;
 use kvm_ioctls::VcpuExit;
 
 use crate::bus::Bus;
@@ -38,8 +41,10 @@ pub enum Exit<'a> {
         /// The value written.
         data: &'a [u8],
     },
-    /// `hlt` handled in user space (not with the in-kernel irqchip).
+    /// `hlt` handled in user space (not with KVM's local APICs).
     Hlt,
+    /// The guest ended a level-triggered IOAPIC interrupt (split irqchip).
+    IoapicEoi(u8),
     /// The run was interrupted by a signal (a kick).
     Interrupted,
     /// Triple fault.
@@ -62,6 +67,7 @@ impl<'a> From<VcpuExit<'a>> for Exit<'a> {
             VcpuExit::MmioRead(addr, data) => Self::MmioRead { addr, data },
             VcpuExit::MmioWrite(addr, data) => Self::MmioWrite { addr, data },
             VcpuExit::Hlt => Self::Hlt,
+            VcpuExit::IoapicEoi(vector) => Self::IoapicEoi(vector),
             VcpuExit::Intr => Self::Interrupted,
             VcpuExit::Shutdown => Self::Shutdown,
             VcpuExit::SystemEvent(kind, _) => Self::SystemEvent(kind),
@@ -153,6 +159,8 @@ pub struct Buses {
     pub mmio: Bus,
     /// The hypercall doorbell, when the VM offers the hypercall.
     pub hypercall_port: Option<u16>,
+    /// The userspace IOAPIC, told of the EOIs KVM reports.
+    pub ioapic: Option<Arc<Mutex<IoApic>>>,
 }
 
 /// Decides what an exit means. Unmapped reads return all ones (a floating bus) and
@@ -185,9 +193,17 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses, counters: &ExitCounters) -> Ac
                 unmapped(&counters.unmapped_mmio);
             }
         }
-        // With the in-kernel irqchip KVM waits for interrupts itself; a HLT exit (or a
+        // With KVM's local APICs KVM waits for interrupts itself; a HLT exit (or a
         // signal) just means "enter again".
         Exit::Hlt | Exit::Interrupted => {}
+        Exit::IoapicEoi(vector) => {
+            if let Some(ioapic) = &buses.ioapic {
+                ioapic
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .eoi(vector);
+            }
+        }
         Exit::Shutdown => return Action::Stop(StopReason::TripleFault { rip: None }),
         Exit::SystemEvent(kind) => return Action::Stop(StopReason::SystemEvent(kind)),
         Exit::InternalError => {

@@ -1,5 +1,5 @@
-//! The VMM: one KVM VM with an in-kernel irqchip, guest RAM, vCPU threads, port and MMIO
-//! buses with the platform devices, and the `vmm` command line.
+//! The VMM: one KVM VM with a split irqchip (KVM's local APICs, our IOAPIC), guest RAM,
+//! vCPU threads, port and MMIO buses with the platform devices, and the `vmm` command line.
 //!
 //! A run goes: [`config`] resolves defaults, a TOML file and flags into a [`VmConfig`];
 //! [`vm::run`] opens KVM, creates the VM and its irqchip, maps RAM ([`memory`]), loads the

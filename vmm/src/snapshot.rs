@@ -4,7 +4,7 @@
 //! IMS devices' event loop stopped, storm control's coalesced interrupts delivered, and
 //! every vCPU out of `KVM_RUN` with its pending port or MMIO access completed. It holds
 //! the machine's settings, each vCPU (registers, FPU/XSAVE, LAPIC with its pending
-//! interrupts, MSRs, pending events, run state), the in-kernel PIC and IOAPIC, the KVM
+//! interrupts, MSRs, pending events, run state), the userspace IOAPIC, the KVM
 //! clock, the interrupt core, the VT-d unit, the PCI root and devices, the UART, and all of
 //! guest RAM. Interrupts already signalled sit in the LAPICs' IRR; work a device owes is
 //! in its own state, with the time left.
@@ -32,13 +32,13 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use devices::ioapic::IoApicState;
 use devices::serial::SerialSnapshot;
 use devices::viommu::VtdState;
 use irq::backing::snapshot::BackingSnapshot;
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
+    kvm_clock_data, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -51,7 +51,7 @@ use crate::pci::PciSnapshot;
 /// The first bytes of a snapshot file.
 pub const MAGIC: [u8; 8] = *b"IRQVMSNP";
 /// The format version this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The longest header read (the largest machine's header is a few MiB).
 pub const MAX_HEADER: u64 = 64 << 20;
 /// The most MSRs one vCPU's state may list.
@@ -59,18 +59,14 @@ pub const MAX_MSRS: usize = 1024;
 /// Bytes before the header.
 const PREAMBLE: usize = 24;
 
-/// The in-kernel devices that are the VM's rather than a vCPU's.
+/// The VM's own state beside its vCPUs' (the split irqchip has no PIC or PIT).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmState {
     /// The KVM clock.
     pub clock: kvm_clock_data,
-    /// The master 8259 PIC.
-    pub pic_master: kvm_irqchip,
-    /// The slave 8259 PIC.
-    pub pic_slave: kvm_irqchip,
-    /// The IOAPIC.
-    pub ioapic: kvm_irqchip,
+    /// The userspace IOAPIC.
+    pub ioapic: IoApicState,
 }
 
 /// One vCPU.
@@ -106,7 +102,7 @@ pub struct VmSnapshot {
     pub machine: Settings,
     /// Where the loaded image ended (the vCPU areas and the harness mailbox follow it).
     pub image_end: u64,
-    /// PIC, IOAPIC and clock.
+    /// IOAPIC and clock.
     pub vm: VmState,
     /// The vCPUs, by index.
     pub vcpus: Vec<VcpuState>,
@@ -304,13 +300,14 @@ impl VmSnapshot {
                 config.devices.len()
             )));
         }
-        let chips = [
-            (&self.vm.pic_master, KVM_IRQCHIP_PIC_MASTER),
-            (&self.vm.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
-            (&self.vm.ioapic, KVM_IRQCHIP_IOAPIC),
-        ];
-        if chips.iter().any(|(chip, id)| chip.chip_id != *id) {
-            return Err(invalid("an irqchip state of the wrong chip"));
+        let io = &self.vm.ioapic;
+        if io.entries.len() != devices::ioapic::PINS || io.lines.len() != devices::ioapic::PINS {
+            return Err(invalid(format!(
+                "an IOAPIC with {} entries and {} lines (it has {})",
+                io.entries.len(),
+                io.lines.len(),
+                devices::ioapic::PINS
+            )));
         }
         if self.image_end >= crate::memory::low_ram_end(config.memory) {
             return Err(invalid("the image ends beyond low RAM"));
@@ -428,41 +425,25 @@ pub fn write(
     Ok((PREAMBLE + header.len()) as u64 + size)
 }
 
-/// The PIC, IOAPIC and clock of `vm`.
+/// The clock of `vm`, with the IOAPIC's state.
 ///
 /// # Errors
 /// The failing KVM call.
-pub fn capture_vm(vm: &VmFd) -> Result<VmState, SnapshotError> {
-    let chip = |id| {
-        let mut c = kvm_irqchip {
-            chip_id: id,
-            ..Default::default()
-        };
-        vm.get_irqchip(&mut c)
-            .map(|()| c)
-            .map_err(|e| SnapshotError::Kvm("read the in-kernel irqchip (KVM_GET_IRQCHIP)", e))
-    };
+pub fn capture_vm(vm: &VmFd, ioapic: IoApicState) -> Result<VmState, SnapshotError> {
     Ok(VmState {
         clock: vm
             .get_clock()
             .map_err(|e| SnapshotError::Kvm("read the KVM clock", e))?,
-        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        ioapic,
     })
 }
 
-/// Puts `vm`'s PIC, IOAPIC and clock in `state` (the clock goes on from the snapshot's
-/// value).
+/// Puts `vm`'s clock in `state` (it goes on from the snapshot's value; the IOAPIC is
+/// restored with the devices).
 ///
 /// # Errors
 /// The failing KVM call (KVM refuses what it cannot take).
 pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), SnapshotError> {
-    for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
-        vm.set_irqchip(chip).map_err(|e| {
-            SnapshotError::Kvm("restore the in-kernel irqchip (KVM_SET_IRQCHIP)", e)
-        })?;
-    }
     let clock = kvm_clock_data {
         clock: state.clock.clock,
         ..Default::default()
@@ -605,16 +586,27 @@ mod tests {
     fn the_preamble_is_checked_before_the_header_is_read() {
         assert!(refused(b"").contains("not a snapshot"));
         assert!(refused(b"IRQVMSN").contains("not a snapshot"));
-        assert!(refused(&file(1, b"{}", None)[1..]).contains("not a snapshot"));
-        assert!(refused(&file(2, b"{}", None)).contains("version 2"));
-        assert!(refused(&file(1, b"{}", Some(MAX_HEADER + 1))).contains("at most"));
-        assert!(refused(&file(1, b"{}", Some(3))).contains("file ends before"));
+        assert!(refused(&file(2, b"{}", None)[1..]).contains("not a snapshot"));
+        assert!(refused(&file(1, b"{}", None)).contains("version 1"));
+        assert!(refused(&file(2, b"{}", Some(MAX_HEADER + 1))).contains("at most"));
+        assert!(refused(&file(2, b"{}", Some(3))).contains("file ends before"));
+    }
+
+    #[test]
+    fn the_fuzz_seed_is_a_valid_header() {
+        // The `vm_snapshot` fuzz target grows headers from this seed (mode byte first).
+        let seed = include_bytes!("../../fuzz/seeds/vm_snapshot/header");
+        let header = seed.get(1..).unwrap_or_default();
+        let mut f = file(FORMAT_VERSION, header, None);
+        assert!(parse_header(&f).is_ok(), "{}", refused(&f));
+        f.truncate(f.len() - 1);
+        assert!(parse_header(&f).is_err());
     }
 
     #[test]
     fn a_header_that_is_not_a_whole_snapshot_is_refused() {
         for header in [&b"{}"[..], b"[1,2]", b"\xff\xfe", b"{\"machine\":{}}"] {
-            let why = refused(&file(1, header, None));
+            let why = refused(&file(FORMAT_VERSION, header, None));
             assert!(why.starts_with("invalid snapshot header"), "{why}");
         }
     }

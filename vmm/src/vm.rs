@@ -14,22 +14,23 @@ use std::time::{Duration, Instant};
 
 use devices::debug_exit::{DebugExit, ExitSink};
 use devices::harness::HarnessDoorbell;
-use devices::serial::{EventFdTrigger, SerialConsole};
+use devices::ioapic::{self, IoApic, RemappingOutput};
+use devices::serial::{IrqLine, SerialConsole};
 use devices::viommu::{self, Vtd, VtdDevice};
 use hypercall::boot::BootInfo;
 use hypercall::{harness, platform};
 use irq::backing::{Backing, BackingError, InterruptPath, Limits, MsiInjector};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
 use irq::remap::FaultReason;
-use irq::{KvmRouting, RouteError, RouteTable};
+use irq::{Irqchip, KvmRouting, RouteError, RouteTable};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_mp_state, CpuId, KVM_CAP_X2APIC_API, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
+    kvm_enable_cap, kvm_mp_state, CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
+    KVM_X2APIC_API_USE_32BIT_IDS,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{BusError, SharedDevice};
 use crate::config::{
@@ -51,8 +52,8 @@ use hypercall::harness::{FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
 /// The test guest's ELF image, built from `resources/guest` by this crate's build script.
 pub static TEST_GUEST_ELF: &[u8] = include_bytes!(env!("VMM_TEST_GUEST_ELF"));
 
-/// The legacy GSI of COM1's interrupt.
-const COM1_GSI: u32 = 4;
+/// COM1's IOAPIC pin (its ISA IRQ).
+const COM1_PIN: usize = 4;
 /// File descriptors beyond the interrupt lines: KVM, vCPUs, eventfds of devices, stdio.
 const FD_HEADROOM: u64 = 512;
 /// Where KVM may put its real-mode TSS (three pages, inside the MMIO hole).
@@ -264,6 +265,19 @@ impl ExitSink for ExitEvents {
 /// vCPUs beyond this many have APIC IDs only x2APIC can address.
 const X2APIC_ONLY_ABOVE: u32 = 255;
 
+/// Creates the split irqchip (KVM_CAP_SPLIT_IRQCHIP): local APICs in KVM, the IOAPIC
+/// here, no PIC or PIT. KVM reserves GSIs 0-23 for the IOAPIC's pins and reports the EOIs
+/// of their level-triggered vectors (`KVM_EXIT_IOAPIC_EOI`).
+fn create_split_irqchip(vm: &VmFd) -> Result<(), VmError> {
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
+        args: [u64::from(irq::routes::LEGACY_GSI_COUNT), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| VmError::Kvm("create the split irqchip (KVM_CAP_SPLIT_IRQCHIP)", e))
+}
+
 /// Turns on 32-bit APIC IDs for MSI routes and LAPIC state (KVM_CAP_X2APIC_API): an MSI
 /// route then carries destination bits 31:8 in `address_hi`, which is how the interrupt
 /// core already writes them, so remapped interrupts reach vCPUs above 255. Broadcast
@@ -397,6 +411,7 @@ struct Machine<'a> {
     path: &'a Arc<InterruptPath>,
     backing: &'a SharedBacking,
     vtd: &'a Arc<Mutex<Vtd<KvmRouting>>>,
+    ioapic: &'a Arc<Mutex<IoApic>>,
     serial: &'a Arc<Mutex<SerialConsole<Box<dyn Write + Send>>>>,
     pci: &'a mut PciDevices,
     taken: Option<SnapshotTaken>,
@@ -417,7 +432,10 @@ fn run_vm(
         .map_err(|_| open_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
     let kvm = Kvm::new_with_path(device).map_err(open_error)?;
     for (cap, name) in [
-        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (
+            Cap::SplitIrqchip,
+            "the split irqchip (KVM_CAP_SPLIT_IRQCHIP)",
+        ),
         (Cap::IrqRouting, "GSI routing (KVM_CAP_IRQ_ROUTING)"),
         (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
         (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
@@ -450,8 +468,7 @@ fn run_vm(
     );
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
-    vm.create_irq_chip()
-        .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    create_split_irqchip(&vm)?;
     if config.cpus > X2APIC_ONLY_ABOVE {
         enable_x2apic_api(&vm)?;
     }
@@ -511,7 +528,7 @@ fn run_vm(
     });
     // One line (eventfd) per route at most, plus the VM's own descriptors.
     raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.cpus))?;
-    let routes = RouteTable::new(routing, limit)?;
+    let routes = RouteTable::with_irqchip(routing, limit, Irqchip::Split)?;
     let backing = match &snap {
         None => Backing::new(routes, Limits::default())?,
         Some(s) => Backing::restore(routes, &s.interrupts).map_err(SnapshotError::from)?,
@@ -539,20 +556,34 @@ fn run_vm(
     path.set_fault_sink(Arc::new(viommu::FaultsTo(Arc::downgrade(&vtd))));
     path.set_compat_injector(injector);
     path.set_storm_rate(config.irq_rate);
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os("create an eventfd", e))?;
-    backing
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .routes_mut()
-        .attach_irqfd(&serial_irq, COM1_GSI)?;
+    // The IOAPIC: its interrupts are MSIs from requester ff:00.0 (as the DMAR says) into
+    // the interrupt core; its level pins' routes let KVM report their EOIs.
+    let ioapic_out = Arc::new(RemappingOutput::new(
+        backing.clone(),
+        crate::acpi::IOAPIC_SOURCE_ID,
+    ));
+    let ioapic = match &snap {
+        None => IoApic::new(ioapic_out),
+        Some(s) => IoApic::restore(s.vm.ioapic.clone(), ioapic_out)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+    };
+    let ioapic = Arc::new(Mutex::new(ioapic));
+    let com1_pin = ioapic.clone();
+    let serial_irq = IrqLine::new(move || {
+        com1_pin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pulse(COM1_PIN);
+        Ok(())
+    });
     let (events, event_rx) = mpsc::channel();
     let console: Box<dyn Write + Send> = match &config.until {
         Some(text) => Box::new(ConsoleWatch::new(console, text, events.clone())),
         None => console,
     };
     let serial = match &snap {
-        None => SerialConsole::new(EventFdTrigger(serial_irq), console),
-        Some(s) => SerialConsole::restore(&s.serial, EventFdTrigger(serial_irq), console)
+        None => SerialConsole::new(serial_irq, console),
+        Some(s) => SerialConsole::restore(&s.serial, serial_irq, console)
             .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
     };
     let serial = Arc::new(Mutex::new(serial));
@@ -588,6 +619,15 @@ fn run_vm(
             Arc::new(Mutex::new(VtdDevice(vtd.clone()))),
         )
         .map_err(|e| VmError::Bus("VT-d unit", e))?;
+    buses
+        .mmio
+        .insert(
+            u64::from(crate::acpi::IOAPIC_ADDR),
+            ioapic::SIZE,
+            ioapic.clone(),
+        )
+        .map_err(|e| VmError::Bus("IOAPIC", e))?;
+    buses.ioapic = Some(ioapic.clone());
     let mut pci = match &snap {
         None => PciDevices::new(&config.devices, &path, &mem)?,
         Some(s) => PciDevices::restore(&config.devices, &s.pci, &path, &mem)?,
@@ -705,6 +745,7 @@ fn run_vm(
         path: &path,
         backing: &backing,
         vtd: &vtd,
+        ioapic: &ioapic,
         serial: &serial,
         pci: &mut pci,
         taken: None,
@@ -897,7 +938,14 @@ impl Machine<'_> {
         Ok(VmSnapshot {
             machine: self.config.machine_settings(),
             image_end: self.image_end,
-            vm: snapshot::capture_vm(self.vm)?,
+            vm: snapshot::capture_vm(
+                self.vm,
+                self.ioapic
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .state()
+                    .clone(),
+            )?,
             vcpus: states,
             serial: self
                 .serial
@@ -1087,7 +1135,7 @@ fn boot_vcpu(
         .map_err(fail("KVM_SET_REGS"))?;
     vcpu.set_fpu(&x86::initial_fpu())
         .map_err(fail("KVM_SET_FPU"))?;
-    // Application processors of an in-kernel irqchip wait for INIT/SIPI; these start
+    // Application processors of KVM's local APICs wait for INIT/SIPI; these start
     // directly at the entry point.
     vcpu.set_mp_state(kvm_mp_state {
         mp_state: KVM_MP_STATE_RUNNABLE,
