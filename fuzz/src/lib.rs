@@ -10,7 +10,7 @@ use irq::backing::{Backing, Limits, MsiInjector};
 use irq::fake::FakeRouting;
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::Target;
-use irq::{MsiMessage, RouteTable};
+use irq::{Irqchip, MsiMessage, RouteTable};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM of every target.
@@ -48,13 +48,22 @@ pub fn memory(fill: &[u8]) -> GuestMemoryMmap {
 /// If the fake refuses a set-up that it always accepts.
 #[must_use]
 pub fn core(live: u32) -> Core {
+    core_for(live, Irqchip::InKernel)
+}
+
+/// As [`core`], for a VM with `irqchip`.
+///
+/// # Panics
+/// If the fake refuses a set-up that it always accepts.
+#[must_use]
+pub fn core_for(live: u32, irqchip: Irqchip) -> Core {
     let kvm = Arc::new(FakeRouting::new());
     let limits = Limits {
         table_size: TABLE_SIZE,
         ..Limits::default()
     };
-    let mut backing =
-        Backing::new(RouteTable::new(kvm, 256).expect("routes"), limits).expect("backing");
+    let routes = RouteTable::with_irqchip(kvm, 256, irqchip).expect("routes");
+    let mut backing = Backing::new(routes, limits).expect("backing");
     let mut txn = backing.transaction();
     for i in 0..live.min(TABLE_SIZE) {
         let target = Target::fixed(i % 2, 0x30 + u8::try_from(i % 4).unwrap_or(0));

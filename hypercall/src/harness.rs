@@ -179,6 +179,14 @@ pub mod request {
     /// A request rung before a snapshot and not yet done when it was taken (`REQUEST_SEQ`
     /// ahead of `DONE_SEQ`) is served by the restored VM.
     pub const SNAPSHOT: u32 = 12;
+    /// Drives input `count` (0-23) of the IOAPIC
+    /// ([`crate::platform::IOAPIC_BASE`]) low (`mode` 0), high (1) or pulses it (2, an
+    /// edge-triggered source's interrupt). What the pin then sends follows its
+    /// redirection entry: an edge entry on the rising edge, a level entry while the line
+    /// is high and remote IRR is clear (again after each EOI of its vector while high).
+    /// `RESULT` is the number of interrupts the IOAPIC sent during the request. `vector`
+    /// is not used.
+    pub const IOAPIC_LINE: u32 = 13;
 }
 
 /// The most bystander interrupts a `STORM` request raises.

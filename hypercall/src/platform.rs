@@ -30,6 +30,16 @@ pub const HYPERCALL_PORT: u16 = 0x510;
 /// `docs/viommu.md`).
 pub const VTD_BASE: u64 = 0xfed9_0000;
 
+/// Base of the IOAPIC's register page (`IOREGSEL` at 0, `IOWIN` at 0x10, `EOI` at 0x40;
+/// 24 pins, version 0x20). Its interrupts go through interrupt remapping as requester
+/// [`IOAPIC_SOURCE_ID`]; COM1 is its pin 4. See `docs/viommu.md`.
+pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+/// The requester ID of the IOAPIC's interrupts (bus 0xff, device 0, function 0; the DMAR
+/// lists it under the VT-d unit).
+pub const IOAPIC_SOURCE_ID: u16 = 0xff00;
+/// The IOAPIC pin of COM1's interrupt.
+pub const COM1_IOAPIC_PIN: u32 = 4;
+
 /// PCI configuration space of bus 0 (ECAM: `ECAM_BASE + (device << 15 | function << 12
 /// | register)`); ports `0xcf8`/`0xcfc` reach the same space.
 pub const ECAM_BASE: u64 = 0xe000_0000;

@@ -688,6 +688,12 @@ impl<B: RoutingBackend> Backing<B> {
         &mut self.routes
     }
 
+    /// The route table.
+    #[must_use]
+    pub fn routes(&self) -> &RouteTable<B> {
+        &self.routes
+    }
+
     /// The limits this backing was made with.
     #[must_use]
     pub fn limits(&self) -> Limits {

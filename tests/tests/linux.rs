@@ -52,6 +52,8 @@ fn a_stock_debian_kernel_enables_interrupt_remapping_in_x2apic_mode_on_our_dmar_
     );
     for line in [
         "ACPI: DMAR 0x00000000000E0",
+        // The IOAPIC the kernel reads is ours (version 0x20; KVM's in-kernel one is 0x11).
+        "IOAPIC[0]: apic_id 0, version 32, address 0xfec00000, GSI 0-23",
         "DMAR: DRHD base: 0x000000fed90000 flags: 0x1",
         "DMAR-IR: IOAPIC id 0 under DRHD base  0xfed90000 IOMMU 0",
         "DMAR-IR: Queued invalidation will be enabled to support x2apic and Intr-remapping.",

@@ -19,7 +19,7 @@ pub const DMAR_X2APIC_OPT_OUT: u8 = 1 << 1;
 pub const DRHD_INCLUDE_PCI_ALL: u8 = 1 << 0;
 /// The requester ID the IOAPIC's interrupts carry (bus 0xff, device 0, function 0, the
 /// pseudo bus QEMU's q35 uses too).
-pub const IOAPIC_SOURCE_ID: u16 = 0xff00;
+pub const IOAPIC_SOURCE_ID: u16 = hypercall::platform::IOAPIC_SOURCE_ID;
 
 const OEM_ID: [u8; 6] = *b"IRQVMM";
 const OEM_TABLE: [u8; 8] = *b"IRQVMDMR";
@@ -92,7 +92,11 @@ pub const RSDP_ADDR: u64 = 0x000e_0000;
 /// The end of the area the tables may fill.
 pub const TABLES_END: u64 = 0x0010_0000;
 /// The IOAPIC's MMIO base and its APIC ID.
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the IOAPIC's base is below 4 GiB (the MADT field is 32 bits)"
+)]
+pub const IOAPIC_ADDR: u32 = hypercall::platform::IOAPIC_BASE as u32;
 /// The IOAPIC's ID (in MADT and DMAR).
 pub const IOAPIC_ID: u8 = 0;
 /// The local APIC's base.

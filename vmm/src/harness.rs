@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use devices::harness::DoorbellSink;
 use devices::ims::slots::ImsSlots;
+use devices::ioapic::{self, IoApic};
 
 use crate::vcpu::{HypercallTimes, VmEvent};
 use hypercall::harness::{self, offset, request, status, HARNESS_SOURCE_ID};
@@ -77,6 +78,8 @@ pub struct Harness {
     snapshots: Option<Sender<VmEvent>>,
     /// Held while a request is served: whoever holds it knows the harness is idle.
     idle: Arc<Mutex<()>>,
+    /// The IOAPIC whose inputs `IOAPIC_LINE` drives.
+    ioapic: Option<Arc<Mutex<IoApic>>>,
 }
 
 impl Harness {
@@ -108,6 +111,7 @@ impl Harness {
             measurements: Arc::default(),
             snapshots: None,
             idle: Arc::default(),
+            ioapic: None,
         }
     }
 
@@ -137,6 +141,14 @@ impl Harness {
     #[must_use]
     pub fn with_snapshots(mut self, to: Sender<VmEvent>) -> Self {
         self.snapshots = Some(to);
+        self
+    }
+
+    /// The IOAPIC whose input lines `IOAPIC_LINE` drives (without it the request is
+    /// answered `UNAVAILABLE`).
+    #[must_use]
+    pub fn with_ioapic(mut self, ioapic: Arc<Mutex<IoApic>>) -> Self {
+        self.ioapic = Some(ioapic);
         self
     }
 
@@ -232,6 +244,7 @@ impl Harness {
                 | request::BENCH_HYPERCALLS
                 | request::INJECT
                 | request::SNAPSHOT
+                | request::IOAPIC_LINE
         ) && count <= harness::MAX_COUNT
             || vector >= harness::MIN_VECTOR
                 && (1..=harness::MAX_REMAP_VECTORS).contains(&spread)
@@ -285,6 +298,7 @@ impl Harness {
             request::REMAP_RETARGET => status::BAD_ARGUMENT,
             request::SNAPSHOT if self.snapshots.is_some() => status::OK,
             request::SNAPSHOT => status::UNAVAILABLE,
+            request::IOAPIC_LINE => self.ioapic_line(count, mode, &mut result),
             _ => status::UNKNOWN_REQUEST,
         };
         for (cpu, n) in fired.iter().enumerate() {
@@ -644,6 +658,25 @@ impl Harness {
             outcome = status::HOST_ERROR;
         }
         outcome
+    }
+
+    fn ioapic_line(&self, pin: u32, mode: u32, result: &mut u32) -> u32 {
+        let Some(chip) = &self.ioapic else {
+            return status::UNAVAILABLE;
+        };
+        let pin = match usize::try_from(pin) {
+            Ok(p) if p < ioapic::PINS && mode <= 2 => p,
+            _ => return status::BAD_ARGUMENT,
+        };
+        let mut io = chip.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = io.sent();
+        match mode {
+            0 => io.set_level(pin, false),
+            1 => io.set_level(pin, true),
+            _ => io.pulse(pin),
+        }
+        *result = u32::try_from(io.sent().saturating_sub(before)).unwrap_or(u32::MAX);
+        status::OK
     }
 
     fn remap_source_id(&self, vector: u8, count: u32, fired: &mut [u32], result: &mut u32) -> u32 {

@@ -53,7 +53,7 @@ use hypercall::harness::{FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
 pub static TEST_GUEST_ELF: &[u8] = include_bytes!(env!("VMM_TEST_GUEST_ELF"));
 
 /// COM1's IOAPIC pin (its ISA IRQ).
-const COM1_PIN: usize = 4;
+const COM1_PIN: usize = platform::COM1_IOAPIC_PIN as usize;
 /// File descriptors beyond the interrupt lines: KVM, vCPUs, eventfds of devices, stdio.
 const FD_HEADROOM: u64 = 512;
 /// Where KVM may put its real-mode TSS (three pages, inside the MMIO hole).
@@ -676,7 +676,8 @@ fn run_vm(
     )
     .with_slot_devices(pci.slot_devices())
     .with_hypercall_times(hypercall_times.clone())
-    .with_faults(injected_faults);
+    .with_faults(injected_faults)
+    .with_ioapic(ioapic.clone());
     if config.snapshot.is_some() {
         harness = harness.with_snapshots(events.clone());
     }

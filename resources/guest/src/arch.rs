@@ -59,6 +59,17 @@ pub fn sti() {
     unsafe { asm!("sti", options(nomem, nostack)) }
 }
 
+/// Runs `f` with interrupts disabled, enabling them afterwards (for code that runs with
+/// them enabled).
+pub fn without_interrupts<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: masking interrupts has no memory effects; no `nomem`, so it orders `f`'s
+    // accesses after it.
+    unsafe { asm!("cli", options(nostack)) }
+    let result = f();
+    sti();
+    result
+}
+
 /// Waits for the next interrupt.
 pub fn hlt() {
     // SAFETY: halting is always allowed in ring 0.
