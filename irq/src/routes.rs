@@ -362,8 +362,9 @@ impl<B: RoutingBackend> RouteTable<B> {
     }
 
     /// Split irqchip: gives IOAPIC pin `pin` the route `msg` (the translated message of a
-    /// level-triggered pin) or none, committing at once when that changes anything.
-    /// Returns whether a commit was made. Call it with nothing else staged.
+    /// level-triggered pin) or none, committing at once when that changes anything (with
+    /// the MSI routes KVM already has; staged ones stay staged). Returns whether a commit
+    /// was made.
     ///
     /// # Errors
     /// [`RouteError::NotAPin`] or [`RouteError::Commit`] (the pin keeps its route).
@@ -378,7 +379,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             Some(m) => self.pins.insert(pin, m),
             None => self.pins.remove(&pin),
         };
-        let committed = self.commit_table();
+        let committed = self.commit_table(false);
         if committed.is_err() {
             match previous {
                 Some(m) => self.pins.insert(pin, m),
@@ -480,7 +481,7 @@ impl<B: RoutingBackend> RouteTable<B> {
         if self.staged == self.committed {
             return Ok(false);
         }
-        if let Err(e) = self.commit_table() {
+        if let Err(e) = self.commit_table(true) {
             self.rollback();
             return Err(e);
         }
@@ -489,17 +490,24 @@ impl<B: RoutingBackend> RouteTable<B> {
     }
 
     /// Sends the legacy GSIs and the staged MSI routes to KVM.
-    fn commit_table(&mut self) -> Result<(), RouteError> {
+    /// `staged`: the staged MSI routes, else the committed ones (a pin change leaves
+    /// whatever is staged for its own commit).
+    fn commit_table(&mut self, staged: bool) -> Result<(), RouteError> {
+        let msis = if staged {
+            &self.staged
+        } else {
+            &self.committed
+        };
         let mut routes = match self.irqchip {
             Irqchip::InKernel => legacy_routes(),
-            Irqchip::Split => Vec::with_capacity(self.pins.len() + self.staged.len()),
+            Irqchip::Split => Vec::with_capacity(self.pins.len() + msis.len()),
         };
         let msi = |(&gsi, &msg): (&Gsi, &MsiMessage)| RouteEntry {
             gsi,
             kind: RouteKind::Msi(msg),
         };
         routes.extend(self.pins.iter().map(msi));
-        routes.extend(self.staged.iter().map(msi));
+        routes.extend(msis.iter().map(msi));
         let begin = Instant::now();
         let result = self.backend.set_routes(&routes);
         self.last_commit_time = begin.elapsed();
@@ -705,8 +713,15 @@ mod tests {
             (table.pin_route(4), table.pin_route(5)),
             (Some(msi(3)), None)
         );
-        // Later MSI commits keep the pin routes.
+        // A pin change sends what KVM has, not what is staged; the MSI commit keeps pins.
         table.update(gsi, msi(2)).unwrap();
+        assert!(table.set_pin_route(6, Some(msi(4))).unwrap());
+        let last = kvm.tables.lock().unwrap().last().unwrap().clone();
+        assert!(last.contains(&RouteEntry {
+            gsi,
+            kind: RouteKind::Msi(msi(0))
+        }));
+        assert!(table.set_pin_route(6, None).unwrap());
         table.commit().unwrap();
         assert_eq!(kvm.tables.lock().unwrap().last().unwrap().len(), 2);
         assert!(table.set_pin_route(4, None).unwrap());
