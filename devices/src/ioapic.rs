@@ -51,9 +51,9 @@ const RTE_READ_ONLY: u64 = RTE_DELIVERY_STATUS | RTE_REMOTE_IRR;
 
 /// Where the IOAPIC's interrupts go: an MSI write with its requester ID.
 pub trait IoApicOutput: Send + Sync {
-    /// Sends pin `pin`'s `msg` (whatever becomes of it, a delivery or a remapping fault,
-    /// is the receiver's business).
-    fn send(&self, pin: usize, msg: &MsiMessage);
+    /// Sends `msg` (whatever becomes of it, a delivery or a remapping fault, is the
+    /// receiver's business).
+    fn send(&self, msg: &MsiMessage);
 
     /// Pin `pin` delivers `msg` level-triggered, or (`None`) is edge-triggered: told when
     /// its entry is written or restored and before each level-triggered send, for
@@ -106,7 +106,7 @@ impl<B: RoutingBackend> RemappingOutput<B> {
 }
 
 impl<B: RoutingBackend> IoApicOutput for RemappingOutput<B> {
-    fn send(&self, _pin: usize, msg: &MsiMessage) {
+    fn send(&self, msg: &MsiMessage) {
         // A refusal is a remapping fault, recorded by the data path for the guest to read.
         let _ = self.path.signal_msi(msg, self.source_id);
     }
@@ -308,7 +308,7 @@ impl IoApic {
             // The entry it names may have changed since the route was set.
             self.output.level_message(pin, Some(&msg));
         }
-        self.output.send(pin, &msg);
+        self.output.send(&msg);
         self.sent = self.sent.saturating_add(1);
         true
     }
@@ -402,7 +402,7 @@ mod tests {
     struct Sent(Mutex<Vec<MsiMessage>>);
 
     impl IoApicOutput for Sent {
-        fn send(&self, _pin: usize, msg: &MsiMessage) {
+        fn send(&self, msg: &MsiMessage) {
             self.0.lock().unwrap().push(*msg);
         }
     }
