@@ -46,6 +46,8 @@ pub mod slots {
         pub const QUEUE_NOTIFY: u64 = 0x048;
         /// Fault injection: microseconds between completions.
         pub const INJECT_DELAY_US: u64 = 0x050;
+        /// Device reset (write-only: bit 0 resets every queue and slot).
+        pub const RESET: u64 = 0x054;
         /// First slot.
         pub const SLOT_BASE: u64 = 0x1000;
         /// Bytes per slot.

@@ -94,6 +94,25 @@ impl Deferred {
     pub(crate) fn clear(&mut self) {
         self.0.clear();
     }
+
+    /// Items waiting.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Drops queue `queue`'s items.
+    pub(crate) fn drop_queue(&mut self, queue: u32) {
+        self.0.retain(|(q, ..)| *q != queue);
+    }
+}
+
+/// How many more items a running queue may have taken and not completed: its size less
+/// those in flight (taken, not yet on the used ring).
+pub(crate) fn room(queue: &virtio_queue::Queue) -> u16 {
+    use virtio_queue::QueueT;
+    let in_flight = queue.next_avail().wrapping_sub(queue.next_used());
+    queue.size().saturating_sub(in_flight)
 }
 
 /// A device whose work the backend runs.

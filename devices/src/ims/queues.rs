@@ -266,7 +266,13 @@ impl ImsQueues {
             ctx.pending = false;
             let _ = mem.write_obj(0u32, GuestAddress(ctx.address + context::PENDING));
         }
-        while let Some(chain) = ctx.queue.pop_descriptor_chain(&mem) {
+        // At most a queue's worth of items taken and not completed: a driver that
+        // writes an avail index far ahead, or keeps moving it, cannot make one
+        // notification do unbounded work.
+        for _ in 0..super::room(&ctx.queue) {
+            let Some(chain) = ctx.queue.pop_descriptor_chain(&mem) else {
+                break;
+            };
             self.deferred.push(id, chain.head_index(), self.delay, now);
         }
         if let Some(msg) = fire {
@@ -488,9 +494,17 @@ impl ImsQueues {
                 self.admin_base = (self.admin_base & 0xffff_ffff) | (u64::from(value) << 32);
             }
             reg::ADMIN_SIZE if !self.admin_enabled => self.admin_size = value,
-            reg::ADMIN_TAIL => {
-                self.admin_tail = value;
-                self.wake();
+            // A tail more than a ring ahead of the head names commands that are not
+            // there: the ring is refused, as a ring outside RAM is at enable. Writes
+            // while the ring is disabled are ignored (enabling starts at 0).
+            reg::ADMIN_TAIL if self.admin_enabled => {
+                if value.wrapping_sub(self.admin_head) > self.admin_size {
+                    self.status |= STATUS_ADMIN_ERROR;
+                    self.admin_enabled = false;
+                } else {
+                    self.admin_tail = value;
+                    self.wake();
+                }
             }
             reg::ADMIN_ENABLE => {
                 if value & 1 == 0 {
@@ -859,5 +873,54 @@ mod tests {
             edit(&mut bad);
             assert!(ImsQueues::restore(DEV, path.clone(), mem.clone(), &bad, now).is_err());
         }
+    }
+
+    /// A tail more than a ring ahead of the head is refused at once (the runaway-tail
+    /// defect: ~4x10^9 junk commands); the ring then runs again after re-enabling.
+    #[test]
+    fn a_runaway_admin_tail_is_refused() {
+        let mut rig = rig();
+        enable_admin(&mut rig);
+        w(&mut rig.dev, reg::ADMIN_TAIL, 0xffff_fffe);
+        assert_eq!(r(&mut rig.dev, reg::STATUS), STATUS_ADMIN_ERROR);
+        assert_eq!(r(&mut rig.dev, reg::ADMIN_ENABLE), 0);
+        assert_eq!(r(&mut rig.dev, reg::ADMIN_TAIL), 0, "not taken");
+        assert_eq!(rig.dev.process(Instant::now()), None);
+        assert_eq!(rig.dev.stats().commands, 0);
+        w(&mut rig.dev, reg::ADMIN_TAIL, 3);
+        assert_eq!(
+            r(&mut rig.dev, reg::ADMIN_TAIL),
+            0,
+            "ignored while disabled"
+        );
+        w(&mut rig.dev, reg::STATUS, STATUS_ADMIN_ERROR);
+        w(&mut rig.dev, reg::ADMIN_ENABLE, 1);
+        // Exactly a ring ahead is fine: four bad commands, answered.
+        w(&mut rig.dev, reg::ADMIN_TAIL, 4);
+        rig.dev.process(Instant::now());
+        assert_eq!(rig.dev.stats().commands, 4);
+        assert_eq!(r(&mut rig.dev, reg::ADMIN_HEAD), 4);
+        w(&mut rig.dev, reg::ADMIN_TAIL, 9);
+        assert_eq!(r(&mut rig.dev, reg::STATUS), STATUS_ADMIN_ERROR);
+    }
+
+    /// A context whose avail index runs ahead yields at most a queue of work per
+    /// notification, and none while a queue's worth is in flight.
+    #[test]
+    fn a_notification_takes_at_most_a_queue_of_work() {
+        let mut rig = rig();
+        let mem = rig.mem.clone();
+        let (mock, _) = started(&mut rig, &mem);
+        w(&mut rig.dev, reg::INJECT_DELAY_US, 1000);
+        mock.avail().idx().store(16);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 2);
+        let t0 = Instant::now();
+        rig.dev.process(t0);
+        mock.avail().idx().store(32);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 2);
+        rig.dev.process(t0);
+        assert_eq!(rig.dev.deferred.len(), 16);
+        rig.dev.process(t0 + Duration::from_secs(1));
+        assert_eq!(rig.dev.stats().completions, 16);
     }
 }

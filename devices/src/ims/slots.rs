@@ -11,6 +11,7 @@
 //! 0x048 QUEUE_NOTIFY (WO): the index of a queue with new work (all ones: every queue)
 //! 0x050 INJECT_DELAY_US: fault injection: complete one work item per this many
 //!       microseconds (0: at once)
+//! 0x054 RESET (WO): bit 0 resets the device (queues stopped, slots cleared and masked)
 //! 0x1000 + 16 k: slot k: address low, address high, data, control (bit 0 mask, bit 1 pending RO)
 //! ```
 //!
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use irq::backing::InterruptPath;
 use irq::MsiMessage;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
@@ -254,8 +255,10 @@ impl ImsSlots {
         match offset {
             reg::STATUS => self.status &= !value,
             reg::QUEUE_SELECT => self.select = value,
+            // A queue is programmed while it is not ready; writes to a running queue's
+            // layout are ignored.
             reg::QUEUE_SIZE => {
-                if let Some(q) = self.selected() {
+                if let Some(q) = self.selected().filter(|q| !q.queue.ready()) {
                     q.queue.set_size(u16::try_from(value).unwrap_or(u16::MAX));
                 }
             }
@@ -264,28 +267,15 @@ impl ImsSlots {
                     q.slot = value;
                 }
             }
-            reg::QUEUE_READY => {
-                let mem = self.mem.clone();
-                let mut error = false;
-                if let Some(q) = self.selected() {
-                    // The queue's checks apply to a queue marked ready.
-                    q.queue.set_ready(value & 1 != 0);
-                    if value & 1 != 0 && !q.queue.is_valid(&mem) {
-                        q.queue.set_ready(false);
-                        error = true;
-                    }
-                }
-                if error {
-                    self.status |= STATUS_QUEUE_ERROR;
-                }
-            }
+            reg::QUEUE_READY => self.set_ready(value & 1 != 0),
+            reg::RESET if value & 1 != 0 => self.reset(),
             reg::QUEUE_DESC | 0x034 | reg::QUEUE_AVAIL | 0x03c | reg::QUEUE_USED | 0x044 => {
                 let (low, high) = if offset % 8 == 0 {
                     (Some(value), None)
                 } else {
                     (None, Some(value))
                 };
-                if let Some(q) = self.selected() {
+                if let Some(q) = self.selected().filter(|q| !q.queue.ready()) {
                     match offset & !7 {
                         reg::QUEUE_DESC => q.queue.set_desc_table_address(low, high),
                         reg::QUEUE_AVAIL => q.queue.set_avail_ring_address(low, high),
@@ -309,6 +299,65 @@ impl ImsSlots {
         }
     }
 
+    /// `QUEUE_READY` of the selected queue. Becoming ready starts the queue from the
+    /// ring state the driver provides (next available = next used = the used ring's
+    /// index, as the queue device's `START`), so a re-initialised queue runs its first
+    /// new item; a queue that is not valid is refused (`STATUS.QUEUE_ERROR`). Becoming
+    /// not ready stops it: work taken and not completed is dropped, and the device no
+    /// longer touches its rings.
+    fn set_ready(&mut self, ready: bool) {
+        let index = self.select;
+        let mem = self.mem.clone();
+        let Some(q) = self.selected() else {
+            return;
+        };
+        if !ready {
+            q.queue.set_ready(false);
+            self.deferred.drop_queue(index);
+            return;
+        }
+        if q.queue.ready() {
+            return;
+        }
+        // The queue's checks apply to a queue marked ready.
+        q.queue.set_ready(true);
+        let used = q
+            .queue
+            .is_valid(&mem)
+            .then(|| q.queue.used_ring())
+            .and_then(|at| mem.read_obj::<u16>(GuestAddress(at.checked_add(2)?)).ok());
+        match used {
+            Some(used) => {
+                q.queue.set_next_avail(used);
+                q.queue.set_next_used(used);
+            }
+            None => {
+                q.queue.set_ready(false);
+                self.status |= STATUS_QUEUE_ERROR;
+            }
+        }
+    }
+
+    /// `RESET`: every queue stopped with its registers at their defaults, work in
+    /// flight dropped, every slot cleared and masked, status and selections cleared.
+    /// The completion and fault counters keep counting; nothing is signalled.
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.queue.reset();
+            q.slot = 0;
+        }
+        self.deferred.clear();
+        self.notified.clear();
+        self.slots.fill(Slot {
+            message: [0; 3],
+            control: SLOT_MASK,
+        });
+        self.select = 0;
+        self.status = 0;
+        self.error_slot = 0;
+        self.delay = Duration::ZERO;
+    }
+
     /// Takes every available work item off the notified queues and completes those that
     /// are due (all of them, unless a completion delay is injected): each is returned on
     /// the used ring and raises its queue's slot. Returns the completions made.
@@ -321,7 +370,11 @@ impl ImsSlots {
             if !q.queue.ready() {
                 continue;
             }
-            while let Some(chain) = q.queue.pop_descriptor_chain(&self.mem) {
+            // At most a queue's worth in flight: bounded work per notification.
+            for _ in 0..super::room(&q.queue) {
+                let Some(chain) = q.queue.pop_descriptor_chain(&self.mem) else {
+                    break;
+                };
                 self.deferred
                     .push(index, chain.head_index(), self.delay, now);
             }
@@ -589,5 +642,109 @@ mod tests {
             edit(&mut bad);
             assert!(ImsSlots::restore(DEV, path.clone(), rig.mem.clone(), &bad, now).is_err());
         }
+    }
+
+    fn item(mock: &MockSplitQueue<'_, GuestMemoryMmap>, k: u16) {
+        mock.add_desc_chains(
+            &[virtio_queue::desc::RawDescriptor::from(
+                virtio_queue::desc::split::Descriptor::new(0x8_0000 + 64 * u64::from(k), 64, 0, 0),
+            )],
+            k,
+        )
+        .unwrap();
+    }
+
+    /// The driver stops a queue, zeroes its rings, programs it again and makes it ready:
+    /// its first new item completes (the device starts from the rings' state).
+    #[test]
+    fn a_reinitialised_queue_completes_its_first_new_item() {
+        let mut rig = rig();
+        let mock = MockSplitQueue::new(&rig.mem, 16);
+        item(&mock, 0);
+        bind_queue(&mut rig.dev, 0, &mock);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(rig.dev.process(Instant::now()), 1);
+        assert_eq!(mock.used().idx().load(), 1);
+
+        w(&mut rig.dev, reg::QUEUE_READY, 0);
+        assert_eq!(r(&mut rig.dev, reg::QUEUE_READY), 0);
+        // Zeroed rings, the same layout programmed again.
+        let zeroes = vec![0u8; 0x1000];
+        rig.mem
+            .write_slice(&zeroes, mock.desc_table_addr())
+            .unwrap();
+        let mock = MockSplitQueue::new(&rig.mem, 16);
+        bind_queue(&mut rig.dev, 0, &mock);
+        assert_eq!(r(&mut rig.dev, reg::QUEUE_READY), 1);
+        item(&mock, 0);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(rig.dev.process(Instant::now()), 1, "the first new item");
+        assert_eq!(mock.used().idx().load(), 1);
+        assert_eq!(r(&mut rig.dev, reg::COMPLETIONS), 2);
+    }
+
+    /// Stopping a queue drops what it took and has not completed; a running queue's
+    /// layout cannot be changed; RESET clears queues and slots but not the counters.
+    #[test]
+    fn stop_and_reset_leave_nothing_running() {
+        let mut rig = rig();
+        let mock = MockSplitQueue::new(&rig.mem, 16);
+        item(&mock, 0);
+        item(&mock, 1);
+        bind_queue(&mut rig.dev, 1, &mock);
+        w(&mut rig.dev, reg::INJECT_DELAY_US, 1000);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 1);
+        let t0 = Instant::now();
+        assert_eq!(rig.dev.process(t0), 0);
+        w(&mut rig.dev, reg::QUEUE_SIZE, 8);
+        assert_eq!(r(&mut rig.dev, reg::QUEUE_SIZE), 16, "ignored while ready");
+        w(&mut rig.dev, reg::QUEUE_READY, 0);
+        assert_eq!(rig.dev.process(t0 + Duration::from_secs(1)), 0);
+        assert_eq!(mock.used().idx().load(), 0, "the rings are left alone");
+
+        bind_queue(&mut rig.dev, 1, &mock);
+        w(&mut rig.dev, reg::INJECT_DELAY_US, 0);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(rig.dev.process(t0), 2, "started again from used.idx 0");
+        w(&mut rig.dev, reg::STATUS, 0);
+        w(&mut rig.dev, reg::RESET, 1);
+        assert_eq!(r(&mut rig.dev, reg::QUEUE_SELECT), 0);
+        w(&mut rig.dev, reg::QUEUE_SELECT, 1);
+        assert_eq!(
+            (
+                r(&mut rig.dev, reg::QUEUE_READY),
+                r(&mut rig.dev, reg::QUEUE_SIZE)
+            ),
+            (0, u32::from(MAX_QUEUE_SIZE))
+        );
+        assert_eq!(r(&mut rig.dev, reg::SLOT_BASE + 5 * 16), 0);
+        assert_eq!(r(&mut rig.dev, reg::SLOT_BASE + 5 * 16 + 12), SLOT_MASK);
+        assert_eq!(r(&mut rig.dev, reg::COMPLETIONS), 2, "counters go on");
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(rig.dev.process(t0), 0);
+    }
+
+    /// An avail index far ahead of the device is refused by the queue; one a queue
+    /// ahead yields one queue's worth, and no more until those complete.
+    #[test]
+    fn a_notification_does_at_most_a_queue_of_work() {
+        let mut rig = rig();
+        let mock = MockSplitQueue::new(&rig.mem, 16);
+        bind_queue(&mut rig.dev, 0, &mock);
+        mock.avail().idx().store(u16::MAX);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(rig.dev.process(Instant::now()), 0);
+        mock.avail().idx().store(16);
+        w(&mut rig.dev, reg::INJECT_DELAY_US, 1000);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 0);
+        let t0 = Instant::now();
+        rig.dev.process(t0);
+        // The driver moves the index on again: nothing more is taken while 16 are in
+        // flight.
+        mock.avail().idx().store(32);
+        w(&mut rig.dev, reg::QUEUE_NOTIFY, 0);
+        rig.dev.process(t0);
+        assert_eq!(rig.dev.deferred.len(), 16);
+        assert_eq!(rig.dev.process(t0 + Duration::from_secs(1)), 16);
     }
 }
