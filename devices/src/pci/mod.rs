@@ -213,7 +213,8 @@ impl PciRoot {
             .collect();
     }
 
-    /// Configuration read of requester `rid` at `offset` (no function: all ones).
+    /// Configuration read of requester `rid` at `offset` (no function: all ones). For a
+    /// root no vCPU uses yet; vCPUs go through [`ConfigIo`] and [`Ecam`].
     pub fn config_read(&self, rid: u16, offset: usize, data: &mut [u8]) {
         match self.functions.get(&rid) {
             Some(f) => lock(f).config().read(offset, data),
@@ -221,7 +222,8 @@ impl PciRoot {
         }
     }
 
-    /// Configuration write of requester `rid` at `offset`.
+    /// Configuration write of requester `rid` at `offset`. For a root no vCPU uses yet;
+    /// vCPUs go through [`ConfigIo`] and [`Ecam`].
     pub fn config_write(&mut self, rid: u16, offset: usize, data: &[u8]) {
         let Some(f) = self.functions.get(&rid) else {
             return;
@@ -229,6 +231,18 @@ impl PciRoot {
         if lock(f).config_write(offset, data).bars {
             self.remap();
         }
+    }
+
+    /// Replaces the map's entries of requester `rid` with `bars` (BAR, address, size).
+    fn set_bars(&mut self, rid: u16, bars: &[(usize, u64, u64)]) {
+        self.map.retain(|(.., r, _)| *r != rid);
+        self.map
+            .extend(bars.iter().map(|&(bar, addr, size)| (addr, size, rid, bar)));
+    }
+
+    /// The function at requester `rid`.
+    fn function(&self, rid: u16) -> Option<SharedFunction> {
+        self.functions.get(&rid).cloned()
     }
 
     fn bar_at(&self, addr: u64) -> Option<(SharedFunction, usize, u64)> {
@@ -251,10 +265,42 @@ impl PciRoot {
 }
 
 /// A shared root bus.
+///
+/// Lock order: a function's lock before the root's. On the vCPUs' paths (configuration
+/// reads and writes, BAR accesses) the function is looked up under the root's lock,
+/// which is released before the function is locked, so a device busy on its own
+/// backend delays only the accesses to that device; a configuration write that moves
+/// BARs takes the root's lock briefly while holding its function's. The `PciRoot`
+/// methods that lock every function (`add`, `assign_bars`, `restore`) are for set-up,
+/// before vCPUs run.
 pub type SharedRoot = Arc<Mutex<PciRoot>>;
 
 fn root(r: &SharedRoot) -> std::sync::MutexGuard<'_, PciRoot> {
     r.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Configuration read of requester `rid` on a shared root (see [`SharedRoot`]).
+fn shared_config_read(r: &SharedRoot, rid: u16, offset: usize, data: &mut [u8]) {
+    let function = root(r).function(rid);
+    match function {
+        Some(f) => lock(&f).config().read(offset, data),
+        None => data.fill(0xff),
+    }
+}
+
+/// Configuration write of requester `rid` on a shared root (see [`SharedRoot`]). A write
+/// that moves the function's BARs updates the map with that function's BARs alone,
+/// taking the root's lock while still holding the function's (so two writes to one
+/// function cannot leave the map stale).
+fn shared_config_write(r: &SharedRoot, rid: u16, offset: usize, data: &[u8]) {
+    let Some(f) = root(r).function(rid) else {
+        return;
+    };
+    let mut function = lock(&f);
+    if function.config_write(offset, data).bars {
+        let bars = function.config().mapped_bars();
+        root(r).set_bars(rid, &bars);
+    }
 }
 
 /// Ports `0xcf8`-`0xcff`: the address register (enable bit 31, bus 23:16, device 15:11,
@@ -275,13 +321,16 @@ impl ConfigIo {
 
 impl BusDevice for ConfigIo {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let root = root(&self.0);
+        let address = root(&self.0).address;
         match offset {
-            0 => put_le_u32(data, root.address),
-            4..=7 => match Self::target(root.address) {
-                Some((rid, reg)) => {
-                    root.config_read(rid, reg + usize::try_from(offset - 4).unwrap_or(0), data)
-                }
+            0 => put_le_u32(data, address),
+            4..=7 => match Self::target(address) {
+                Some((rid, reg)) => shared_config_read(
+                    &self.0,
+                    rid,
+                    reg + usize::try_from(offset - 4).unwrap_or(0),
+                    data,
+                ),
                 None => data.fill(0xff),
             },
             _ => data.fill(0xff),
@@ -289,12 +338,13 @@ impl BusDevice for ConfigIo {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut root = root(&self.0);
         match offset {
-            0 if data.len() == 4 => root.address = le_u32(data),
+            0 if data.len() == 4 => root(&self.0).address = le_u32(data),
             4..=7 => {
-                if let Some((rid, reg)) = Self::target(root.address) {
-                    root.config_write(rid, reg + usize::try_from(offset - 4).unwrap_or(0), data);
+                let address = root(&self.0).address;
+                if let Some((rid, reg)) = Self::target(address) {
+                    let reg = reg + usize::try_from(offset - 4).unwrap_or(0);
+                    shared_config_write(&self.0, rid, reg, data);
                 }
             }
             _ => {}
@@ -315,12 +365,12 @@ fn ecam_target(offset: u64) -> (u16, usize) {
 impl BusDevice for Ecam {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (rid, reg) = ecam_target(offset);
-        root(&self.0).config_read(rid, reg, data);
+        shared_config_read(&self.0, rid, reg, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (rid, reg) = ecam_target(offset);
-        root(&self.0).config_write(rid, reg, data);
+        shared_config_write(&self.0, rid, reg, data);
     }
 }
 
@@ -450,5 +500,29 @@ mod tests {
             ..snap
         };
         assert!(again.lock().unwrap().restore(&short).is_err());
+    }
+
+    /// While one function is held (its backend busy), configuration and BAR accesses
+    /// to the others go on.
+    #[test]
+    fn a_busy_function_does_not_hold_up_the_others() {
+        let (root, probe) = rig();
+        let held = probe.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = root.clone();
+        std::thread::spawn(move || {
+            let mut id = [0u8; 4];
+            Ecam(other.clone()).read(0, &mut id);
+            let mut io = ConfigIo(other.clone());
+            io.write(0, &0x8000_0000u32.to_le_bytes());
+            io.read(4, &mut id);
+            Ecam(other).write(0x04, &[6]);
+            tx.send(u32::from_le_bytes(id)).unwrap();
+        });
+        let id = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("host-bridge access while 00:03.0 is held");
+        assert_eq!(id, 0x0008_1b36);
+        drop(held);
     }
 }
