@@ -136,6 +136,9 @@ pub enum Action {
     /// The guest rang the hypercall doorbell: complete the `out`, then handle the call
     /// with the vCPU's registers.
     Hypercall,
+    /// An `out` of 1 or 2 bytes to the hypercall doorbell: not a call. Complete the
+    /// `out`, then answer `UNSUPPORTED` in RAX and change nothing else.
+    NarrowHypercall,
     /// Stop this vCPU.
     Stop(StopReason),
 }
@@ -170,7 +173,15 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses, counters: &ExitCounters) -> Ac
         counter.fetch_add(1, Ordering::Relaxed);
     };
     match exit {
-        Exit::IoOut { port, .. } if Some(port) == buses.hypercall_port => return Action::Hypercall,
+        // Only a 4-byte `out` is a call (docs/hypercall.md); an `in` from the doorbell
+        // reads all ones, as from a port with no device.
+        Exit::IoOut { port, data } if Some(port) == buses.hypercall_port => {
+            return if data.len() == 4 {
+                Action::Hypercall
+            } else {
+                Action::NarrowHypercall
+            };
+        }
         Exit::IoIn { port, data } => {
             if !buses.pio.read(u64::from(port), data) {
                 data.fill(0xff);
@@ -359,6 +370,17 @@ mod tests {
         assert_eq!(c.unmapped_pio.load(Ordering::Relaxed), 1);
         buses.hypercall_port = Some(0x510);
         assert_eq!(handle_exit(ring(), &buses, &c), Action::Hypercall);
+        for data in [&[2u8][..], &[2, 0]] {
+            let narrow = Exit::IoOut { port: 0x510, data };
+            assert_eq!(handle_exit(narrow, &buses, &c), Action::NarrowHypercall);
+        }
+        let mut data = [0u8; 4];
+        let read = Exit::IoIn {
+            port: 0x510,
+            data: &mut data,
+        };
+        assert_eq!(handle_exit(read, &buses, &c), Action::Continue);
+        assert_eq!(data, [0xff; 4], "an `in` is no call");
     }
 
     #[test]

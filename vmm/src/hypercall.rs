@@ -51,6 +51,9 @@ impl<B: RoutingBackend + 'static> EntryMirror for devices::viommu::VtdDevice<B> 
 pub trait HypercallHandler: Send + Sync {
     /// Handles one call: `regs` holds the guest's registers in and the results out.
     fn call(&self, regs: &mut Registers);
+    /// The doorbell was rung with an `out` that is not a call (1 or 2 bytes); the guest
+    /// is answered `UNSUPPORTED` without the handler. Counted by handlers that count.
+    fn refused(&self) {}
 }
 
 impl std::fmt::Debug for dyn HypercallHandler {
@@ -91,7 +94,7 @@ pub struct CallStats {
 pub struct HypercallStats {
     /// Per call number, for those that were called.
     pub calls: Vec<CallStats>,
-    /// Calls with an unknown number.
+    /// Calls with an unknown number, and doorbell rings of 1 or 2 bytes (not calls).
     pub unknown: u64,
     /// Calls refused with `BUSY` by the rate limit.
     pub throttled: u64,
@@ -457,6 +460,10 @@ impl<B: RoutingBackend> Dispatcher<B> {
 }
 
 impl<B: RoutingBackend> HypercallHandler for Dispatcher<B> {
+    fn refused(&self) {
+        self.unknown.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn call(&self, regs: &mut Registers) {
         if !self
             .limit

@@ -172,10 +172,15 @@ fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
         };
         match action {
             Action::Continue => {}
-            Action::Hypercall => match hypercall(vcpu, shared) {
+            Action::Hypercall => match hypercall(vcpu, shared, true) {
                 Ok(number) => shared.hypercall_times.record(number, exited),
                 Err(reason) => return Some(reason),
             },
+            Action::NarrowHypercall => {
+                if let Err(reason) = hypercall(vcpu, shared, false) {
+                    return Some(reason);
+                }
+            }
             Action::Stop(reason) => return Some(describe(vcpu, reason)),
         }
     }
@@ -194,7 +199,8 @@ fn complete_pending(vcpu: &mut VcpuFd) {
 /// Handles a doorbell ring. The `out` is still pending in KVM, and registers may only be
 /// changed once it is complete: re-entering with `immediate_exit` set completes it
 /// without running a guest instruction (KVM API, "KVM_RUN"). Returns the call number.
-fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<u32, StopReason> {
+/// A ring of the wrong width (`call` false) is answered `UNSUPPORTED` and nothing else.
+fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared, call: bool) -> Result<u32, StopReason> {
     let failed = |e: kvm_ioctls::Error| StopReason::RunFailed(e.to_string());
     vcpu.set_kvm_immediate_exit(1);
     let completed = vcpu.run().map(|_| ());
@@ -205,6 +211,7 @@ fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<u32, StopReason> 
     }
     let mut regs = vcpu.get_regs().map_err(failed)?;
     let regs_number = regs.rax & 0xffff_ffff;
+    let is_call = call;
     let mut call = hypercall::abi::Registers {
         rax: regs.rax,
         rcx: regs.rcx,
@@ -214,7 +221,11 @@ fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<u32, StopReason> 
         r9: regs.r9,
     };
     match &shared.hypercalls {
-        Some(handler) => handler.call(&mut call),
+        Some(handler) if is_call => handler.call(&mut call),
+        Some(handler) => {
+            handler.refused();
+            call.rax = hypercall::abi::status::UNSUPPORTED;
+        }
         None => call.rax = hypercall::abi::status::UNSUPPORTED,
     }
     regs.rax = call.rax;
