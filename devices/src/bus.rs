@@ -12,6 +12,17 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// A device that serialises its own state, so the bus calls it with no lock of the
+/// bus's: a router in front of devices that have locks of their own (the PCI root's
+/// configuration and BAR accesses), so that a vCPU waiting for one device behind it does
+/// not hold up accesses to the others.
+pub trait ConcurrentBusDevice: Send + Sync {
+    /// The guest reads `data.len()` bytes at `offset`; fill `data`.
+    fn read(&self, offset: u64, data: &mut [u8]);
+    /// The guest writes `data` at `offset`.
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
 /// Little-endian value of up to the first 4 bytes of `data` (shorter accesses zero-extend).
 #[must_use]
 pub fn le_u32(data: &[u8]) -> u32 {

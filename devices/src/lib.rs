@@ -34,4 +34,4 @@ pub mod pci;
 pub mod serial;
 pub mod viommu;
 
-pub use bus::BusDevice;
+pub use bus::{BusDevice, ConcurrentBusDevice};

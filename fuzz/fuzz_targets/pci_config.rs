@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::bus::BusDevice;
+use devices::bus::ConcurrentBusDevice;
 use devices::ims::queues::ImsQueues;
 use devices::ims::slots::ImsSlots;
 use devices::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot};
@@ -43,7 +43,7 @@ struct Input {
     ops: Vec<Op>,
 }
 
-fn access(dev: &mut dyn BusDevice, write: bool, offset: u64, value: u32, len: u8) {
+fn access(dev: &dyn ConcurrentBusDevice, write: bool, offset: u64, value: u32, len: u8) {
     let n = match len % 3 {
         0 => 1,
         1 => 2,
@@ -72,9 +72,9 @@ fuzz_target!(|input: Input| {
     root.add(4, 0, Arc::new(Mutex::new(queues)));
     root.assign_bars();
     let root = Arc::new(Mutex::new(root));
-    let mut ports = ConfigIo(root.clone());
-    let mut ecam = Ecam(root.clone());
-    let mut window = MmioWindow(root);
+    let ports = ConfigIo(root.clone());
+    let ecam = Ecam(root.clone());
+    let window = MmioWindow(root);
     for op in input.ops.iter().take(MAX_OPS) {
         match *op {
             Op::Port {
@@ -84,7 +84,7 @@ fuzz_target!(|input: Input| {
                 len,
             } => {
                 let offset = u64::from(offset) % u64::from(pci::CONFIG_PORTS);
-                access(&mut ports, write, offset, value, len);
+                access(&ports, write, offset, value, len);
             }
             Op::Ecam {
                 write,
@@ -92,7 +92,7 @@ fuzz_target!(|input: Input| {
                 value,
                 len,
             } => access(
-                &mut ecam,
+                &ecam,
                 write,
                 u64::from(offset) % pci::ECAM_SIZE,
                 value,
@@ -104,7 +104,7 @@ fuzz_target!(|input: Input| {
                 value,
                 len,
             } => access(
-                &mut window,
+                &window,
                 write,
                 u64::from(offset) % pci::WINDOW_SIZE,
                 value,

@@ -8,11 +8,42 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use devices::BusDevice;
+use devices::{BusDevice, ConcurrentBusDevice};
 use thiserror::Error;
 
 /// A device shared between the bus and whoever else needs it.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
+/// What sits at a range: a device the bus locks for each access, or one that
+/// serialises itself ([`ConcurrentBusDevice`]: the PCI root's routers, so that a vCPU
+/// waiting for one PCI device does not hold up accesses to the others).
+#[derive(Clone)]
+enum Entry {
+    Locked(SharedDevice),
+    Concurrent(Arc<dyn ConcurrentBusDevice>),
+}
+
+impl Entry {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        match self {
+            Self::Locked(d) => d
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read(offset, data),
+            Self::Concurrent(d) => d.read(offset, data),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        match self {
+            Self::Locked(d) => d
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write(offset, data),
+            Self::Concurrent(d) => d.write(offset, data),
+        }
+    }
+}
 
 /// Why a device could not be added.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -40,7 +71,7 @@ pub enum BusError {
 /// One bus.
 #[derive(Default, Clone)]
 pub struct Bus {
-    devices: BTreeMap<u64, (u64, SharedDevice)>,
+    devices: BTreeMap<u64, (u64, Entry)>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -56,6 +87,23 @@ impl Bus {
     /// # Errors
     /// [`BusError::InvalidRange`] or [`BusError::Overlap`].
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
+        self.insert_entry(base, len, Entry::Locked(device))
+    }
+
+    /// Puts `device`, which serialises its own accesses, at `[base, base + len)`.
+    ///
+    /// # Errors
+    /// [`BusError::InvalidRange`] or [`BusError::Overlap`].
+    pub fn insert_concurrent(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<dyn ConcurrentBusDevice>,
+    ) -> Result<(), BusError> {
+        self.insert_entry(base, len, Entry::Concurrent(device))
+    }
+
+    fn insert_entry(&mut self, base: u64, len: u64, device: Entry) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -76,7 +124,7 @@ impl Bus {
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
+    fn find(&self, addr: u64) -> Option<(u64, &Entry)> {
         let (&base, (len, device)) = self.devices.range(..=addr).next_back()?;
         (addr - base < *len).then_some((addr - base, device))
     }
@@ -86,10 +134,7 @@ impl Bus {
         let Some((offset, device)) = self.find(addr) else {
             return false;
         };
-        device
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(offset, data);
+        device.read(offset, data);
         true
     }
 
@@ -98,10 +143,7 @@ impl Bus {
         let Some((offset, device)) = self.find(addr) else {
             return false;
         };
-        device
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(offset, data);
+        device.write(offset, data);
         true
     }
 }

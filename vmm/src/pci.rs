@@ -390,26 +390,26 @@ impl PciDevices {
     pub fn place(&self, buses: &mut Buses) -> Result<(), (&'static str, BusError)> {
         buses
             .pio
-            .insert(
+            .insert_concurrent(
                 u64::from(pci::CONFIG_ADDRESS_PORT),
                 u64::from(pci::CONFIG_PORTS),
-                Arc::new(Mutex::new(ConfigIo(self.root.clone()))),
+                Arc::new(ConfigIo(self.root.clone())),
             )
             .map_err(|e| ("PCI configuration ports", e))?;
         buses
             .mmio
-            .insert(
+            .insert_concurrent(
                 pci::ECAM_BASE,
                 pci::ECAM_SIZE,
-                Arc::new(Mutex::new(Ecam(self.root.clone()))),
+                Arc::new(Ecam(self.root.clone())),
             )
             .map_err(|e| ("PCI ECAM", e))?;
         buses
             .mmio
-            .insert(
+            .insert_concurrent(
                 pci::WINDOW_BASE,
                 pci::WINDOW_SIZE,
-                Arc::new(Mutex::new(MmioWindow(self.root.clone()))),
+                Arc::new(MmioWindow(self.root.clone())),
             )
             .map_err(|e| ("PCI MMIO window", e))
     }

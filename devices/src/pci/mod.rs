@@ -14,7 +14,7 @@ pub mod msix;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::bus::{le_u32, put_le_u32, BusDevice};
+use crate::bus::{le_u32, put_le_u32, ConcurrentBusDevice};
 use config::ConfigSpace;
 
 /// The configuration address port.
@@ -319,8 +319,8 @@ impl ConfigIo {
     }
 }
 
-impl BusDevice for ConfigIo {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl ConcurrentBusDevice for ConfigIo {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         let address = root(&self.0).address;
         match offset {
             0 => put_le_u32(data, address),
@@ -337,7 +337,7 @@ impl BusDevice for ConfigIo {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         match offset {
             0 if data.len() == 4 => root(&self.0).address = le_u32(data),
             4..=7 => {
@@ -362,13 +362,13 @@ fn ecam_target(offset: u64) -> (u16, usize) {
     (rid, usize::try_from(offset & 0xfff).unwrap_or(0))
 }
 
-impl BusDevice for Ecam {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl ConcurrentBusDevice for Ecam {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         let (rid, reg) = ecam_target(offset);
         shared_config_read(&self.0, rid, reg, data);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         let (rid, reg) = ecam_target(offset);
         shared_config_write(&self.0, rid, reg, data);
     }
@@ -378,8 +378,8 @@ impl BusDevice for Ecam {
 #[derive(Debug)]
 pub struct MmioWindow(pub SharedRoot);
 
-impl BusDevice for MmioWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl ConcurrentBusDevice for MmioWindow {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         let target = root(&self.0).bar_at(WINDOW_BASE + offset);
         match target {
             Some((f, bar, at)) => lock(&f).bar_read(bar, at, data),
@@ -387,7 +387,7 @@ impl BusDevice for MmioWindow {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         let target = root(&self.0).bar_at(WINDOW_BASE + offset);
         if let Some((f, bar, at)) = target {
             lock(&f).bar_write(bar, at, data);
@@ -438,12 +438,12 @@ mod tests {
     #[test]
     fn config_space_through_cf8_and_ecam() {
         let (root, _) = rig();
-        let mut io = ConfigIo(root.clone());
+        let io = ConfigIo(root.clone());
         io.write(0, &(0x8000_0000u32 | (3 << 11)).to_le_bytes());
         let mut id = [0u8; 4];
         io.read(4, &mut id);
         assert_eq!(u32::from_le_bytes(id), 0x1100_1b36);
-        let mut ecam = Ecam(root.clone());
+        let ecam = Ecam(root.clone());
         ecam.read(3 << 15, &mut id);
         assert_eq!(u32::from_le_bytes(id), 0x1100_1b36);
         ecam.read(0, &mut id);
@@ -461,11 +461,11 @@ mod tests {
         let (root, probe) = rig();
         let addr = root.lock().unwrap().bar_address(0x18, 0).unwrap();
         assert_eq!(addr, WINDOW_BASE);
-        let mut window = MmioWindow(root.clone());
+        let window = MmioWindow(root.clone());
         window.write(0x10, &[7]);
         assert_eq!(probe.lock().unwrap().last, Some((0, 0x10, vec![7])));
         // The guest moves the BAR.
-        let mut ecam = Ecam(root.clone());
+        let ecam = Ecam(root.clone());
         ecam.write((3 << 15) | 0x10, &0xc010_0000u32.to_le_bytes());
         window.write(0x10_0020, &[9]);
         assert_eq!(probe.lock().unwrap().last, Some((0, 0x20, vec![9])));
@@ -477,7 +477,7 @@ mod tests {
     #[test]
     fn a_restored_root_keeps_its_latch_and_maps_the_bars_its_functions_hold() {
         let (root, probe) = rig();
-        let mut io = ConfigIo(root.clone());
+        let io = ConfigIo(root.clone());
         io.write(0, &(0x8000_0000u32 | (3 << 11)).to_le_bytes());
         Ecam(root.clone()).write((3 << 15) | 0x10, &0xc020_0000u32.to_le_bytes());
         let snap = root.lock().unwrap().snapshot();
@@ -513,7 +513,7 @@ mod tests {
         std::thread::spawn(move || {
             let mut id = [0u8; 4];
             Ecam(other.clone()).read(0, &mut id);
-            let mut io = ConfigIo(other.clone());
+            let io = ConfigIo(other.clone());
             io.write(0, &0x8000_0000u32.to_le_bytes());
             io.read(4, &mut id);
             Ecam(other).write(0x04, &[6]);
