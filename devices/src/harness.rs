@@ -1,17 +1,18 @@
 //! The doorbell of the test harness.
 //!
-//! A write tells the host that a request is waiting in the harness mailbox; the request
-//! itself is read from guest memory by whoever services it (on its own thread, so the
-//! vCPU that rang is not held). Reads return [`HARNESS_SIGNATURE`].
+//! A 4-byte write tells the host to look at the harness mailbox; the request, and its
+//! sequence number, are read from guest memory by whoever services it (on its own
+//! thread, so the vCPU that rang is not held). The value written is not used, and
+//! writes of other widths are ignored. Reads return [`HARNESS_SIGNATURE`].
 
 use hypercall::platform::HARNESS_SIGNATURE;
 
-use crate::bus::{le_u32, put_le_u32, BusDevice};
+use crate::bus::{put_le_u32, BusDevice};
 
 /// Receives doorbell rings.
 pub trait DoorbellSink: Send {
-    /// The guest rang with sequence number `seq`.
-    fn ring(&self, seq: u32);
+    /// The guest rang: the mailbox may hold a new request.
+    fn ring(&self);
 }
 
 /// The harness doorbell device.
@@ -33,7 +34,9 @@ impl<S: DoorbellSink> BusDevice for HarnessDoorbell<S> {
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
-        self.sink.ring(le_u32(data));
+        if data.len() == 4 {
+            self.sink.ring();
+        }
     }
 }
 
@@ -43,20 +46,24 @@ mod tests {
 
     use super::*;
 
-    struct Rings(mpsc::Sender<u32>);
+    struct Rings(mpsc::Sender<()>);
 
     impl DoorbellSink for Rings {
-        fn ring(&self, seq: u32) {
-            self.0.send(seq).unwrap();
+        fn ring(&self) {
+            self.0.send(()).unwrap();
         }
     }
 
     #[test]
-    fn rings_are_forwarded_with_their_sequence_number() {
+    fn four_byte_writes_ring_and_others_do_not() {
         let (tx, rx) = mpsc::channel();
         let mut bell = HarnessDoorbell::new(Rings(tx));
         bell.write(0, &7u32.to_le_bytes());
-        assert_eq!(rx.try_recv().unwrap(), 7);
+        rx.try_recv().unwrap();
+        bell.write(0, &[7]);
+        bell.write(0, &[7, 0]);
+        bell.write(0, &7u64.to_le_bytes());
+        rx.try_recv().unwrap_err();
         let mut data = [0u8; 4];
         bell.read(0, &mut data);
         assert_eq!(u32::from_le_bytes(data), HARNESS_SIGNATURE);

@@ -187,7 +187,17 @@ pub mod request {
     /// `RESULT` is the number of interrupts the IOAPIC sent during the request. `vector`
     /// is not used.
     pub const IOAPIC_LINE: u32 = 13;
+    /// Holds a device (test machinery for the watchdog): the host takes the lock of the
+    /// PCI device whose requester ID is at [`super::offset::ARG_SID`] and holds it for
+    /// `count` milliseconds (1 to [`super::MAX_HOLD_MS`]) on a thread of its own. The
+    /// request completes once the lock is held, so a vCPU that then touches that
+    /// device's BAR or configuration space waits inside the VMM until the hold ends.
+    /// `vector` and `mode` are not used.
+    pub const HOLD_DEVICE: u32 = 14;
 }
+
+/// The longest `HOLD_DEVICE` hold, in milliseconds.
+pub const MAX_HOLD_MS: u32 = 60_000;
 
 /// The most bystander interrupts a `STORM` request raises.
 pub const MAX_BYSTANDERS: u32 = 1000;

@@ -18,7 +18,7 @@
 mod bench;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use devices::harness::DoorbellSink;
 use devices::ims::slots::ImsSlots;
 use devices::ioapic::{self, IoApic};
+use devices::pci::SharedFunction;
 
 use crate::vcpu::{HypercallTimes, VmEvent};
 use hypercall::harness::{self, offset, request, status, HARNESS_SOURCE_ID};
@@ -48,16 +49,21 @@ const STORM_SETTLE: Duration = Duration::from_millis(50);
 /// How long the host waits for the guest to count one interrupt.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(10);
 
-/// Forwards doorbell rings to the harness thread.
+/// Forwards doorbell rings to the harness thread. The channel holds one ring: rings
+/// while one is waiting add nothing (the thread looks at the mailbox once for all of
+/// them), so a guest ringing in a loop costs no memory.
 #[derive(Debug)]
-pub struct Doorbell(pub Sender<u32>);
+pub struct Doorbell(pub SyncSender<()>);
 
 impl DoorbellSink for Doorbell {
-    fn ring(&self, seq: u32) {
-        // If the harness thread is gone the VM is stopping; the ring has no one to serve.
-        let _ = self.0.send(seq);
+    fn ring(&self) {
+        // Full: a look at the mailbox is already due. Disconnected: the VM is stopping.
+        let _ = self.0.try_send(());
     }
 }
+
+/// How often the harness thread, waiting for a ring, looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
 
 /// The harness service.
 #[derive(Debug)]
@@ -80,6 +86,20 @@ pub struct Harness {
     idle: Arc<Mutex<()>>,
     /// The IOAPIC whose inputs `IOAPIC_LINE` drives.
     ioapic: Option<Arc<Mutex<IoApic>>>,
+    /// The PCI devices `HOLD_DEVICE` may hold.
+    functions: Functions,
+}
+
+/// PCI devices by requester ID.
+#[derive(Default)]
+struct Functions(Vec<(u16, SharedFunction)>);
+
+impl std::fmt::Debug for Functions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(rid, _)| rid))
+            .finish()
+    }
 }
 
 impl Harness {
@@ -112,6 +132,7 @@ impl Harness {
             snapshots: None,
             idle: Arc::default(),
             ioapic: None,
+            functions: Functions::default(),
         }
     }
 
@@ -141,6 +162,13 @@ impl Harness {
     #[must_use]
     pub fn with_snapshots(mut self, to: Sender<VmEvent>) -> Self {
         self.snapshots = Some(to);
+        self
+    }
+
+    /// The PCI devices `HOLD_DEVICE` may hold, by requester ID.
+    #[must_use]
+    pub fn with_pci_functions(mut self, functions: Vec<(u16, SharedFunction)>) -> Self {
+        self.functions = Functions(functions);
         self
     }
 
@@ -179,23 +207,27 @@ impl Harness {
         self.fired.clone()
     }
 
-    /// Serves rings until every doorbell sender is gone.
+    /// Serves rings until every doorbell sender is gone or the VM stops. At each ring the
+    /// mailbox's `REQUEST_SEQ` is the request's number: a ring whose `REQUEST_SEQ`
+    /// equals `DONE_SEQ` has nothing to serve (junk rings, a ring for a request already
+    /// done, as after a restore that served it on its own: see `unserved`).
     ///
     /// # Errors
     /// The error of spawning the thread.
-    pub fn spawn(self, rings: Receiver<u32>) -> std::io::Result<JoinHandle<()>> {
+    pub fn spawn(self, rings: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("harness".into())
-            .spawn(move || {
-                for seq in rings {
-                    let idle = self.idle.clone();
-                    let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);
-                    // A ring for a request already done is not served again: after a
-                    // restore, a request whose doorbell write was still to come is served
-                    // once on its own (see `unserved`), and then its ring arrives.
-                    if self.read(offset::DONE_SEQ) == seq && self.read(offset::REQUEST_SEQ) == seq {
+            .spawn(move || loop {
+                match rings.recv_timeout(STOP_POLL) {
+                    Ok(()) => {}
+                    Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Acquire) => {
                         continue;
                     }
+                    Err(_) => return,
+                }
+                let idle = self.idle.clone();
+                let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(seq) = self.unserved() {
                     self.serve(seq);
                 }
             })
@@ -245,6 +277,7 @@ impl Harness {
                 | request::INJECT
                 | request::SNAPSHOT
                 | request::IOAPIC_LINE
+                | request::HOLD_DEVICE
         ) && count <= harness::MAX_COUNT
             || vector >= harness::MIN_VECTOR
                 && (1..=harness::MAX_REMAP_VECTORS).contains(&spread)
@@ -299,6 +332,7 @@ impl Harness {
             request::SNAPSHOT if self.snapshots.is_some() => status::OK,
             request::SNAPSHOT => status::UNAVAILABLE,
             request::IOAPIC_LINE => self.ioapic_line(count, mode, &mut result),
+            request::HOLD_DEVICE => self.hold_device(sid, count),
             _ => status::UNKNOWN_REQUEST,
         };
         for (cpu, n) in fired.iter().enumerate() {
@@ -658,6 +692,30 @@ impl Harness {
             outcome = status::HOST_ERROR;
         }
         outcome
+    }
+
+    /// Holds device `sid`'s lock for `ms` milliseconds on a thread of its own (which
+    /// outlives the VM if the VM ends first); answers once the lock is held.
+    fn hold_device(&self, sid: u16, ms: u32) -> u32 {
+        let function = self.functions.0.iter().find(|(rid, _)| *rid == sid);
+        let Some(function) = function
+            .map(|(_, f)| f.clone())
+            .filter(|_| (1..=harness::MAX_HOLD_MS).contains(&ms))
+        else {
+            return status::BAD_ARGUMENT;
+        };
+        let (held, is_held) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("harness-hold".into())
+            .spawn(move || {
+                let _device = function.lock().unwrap_or_else(PoisonError::into_inner);
+                let _ = held.send(());
+                std::thread::sleep(Duration::from_millis(u64::from(ms)));
+            });
+        match spawned.map(|_| is_held.recv()) {
+            Ok(Ok(())) => status::OK,
+            _ => status::HOST_ERROR,
+        }
     }
 
     fn ioapic_line(&self, pin: u32, mode: u32, result: &mut u32) -> u32 {

@@ -97,6 +97,9 @@ pub struct DeviceReport {
     pub resets: u64,
     /// Completions not signalled on purpose (fault injection).
     pub dropped: u64,
+    /// The device was still busy (a vCPU or its backend inside it) when the run ended:
+    /// its counters were not read and read 0 here.
+    pub busy: bool,
 }
 
 type Subscriber = Box<dyn MutEventSubscriber + Send>;
@@ -369,6 +372,15 @@ impl PciDevices {
         self.models.iter().map(|(d, _)| d.requester_id()).collect()
     }
 
+    /// Every device as the root bus holds it, by requester ID.
+    #[must_use]
+    pub fn functions(&self) -> Vec<(u16, pci::SharedFunction)> {
+        self.models
+            .iter()
+            .map(|(d, model)| (d.requester_id(), model.function()))
+            .collect()
+    }
+
     /// The slot-array devices, by requester ID (what the harness's benchmark requests
     /// raise).
     #[must_use]
@@ -414,34 +426,62 @@ impl PciDevices {
             .map_err(|e| ("PCI MMIO window", e))
     }
 
-    /// Stops the event loop and reports each device.
+    /// Stops the event loop and reports each device, waiting for a busy loop or device
+    /// no later than `deadline`: a loop still inside a device then is left to finish on
+    /// its own, and a device still held is reported busy.
     #[must_use]
-    pub fn finish(mut self) -> Vec<DeviceReport> {
-        self.pause();
+    pub fn finish(mut self, deadline: Instant) -> Vec<DeviceReport> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            self.paused = crate::vm::join_by(t, deadline);
+        }
         self.models
             .iter()
-            .map(|(device, model)| match model {
-                Model::Slots(d) => {
-                    let d = d.lock().unwrap_or_else(PoisonError::into_inner);
-                    DeviceReport {
+            .map(|(device, model)| {
+                let busy = DeviceReport {
+                    device: *device,
+                    completions: 0,
+                    faults: 0,
+                    resets: 0,
+                    dropped: 0,
+                    busy: true,
+                };
+                match model {
+                    Model::Slots(d) => lock_by(d, deadline).map_or(busy, |d| DeviceReport {
                         device: *device,
                         completions: d.completions(),
                         faults: d.faults(),
                         resets: 0,
                         dropped: 0,
-                    }
-                }
-                Model::Queues(d) => {
-                    let s = d.lock().unwrap_or_else(PoisonError::into_inner).stats();
-                    DeviceReport {
-                        device: *device,
-                        completions: s.completions,
-                        faults: s.faults,
-                        resets: s.resets,
-                        dropped: s.dropped,
-                    }
+                        busy: false,
+                    }),
+                    Model::Queues(d) => lock_by(d, deadline).map_or(busy, |d| {
+                        let s = d.stats();
+                        DeviceReport {
+                            device: *device,
+                            completions: s.completions,
+                            faults: s.faults,
+                            resets: s.resets,
+                            dropped: s.dropped,
+                            busy: false,
+                        }
+                    }),
                 }
             })
             .collect()
+    }
+}
+
+/// `mutex` locked, if it can be by `deadline`.
+fn lock_by<T>(mutex: &Mutex<T>, deadline: Instant) -> Option<std::sync::MutexGuard<'_, T>> {
+    loop {
+        match mutex.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
     }
 }

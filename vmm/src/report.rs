@@ -99,6 +99,10 @@ pub struct RunReport {
     pub measurements: crate::harness::Measurements,
     /// Port and MMIO accesses that reached no device.
     pub unmapped_accesses: u64,
+    /// vCPUs that were still inside a device call when the VM stopped and did not leave
+    /// it within the stop grace: the run ended without them (their threads finish on
+    /// their own once the call returns).
+    pub stuck_vcpus: u32,
     /// Console output errors.
     pub console_errors: u64,
     /// Wall-clock time from set-up to stop.
@@ -280,7 +284,14 @@ impl fmt::Display for RunReport {
                 st.throttled, st.entries, st.rate, st.flushed
             )?;
         }
-        for d in &self.devices {
+        for d in self.devices.iter().filter(|d| d.busy) {
+            writeln!(
+                f,
+                "vmm: device      {}: still busy when the VM stopped; its counters were not read",
+                d.device
+            )?;
+        }
+        for d in self.devices.iter().filter(|d| !d.busy) {
             let mut line = format!(
                 "vmm: device      {}: {} completions, {} interrupts refused by remapping",
                 d.device, d.completions, d.faults
@@ -310,6 +321,13 @@ impl fmt::Display for RunReport {
                 f,
                 "vmm: unmapped    {} accesses reached no device",
                 self.unmapped_accesses
+            )?;
+        }
+        if self.stuck_vcpus > 0 {
+            writeln!(
+                f,
+                "vmm: stuck       {} vCPUs were still inside a device call when the VM stopped; the run ended without them",
+                self.stuck_vcpus
             )?;
         }
         if self.console_errors > 0 {
@@ -355,10 +373,12 @@ mod tests {
                 faults: 1,
                 resets: 2,
                 dropped: 0,
+                busy: false,
             }],
             measurements: crate::harness::Measurements::default(),
             storms: irq::storm::StormStats::default(),
             unmapped_accesses: 0,
+            stuck_vcpus: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),
         }

@@ -588,7 +588,7 @@ fn run_vm(
     };
     let serial = Arc::new(Mutex::new(serial));
 
-    let (rings, ring_rx) = mpsc::channel();
+    let (rings, ring_rx) = mpsc::sync_channel(1);
     let stop = Arc::new(AtomicBool::new(false));
     let mut buses = Buses::default();
     let devices: [(u16, u16, &'static str, SharedDevice); 3] = [
@@ -675,6 +675,7 @@ fn run_vm(
         stop.clone(),
     )
     .with_slot_devices(pci.slot_devices())
+    .with_pci_functions(pci.functions())
     .with_hypercall_times(hypercall_times.clone())
     .with_faults(injected_faults)
     .with_ioapic(ioapic.clone());
@@ -682,9 +683,9 @@ fn run_vm(
         harness = harness.with_snapshots(events.clone());
     }
     if snap.is_some() {
-        if let Some(seq) = harness.unserved() {
+        if harness.unserved().is_some() {
             // Rung before the snapshot, not done when it was taken: serve it now.
-            let _ = rings.send(seq);
+            let _ = rings.try_send(());
         }
     }
     drop(rings);
@@ -759,16 +760,19 @@ fn run_vm(
     };
 
     stop.store(true, Ordering::Release);
+    // Every thread gets until the same moment to leave: one inside a device call (a
+    // device the guest keeps busy) is left to finish on its own, so the run ends on
+    // time, the watchdog's included.
+    let deadline = Instant::now() + STOP_GRACE;
     let threads = std::mem::take(&mut machine.threads);
-    stop_vcpus(threads);
+    let stuck_vcpus = stop_vcpus(threads, deadline);
     let snapshot = machine.taken.take();
-    // The doorbell device, and with it the harness's last sender, goes with the buses.
     drop(machine);
-    let _ = harness_thread.join();
+    let _ = join_by(harness_thread, deadline);
     if let Some(t) = storm_ticker {
-        let _ = t.join();
+        let _ = join_by(t, deadline);
     }
-    let devices = pci.finish();
+    let devices = pci.finish(deadline);
     if let Some(e) = spawn_error {
         return Err(e);
     }
@@ -801,6 +805,7 @@ fn run_vm(
         storms: path.storm_stats(),
         devices,
         measurements,
+        stuck_vcpus,
         unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
             + counters.unmapped_mmio.load(Ordering::Relaxed),
         console_errors: serial.errors() + flush_failed,
@@ -1203,17 +1208,39 @@ fn spawn_storm_ticker(
         .map(Some)
 }
 
-/// Kicks every vCPU thread until it has left `KVM_RUN`, then joins it.
-fn stop_vcpus(threads: Vec<JoinHandle<VcpuFd>>) {
-    let begin = Instant::now();
-    while threads.iter().any(|t| !t.is_finished()) && begin.elapsed() < Duration::from_secs(10) {
+/// Kicks every vCPU thread until it has left `KVM_RUN`, then joins it; a thread still
+/// running at `deadline` (inside a device call) is left to end on its own. Returns how
+/// many were.
+fn stop_vcpus(threads: Vec<JoinHandle<VcpuFd>>, deadline: Instant) -> u32 {
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
         for t in threads.iter().filter(|t| !t.is_finished()) {
             vcpu::kick(t);
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    let mut stuck = 0;
     for t in threads {
-        let _ = t.join();
+        if join_by(t, deadline).is_none() {
+            stuck += 1;
+        }
+    }
+    stuck
+}
+
+/// How long a stopping VM waits for its threads (vCPUs, harness, storm ticker, device
+/// loop) before it ends without those still inside a device call.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Joins `thread` if it has ended by `deadline`; otherwise leaves it to finish on its
+/// own (detached: what it holds is shared, and freed when it ends) and returns `None`.
+pub(crate) fn join_by<T>(thread: JoinHandle<T>, deadline: Instant) -> Option<T> {
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if thread.is_finished() {
+        thread.join().ok()
+    } else {
+        None
     }
 }
 
