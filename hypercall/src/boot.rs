@@ -61,8 +61,14 @@ pub mod offset {
     pub const MAILBOX_ADDR: usize = 0x28;
     /// u64: size of the harness mailbox in bytes.
     pub const MAILBOX_SIZE: usize = 0x30;
+    /// u64: the first free guest-physical byte: the page-aligned end of everything the
+    /// VMM placed at or above 1 MiB (the image, the vCPU areas, the harness mailbox).
+    /// RAM from here to the end of low RAM is the guest's. 0: not given.
+    pub const FREE_START: usize = 0x38;
     /// `[u32; MAX_CPUS]`: the local APIC ID of each vCPU, by vCPU index.
     pub const APIC_IDS: usize = 0x40;
+    /// u32: the TSC frequency in kHz, as KVM reports it for the vCPUs; 0: not known.
+    pub const TSC_KHZ: usize = APIC_IDS + 4 * super::MAX_CPUS;
 }
 
 /// What the VMM tells the guest about the machine.
@@ -76,6 +82,10 @@ pub struct BootInfo<'a> {
     pub mailbox: (u64, u64),
     /// Local APIC ID of each vCPU; its length is the vCPU count.
     pub apic_ids: &'a [u32],
+    /// The first free guest-physical byte ([`offset::FREE_START`]).
+    pub free_start: u64,
+    /// The TSC frequency in kHz (0: not known).
+    pub tsc_khz: u32,
 }
 
 /// Why a boot-information page could not be written or read.
@@ -111,6 +121,8 @@ impl BootInfo<'_> {
         put(page, offset::CMDLINE_LEN, &self.cmdline.1.to_le_bytes());
         put(page, offset::MAILBOX_ADDR, &self.mailbox.0.to_le_bytes());
         put(page, offset::MAILBOX_SIZE, &self.mailbox.1.to_le_bytes());
+        put(page, offset::FREE_START, &self.free_start.to_le_bytes());
+        put(page, offset::TSC_KHZ, &self.tsc_khz.to_le_bytes());
         for (i, id) in self.apic_ids.iter().enumerate() {
             put(page, offset::APIC_IDS + 4 * i, &id.to_le_bytes());
         }
@@ -189,6 +201,18 @@ impl<'a> BootInfoView<'a> {
         (addr != 0).then(|| (addr, self.u64_at(offset::MAILBOX_SIZE)))
     }
 
+    /// The first free guest-physical byte; `None` if the VMM did not say.
+    #[must_use]
+    pub fn free_start(&self) -> Option<u64> {
+        Some(self.u64_at(offset::FREE_START)).filter(|at| *at != 0)
+    }
+
+    /// The TSC frequency in kHz; `None` if the VMM did not say.
+    #[must_use]
+    pub fn tsc_khz(&self) -> Option<u32> {
+        Some(self.u32_at(offset::TSC_KHZ)).filter(|khz| *khz != 0)
+    }
+
     /// Local APIC ID of vCPU `cpu`, if it exists.
     #[must_use]
     pub fn apic_id(&self, cpu: usize) -> Option<u32> {
@@ -208,6 +232,8 @@ mod tests {
             cmdline: (0x3000, 12),
             mailbox: (0x40_0000, 0x2000),
             apic_ids: &ids,
+            free_start: 0x40_2000,
+            tsc_khz: 2_100_000,
         };
         let mut page = [0xaau8; PAGE_SIZE];
         info.encode(&mut page).unwrap();
@@ -218,6 +244,9 @@ mod tests {
         assert_eq!(view.mailbox(), Some((0x40_0000, 0x2000)));
         assert_eq!(view.apic_id(3), Some(7));
         assert_eq!(view.apic_id(4), None);
+        assert_eq!(view.free_start(), Some(0x40_2000));
+        assert_eq!(view.tsc_khz(), Some(2_100_000));
+        assert_eq!(offset::TSC_KHZ, 0x840);
         // Unused bytes are zeroed, not left over.
         assert_eq!(page[PAGE_SIZE - 1], 0);
     }
@@ -230,6 +259,8 @@ mod tests {
             cmdline: (0, 0),
             mailbox: (0, 0),
             apic_ids: &ids,
+            free_start: 0,
+            tsc_khz: 0,
         };
         let mut page = [0u8; PAGE_SIZE];
         assert_eq!(info.encode(&mut page), Err(BootInfoError::TooManyCpus));
@@ -255,6 +286,8 @@ mod tests {
             cmdline: (0, 0),
             mailbox: (0, 0),
             apic_ids: &ids,
+            free_start: 0,
+            tsc_khz: 0,
         };
         let mut page = [0u8; PAGE_SIZE];
         info.encode(&mut page).unwrap();

@@ -664,6 +664,9 @@ fn run_vm(
         }
         vcpus.push(vcpu);
     }
+    if let (None, Some(_), Some(vcpu)) = (&snap, entry, vcpus.first()) {
+        tell_tsc_khz(&mem, vcpu)?;
+    }
 
     let apic_ids: Vec<u32> = (0..config.cpus).collect();
     let hypercall_times = Arc::new(HypercallTimes::default());
@@ -1052,12 +1055,26 @@ fn write_boot_state(
         cmdline: (CMDLINE_ADDR, config.cmdline.len() as u64),
         mailbox: (placement.mailbox, placement.mailbox_size),
         apic_ids: &apic_ids,
+        free_start: placement.mailbox + placement.mailbox_size,
+        // Known once a vCPU exists (`tell_tsc_khz`).
+        tsc_khz: 0,
     };
     let mut page = vec![0u8; hypercall::boot::PAGE_SIZE];
     info.encode(&mut page).map_err(|_| VmError::BootInfo)?;
     mem.write_slice(&page, GuestAddress(BOOT_INFO_ADDR))
         .map_err(|_| VmError::BootInfo)?;
     Ok(placement)
+}
+
+/// Writes the TSC frequency KVM gives the vCPUs into the boot information (left 0, "not
+/// known", if KVM cannot say).
+fn tell_tsc_khz(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<(), VmError> {
+    let Ok(khz) = vcpu.get_tsc_khz() else {
+        return Ok(());
+    };
+    let at = BOOT_INFO_ADDR + hypercall::boot::offset::TSC_KHZ as u64;
+    mem.write_obj(khz, GuestAddress(at))
+        .map_err(|_| VmError::BootInfo)
 }
 
 /// A vCPU with its CPUID (which tells the guest the remapping table's size).

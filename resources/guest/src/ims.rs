@@ -40,7 +40,7 @@ const RETARGET_DELAY_US: u32 = 2000;
 
 /// Most slot-device queues this driver sets up.
 pub const MAX_SLOT_QUEUES: usize = 4096;
-const QSIZE: usize = 8;
+pub(crate) const QSIZE: usize = 8;
 const ADMIN_SIZE: usize = 8;
 /// Spins before a wait is declared failed (the guest has no timer; this is seconds).
 const WAIT_LIMIT: u32 = 3_000_000;
@@ -55,7 +55,7 @@ struct Desc {
 
 /// One virtio split queue: descriptor table, available ring, used ring.
 #[repr(C, align(64))]
-struct Ring {
+pub(crate) struct Ring {
     desc: [Desc; QSIZE],
     avail_flags: u16,
     avail_idx: u16,
@@ -69,7 +69,19 @@ struct Ring {
 }
 
 impl Ring {
-    const EMPTY: Ring = Ring {
+    /// Guest-physical addresses of its descriptor table, available ring and used ring.
+    pub(crate) fn parts(ring: *const Ring) -> (u64, u64, u64) {
+        // SAFETY: addresses of a ring's parts; nothing is read.
+        unsafe {
+            (
+                addr_of!((*ring).desc) as u64,
+                addr_of!((*ring).avail_flags) as u64,
+                addr_of!((*ring).used_flags) as u64,
+            )
+        }
+    }
+
+    pub(crate) const EMPTY: Ring = Ring {
         desc: [const {
             Desc {
                 addr: 0,
@@ -94,7 +106,7 @@ impl Ring {
 struct Context([u32; 16]);
 
 #[repr(C, align(32))]
-struct Command([u32; 8]);
+pub(crate) struct Command(pub(crate) [u32; 8]);
 
 #[repr(C, align(16))]
 struct Batch([[u64; 2]; MAX_SLOT_QUEUES]);
@@ -124,7 +136,7 @@ fn queue_ring(j: usize) -> *mut Ring {
     unsafe { addr_of_mut!(QUEUE_RINGS[j]) }
 }
 
-fn used_idx(ring: *const Ring) -> u16 {
+pub(crate) fn used_idx(ring: *const Ring) -> u16 {
     // SAFETY: a ring of ours; the device writes `used_idx`, hence the volatile read.
     unsafe { read_volatile(addr_of!((*ring).used_idx)) }
 }
@@ -135,7 +147,7 @@ fn avail_idx(ring: *const Ring) -> u16 {
 }
 
 /// Makes one work item available on `ring`.
-fn post(ring: *mut Ring) {
+pub(crate) fn post(ring: *mut Ring) {
     let idx = avail_idx(ring);
     let slot = usize::from(idx) % QSIZE;
     // SAFETY: a ring of ours; the device reads the descriptor and the ring entry only
@@ -368,14 +380,7 @@ fn setup_slots(
         set(sd::reg::QUEUE_SELECT, i as u32);
         set(sd::reg::QUEUE_SIZE, QSIZE as u32);
         set(sd::reg::QUEUE_SLOT, (slots - n + i) as u32);
-        // SAFETY: addresses of our ring's parts.
-        let (desc, avail, used) = unsafe {
-            (
-                addr_of!((*ring).desc) as u64,
-                addr_of!((*ring).avail_flags) as u64,
-                addr_of!((*ring).used_flags) as u64,
-            )
-        };
+        let (desc, avail, used) = Ring::parts(ring);
         set(sd::reg::QUEUE_DESC, desc as u32);
         set(sd::reg::QUEUE_AVAIL, avail as u32);
         set(sd::reg::QUEUE_USED, used as u32);
@@ -787,7 +792,7 @@ impl QueueDriver {
     }
 }
 
-fn command_status(entry: *const Command) -> u32 {
+pub(crate) fn command_status(entry: *const Command) -> u32 {
     // SAFETY: an entry of our admin ring; the device writes the status word.
     unsafe { read_volatile(addr_of!((*entry).0[4])) }
 }
@@ -879,14 +884,7 @@ fn setup_queues(
     // Contexts in RAM: the message composed once, the ring addresses, unmasked.
     for j in 0..CONTEXTS {
         let ring = queue_ring(j);
-        // SAFETY: addresses of our ring's parts.
-        let (desc, avail, used) = unsafe {
-            (
-                addr_of!((*ring).desc) as u64,
-                addr_of!((*ring).avail_flags) as u64,
-                addr_of!((*ring).used_flags) as u64,
-            )
-        };
+        let (desc, avail, used) = Ring::parts(ring);
         let words = [
             (0, compose(first + 1 + j as u64)),
             (1, 0),

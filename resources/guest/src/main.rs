@@ -22,6 +22,7 @@ mod arch;
 mod bench;
 mod faults;
 mod hc;
+mod hostile;
 mod ims;
 mod mem;
 mod pci;

@@ -55,6 +55,8 @@ enum Scenario {
     Storm,
     Faults,
     Snapshot,
+    Hostile,
+    Stuck,
     All,
     Fail,
     Hang,
@@ -132,11 +134,13 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "storm" => Scenario::Storm,
                     "faults" => Scenario::Faults,
                     "snapshot" => Scenario::Snapshot,
+                    "hostile" => Scenario::Hostile,
+                    "stuck" => Scenario::Stuck,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, faults, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, faults, snapshot, hostile, stuck, all, fail, hang)",
                         ),
                     }
             }
@@ -273,6 +277,12 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     }
     if s == Scenario::Storm {
         ok &= storm(o.storm_count, o.storm_bystanders);
+    }
+    if s == Scenario::Hostile {
+        ok &= crate::hostile::run(info);
+    }
+    if s == Scenario::Stuck {
+        crate::hostile::stuck()
     }
     if s == Scenario::Bench {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
