@@ -109,6 +109,19 @@ impl<D: BusDevice> FakeDriver<D> {
         self.write64(regs::IQT, self.tail);
     }
 
+    /// Appends `descriptors` and moves the tail once, past all of them (at most 255: the
+    /// queue holds 256).
+    pub fn submit_all(&mut self, descriptors: &[[u64; 2]]) {
+        for d in descriptors.iter().take(255) {
+            let at = GuestAddress(self.queue + self.tail);
+            self.mem
+                .write_obj(*d, at)
+                .expect("the queue is in guest memory");
+            self.tail = (self.tail + 16) % (256 * 16);
+        }
+        self.write64(regs::IQT, self.tail);
+    }
+
     /// A wait descriptor writing a fresh status; true when the status arrived.
     pub fn wait(&mut self) -> bool {
         self.seq += 1;

@@ -433,3 +433,32 @@ fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
         assert!(Vtd::restore(restored_core(), mem.clone(), events.clone(), bad).is_err());
     }
 }
+
+/// A queue full of invalidations (global, and every block size) with waits between them
+/// reads each entry of the table once per pass, not once per invalidation, and still
+/// loads what the guest wrote before it.
+#[test]
+fn one_pass_reads_the_table_at_most_once() {
+    let mut rig = Rig::enabled(true);
+    rig.driver.write_entry(5, Rig::entry(1, 0x40, true));
+    let before = rig.unit.lock().unwrap().counters().entries_loaded;
+    let wait = desc::WAIT | desc::WAIT_SW | (7u64 << 32);
+    let mut queue = Vec::new();
+    for k in 0..85u64 {
+        let selective = desc::IEC | desc::IEC_SELECTIVE | ((k % 9) << 27) | ((k * 37 % 256) << 32);
+        queue.extend([[desc::IEC, 0], [selective, 0], [wait, STATUS]]);
+    }
+    rig.driver.submit_all(&queue);
+    let unit = rig.unit.lock().unwrap();
+    let counters = unit.counters();
+    assert_eq!(counters.entries_loaded - before, 256, "the table once");
+    assert_eq!(counters.descriptors, 255 + 2, "every descriptor ran");
+    drop(unit);
+    assert_eq!(rig.lands(5), Some(Target::fixed(1, 0x40)));
+    // The next pass reads again.
+    assert!(rig.driver.invalidate(5, 0));
+    assert_eq!(
+        rig.unit.lock().unwrap().counters().entries_loaded - before,
+        257
+    );
+}
