@@ -2,17 +2,21 @@
 //! reads and writes (registers, admin queue set-up, doorbells, MSI-X table) with the admin
 //! commands, queue contexts and rings in guest memory the input fills, interleaved with
 //! the device doing its work (commands, completions, timeouts) at arbitrary times.
+//!
+//! Each run of the device must do bounded work, whatever the indices: at most one admin
+//! ring of commands (a tail more than a ring ahead of the head is refused), and never
+//! more than a queue's worth of items per context taken and not completed.
 
 #![no_main]
 
 use std::time::{Duration, Instant};
 
-use devices::ims::queues::ImsQueues;
+use devices::ims::queues::{reg, ImsQueues, MAX_ADMIN_SIZE, MAX_QUEUE_SIZE};
 use devices::ims::ImsEngine;
 use devices::pci::PciFunction;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vmm_fuzz::{core, lock, memory, DEVICE_A, MAX_OPS};
+use vmm_fuzz::{core, lock, memory, most_in_flight, DEVICE_A, MAX_OPS};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -33,6 +37,14 @@ enum Op {
     },
     Run {
         later_ms: u16,
+    },
+    /// `ADMIN_TAIL` written `ahead` entries past the current head.
+    Tail {
+        ahead: u32,
+    },
+    /// A context notified.
+    Notify {
+        context: u16,
     },
 }
 
@@ -75,7 +87,28 @@ fuzz_target!(|input: Input| {
                 let _ = dev.config_write(usize::from(offset), &value.to_le_bytes());
             }
             Op::Run { later_ms } => {
-                let _ = dev.run(start + Duration::from_millis(u64::from(later_ms)));
+                let now = start + Duration::from_millis(u64::from(later_ms));
+                let before = dev.stats().commands;
+                let _ = dev.run(now);
+                let commands = dev.stats().commands - before;
+                assert!(
+                    commands <= u64::from(MAX_ADMIN_SIZE),
+                    "{commands} commands in one run"
+                );
+                let taken = most_in_flight(&dev.snapshot(now).deferred);
+                assert!(
+                    taken <= usize::from(MAX_QUEUE_SIZE),
+                    "{taken} items of one queue in flight"
+                );
+            }
+            Op::Tail { ahead } => {
+                let mut head = [0u8; 4];
+                dev.bar_read(0, reg::ADMIN_HEAD, &mut head);
+                let tail = u32::from_le_bytes(head).wrapping_add(ahead);
+                dev.bar_write(0, reg::ADMIN_TAIL, &tail.to_le_bytes());
+            }
+            Op::Notify { context } => {
+                dev.bar_write(0, reg::QUEUE_NOTIFY, &u32::from(context).to_le_bytes());
             }
         }
     }

@@ -2,25 +2,50 @@
 //! reads and writes (registers, slots, queue set-up, notifications) and configuration
 //! writes, with the work queues' descriptors and rings in guest memory the input fills,
 //! interleaved with the device doing its work and raising its slots.
+//!
+//! Each run of the device must do bounded work, whatever the rings' indices and however
+//! the queues are stopped, re-programmed, made ready again or reset: never more than a
+//! queue's worth of items per queue taken and not completed.
 
 #![no_main]
 
 use std::time::{Duration, Instant};
 
-use devices::ims::slots::ImsSlots;
+use devices::ims::slots::{reg, ImsSlots, MAX_QUEUE_SIZE};
 use devices::ims::ImsEngine;
 use devices::pci::PciFunction;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vmm_fuzz::{core, lock, memory, DEVICE_A, MAX_OPS};
+use vmm_fuzz::{core, lock, memory, most_in_flight, DEVICE_A, MAX_OPS};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Write { offset: u16, value: u32, len: u8 },
-    Read { offset: u16, len: u8 },
-    Config { offset: u8, value: u32 },
-    Run { later_us: u16 },
-    Raise { slot: u16 },
+    Write {
+        offset: u16,
+        value: u32,
+        len: u8,
+    },
+    Read {
+        offset: u16,
+        len: u8,
+    },
+    Config {
+        offset: u8,
+        value: u32,
+    },
+    Run {
+        later_us: u16,
+    },
+    Raise {
+        slot: u16,
+    },
+    /// Queue `queue` selected and made ready (or not).
+    Ready {
+        queue: u16,
+        on: bool,
+    },
+    /// The device reset.
+    Reset,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -64,8 +89,19 @@ fuzz_target!(|input: Input| {
                 let _ = dev.config_write(usize::from(offset), &value.to_le_bytes());
             }
             Op::Run { later_us } => {
-                let _ = dev.run(start + Duration::from_micros(u64::from(later_us) * 64));
+                let now = start + Duration::from_micros(u64::from(later_us) * 64);
+                let _ = dev.run(now);
+                let taken = most_in_flight(&dev.snapshot(now).deferred);
+                assert!(
+                    taken <= usize::from(MAX_QUEUE_SIZE),
+                    "{taken} items of one queue in flight"
+                );
             }
+            Op::Ready { queue, on } => {
+                dev.bar_write(0, reg::QUEUE_SELECT, &u32::from(queue).to_le_bytes());
+                dev.bar_write(0, reg::QUEUE_READY, &u32::from(on).to_le_bytes());
+            }
+            Op::Reset => dev.bar_write(0, reg::RESET, &1u32.to_le_bytes()),
             Op::Raise { slot } => dev.raise(usize::from(slot)),
         }
     }

@@ -91,13 +91,7 @@ fuzz_target!(|input: Input| {
                 offset,
                 value,
                 len,
-            } => access(
-                &ecam,
-                write,
-                u64::from(offset) % pci::ECAM_SIZE,
-                value,
-                len,
-            ),
+            } => access(&ecam, write, u64::from(offset) % pci::ECAM_SIZE, value, len),
             Op::Window {
                 write,
                 offset,

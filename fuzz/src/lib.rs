@@ -91,3 +91,14 @@ impl MsiInjector for Sink {
         Ok(())
     }
 }
+
+/// The most items one queue of an IMS device has taken and not completed, from its
+/// snapshot's deferred work (queue, head, time left).
+#[must_use]
+pub fn most_in_flight(deferred: &[(u32, u16, u64)]) -> usize {
+    let mut per_queue = std::collections::BTreeMap::new();
+    for (queue, ..) in deferred {
+        *per_queue.entry(*queue).or_insert(0usize) += 1;
+    }
+    per_queue.into_values().max().unwrap_or(0)
+}

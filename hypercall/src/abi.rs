@@ -14,7 +14,9 @@
 //! | R9  | - | result 4 |
 //!
 //! Result registers a call does not define are preserved. A call that fails changes
-//! nothing but RAX.
+//! nothing but RAX, except that a `BATCH` refused after its array was read writes each
+//! entry's status and RSI = 0. A 1- or 2-byte `out` to the doorbell is not a call: it is
+//! answered [`status::UNSUPPORTED`] in RAX and changes nothing else.
 
 /// Call numbers.
 pub mod call {

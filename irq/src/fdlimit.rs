@@ -1,6 +1,6 @@
-//! The file-descriptor limit: every live remapped interrupt holds an eventfd (managed
-//! entries hold two), so a VM with tens of thousands of them needs more descriptors than
-//! the usual soft limit of 1024.
+//! The file-descriptor limit: every line of live remapped interrupts holds an eventfd (and
+//! a managed entry holds one of its own from its allocation on), so a VM with thousands of
+//! them needs more descriptors than the usual soft limit of 1024.
 
 use thiserror::Error;
 

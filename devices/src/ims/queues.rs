@@ -319,15 +319,28 @@ impl ImsQueues {
             return Err(bad);
         }
         let size = u16::try_from(word(context::QUEUE_SIZE)? & 0xffff).map_err(|_| bad)?;
+        let (desc, avail, used) = (
+            quad(context::DESC)?,
+            quad(context::AVAIL)?,
+            quad(context::USED)?,
+        );
+        // The queue's setters would keep their defaults for a bad size or a misaligned
+        // ring: refuse those instead of running on something the driver did not say.
+        // An available ring at 0 would never yield work (the queue reads it as unset).
+        if avail == 0 {
+            return Err(bad);
+        }
         let mut queue = Queue::new(MAX_QUEUE_SIZE).map_err(|_| bad)?;
-        queue.set_size(size);
-        let split = |v: u64| (Some((v & 0xffff_ffff) as u32), Some((v >> 32) as u32));
-        let (lo, hi) = split(quad(context::DESC)?);
-        queue.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(quad(context::AVAIL)?);
-        queue.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(quad(context::USED)?);
-        queue.set_used_ring_address(lo, hi);
+        queue.try_set_size(size).map_err(|_| bad)?;
+        queue
+            .try_set_desc_table_address(GuestAddress(desc))
+            .map_err(|_| bad)?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(avail))
+            .map_err(|_| bad)?;
+        queue
+            .try_set_used_ring_address(GuestAddress(used))
+            .map_err(|_| bad)?;
         queue.set_ready(true);
         if !queue.is_valid(&self.mem) {
             return Err(bad);
@@ -336,9 +349,7 @@ impl ImsQueues {
         // queue was stopped runs now, completed work does not run again.
         let used: u16 = self
             .mem
-            .read_obj(GuestAddress(
-                quad(context::USED)?.checked_add(2).ok_or(bad)?,
-            ))
+            .read_obj(GuestAddress(used.checked_add(2).ok_or(bad)?))
             .map_err(|_| bad)?;
         queue.set_next_avail(used);
         queue.set_next_used(used);
@@ -509,6 +520,11 @@ impl ImsQueues {
             reg::ADMIN_ENABLE => {
                 if value & 1 == 0 {
                     self.admin_enabled = false;
+                    return;
+                }
+                if self.admin_enabled {
+                    // Already running: enabling again changes nothing (a command that
+                    // is waiting keeps its place).
                     return;
                 }
                 let size_ok =
@@ -802,8 +818,27 @@ mod tests {
         let e = submit(&mut rig, 3, 77, 0, ctx);
         rig.dev.process(now);
         assert_eq!(status(&rig, e), command::BAD_OPCODE);
+        // A bad size, a misaligned ring, an available ring at 0: refused, not defaulted.
         write_context(&mem, &mock);
-        let e = submit(&mut rig, 4, command::START, 0, ctx);
+        let refused: [(u64, u64); 3] = [
+            (context::QUEUE_SIZE, 3),
+            (context::DESC, mock.desc_table_addr().0 + 8),
+            (context::AVAIL, 0),
+        ];
+        for (k, (field, value)) in (0u32..).zip(refused) {
+            write_context(&mem, &mock);
+            if field == context::QUEUE_SIZE {
+                mem.write_obj(value as u16, GuestAddress(ctx + field))
+                    .unwrap();
+            } else {
+                mem.write_obj(value, GuestAddress(ctx + field)).unwrap();
+            }
+            let e = submit(&mut rig, 4 + k, command::START, 0, ctx);
+            rig.dev.process(now);
+            assert_eq!(status(&rig, e), command::BAD_CONTEXT, "field {field:#x}");
+        }
+        write_context(&mem, &mock);
+        let e = submit(&mut rig, 7, command::START, 0, ctx);
         rig.dev.process(now);
         assert_eq!(status(&rig, e), command::OK);
         w(&mut rig.dev, reg::INJECT_DROP, 1);

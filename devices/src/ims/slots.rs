@@ -321,9 +321,9 @@ impl ImsSlots {
         }
         // The queue's checks apply to a queue marked ready.
         q.queue.set_ready(true);
-        let used = q
-            .queue
-            .is_valid(&mem)
+        // An available ring at 0 would never yield work (the queue reads it as unset).
+        let valid = q.queue.is_valid(&mem) && q.queue.avail_ring() != 0;
+        let used = valid
             .then(|| q.queue.used_ring())
             .and_then(|at| mem.read_obj::<u16>(GuestAddress(at.checked_add(2)?)).ok());
         match used {
