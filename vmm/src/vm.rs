@@ -685,11 +685,9 @@ fn run_vm(
     if config.snapshot.is_some() {
         harness = harness.with_snapshots(events.clone());
     }
-    if snap.is_some() {
-        if harness.unserved().is_some() {
-            // Rung before the snapshot, not done when it was taken: serve it now.
-            let _ = rings.try_send(());
-        }
+    if snap.is_some() && harness.unserved().is_some() {
+        // Rung before the snapshot, not done when it was taken: serve it now.
+        let _ = rings.try_send(());
     }
     drop(rings);
     let harness_fired = harness.fired();

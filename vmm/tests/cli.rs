@@ -84,6 +84,31 @@ fn a_hung_guest_hits_the_watchdog() {
     );
 }
 
+/// The process ends at the watchdog even though a vCPU thread is still inside a device
+/// call (the device is held for 30 s): exit 124, and the summary says so.
+#[test]
+fn a_vcpu_stuck_in_a_device_does_not_hold_up_the_watchdog() {
+    let out = vmm(&[
+        "run",
+        "--cmdline",
+        "scenario=stuck",
+        "--watchdog",
+        "1",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    assert!(
+        summary.contains("vmm: stuck       1 vCPUs were still inside a device call"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("still busy when the VM stopped"),
+        "{summary}"
+    );
+}
+
 #[test]
 fn a_config_file_says_what_flags_say_and_flags_win() {
     let config = scratch("one-cpu.toml");

@@ -828,7 +828,7 @@ mod tests {
         for (k, (field, value)) in (0u32..).zip(refused) {
             write_context(&mem, &mock);
             if field == context::QUEUE_SIZE {
-                mem.write_obj(value as u16, GuestAddress(ctx + field))
+                mem.write_obj(u16::try_from(value).unwrap(), GuestAddress(ctx + field))
                     .unwrap();
             } else {
                 mem.write_obj(value, GuestAddress(ctx + field)).unwrap();

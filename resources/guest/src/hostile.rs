@@ -155,9 +155,10 @@ fn runaway_admin_tail() -> bool {
     wait_for(&mut ok, "the four junk commands", || {
         reg(qd::reg::ADMIN_HEAD) == 4
     });
+    let first = addr_of!(JUNK_RING).cast::<Command>();
     for k in 0..4 {
-        // SAFETY: an in-bounds element of our ring; only a raw pointer is formed.
-        let entry = unsafe { addr_of!(JUNK_RING[k]) };
+        // SAFETY: an element of our four-entry ring; only a raw pointer is formed.
+        let entry = unsafe { first.add(k) };
         check(
             &mut ok,
             "a junk command's status",
