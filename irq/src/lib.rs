@@ -10,6 +10,12 @@
 //!   committed with one `KVM_SET_GSI_ROUTING`, and the kernel's ordering rules (a route
 //!   exists before an irqfd is attached to it; irqfds are detached before a route goes).
 //!
+//! - [`control`]: the front door. Every front end (the hypercall dispatcher, the VT-d unit,
+//!   the IOAPIC's level pins, an embedder) changes the core through one object-safe trait,
+//!   [`InterruptControl`], held as a [`CoreHandle`]; [`InterruptCore`] implements it over
+//!   [`backing::Backing`] (entries, lines, the route cache, transactions) and owns its lock.
+//!   Device models signal through the data path, [`backing::InterruptPath`], beside it.
+//!
 //! KVM is reached only through the [`routes::RoutingBackend`] trait; [`routes::KvmRouting`]
 //! is the real implementation, and unit tests use a fake that can fail any call.
 //! No device, bus or CLI knowledge lives here.
@@ -28,6 +34,7 @@
 )]
 
 pub mod backing;
+pub mod control;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
 pub mod fdlimit;
@@ -37,5 +44,6 @@ pub mod remap;
 pub mod routes;
 pub mod storm;
 
+pub use control::{CoreHandle, InterruptControl, InterruptCore};
 pub use msi::{MsiError, MsiMessage};
 pub use routes::{Gsi, Irqchip, KvmRouting, RouteError, RouteTable, RoutingBackend};

@@ -1,0 +1,474 @@
+//! The front door of the interrupt core: one small control API, [`InterruptControl`],
+//! through which every front end changes the core (the IRTE hypercall's dispatcher, the
+//! VT-d unit, the IOAPIC's level pins, an embedder), and the named handle front ends hold,
+//! [`CoreHandle`]. The data path ([`InterruptPath`]: "signal the interrupt behind entry
+//! `i` as requester `s`") sits beside it and is reached through [`InterruptControl::path`].
+//!
+//! A front end never sees the core's concrete type, its KVM routing backend or its route
+//! table: [`InterruptCore`] implements the trait over a [`Backing`] and keeps the lock.
+//!
+//! **Coherence of the two table writers.** The hypercall writes entries on behalf of a
+//! requester; a VT-d unit owns the guest's copy of the table. When a requester's write or
+//! free succeeds, the core tells the [`EntryMirror`] registered with it (the VT-d unit,
+//! which writes the entry through into the guest's table), so both see one table: the
+//! last writer wins. Platform writes (the unit's own invalidations) are not mirrored: they
+//! come from that table.
+//!
+//! **Lock order.** The core's lock is the innermost: a front end may hold its own lock
+//! (the VT-d unit does, while it commits an invalidation) when it calls the core, and the
+//! core calls nothing that locks while it holds its lock; it calls the mirror only after
+//! releasing it.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use crate::backing::{AllocFlags, Backing, BackingError, InterruptPath};
+use crate::irte::Irte;
+use crate::msi::MsiMessage;
+use crate::remap::Translation;
+use crate::routes::RoutingBackend;
+
+/// What one entry becomes in a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryWrite {
+    /// This entry.
+    Entry(Irte),
+    /// The raw 128-bit entry, in x2APIC (EIM) encoding, as a remapping table holds it: a
+    /// malformed one becomes an entry that faults when used, not an error.
+    Raw([u64; 2]),
+    /// Not present.
+    Absent,
+}
+
+/// Who writes: a requester may write only the entries allocated to it; the platform
+/// (a VT-d unit loading the guest's table) may write any entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// A device, by requester ID.
+    Requester(u16),
+    /// The platform.
+    Platform,
+}
+
+/// A setting of the core that a platform front end owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    /// Compatibility-format interrupts are blocked (VT-d: IR on with CFI clear) or pass.
+    BlockCompatibility(bool),
+    /// A new table of `entries` entries (VT-d: SIRTP): every entry becomes absent
+    /// (allocations stay), and requests beyond the new size fault.
+    NewTable {
+        /// Entries of the new table (at most the core's).
+        entries: u32,
+    },
+    /// IOAPIC pin `pin` sends `message` as requester `source_id`, level-triggered
+    /// (`None`: edge-triggered, or nothing): the core keeps KVM told which vector's
+    /// EOIs the pin needs (the message's translated target, when it is level).
+    LevelPin {
+        /// The pin.
+        pin: u32,
+        /// What it sends.
+        message: Option<MsiMessage>,
+        /// As whom.
+        source_id: u16,
+    },
+}
+
+/// One entry as the core sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// Its owner and whether it is managed; `None` when not allocated.
+    pub owner: Option<(u16, bool)>,
+    /// The entry, raw, in x2APIC encoding (zero when absent or beyond the table).
+    pub raw: [u64; 2],
+}
+
+/// What is left, for one requester.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Entries in the table.
+    pub table_size: u32,
+    /// Entries not allocated to anyone.
+    pub free_entries: u32,
+    /// Entries the requester may still allocate under its quota.
+    pub quota_left: u32,
+    /// KVM routes left for new best-effort targets.
+    pub best_effort_routes_left: u32,
+}
+
+/// Told of every entry a requester's write or free changed, after the change.
+pub trait EntryMirror: Send + Sync {
+    /// Entry `index` is now `raw` (x2APIC encoding; zero: absent).
+    fn mirror(&self, index: u32, raw: [u64; 2]);
+}
+
+/// The interrupt core's control API. Object-safe: front ends hold a [`CoreHandle`].
+pub trait InterruptControl: Send + Sync {
+    /// Allocates `count` consecutive entries for `requester`; returns the first. The
+    /// entries stay absent until written.
+    ///
+    /// # Errors
+    /// As [`Backing::allocate`].
+    fn allocate(&self, requester: u16, count: u32, flags: AllocFlags) -> Result<u32, BackingError>;
+
+    /// Frees `count` entries from `first`, all `requester`'s (live ones are deactivated
+    /// first), or nothing.
+    ///
+    /// # Errors
+    /// As [`Backing::free`].
+    fn free(&self, requester: u16, first: u32, count: u32) -> Result<(), BackingError>;
+
+    /// Applies `writes` in one transaction (at most one KVM route commit), all or none;
+    /// a later write of an index wins. For a [`Writer::Requester`], every index must be
+    /// allocated to it, checked in order.
+    ///
+    /// # Errors
+    /// [`BackingError::IndexOutOfRange`], [`BackingError::NotAllocated`],
+    /// [`BackingError::NotOwner`], or the transaction's error; nothing changed then.
+    fn write(&self, writer: Writer, writes: &[(u32, EntryWrite)]) -> Result<(), BackingError>;
+
+    /// Entry `index`.
+    fn entry(&self, index: u32) -> EntryInfo;
+
+    /// What is left, for `requester`.
+    fn capacity(&self, requester: u16) -> Capacity;
+
+    /// Changes a platform setting.
+    ///
+    /// # Errors
+    /// [`BackingError::Route`] when KVM refused a pin route (the pin keeps its previous
+    /// one), or the transaction's error for a new table.
+    fn configure(&self, setting: Setting) -> Result<(), BackingError>;
+
+    /// The data path.
+    fn path(&self) -> Arc<InterruptPath>;
+}
+
+/// What front ends hold: the core behind its control API.
+pub type CoreHandle = Arc<dyn InterruptControl>;
+
+/// The interrupt core: a [`Backing`] behind its lock, with the mirror of requester writes.
+pub struct InterruptCore<B: RoutingBackend> {
+    backing: Mutex<Backing<B>>,
+    path: Arc<InterruptPath>,
+    mirror: RwLock<Option<Arc<dyn EntryMirror>>>,
+}
+
+impl<B: RoutingBackend> std::fmt::Debug for InterruptCore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterruptCore").finish_non_exhaustive()
+    }
+}
+
+impl<B: RoutingBackend + 'static> InterruptCore<B> {
+    /// The core over `backing`.
+    #[must_use]
+    pub fn new(backing: Backing<B>) -> Arc<Self> {
+        let path = backing.path();
+        Arc::new(Self {
+            backing: Mutex::new(backing),
+            path,
+            mirror: RwLock::new(None),
+        })
+    }
+
+    /// This core as front ends hold it.
+    #[must_use]
+    pub fn handle(self: &Arc<Self>) -> CoreHandle {
+        self.clone()
+    }
+
+    /// Tells `mirror` of every change a requester makes from now on (replacing any
+    /// mirror before it).
+    pub fn set_mirror(&self, mirror: Arc<dyn EntryMirror>) {
+        *self.mirror.write().unwrap_or_else(PoisonError::into_inner) = Some(mirror);
+    }
+
+    /// The backing itself, for the VMM that owns the core (statistics, snapshots, its
+    /// own MSI routes). Front ends use the [`InterruptControl`] methods.
+    pub fn lock(&self) -> MutexGuard<'_, Backing<B>> {
+        self.backing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the mirror of `indexes` as the table now holds them (with the core's lock
+    /// released while the mirror runs).
+    fn reflect(&self, indexes: impl Iterator<Item = u32>) {
+        let mirror = self
+            .mirror
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(mirror) = mirror else { return };
+        let raws: Vec<(u32, [u64; 2])> = {
+            let backing = self.lock();
+            indexes
+                .map(|i| (i, backing.table().raw(i).unwrap_or([0, 0])))
+                .collect()
+        };
+        for (index, raw) in raws {
+            mirror.mirror(index, raw);
+        }
+    }
+}
+
+/// Checks that `index` is allocated to `requester`.
+fn owned<B: RoutingBackend>(
+    backing: &Backing<B>,
+    index: u32,
+    requester: u16,
+) -> Result<(), BackingError> {
+    if index >= backing.limits().table_size {
+        return Err(BackingError::IndexOutOfRange(index));
+    }
+    match backing.owner(index) {
+        None => Err(BackingError::NotAllocated(index)),
+        Some((owner, _)) if owner != requester => Err(BackingError::NotOwner { index, owner }),
+        Some(_) => Ok(()),
+    }
+}
+
+impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
+    fn allocate(&self, requester: u16, count: u32, flags: AllocFlags) -> Result<u32, BackingError> {
+        self.lock().allocate(count, requester, flags)
+    }
+
+    fn free(&self, requester: u16, first: u32, count: u32) -> Result<(), BackingError> {
+        self.lock().free(first, count, requester)?;
+        self.reflect(first..first.saturating_add(count));
+        Ok(())
+    }
+
+    fn write(&self, writer: Writer, writes: &[(u32, EntryWrite)]) -> Result<(), BackingError> {
+        {
+            let mut backing = self.lock();
+            if let Writer::Requester(requester) = writer {
+                for (index, _) in writes {
+                    owned(&backing, *index, requester)?;
+                }
+            }
+            let mut txn = backing.transaction();
+            for (index, write) in writes {
+                match write {
+                    EntryWrite::Entry(entry) => txn.set(*index, entry)?,
+                    EntryWrite::Raw(raw) => txn.write(*index, *raw)?,
+                    EntryWrite::Absent => txn.clear(*index)?,
+                }
+            }
+            txn.commit()?;
+        }
+        if matches!(writer, Writer::Requester(_)) {
+            self.reflect(writes.iter().map(|(index, _)| *index));
+        }
+        Ok(())
+    }
+
+    fn entry(&self, index: u32) -> EntryInfo {
+        let backing = self.lock();
+        EntryInfo {
+            owner: backing.owner(index),
+            raw: backing.table().raw(index).unwrap_or([0, 0]),
+        }
+    }
+
+    fn capacity(&self, requester: u16) -> Capacity {
+        let backing = self.lock();
+        Capacity {
+            table_size: backing.limits().table_size,
+            free_entries: backing.free_entries(),
+            quota_left: backing.quota_left(requester),
+            best_effort_routes_left: backing.best_effort_routes_left(),
+        }
+    }
+
+    fn configure(&self, setting: Setting) -> Result<(), BackingError> {
+        let mut backing = self.lock();
+        match setting {
+            Setting::BlockCompatibility(block) => {
+                backing.set_block_compatibility(block);
+                Ok(())
+            }
+            Setting::NewTable { entries } => {
+                backing.set_active_size(entries);
+                let size = backing.limits().table_size;
+                let mut txn = backing.transaction();
+                for index in 0..size {
+                    txn.clear(index)?;
+                }
+                txn.commit()
+            }
+            Setting::LevelPin {
+                pin,
+                message,
+                source_id,
+            } => {
+                let route = message
+                    .and_then(|m| match backing.table().translate(&m, source_id) {
+                        Ok(
+                            Translation::Remapped { target, .. }
+                            | Translation::Compatibility(target),
+                        ) => Some(target),
+                        Err(_) => None,
+                    })
+                    .filter(|target| target.level)
+                    .map(|target| target.to_msi());
+                backing.routes_mut().set_pin_route(pin, route)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn path(&self) -> Arc<InterruptPath> {
+        self.path.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::backing::Limits;
+    use crate::fake::FakeRouting;
+    use crate::irte::SourceValidation;
+    use crate::msi::Target;
+    use crate::routes::{Irqchip, RouteTable};
+
+    const DEV: u16 = 0x0018;
+    const OTHER: u16 = 0x0020;
+
+    fn core() -> (Arc<InterruptCore<Arc<FakeRouting>>>, Arc<FakeRouting>) {
+        let kvm = Arc::new(FakeRouting::new());
+        let routes = RouteTable::with_irqchip(kvm.clone(), 4096, Irqchip::Split).unwrap();
+        let backing = Backing::new(routes, Limits::default()).unwrap();
+        (InterruptCore::new(backing), kvm)
+    }
+
+    fn entry(dest: u32, vector: u8, sid: u16) -> Irte {
+        Irte::new(
+            Target::fixed(dest, vector),
+            SourceValidation::RequesterId { sid, qualifier: 0 },
+        )
+    }
+
+    #[derive(Default)]
+    struct Mirror(StdMutex<Vec<(u32, [u64; 2])>>);
+
+    impl EntryMirror for Mirror {
+        fn mirror(&self, index: u32, raw: [u64; 2]) {
+            self.0.lock().unwrap().push((index, raw));
+        }
+    }
+
+    #[test]
+    fn a_requester_writes_only_its_own_entries_and_the_mirror_hears_of_them() {
+        let (core, kvm) = core();
+        let mirror = Arc::new(Mirror::default());
+        core.set_mirror(mirror.clone());
+        let handle = core.handle();
+        let first = handle.allocate(DEV, 2, AllocFlags::default()).unwrap();
+        let theirs = handle.allocate(OTHER, 1, AllocFlags::default()).unwrap();
+        let mine = EntryWrite::Entry(entry(0, 0x40, DEV));
+        handle
+            .write(Writer::Requester(DEV), &[(first, mine)])
+            .unwrap();
+        assert_eq!(
+            kvm.fire(handle.path().line_fd(first).unwrap()),
+            Some(Target::fixed(0, 0x40))
+        );
+        // All or none: the second index is another requester's.
+        let err = handle
+            .write(Writer::Requester(DEV), &[(first + 1, mine), (theirs, mine)])
+            .unwrap_err();
+        assert!(matches!(err, BackingError::NotOwner { index, owner: OTHER } if index == theirs));
+        assert!(!handle.path().is_live(first + 1));
+        let err = handle
+            .write(Writer::Requester(DEV), &[(4000, mine)])
+            .unwrap_err();
+        assert!(matches!(err, BackingError::NotAllocated(4000)));
+        // The platform writes any entry, unmirrored.
+        handle
+            .write(
+                Writer::Platform,
+                &[(theirs, EntryWrite::Raw(entry(1, 0x41, OTHER).encode(true)))],
+            )
+            .unwrap();
+        assert!(handle.path().is_live(theirs));
+        handle.free(DEV, first, 2).unwrap();
+        let heard = mirror.0.lock().unwrap().clone();
+        assert_eq!(heard.len(), 3, "{heard:?}");
+        assert_eq!(heard[0].0, first);
+        assert_ne!(heard[0].1, [0, 0]);
+        assert_eq!(&heard[1..], &[(first, [0, 0]), (first + 1, [0, 0])]);
+        assert_eq!(handle.entry(theirs).owner, Some((OTHER, false)));
+    }
+
+    #[test]
+    fn capacity_new_tables_and_compatibility_blocking() {
+        let (core, _) = core();
+        let handle = core.handle();
+        let before = handle.capacity(DEV);
+        assert_eq!(before.table_size, Limits::default().table_size);
+        let first = handle.allocate(DEV, 4, AllocFlags::default()).unwrap();
+        assert_eq!(handle.capacity(DEV).free_entries, before.free_entries - 4);
+        assert_eq!(handle.capacity(DEV).quota_left, before.quota_left - 4);
+        handle
+            .write(
+                Writer::Requester(DEV),
+                &[(first, EntryWrite::Entry(entry(0, 0x40, DEV)))],
+            )
+            .unwrap();
+        handle
+            .configure(Setting::NewTable { entries: 256 })
+            .unwrap();
+        assert!(!handle.path().is_live(first), "a new table starts empty");
+        assert_eq!(
+            handle.entry(first).owner,
+            Some((DEV, false)),
+            "allocations stay"
+        );
+        handle.configure(Setting::BlockCompatibility(true)).unwrap();
+        assert!(handle.path().blocks_compatibility());
+    }
+
+    #[test]
+    fn a_level_pin_gets_the_route_of_its_translated_target() {
+        let (core, kvm) = core();
+        let handle = core.handle();
+        let ioapic = 0xff00;
+        let first = handle.allocate(ioapic, 1, AllocFlags::default()).unwrap();
+        let mut level = entry(0, 0x33, ioapic);
+        level.target.level = true;
+        handle
+            .write(
+                Writer::Requester(ioapic),
+                &[(first, EntryWrite::Entry(level))],
+            )
+            .unwrap();
+        let handle16 = u16::try_from(first).unwrap();
+        let message = Some(MsiMessage::remappable(handle16, None));
+        handle
+            .configure(Setting::LevelPin {
+                pin: 9,
+                message,
+                source_id: ioapic,
+            })
+            .unwrap();
+        assert_eq!(kvm.route(9), Some(level.target.to_msi()));
+        // Another requester's view of the message translates to nothing: no route.
+        handle
+            .configure(Setting::LevelPin {
+                pin: 9,
+                message,
+                source_id: DEV,
+            })
+            .unwrap();
+        assert_eq!(kvm.route(9), None);
+        let err = handle
+            .configure(Setting::LevelPin {
+                pin: 30,
+                message: None,
+                source_id: ioapic,
+            })
+            .unwrap_err();
+        assert!(matches!(err, BackingError::Route(_)));
+    }
+}
