@@ -16,15 +16,16 @@
 //! sends then.
 //!
 //! Outputs: [`IoApicOutput`]. [`RemappingOutput`] sends through the interrupt core's data
-//! path and keeps the split irqchip's pin routes (so that KVM reports the EOIs of
-//! level-triggered pins) equal to what each level pin's message translates to.
+//! path and hands the core each level pin's message (`Setting::LevelPin`): the core keeps
+//! the split irqchip's pin route (so that KVM reports the EOIs of level-triggered pins)
+//! equal to what that message translates to. The IOAPIC never touches KVM routing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use irq::backing::{Backing, InterruptPath};
-use irq::remap::Translation;
-use irq::{MsiMessage, RoutingBackend};
+use irq::backing::InterruptPath;
+use irq::control::{CoreHandle, Setting};
+use irq::MsiMessage;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{le_u32, put_le_u32, BusDevice};
@@ -63,17 +64,17 @@ pub trait IoApicOutput: Send + Sync {
     }
 }
 
-/// Sends through the interrupt core with the IOAPIC's requester ID and keeps the split
-/// irqchip's pin routes: a level pin's route is the target its message translates to
-/// (when that target is level-triggered), so KVM exits on its vector's EOI.
-pub struct RemappingOutput<B: RoutingBackend> {
+/// Sends through the interrupt core with the IOAPIC's requester ID and tells the core of
+/// level pins' messages, so that it keeps their pin routes (the target each message
+/// translates to, when level-triggered: KVM then exits on its vector's EOI).
+pub struct RemappingOutput {
     path: Arc<InterruptPath>,
-    backing: Arc<Mutex<Backing<B>>>,
+    core: CoreHandle,
     source_id: u16,
     route_errors: AtomicU64,
 }
 
-impl<B: RoutingBackend> std::fmt::Debug for RemappingOutput<B> {
+impl std::fmt::Debug for RemappingOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemappingOutput")
             .field("source_id", &self.source_id)
@@ -82,17 +83,13 @@ impl<B: RoutingBackend> std::fmt::Debug for RemappingOutput<B> {
     }
 }
 
-impl<B: RoutingBackend> RemappingOutput<B> {
-    /// Output into `backing`'s data path as requester `source_id`.
+impl RemappingOutput {
+    /// Output into `core`'s data path as requester `source_id`.
     #[must_use]
-    pub fn new(backing: Arc<Mutex<Backing<B>>>, source_id: u16) -> Self {
-        let path = backing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .path();
+    pub fn new(core: CoreHandle, source_id: u16) -> Self {
         Self {
-            path,
-            backing,
+            path: core.path(),
+            core,
             source_id,
             route_errors: AtomicU64::new(0),
         }
@@ -105,7 +102,7 @@ impl<B: RoutingBackend> RemappingOutput<B> {
     }
 }
 
-impl<B: RoutingBackend> IoApicOutput for RemappingOutput<B> {
+impl IoApicOutput for RemappingOutput {
     fn send(&self, msg: &MsiMessage) {
         // A refusal is a remapping fault, recorded by the data path for the guest to read.
         let _ = self.path.signal_msi(msg, self.source_id);
@@ -115,17 +112,12 @@ impl<B: RoutingBackend> IoApicOutput for RemappingOutput<B> {
         let Ok(pin) = u32::try_from(pin) else {
             return;
         };
-        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
-        let route = msg
-            .and_then(|m| match backing.table().translate(m, self.source_id) {
-                Ok(Translation::Remapped { target, .. } | Translation::Compatibility(target)) => {
-                    Some(target)
-                }
-                Err(_) => None,
-            })
-            .filter(|target| target.level)
-            .map(|target| target.to_msi());
-        if backing.routes_mut().set_pin_route(pin, route).is_err() {
+        let setting = Setting::LevelPin {
+            pin,
+            message: msg.copied(),
+            source_id: self.source_id,
+        };
+        if self.core.configure(setting).is_err() {
             self.route_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -500,12 +492,12 @@ mod tests {
 
     mod through_the_core {
         use irq::backing::Limits;
-        use irq::fake::FakeRouting;
+        use irq::control::{EntryWrite, InterruptControl, Writer};
+        use irq::fake::FakeCore;
         use irq::irte::{Irte, SourceValidation};
         use irq::msi::Target;
         use irq::remap::FaultReason;
         use irq::routes::Irqchip;
-        use irq::RouteTable;
 
         use super::*;
 
@@ -518,24 +510,22 @@ mod tests {
             }
         }
 
-        fn set(backing: &Mutex<Backing<Arc<FakeRouting>>>, index: u32, target: Target, sid: u16) {
-            let mut b = backing.lock().unwrap();
-            let mut txn = b.transaction();
+        fn set(core: &FakeCore, index: u32, target: Target, sid: u16) {
             let validation = SourceValidation::RequesterId { sid, qualifier: 0 };
-            txn.set(index, &Irte::new(target, validation)).unwrap();
-            txn.commit().unwrap();
+            let entry = EntryWrite::Entry(Irte::new(target, validation));
+            core.handle()
+                .write(Writer::Platform, &[(index, entry)])
+                .unwrap();
         }
 
         #[test]
         fn pins_send_through_their_irtes_and_level_pins_keep_routes_for_their_eois() {
-            let kvm = Arc::new(FakeRouting::new());
-            let routes = RouteTable::with_irqchip(kvm.clone(), 4096, Irqchip::Split).unwrap();
-            let backing = Arc::new(Mutex::new(Backing::new(routes, Limits::default()).unwrap()));
-            set(&backing, 5, level(1, 0x41), IOAPIC_SID);
-            set(&backing, 6, Target::fixed(1, 0x42), IOAPIC_SID);
-            set(&backing, 7, level(1, 0x43), 0x0010);
-            let out = Arc::new(RemappingOutput::new(backing.clone(), IOAPIC_SID));
-            let path = backing.lock().unwrap().path();
+            let (core, kvm) = irq::fake::core(Irqchip::Split, 4096, Limits::default());
+            set(&core, 5, level(1, 0x41), IOAPIC_SID);
+            set(&core, 6, Target::fixed(1, 0x42), IOAPIC_SID);
+            set(&core, 7, level(1, 0x43), 0x0010);
+            let out = Arc::new(RemappingOutput::new(core.handle(), IOAPIC_SID));
+            let path = core.path();
             let mut io = IoApic::new(out.clone());
 
             // A level pin gets its translated target as its route as soon as it is written.
@@ -561,7 +551,7 @@ mod tests {
             assert_eq!(log.count(FaultReason::SourceIdMismatch), 1);
 
             // The IRTE moves; the next send (after the EOI, line still high) moves the route.
-            set(&backing, 5, level(2, 0x41), IOAPIC_SID);
+            set(&core, 5, level(2, 0x41), IOAPIC_SID);
             io.eoi(0x41);
             assert_eq!(path.delivered(5), 2);
             assert_eq!(kvm.route(9), Some(level(2, 0x41).to_msi()));
@@ -573,12 +563,12 @@ mod tests {
 
             // A restored IOAPIC sets its level pins' routes again.
             program(&mut io, 11, remappable(5, 0x41, true));
-            backing
-                .lock()
-                .unwrap()
-                .routes_mut()
-                .set_pin_route(11, None)
-                .unwrap();
+            let forget = Setting::LevelPin {
+                pin: 11,
+                message: None,
+                source_id: IOAPIC_SID,
+            };
+            core.handle().configure(forget).unwrap();
             let state = io.state().clone();
             let _restored = IoApic::restore(state, out.clone()).unwrap();
             assert_eq!(kvm.route(11), Some(level(2, 0x41).to_msi()));

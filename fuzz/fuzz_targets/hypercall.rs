@@ -33,7 +33,7 @@ fuzz_target!(|input: Input| {
     let mem = memory(&input.memory);
     let core = core(u32::from(input.live));
     let d = Dispatcher::new(
-        core.clone(),
+        core.handle(),
         mem,
         vec![0, 1],
         vec![DEVICE_A, DEVICE_B],

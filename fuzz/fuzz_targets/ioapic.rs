@@ -53,7 +53,7 @@ enum Op {
 
 fuzz_target!(|ops: Vec<Op>| {
     let core = core_for(0, Irqchip::Split);
-    let out = Arc::new(RemappingOutput::new(core.clone(), IOAPIC_SID));
+    let out = Arc::new(RemappingOutput::new(core.handle(), IOAPIC_SID));
     let mut io = IoApic::new(out.clone());
     for op in ops.iter().take(MAX_OPS) {
         match *op {

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
-use devices::viommu::{regs, FaultsTo, Vtd, VtdDevice};
+use devices::viommu::{regs, Vtd, VtdDevice, WeakVtd};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vmm_fuzz::{core, lock, memory, Sink, MAX_OPS};
@@ -30,9 +30,10 @@ struct Input {
 fuzz_target!(|input: Input| {
     let mem = memory(&input.memory);
     let core = core(u32::from(input.live));
-    let vtd = Arc::new(Mutex::new(Vtd::new(core.clone(), mem, Arc::new(Sink))));
+    let vtd = Arc::new(Mutex::new(Vtd::new(core.handle(), mem, Arc::new(Sink))));
     let path = lock(&core).path();
-    path.set_fault_sink(Arc::new(FaultsTo(Arc::downgrade(&vtd))));
+    path.set_fault_sink(WeakVtd::to(&vtd));
+    core.set_mirror(WeakVtd::to(&vtd));
     let mut dev = VtdDevice(vtd);
     let size = regs::SIZE;
     for op in input.ops.iter().take(MAX_OPS) {

@@ -4,13 +4,14 @@
 //! hostile guest could write and checks that it answers without panicking, and where
 //! cheap, that what it answers is one of the documented outcomes.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use irq::backing::{Backing, Limits, MsiInjector};
+use irq::control::{EntryWrite, InterruptControl, Writer};
 use irq::fake::FakeRouting;
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::Target;
-use irq::{Irqchip, MsiMessage, RouteTable};
+use irq::{Irqchip, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM of every target.
@@ -25,7 +26,7 @@ pub const DEVICE_B: u16 = 0x0020;
 pub const MAX_OPS: usize = 128;
 
 /// The interrupt core of a target.
-pub type Core = Arc<Mutex<Backing<Arc<FakeRouting>>>>;
+pub type Core = irq::fake::FakeCore;
 
 /// Guest RAM with `fill` at address 0 (cut at [`MEM_SIZE`]).
 ///
@@ -57,29 +58,28 @@ pub fn core(live: u32) -> Core {
 /// If the fake refuses a set-up that it always accepts.
 #[must_use]
 pub fn core_for(live: u32, irqchip: Irqchip) -> Core {
-    let kvm = Arc::new(FakeRouting::new());
     let limits = Limits {
         table_size: TABLE_SIZE,
         ..Limits::default()
     };
-    let routes = RouteTable::with_irqchip(kvm, 256, irqchip).expect("routes");
-    let mut backing = Backing::new(routes, limits).expect("backing");
-    let mut txn = backing.transaction();
-    for i in 0..live.min(TABLE_SIZE) {
-        let target = Target::fixed(i % 2, 0x30 + u8::try_from(i % 4).unwrap_or(0));
-        let validation = SourceValidation::RequesterId {
-            sid: DEVICE_A,
-            qualifier: 0,
-        };
-        txn.set(i, &Irte::new(target, validation)).expect("entry");
-    }
-    txn.commit().expect("commit");
-    Arc::new(Mutex::new(backing))
+    let (core, _) = irq::fake::core(irqchip, 256, limits);
+    let writes: Vec<(u32, EntryWrite)> = (0..live.min(TABLE_SIZE))
+        .map(|i| {
+            let target = Target::fixed(i % 2, 0x30 + u8::try_from(i % 4).unwrap_or(0));
+            let validation = SourceValidation::RequesterId {
+                sid: DEVICE_A,
+                qualifier: 0,
+            };
+            (i, EntryWrite::Entry(Irte::new(target, validation)))
+        })
+        .collect();
+    core.write(Writer::Platform, &writes).expect("entries");
+    core
 }
 
-/// Locks a core.
+/// Locks a core's backing (for what front ends do not see: snapshots, raw transactions).
 pub fn lock(core: &Core) -> std::sync::MutexGuard<'_, Backing<Arc<FakeRouting>>> {
-    core.lock().unwrap_or_else(PoisonError::into_inner)
+    core.lock()
 }
 
 /// An injector for compatibility-format messages and event interrupts that accepts all.

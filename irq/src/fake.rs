@@ -177,3 +177,46 @@ impl RoutingBackend for std::sync::Arc<FakeRouting> {
         self.as_ref().deassign_irqfd(fd, gsi)
     }
 }
+
+/// An interrupt core over a fake KVM, as the tests and fuzz targets of every crate build
+/// it: KVM's routes are the fake's, `routes` of them (4096 is KVM's usual limit).
+pub type FakeCore = std::sync::Arc<crate::control::InterruptCore<std::sync::Arc<FakeRouting>>>;
+
+/// A new core with `limits` for a VM with `irqchip`, over a new fake (returned too, to
+/// fire eventfds and inject failures).
+///
+/// # Panics
+/// If the fake refuses the initial route commit (it never does unless told to).
+#[must_use]
+#[cfg_attr(
+    not(test),
+    expect(
+        clippy::expect_used,
+        reason = "a test fixture over a fake that fails only when told to"
+    )
+)]
+pub fn core(
+    irqchip: crate::routes::Irqchip,
+    routes: u32,
+    limits: crate::backing::Limits,
+) -> (FakeCore, std::sync::Arc<FakeRouting>) {
+    let kvm = std::sync::Arc::new(FakeRouting::new());
+    let table = crate::routes::RouteTable::with_irqchip(kvm.clone(), routes, irqchip)
+        .expect("the fake accepts the first commit");
+    let backing = crate::backing::Backing::new(table, limits).expect("a new core");
+    (crate::control::InterruptCore::new(backing), kvm)
+}
+
+/// A core restored from `snapshot` over a new fake (4096 routes, in-kernel irqchip).
+///
+/// # Errors
+/// The snapshot's refusal.
+pub fn restored_core(
+    snapshot: &crate::backing::snapshot::BackingSnapshot,
+) -> Result<(FakeCore, std::sync::Arc<FakeRouting>), crate::backing::snapshot::RestoreError> {
+    let kvm = std::sync::Arc::new(FakeRouting::new());
+    let table = crate::routes::RouteTable::new(kvm.clone(), 4096)
+        .map_err(crate::backing::BackingError::from)?;
+    let backing = crate::backing::Backing::restore(table, snapshot)?;
+    Ok((crate::control::InterruptCore::new(backing), kvm))
+}

@@ -36,7 +36,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypercall::abi::{call, status, target, BatchEntry, Registers};
@@ -430,7 +430,7 @@ impl std::fmt::Display for BenchReport {
 
 /// A VM with an in-kernel irqchip, and the dispatcher over its interrupt core.
 struct Rig {
-    dispatcher: Dispatcher<KvmRouting>,
+    dispatcher: Dispatcher,
     path: Arc<InterruptPath>,
     mem: GuestMemoryMmap,
 }
@@ -455,7 +455,7 @@ fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])
         .map_err(|e| VmError::Os("allocate benchmark memory", std::io::Error::other(e)))?;
     let dispatcher = Dispatcher::new(
-        Arc::new(Mutex::new(backing)),
+        irq::InterruptCore::new(backing).handle(),
         mem.clone(),
         (0..CPUS).collect(),
         vec![REQUESTER],

@@ -30,7 +30,7 @@ use devices::pci::SharedFunction;
 
 use crate::vcpu::{HypercallTimes, VmEvent};
 use hypercall::harness::{self, offset, request, status, HARNESS_SOURCE_ID};
-use irq::backing::{AllocFlags, Backing, InterruptPath};
+use irq::backing::{AllocFlags, InterruptPath};
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::Target;
 use irq::remap::FaultReason;
@@ -41,8 +41,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use bench::Measurements;
 
-/// The interrupt core of the VM (remapping table, routes, lines), shared by its front ends.
-pub type SharedBacking = Arc<Mutex<Backing<KvmRouting>>>;
+/// The interrupt core of the VM (remapping table, routes, lines) as the VMM that owns it
+/// holds it: front ends get its [`irq::CoreHandle`]; the VMM keeps this for statistics,
+/// snapshots and the harness (whose plain MSI routes share KVM's routing table).
+pub type SharedBacking = Arc<irq::InterruptCore<KvmRouting>>;
 
 /// How long a storm's counter must stay still before the storm is over.
 const STORM_SETTLE: Duration = Duration::from_millis(50);
@@ -113,10 +115,7 @@ impl Harness {
         stop: Arc<AtomicBool>,
     ) -> Self {
         let fired = Arc::new(apic_ids.iter().map(|_| AtomicU64::new(0)).collect());
-        let path = backing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .path();
+        let path = backing.lock().path();
         Self {
             mem,
             mailbox,
@@ -383,7 +382,7 @@ impl Harness {
     /// Allocates `count` entries and makes entry `i` what `entry_for(i)` says, in one
     /// transaction. Returns the first index and the route commits it took.
     fn activate(&self, count: u32, entry_for: impl Fn(u32) -> Irte) -> Option<(u32, u64)> {
-        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut backing = self.backing.lock();
         let before = backing.stats().route_commits;
         let first = backing
             .allocate(count, HARNESS_SOURCE_ID, AllocFlags::default())
@@ -402,7 +401,7 @@ impl Harness {
     }
 
     fn release(&self, first: u32, count: u32) -> bool {
-        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut backing = self.backing.lock();
         backing.free(first, count, HARNESS_SOURCE_ID).is_ok()
     }
 
@@ -500,7 +499,7 @@ impl Harness {
                 while !done.load(Ordering::Acquire) && !self.stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(1));
                     cpu = (cpu + 1) % cpus;
-                    let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut backing = self.backing.lock();
                     let mut txn = backing.transaction();
                     if txn.set(first, &self.entry(cpu as usize, vector)).is_ok()
                         && txn.commit().is_ok()
@@ -539,12 +538,7 @@ impl Harness {
     }
 
     fn raise(&self, index: u32, count: u32, fired: &mut [u32], result: &mut u32) -> u32 {
-        let entry = self
-            .backing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .table()
-            .entry(index);
+        let entry = self.backing.lock().table().entry(index);
         let target = entry.ok().and_then(|e| {
             let cpu = self.apic_ids.iter().position(|&id| id == e.target.dest)?;
             (!e.target.logical).then_some((cpu, e.target.vector))
@@ -571,7 +565,7 @@ impl Harness {
         match msg.decode().ok()? {
             irq::msi::DecodedMsi::Compatibility(t) => Some(t.vector),
             d => {
-                let backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+                let backing = self.backing.lock();
                 backing
                     .table()
                     .entry(d.index()?)
@@ -794,7 +788,7 @@ impl Harness {
 
     /// One plain MSI route and one irqfd per (APIC ID, vector), committed together.
     fn attach(&self, targets: &[(u32, u8)]) -> Result<Vec<(Gsi, EventFd)>, ()> {
-        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut backing = self.backing.lock();
         let routes = backing.routes_mut();
         let mut gsis = Vec::with_capacity(targets.len());
         for &(apic, vector) in targets {
@@ -821,7 +815,7 @@ impl Harness {
                     drop(backing);
                     let _ = self.detach(lines);
                     // Routes without irqfds (the rest of `gsis`) go too.
-                    let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut backing = self.backing.lock();
                     let routes = backing.routes_mut();
                     for gsi in gsis {
                         let _ = routes.remove(gsi);
@@ -836,7 +830,7 @@ impl Harness {
 
     /// Detaches every irqfd, then removes the routes in one commit.
     fn detach(&self, lines: Vec<(Gsi, EventFd)>) -> Result<(), ()> {
-        let mut backing = self.backing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut backing = self.backing.lock();
         let routes = backing.routes_mut();
         let mut ok = true;
         for (gsi, fd) in &lines {

@@ -2,7 +2,7 @@
 //!
 //! A vCPU's `out` to the doorbell port reaches [`Dispatcher::call`] with the vCPU's
 //! registers. Each call is validated completely before anything changes, then carried
-//! out as one transaction of the interrupt core (`irq::backing`), which allocates, moves
+//! out through the interrupt core's front door (`irq::control`), which allocates, moves
 //! or frees the host interrupt behind the entry and can fail; its error reaches the guest
 //! in RAX with the previous state intact.
 //!
@@ -15,37 +15,15 @@
 //! `BUSY`, and the throttling is counted, never logged per call.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hypercall::abi::{alloc, batch, call, status, BatchEntry, Registers, TargetWord};
-use irq::backing::{AllocFlags, Backing, BackingError};
+use irq::backing::{AllocFlags, BackingError};
+use irq::control::{CoreHandle, EntryWrite, Writer};
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::{DeliveryMode, MsiMessage, Target};
-use irq::RoutingBackend;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-/// Another view of the remapping table that must show what the hypercall wrote (the
-/// VT-d unit's table in guest memory).
-pub trait EntryMirror: Send + Sync {
-    /// Entry `index` is now `raw` (in the core's encoding; `[0, 0]` when freed or absent).
-    fn mirror(&self, index: u32, raw: [u64; 2]);
-}
-
-impl std::fmt::Debug for dyn EntryMirror {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EntryMirror")
-    }
-}
-
-impl<B: RoutingBackend + 'static> EntryMirror for devices::viommu::VtdDevice<B> {
-    fn mirror(&self, index: u32, raw: [u64; 2]) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .mirror_entry(index, raw);
-    }
-}
 
 /// Something that answers hypercalls (the vCPU loop's view of the dispatcher).
 pub trait HypercallHandler: Send + Sync {
@@ -149,15 +127,15 @@ fn status_of(e: &BackingError) -> u64 {
     }
 }
 
-/// The hypercall dispatcher of one VM.
-#[derive(Debug)]
-pub struct Dispatcher<B: RoutingBackend> {
-    backing: Arc<Mutex<Backing<B>>>,
+/// The hypercall dispatcher of one VM: a front end of the interrupt core, through its
+/// front door (the core writes what a requester changes through to the VT-d unit's table,
+/// `irq::control`).
+pub struct Dispatcher {
+    core: CoreHandle,
     mem: GuestMemoryMmap,
     apic_ids: Vec<u32>,
     requesters: Vec<u16>,
     limit: Mutex<RateLimit>,
-    mirror: Option<Arc<dyn EntryMirror>>,
     /// The core's table size (fixed when the core is made).
     table_size: u32,
     counters: [CallCounters; CALLS],
@@ -165,56 +143,37 @@ pub struct Dispatcher<B: RoutingBackend> {
     throttled: AtomicU64,
 }
 
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("requesters", &self.requesters)
+            .field("table_size", &self.table_size)
+            .finish_non_exhaustive()
+    }
+}
+
 type Outcome = Result<(), u64>;
 
-impl<B: RoutingBackend> Dispatcher<B> {
-    /// A dispatcher over `backing` for a VM with vCPUs `apic_ids`, guest RAM `mem`, the
-    /// devices `requesters`, and at most `rate` calls per second.
+impl Dispatcher {
+    /// A dispatcher over the interrupt core `core` for a VM with vCPUs `apic_ids`, guest
+    /// RAM `mem`, the devices `requesters`, and at most `rate` calls per second.
     pub fn new(
-        backing: Arc<Mutex<Backing<B>>>,
+        core: CoreHandle,
         mem: GuestMemoryMmap,
         apic_ids: Vec<u32>,
         requesters: Vec<u16>,
         rate: u32,
     ) -> Self {
-        let table_size = backing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .limits()
-            .table_size;
         Self {
-            table_size,
-            backing,
+            table_size: core.capacity(0).table_size,
+            core,
             mem,
             apic_ids,
             requesters,
             limit: Mutex::new(RateLimit::new(rate)),
-            mirror: None,
             counters: Default::default(),
             unknown: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
-        }
-    }
-
-    /// Writes every successful change through to `mirror` as well.
-    #[must_use]
-    pub fn with_mirror(mut self, mirror: Arc<dyn EntryMirror>) -> Self {
-        self.mirror = Some(mirror);
-        self
-    }
-
-    /// Tells the mirror about entries `indexes`, with the backing lock released (the
-    /// mirror takes its own lock, which it holds while it commits to the backing).
-    fn reflect(&self, indexes: impl Iterator<Item = u32>) {
-        let Some(mirror) = &self.mirror else { return };
-        let raws: Vec<(u32, [u64; 2])> = {
-            let backing = self.backing();
-            indexes
-                .map(|i| (i, backing.table().raw(i).unwrap_or([0, 0])))
-                .collect()
-        };
-        for (index, raw) in raws {
-            mirror.mirror(index, raw);
         }
     }
 
@@ -242,10 +201,6 @@ impl<B: RoutingBackend> Dispatcher<B> {
             unknown: self.unknown.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
         }
-    }
-
-    fn backing(&self) -> std::sync::MutexGuard<'_, Backing<B>> {
-        self.backing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn requester(&self, regs: &Registers) -> Result<u16, u64> {
@@ -294,8 +249,8 @@ impl<B: RoutingBackend> Dispatcher<B> {
     }
 
     /// Checks that `index` is allocated to `requester`.
-    fn owned(backing: &Backing<B>, index: u32, requester: u16) -> Outcome {
-        match backing.owner(index) {
+    fn owned(&self, index: u32, requester: u16) -> Outcome {
+        match self.core.entry(index).owner {
             None => Err(status::NOT_ALLOCATED),
             Some((owner, _)) if owner != requester => Err(status::SOURCE_ID_NOT_PERMITTED),
             Some(_) => Ok(()),
@@ -304,11 +259,11 @@ impl<B: RoutingBackend> Dispatcher<B> {
 
     fn query(&self, regs: &mut Registers) -> Outcome {
         let requester = self.requester(regs)?;
-        let backing = self.backing();
-        regs.rsi = u64::from(backing.limits().table_size);
-        regs.rdi = u64::from(backing.free_entries());
-        regs.r8 = u64::from(backing.quota_left(requester));
-        regs.r9 = u64::from(backing.best_effort_routes_left());
+        let capacity = self.core.capacity(requester);
+        regs.rsi = u64::from(capacity.table_size);
+        regs.rdi = u64::from(capacity.free_entries);
+        regs.r8 = u64::from(capacity.quota_left);
+        regs.r9 = u64::from(capacity.best_effort_routes_left);
         Ok(())
     }
 
@@ -323,8 +278,8 @@ impl<B: RoutingBackend> Dispatcher<B> {
             aligned: regs.rdi & alloc::ALIGNED != 0,
         };
         let first = self
-            .backing()
-            .allocate(count, requester, flags)
+            .core
+            .allocate(requester, count, flags)
             .map_err(|e| status_of(&e))?;
         regs.rsi = u64::from(first);
         Ok(())
@@ -334,20 +289,10 @@ impl<B: RoutingBackend> Dispatcher<B> {
         let requester = self.requester(regs)?;
         let index = self.index(regs.rsi)?;
         let entry = self.parse_target(regs.rdi, requester)?;
-        {
-            let mut backing = self.backing();
-            Self::owned(&backing, index, requester)?;
-            let mut txn = backing.transaction();
-            let staged = match entry {
-                Some(e) => txn.set(index, &e),
-                None => txn.clear(index),
-            };
-            staged
-                .and_then(|()| txn.commit())
-                .map_err(|e| status_of(&e))?;
-        }
-        self.reflect(std::iter::once(index));
-        Ok(())
+        // The core checks the entry is the requester's, then applies it (or nothing).
+        self.core
+            .write(Writer::Requester(requester), &[(index, write_of(entry))])
+            .map_err(|e| status_of(&e))
     }
 
     fn free(&self, regs: &mut Registers) -> Outcome {
@@ -357,17 +302,15 @@ impl<B: RoutingBackend> Dispatcher<B> {
         if count == 0 {
             return Err(status::INVALID_ARGUMENT);
         }
-        self.backing()
-            .free(first, count, requester)
-            .map_err(|e| status_of(&e))?;
-        self.reflect(first..first + count);
-        Ok(())
+        self.core
+            .free(requester, first, count)
+            .map_err(|e| status_of(&e))
     }
 
     fn compose(&self, regs: &mut Registers) -> Outcome {
         let requester = self.requester(regs)?;
         let index = self.index(regs.rsi)?;
-        Self::owned(&self.backing(), index, requester)?;
+        self.owned(index, requester)?;
         let handle = u16::try_from(index).map_err(|_| status::INVALID_ARGUMENT)?;
         let msg = MsiMessage::remappable(handle, None);
         regs.rsi = msg.address;
@@ -397,7 +340,6 @@ impl<B: RoutingBackend> Dispatcher<B> {
         let mut statuses = vec![status::OK; entries];
         let mut first_error = None;
         let mut parsed = Vec::with_capacity(entries);
-        let mut backing = self.backing();
         for (i, chunk) in raw.chunks_exact(entry_size).enumerate() {
             let mut bytes = [0u8; 16];
             bytes.copy_from_slice(chunk);
@@ -407,7 +349,7 @@ impl<B: RoutingBackend> Dispatcher<B> {
                 ..
             } = BatchEntry::from_bytes(&bytes);
             let checked = if index < self.table_size {
-                Self::owned(&backing, index, requester)
+                self.owned(index, requester)
                     .and_then(|()| self.parse_target(word, requester))
             } else {
                 Err(status::INVALID_ARGUMENT)
@@ -425,20 +367,16 @@ impl<B: RoutingBackend> Dispatcher<B> {
         let result = match first_error {
             Some(e) => Err(e),
             None => {
-                let mut txn = backing.transaction();
-                let mut staged = Ok(());
-                for (index, entry) in &parsed {
-                    staged = staged.and_then(|()| match entry {
-                        Some(e) => txn.set(*index, e),
-                        None => txn.clear(*index),
-                    });
-                }
-                staged
-                    .and_then(|()| txn.commit())
+                // The core checks ownership again, with the writes: all or none.
+                let writes: Vec<(u32, EntryWrite)> = parsed
+                    .iter()
+                    .map(|(index, entry)| (*index, write_of(*entry)))
+                    .collect();
+                self.core
+                    .write(Writer::Requester(requester), &writes)
                     .map_err(|e| status_of(&e))
             }
         };
-        drop(backing);
         if result.is_err() {
             for s in statuses.iter_mut().filter(|s| **s == status::OK) {
                 *s = status::NOT_APPLIED;
@@ -452,14 +390,16 @@ impl<B: RoutingBackend> Dispatcher<B> {
                 .write_obj(u32::try_from(*s).unwrap_or(u32::MAX), at);
         }
         regs.rsi = if result.is_ok() { count } else { 0 };
-        if result.is_ok() {
-            self.reflect(parsed.iter().map(|(index, _)| *index));
-        }
         result
     }
 }
 
-impl<B: RoutingBackend> HypercallHandler for Dispatcher<B> {
+/// What a parsed target word writes: the entry, or (deactivation) nothing present.
+fn write_of(entry: Option<Irte>) -> EntryWrite {
+    entry.map_or(EntryWrite::Absent, EntryWrite::Entry)
+}
+
+impl HypercallHandler for Dispatcher {
     fn refused(&self) {
         self.unknown.fetch_add(1, Ordering::Relaxed);
     }
@@ -508,9 +448,11 @@ impl<B: RoutingBackend> HypercallHandler for Dispatcher<B> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use irq::backing::Limits;
     use irq::fake::{Failures, FakeRouting};
-    use irq::RouteTable;
+    use irq::Irqchip;
 
     use super::*;
     use hypercall::abi::target;
@@ -518,36 +460,27 @@ mod tests {
     const ME: u64 = 0x00f8;
     const OTHER: u64 = 0x0100;
 
-    fn dispatcher(
-        limit: u32,
-        rate: u32,
-    ) -> (
-        Dispatcher<Arc<FakeRouting>>,
-        Arc<FakeRouting>,
-        GuestMemoryMmap,
-    ) {
-        let kvm = Arc::new(FakeRouting::new());
-        let routes = RouteTable::new(kvm.clone(), limit).unwrap();
+    fn dispatcher(limit: u32, rate: u32) -> (Dispatcher, Arc<FakeRouting>, GuestMemoryMmap) {
         let limits = Limits {
             table_size: 256,
             ..Limits::default()
         };
-        let backing = Arc::new(Mutex::new(Backing::new(routes, limits).unwrap()));
+        let (core, kvm) = irq::fake::core(Irqchip::InKernel, limit, limits);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         (
-            Dispatcher::new(backing, mem.clone(), vec![0, 1], vec![0x00f8, 0x0100], rate),
+            Dispatcher::new(
+                core.handle(),
+                mem.clone(),
+                vec![0, 1],
+                vec![0x00f8, 0x0100],
+                rate,
+            ),
             kvm,
             mem,
         )
     }
 
-    fn call(
-        d: &Dispatcher<Arc<FakeRouting>>,
-        number: u32,
-        requester: u64,
-        a: u64,
-        b: u64,
-    ) -> Registers {
+    fn call(d: &Dispatcher, number: u32, requester: u64, a: u64, b: u64) -> Registers {
         let mut regs = Registers {
             rax: u64::from(number),
             rcx: requester,

@@ -16,13 +16,13 @@ use devices::debug_exit::{DebugExit, ExitSink};
 use devices::harness::HarnessDoorbell;
 use devices::ioapic::{self, IoApic, RemappingOutput};
 use devices::serial::{IrqLine, SerialConsole};
-use devices::viommu::{self, Vtd, VtdDevice};
+use devices::viommu::{self, Vtd, VtdDevice, WeakVtd};
 use hypercall::boot::BootInfo;
 use hypercall::{harness, platform};
 use irq::backing::{Backing, BackingError, InterruptPath, Limits, MsiInjector};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
 use irq::remap::FaultReason;
-use irq::{Irqchip, KvmRouting, RouteError, RouteTable};
+use irq::{InterruptControl, InterruptCore, Irqchip, KvmRouting, RouteError, RouteTable};
 use kvm_bindings::{
     kvm_enable_cap, kvm_mp_state, CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
@@ -410,7 +410,7 @@ struct Machine<'a> {
     storm_gate: Arc<Mutex<()>>,
     path: &'a Arc<InterruptPath>,
     backing: &'a SharedBacking,
-    vtd: &'a Arc<Mutex<Vtd<KvmRouting>>>,
+    vtd: &'a Arc<Mutex<Vtd>>,
     ioapic: &'a Arc<Mutex<IoApic>>,
     serial: &'a Arc<Mutex<SerialConsole<Box<dyn Write + Send>>>>,
     pci: &'a mut PciDevices,
@@ -534,14 +534,16 @@ fn run_vm(
         Some(s) => Backing::restore(routes, &s.interrupts).map_err(SnapshotError::from)?,
     };
     let table_size = backing.limits().table_size;
-    let backing: SharedBacking = Arc::new(Mutex::new(backing));
+    // The core: devices and the dispatcher hold it through its front door (`handle`);
+    // the VMM keeps the concrete core for statistics, snapshots and the harness.
+    let backing: SharedBacking = InterruptCore::new(backing);
     // The VT-d unit: registers on the MMIO bus, faults from the data path, its own event
     // interrupts (and compatibility-format requests while allowed) injected directly.
     let injector: Arc<dyn MsiInjector> = Arc::new(KvmRouting::new(vm.clone()));
     let vtd = match &snap {
-        None => Vtd::new(backing.clone(), mem.clone(), injector.clone()),
+        None => Vtd::new(backing.handle(), mem.clone(), injector.clone()),
         Some(s) => Vtd::restore(
-            backing.clone(),
+            backing.handle(),
             mem.clone(),
             injector.clone(),
             s.vtd.clone(),
@@ -549,17 +551,17 @@ fn run_vm(
         .map_err(SnapshotError::from)?,
     };
     let vtd = Arc::new(Mutex::new(vtd));
-    let path = backing
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .path();
-    path.set_fault_sink(Arc::new(viommu::FaultsTo(Arc::downgrade(&vtd))));
+    let path = backing.path();
+    // The unit hears of faults and of what requesters write (so its table in guest
+    // memory shows the hypercall's entries too).
+    path.set_fault_sink(WeakVtd::to(&vtd));
+    backing.set_mirror(WeakVtd::to(&vtd));
     path.set_compat_injector(injector);
     path.set_storm_rate(config.irq_rate);
     // The IOAPIC: its interrupts are MSIs from requester ff:00.0 (as the DMAR says) into
     // the interrupt core; its level pins' routes let KVM report their EOIs.
     let ioapic_out = Arc::new(RemappingOutput::new(
-        backing.clone(),
+        backing.handle(),
         crate::acpi::IOAPIC_SOURCE_ID,
     ));
     let ioapic = match &snap {
@@ -700,16 +702,13 @@ fn run_vm(
     let mut requesters = vec![HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID];
     requesters.extend(pci.requesters());
     requesters.sort_unstable();
-    let dispatcher = Arc::new(
-        Dispatcher::new(
-            backing.clone(),
-            mem.clone(),
-            (0..config.cpus).collect(),
-            requesters,
-            config.hypercall_rate,
-        )
-        .with_mirror(Arc::new(VtdDevice(vtd.clone()))),
-    );
+    let dispatcher = Arc::new(Dispatcher::new(
+        backing.handle(),
+        mem.clone(),
+        (0..config.cpus).collect(),
+        requesters,
+        config.hypercall_rate,
+    ));
     buses.hypercall_port = Some(platform::HYPERCALL_PORT);
     let shared = VcpuShared {
         buses: Arc::new(buses),
@@ -782,10 +781,7 @@ fn run_vm(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let remap_stats = backing
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .stats();
+    let remap_stats = backing.lock().stats();
     let mut serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
     let flush_failed = u64::from(serial.flush().is_err());
     Ok(RunReport {
@@ -959,11 +955,7 @@ impl Machine<'_> {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .snapshot(),
-            interrupts: self
-                .backing
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .snapshot(),
+            interrupts: self.backing.lock().snapshot(),
             vtd: self
                 .vtd
                 .lock()
@@ -1261,10 +1253,7 @@ pub(crate) fn join_by<T>(thread: JoinHandle<T>, deadline: Instant) -> Option<T> 
 
 /// Remapping faults recorded by the data path, by reason.
 fn remap_faults(backing: &SharedBacking) -> Vec<(u8, u64)> {
-    let path = backing
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .path();
+    let path = backing.lock().path();
     FaultReason::ALL
         .iter()
         .map(|r| (r.code(), path.fault_log().count(*r)))

@@ -195,17 +195,18 @@ impl<D: ImsEngine> MutEventSubscriber for ImsBackend<D> {
     }
 }
 
-/// The interrupt core the device tests raise through: fake KVM routing, 1 MiB of RAM, and
-/// entries owned by `sid`.
+/// The interrupt core the device tests raise through (the fake-KVM core of `irq::fake`),
+/// 1 MiB of RAM, and entries owned by `sid`.
 #[cfg(test)]
 pub(crate) mod testing {
     use std::sync::Arc;
 
-    use irq::backing::{Backing, Limits};
-    use irq::fake::FakeRouting;
+    use irq::backing::Limits;
+    use irq::control::{EntryWrite, InterruptControl, Writer};
+    use irq::fake::{FakeCore, FakeRouting};
     use irq::irte::{Irte, SourceValidation};
     use irq::msi::Target;
-    use irq::RouteTable;
+    use irq::Irqchip;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     use crate::pci::PciFunction;
@@ -226,23 +227,18 @@ pub(crate) mod testing {
     pub fn core(
         sid: u16,
         entries: &[(u32, u32, u8)],
-    ) -> (Backing<Arc<FakeRouting>>, Arc<FakeRouting>, GuestMemoryMmap) {
-        let kvm = Arc::new(FakeRouting::new());
-        let mut backing = Backing::new(
-            RouteTable::new(kvm.clone(), 4096).unwrap(),
-            Limits::default(),
-        )
-        .unwrap();
+    ) -> (FakeCore, Arc<FakeRouting>, GuestMemoryMmap) {
+        let (core, kvm) = irq::fake::core(Irqchip::InKernel, 4096, Limits::default());
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mut txn = backing.transaction();
-        for &(index, dest, vector) in entries {
-            let entry = Irte::new(
-                Target::fixed(dest, vector),
-                SourceValidation::RequesterId { sid, qualifier: 0 },
-            );
-            txn.set(index, &entry).unwrap();
-        }
-        txn.commit().unwrap();
-        (backing, kvm, mem)
+        let writes: Vec<(u32, EntryWrite)> = entries
+            .iter()
+            .map(|&(index, dest, vector)| {
+                let validation = SourceValidation::RequesterId { sid, qualifier: 0 };
+                let entry = Irte::new(Target::fixed(dest, vector), validation);
+                (index, EntryWrite::Entry(entry))
+            })
+            .collect();
+        core.write(Writer::Platform, &writes).unwrap();
+        (core, kvm, mem)
     }
 }

@@ -612,8 +612,8 @@ impl PciFunction for ImsQueues {
 
 #[cfg(test)]
 mod tests {
-    use irq::backing::Backing;
-    use irq::fake::FakeRouting;
+    use irq::control::InterruptControl;
+    use irq::fake::FakeCore;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -626,7 +626,7 @@ mod tests {
 
     struct Rig {
         dev: ImsQueues,
-        backing: Backing<Arc<FakeRouting>>,
+        backing: FakeCore,
         mem: GuestMemoryMmap,
     }
 

@@ -441,7 +441,8 @@ impl PciFunction for ImsSlots {
 
 #[cfg(test)]
 mod tests {
-    use irq::backing::Backing;
+    use irq::control::InterruptControl;
+    use irq::fake::FakeCore;
     use irq::fake::FakeRouting;
     use irq::msi::Target;
     use irq::remap::FaultReason;
@@ -453,7 +454,7 @@ mod tests {
 
     struct Rig {
         dev: ImsSlots,
-        backing: Backing<Arc<FakeRouting>>,
+        backing: FakeCore,
         kvm: Arc<FakeRouting>,
         mem: GuestMemoryMmap,
     }

@@ -1,5 +1,6 @@
 //! A VT-d remapping unit that offers interrupt remapping only: the register front end to
-//! the interrupt core's remapping table (`irq::backing`). What a stock Linux VT-d driver
+//! the interrupt core's remapping table, through the core's front door
+//! (`irq::control::CoreHandle`; the unit never sees KVM or the route table). What a stock Linux VT-d driver
 //! programs for interrupt remapping works as on hardware; `docs/viommu.md` lists the
 //! subset.
 //!
@@ -19,8 +20,9 @@
 //!
 //! The IRTE hypercall writes the same core table. The rule: the last writer of an entry
 //! wins, and both front ends see the same state. A hypercall update changes the core at
-//! once and is written through to the guest's table at IRTA ([`Vtd::mirror_entry`]); a
-//! guest's write to its table takes effect when it invalidates the entry.
+//! once and is written through to the guest's table at IRTA ([`Vtd::mirror_entry`], which
+//! the core calls through the [`WeakVtd`] registered as its mirror); a guest's write to its
+//! table takes effect when it invalidates the entry.
 
 pub mod regs;
 #[cfg(any(test, feature = "test-utils"))]
@@ -29,10 +31,11 @@ pub mod testing;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use irq::backing::{Backing, FaultSink, MsiInjector};
+use irq::backing::{FaultSink, MsiInjector};
+use irq::control::{CoreHandle, EntryMirror, EntryWrite, Setting, Writer};
 use irq::irte::Irte;
 use irq::remap::Fault;
-use irq::{MsiMessage, RoutingBackend};
+use irq::MsiMessage;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::bus::BusDevice;
@@ -142,15 +145,15 @@ pub struct VtdCounters {
 }
 
 /// The remapping unit.
-pub struct Vtd<B: RoutingBackend> {
+pub struct Vtd {
     state: VtdState,
     counters: VtdCounters,
-    backing: Arc<Mutex<Backing<B>>>,
+    core: CoreHandle,
     mem: GuestMemoryMmap,
     events: Arc<dyn MsiInjector>,
 }
 
-impl<B: RoutingBackend> std::fmt::Debug for Vtd<B> {
+impl std::fmt::Debug for Vtd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vtd")
             .field("state", &self.state)
@@ -187,23 +190,17 @@ fn msi(addr_lo: u32, addr_hi: u32, data: u32) -> MsiMessage {
     }
 }
 
-impl<B: RoutingBackend> Vtd<B> {
-    /// A unit over `backing`, reading the guest's tables from `mem` and sending its own
+impl Vtd {
+    /// A unit over the interrupt core `core`, reading the guest's tables from `mem` and sending its own
     /// event interrupts through `events`. Interrupt remapping starts disabled, so
     /// compatibility-format interrupts pass.
-    pub fn new(
-        backing: Arc<Mutex<Backing<B>>>,
-        mem: GuestMemoryMmap,
-        events: Arc<dyn MsiInjector>,
-    ) -> Self {
-        backing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .set_block_compatibility(false);
+    pub fn new(core: CoreHandle, mem: GuestMemoryMmap, events: Arc<dyn MsiInjector>) -> Self {
+        // Setting a flag cannot fail.
+        let _ = core.configure(Setting::BlockCompatibility(false));
         Self {
             state: VtdState::default(),
             counters: VtdCounters::default(),
-            backing,
+            core,
             mem,
             events,
         }
@@ -221,7 +218,7 @@ impl<B: RoutingBackend> Vtd<B> {
     /// # Errors
     /// A state no unit could be in; nothing is built.
     pub fn restore(
-        backing: Arc<Mutex<Backing<B>>>,
+        core: CoreHandle,
         mem: GuestMemoryMmap,
         events: Arc<dyn MsiInjector>,
         state: VtdState,
@@ -230,7 +227,7 @@ impl<B: RoutingBackend> Vtd<B> {
         Ok(Self {
             state,
             counters: VtdCounters::default(),
-            backing,
+            core,
             mem,
             events,
         })
@@ -240,10 +237,6 @@ impl<B: RoutingBackend> Vtd<B> {
     #[must_use]
     pub fn counters(&self) -> VtdCounters {
         self.counters
-    }
-
-    fn backing(&self) -> std::sync::MutexGuard<'_, Backing<B>> {
-        self.backing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn fsts(&self) -> u32 {
@@ -443,24 +436,13 @@ impl<B: RoutingBackend> Vtd<B> {
         s.gsts = (s.gsts & !global::IRE) | if ire { global::IRE } else { 0 };
         s.gsts = (s.gsts & !global::CFI) | (value & global::CFI);
         let block = ire && value & global::CFI == 0;
-        self.backing().set_block_compatibility(block);
+        // Setting a flag cannot fail.
+        let _ = self.core.configure(Setting::BlockCompatibility(block));
     }
 
     /// Makes every core entry absent and limits the core to `entries` (a new table).
     fn clear_core(&mut self, entries: u32) {
-        let committed = {
-            let mut backing = self.backing();
-            backing.set_active_size(entries);
-            let size = backing.limits().table_size;
-            let mut txn = backing.transaction();
-            for index in 0..size {
-                if txn.clear(index).is_err() {
-                    break;
-                }
-            }
-            txn.commit().is_ok()
-        };
-        if !committed {
+        if self.core.configure(Setting::NewTable { entries }).is_err() {
             self.counters.commit_failures += 1;
         }
     }
@@ -684,13 +666,14 @@ impl<B: RoutingBackend> Vtd<B> {
         if staged.is_empty() {
             return;
         }
-        let mut backing = self.backing();
-        let mut txn = backing.transaction();
-        for (index, raw) in std::mem::take(staged) {
-            let _ = txn.write(index, raw);
-        }
-        let ok = txn.commit().is_ok();
-        drop(backing);
+        // Entries beyond the core's table (a core smaller than the unit's) are not written.
+        let size = self.core.capacity(0).table_size;
+        let writes: Vec<(u32, EntryWrite)> = std::mem::take(staged)
+            .into_iter()
+            .filter(|(index, _)| *index < size)
+            .map(|(index, raw)| (index, EntryWrite::Raw(raw)))
+            .collect();
+        let ok = self.core.write(Writer::Platform, &writes).is_ok();
         self.counters.commits += 1;
         if !ok {
             self.counters.commit_failures += 1;
@@ -737,21 +720,21 @@ fn iqa_mask() -> u64 {
 }
 
 /// The unit on the MMIO bus and as the data path's fault sink.
-pub struct VtdDevice<B: RoutingBackend>(pub Arc<Mutex<Vtd<B>>>);
+pub struct VtdDevice(pub Arc<Mutex<Vtd>>);
 
-impl<B: RoutingBackend> std::fmt::Debug for VtdDevice<B> {
+impl std::fmt::Debug for VtdDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("VtdDevice")
     }
 }
 
-impl<B: RoutingBackend> VtdDevice<B> {
-    fn unit(&self) -> std::sync::MutexGuard<'_, Vtd<B>> {
+impl VtdDevice {
+    fn unit(&self) -> std::sync::MutexGuard<'_, Vtd> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl<B: RoutingBackend + 'static> BusDevice for VtdDevice<B> {
+impl BusDevice for VtdDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let mut unit = self.unit();
         let value = unit.read(offset, data.len());
@@ -776,30 +759,49 @@ impl<B: RoutingBackend + 'static> BusDevice for VtdDevice<B> {
     }
 }
 
-impl<B: RoutingBackend + 'static> FaultSink for VtdDevice<B> {
+impl FaultSink for VtdDevice {
     fn fault(&self, fault: &Fault) {
         self.unit().record_fault(fault);
     }
 }
 
-/// The unit as the data path's fault sink, held weakly: the unit holds the interrupt core,
-/// which holds its sink, so a strong sink would keep both alive (and their eventfds open)
-/// after the VM is gone. Faults raised after the unit is dropped go nowhere.
-pub struct FaultsTo<B: RoutingBackend>(pub std::sync::Weak<Mutex<Vtd<B>>>);
+/// The unit as the interrupt core knows it, held weakly: the data path's fault sink
+/// (`InterruptPath::set_fault_sink`) and the core's entry mirror
+/// (`InterruptCore::set_mirror`: what a requester writes through the hypercall is written
+/// through into the guest's table, so both show one table). The unit holds the core,
+/// which holds these, so a strong link would keep both alive (and their eventfds open)
+/// after the VM is gone. Faults and writes after the unit is dropped go nowhere.
+pub struct WeakVtd(pub std::sync::Weak<Mutex<Vtd>>);
 
-impl<B: RoutingBackend> std::fmt::Debug for FaultsTo<B> {
+impl std::fmt::Debug for WeakVtd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FaultsTo")
+        f.write_str("WeakVtd")
     }
 }
 
-impl<B: RoutingBackend + 'static> FaultSink for FaultsTo<B> {
-    fn fault(&self, fault: &Fault) {
+impl WeakVtd {
+    /// The link to `unit`.
+    #[must_use]
+    pub fn to(unit: &Arc<Mutex<Vtd>>) -> Arc<Self> {
+        Arc::new(Self(Arc::downgrade(unit)))
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Vtd)) {
         if let Some(unit) = self.0.upgrade() {
-            unit.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .record_fault(fault);
+            f(&mut unit.lock().unwrap_or_else(PoisonError::into_inner));
         }
+    }
+}
+
+impl FaultSink for WeakVtd {
+    fn fault(&self, fault: &Fault) {
+        self.with(|unit| unit.record_fault(fault));
+    }
+}
+
+impl EntryMirror for WeakVtd {
+    fn mirror(&self, index: u32, raw: [u64; 2]) {
+        self.with(|unit| unit.mirror_entry(index, raw));
     }
 }
 

@@ -6,11 +6,12 @@
 use std::sync::Mutex as StdMutex;
 
 use irq::backing::{InterruptPath, Limits};
+use irq::control::InterruptControl;
 use irq::fake::FakeRouting;
 use irq::irte::SourceValidation;
 use irq::msi::Target;
 use irq::remap::FaultReason;
-use irq::RouteTable;
+use irq::Irqchip;
 
 use super::testing::FakeDriver;
 use super::*;
@@ -32,8 +33,9 @@ impl MsiInjector for Injected {
 }
 
 struct Rig {
-    driver: FakeDriver<VtdDevice<Arc<FakeRouting>>>,
-    unit: Arc<Mutex<Vtd<Arc<FakeRouting>>>>,
+    driver: FakeDriver<VtdDevice>,
+    core: irq::fake::FakeCore,
+    unit: Arc<Mutex<Vtd>>,
     path: Arc<InterruptPath>,
     kvm: Arc<FakeRouting>,
     injected: Arc<Injected>,
@@ -41,18 +43,22 @@ struct Rig {
 
 impl Rig {
     fn new() -> Self {
-        let kvm = Arc::new(FakeRouting::new());
-        let routes = RouteTable::new(kvm.clone(), 4096).unwrap();
-        let backing = Arc::new(Mutex::new(Backing::new(routes, Limits::default()).unwrap()));
-        let path = backing.lock().unwrap().path();
+        let (core, kvm) = irq::fake::core(Irqchip::InKernel, 4096, Limits::default());
+        let path = core.path();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let injected = Arc::new(Injected::default());
-        let unit = Arc::new(Mutex::new(Vtd::new(backing, mem.clone(), injected.clone())));
-        path.set_fault_sink(Arc::new(FaultsTo(Arc::downgrade(&unit))));
+        let unit = Arc::new(Mutex::new(Vtd::new(
+            core.handle(),
+            mem.clone(),
+            injected.clone(),
+        )));
+        path.set_fault_sink(WeakVtd::to(&unit));
+        core.set_mirror(WeakVtd::to(&unit));
         path.set_compat_injector(injected.clone());
         let driver = FakeDriver::new(VtdDevice(unit.clone()), mem, TABLE, QUEUE, STATUS);
         Self {
             driver,
+            core,
             unit,
             path,
             kvm,
@@ -405,18 +411,11 @@ fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
     let rig = Rig::enabled(true);
     // A fault (an absent entry) fills a fault record.
     assert!(rig.path.signal(5, DEV).is_err());
-    let (state, core) = {
-        let unit = rig.unit.lock().unwrap();
-        let core = unit.backing.lock().unwrap().snapshot();
-        (unit.state().clone(), core)
-    };
+    let state = rig.unit.lock().unwrap().state().clone();
+    let core = rig.core.lock().snapshot();
     assert!(state.frcd.iter().any(|r| r[1] >> 63 != 0), "{state:?}");
     assert!(state.table.is_some());
-    let restored_core = || {
-        let kvm = Arc::new(FakeRouting::new());
-        let routes = RouteTable::new(kvm, 4096).unwrap();
-        Arc::new(Mutex::new(Backing::restore(routes, &core).unwrap()))
-    };
+    let restored_core = || irq::fake::restored_core(&core).unwrap().0.handle();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let events: Arc<dyn MsiInjector> = Arc::new(Injected::default());
     let unit = Vtd::restore(restored_core(), mem.clone(), events.clone(), state.clone()).unwrap();
