@@ -99,9 +99,9 @@ pub trait RoutingBackend: Send + Sync {
     fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()>;
 }
 
-/// Fault injection for a [`KvmRouting`]: the next calls of a kind fail (with `ENOMEM`)
-/// before reaching KVM, as a real failure would, so that tests can show that every
-/// failure leaves the previous state working and is reported.
+/// Fault injection for a routing backend ([`FaultInjecting`]): the next calls of a kind
+/// fail (with `ENOMEM`) before reaching KVM, as a real failure would, so that tests can
+/// show that every failure leaves the previous state working and is reported.
 #[derive(Debug, Default)]
 pub struct InjectedFaults {
     set_routes: AtomicU32,
@@ -127,27 +127,58 @@ impl InjectedFaults {
     }
 }
 
+/// Test machinery: `inner`, whose calls fail when [`InjectedFaults`] says so. A VM built
+/// without it has no fault injection anywhere on its routing path.
+#[derive(Debug, Clone)]
+pub struct FaultInjecting<B> {
+    inner: B,
+    faults: Arc<InjectedFaults>,
+}
+
+impl<B: RoutingBackend> FaultInjecting<B> {
+    /// `inner` with fault injection (nothing armed yet).
+    #[must_use]
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// The switches (shared by clones).
+    #[must_use]
+    pub fn faults(&self) -> Arc<InjectedFaults> {
+        self.faults.clone()
+    }
+}
+
+impl<B: RoutingBackend> RoutingBackend for FaultInjecting<B> {
+    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
+        InjectedFaults::take(&self.faults.set_routes)?;
+        self.inner.set_routes(routes)
+    }
+
+    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        InjectedFaults::take(&self.faults.assign_irqfd)?;
+        self.inner.assign_irqfd(fd, gsi)
+    }
+
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        self.inner.deassign_irqfd(fd, gsi)
+    }
+}
+
 /// [`RoutingBackend`] over a KVM VM file descriptor.
 #[derive(Debug, Clone)]
 pub struct KvmRouting {
     vm: Arc<VmFd>,
-    faults: Arc<InjectedFaults>,
 }
 
 impl KvmRouting {
     /// Routing for `vm`, which must have an in-kernel or split irqchip.
     #[must_use]
     pub fn new(vm: Arc<VmFd>) -> Self {
-        Self {
-            vm,
-            faults: Arc::default(),
-        }
-    }
-
-    /// The fault-injection switches of this routing (shared by its clones).
-    #[must_use]
-    pub fn faults(&self) -> Arc<InjectedFaults> {
-        self.faults.clone()
+        Self { vm }
     }
 
     /// The number of routes KVM accepts (`KVM_CAP_IRQ_ROUTING`), capped at what the
@@ -199,7 +230,6 @@ impl crate::backing::MsiInjector for KvmRouting {
 
 impl RoutingBackend for KvmRouting {
     fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
-        InjectedFaults::take(&self.faults.set_routes)?;
         let entries: Vec<_> = routes.iter().map(to_kvm).collect();
         let table = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
@@ -207,7 +237,6 @@ impl RoutingBackend for KvmRouting {
     }
 
     fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
-        InjectedFaults::take(&self.faults.assign_irqfd)?;
         self.vm.register_irqfd(fd, gsi).map_err(io::Error::from)
     }
 

@@ -250,3 +250,44 @@ fn a_hidden_cpu_feature_is_gone_from_the_guests_cpuid() {
     assert!(report.passed(), "{report}\n{console}");
     assert!(console.contains(", cx16 no)"), "{console}");
 }
+
+/// Test machinery only where asked for: without the harness, the guest's doorbell writes
+/// reach no device, the harness's requester IDs are refused by the hypercall, and there is
+/// no mailbox to ask for `INJECT` through; the same guest with the harness has all three.
+#[test]
+fn the_harness_exists_only_when_the_run_asks_for_it() {
+    let mut off = config(2, "scenario=harness");
+    off.harness = false;
+    let (report, console) = boot(&off);
+    assert!(report.passed(), "{report}\n{console}");
+    assert!(
+        console.contains("harness: off: port 0x502 reads 0xffffffff and a ring does nothing; requesters 0x00f8 and 0x0100 refused (status 5, 5)"),
+        "{console}"
+    );
+    assert_eq!(
+        report.unmapped_accesses, 2,
+        "the port's read and write: {report}"
+    );
+    assert_eq!(
+        report.interrupts, None,
+        "no counter table without a mailbox"
+    );
+    let failed: u64 = report.hypercalls.calls.iter().map(|c| c.errors).sum();
+    assert_eq!(failed, 2, "{report}");
+
+    let (report, console) = boot(&config(2, "scenario=harness"));
+    assert!(report.passed(), "{report}\n{console}");
+    assert!(
+        console.contains("harness: on: port 0x502 reads 0x4841524e"),
+        "{console}"
+    );
+    assert!(console.contains("INJECT served (status 0)"), "{console}");
+    assert_eq!(report.unmapped_accesses, 0, "{report}");
+
+    // A scenario that needs the harness says so when the VM has none.
+    let mut needs = config(1, "scenario=msi");
+    needs.harness = false;
+    let (report, console) = boot(&needs);
+    assert!(!report.passed());
+    assert!(console.contains("needs the test harness"), "{console}");
+}

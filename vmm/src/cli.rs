@@ -123,7 +123,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -150,6 +150,10 @@ pub struct RunArgs {
     /// (a nested KVM may not emulate what some of them need) [default: none]
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub cpuid_hide: Vec<String>,
+    /// The test harness (doorbell, mailbox, its requester IDs, fault injection): on or off
+    /// [default: on for the built-in test guest, off for any other kernel]
+    #[arg(long, value_name = "on|off")]
+    pub harness: Option<String>,
     #[command(flatten)]
     pub snapshots: SnapshotArgs,
 }
@@ -225,6 +229,7 @@ impl RunArgs {
             snapshot_then: self.snapshots.snapshot_then.clone(),
             cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
             initrd: self.initrd.clone(),
+            harness: self.harness.clone(),
         };
         Ok(file.overridden_by(flags))
     }

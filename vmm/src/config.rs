@@ -12,6 +12,7 @@
 //! max_routes = 64         # cap on KVM MSI routes for remapped targets (default: KVM's)
 //! hypercall_rate = 200000 # hypercalls per second per VM before BUSY
 //! irq_rate = 200000       # interrupts per second per entry before the rest coalesce; 0: off
+//! harness = "on"          # the test harness; default: on for the built-in guest only
 //!
 //! # PCI devices; none listed: the default set (below); `device = []`: none
 //! [[device]]
@@ -462,6 +463,10 @@ pub struct VmConfig {
     /// Text on the console at which the run stops with success (for guests that never
     /// report a verdict, such as a stock kernel).
     pub until: Option<String>,
+    /// The test harness (docs/boot-protocol.md): its doorbell, mailbox, requester IDs and
+    /// fault injection exist only when this is on. On by default for the built-in test
+    /// guest, off for any other image.
+    pub harness: bool,
 }
 
 impl VmConfig {
@@ -483,6 +488,7 @@ impl VmConfig {
             irq_rate: Some(self.irq_rate),
             device: Some(self.devices.iter().map(DeviceConfig::setting).collect()),
             cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
+            harness: Some(on_off(self.harness).to_string()),
             ..Settings::default()
         }
     }
@@ -506,7 +512,16 @@ impl Default for VmConfig {
             cpuid_hide: Vec::new(),
             initrd: None,
             until: None,
+            harness: true,
         }
+    }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -555,6 +570,9 @@ pub struct Settings {
     /// What the VM does after its snapshot: `stop` (the default) or `continue`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_then: Option<String>,
+    /// The test harness: `on` or `off` (default: on for the built-in test guest only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub harness: Option<String>,
 }
 
 /// A size as a string with a unit or a number of MiB.
@@ -622,6 +640,9 @@ pub enum ConfigError {
     /// An empty `until` text.
     #[error("invalid until: the text to wait for is empty")]
     Until,
+    /// A harness setting other than on or off.
+    #[error("invalid harness `{0}`: expected on or off")]
+    Harness(String),
     /// A CPU feature this VMM cannot hide.
     #[error("cannot hide CPU feature `{0}`: known are {known}", known = hideable_names())]
     CpuidHide(String),
@@ -724,6 +745,7 @@ impl Settings {
             cpuid_hide: over.cpuid_hide.or(self.cpuid_hide),
             initrd: over.initrd.or(self.initrd),
             until: over.until.or(self.until),
+            harness: over.harness.or(self.harness),
         }
     }
 
@@ -766,10 +788,18 @@ impl Settings {
             Some(text) => text.parse()?,
             None => defaults.console,
         };
+        let kernel = self.kernel.map_or(Kernel::BuiltIn, Kernel::Elf);
+        let harness = match self.harness.as_deref() {
+            None => kernel == Kernel::BuiltIn,
+            Some("on") => true,
+            Some("off") => false,
+            Some(other) => return Err(ConfigError::Harness(other.to_string())),
+        };
         Ok(VmConfig {
             cpus,
             memory,
-            kernel: self.kernel.map_or(Kernel::BuiltIn, Kernel::Elf),
+            kernel,
+            harness,
             cmdline,
             console,
             watchdog: match self.watchdog {

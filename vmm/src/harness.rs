@@ -35,7 +35,7 @@ use irq::irte::{Irte, SourceValidation};
 use irq::msi::Target;
 use irq::remap::FaultReason;
 use irq::routes::InjectedFaults;
-use irq::{Gsi, KvmRouting, MsiMessage};
+use irq::{Gsi, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -44,7 +44,7 @@ pub use bench::Measurements;
 /// The interrupt core of the VM (remapping table, routes, lines) as the VMM that owns it
 /// holds it: front ends get its [`irq::CoreHandle`]; the VMM keeps this for statistics,
 /// snapshots and the harness (whose plain MSI routes share KVM's routing table).
-pub type SharedBacking = Arc<irq::InterruptCore<KvmRouting>>;
+pub type SharedBacking = Arc<irq::InterruptCore<crate::vm::VmRouting>>;
 
 /// How long a storm's counter must stay still before the storm is over.
 const STORM_SETTLE: Duration = Duration::from_millis(50);

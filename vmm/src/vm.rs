@@ -22,7 +22,11 @@ use hypercall::{harness, platform};
 use irq::backing::{Backing, BackingError, InterruptPath, Limits, MsiInjector};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
 use irq::remap::FaultReason;
-use irq::{InterruptControl, InterruptCore, Irqchip, KvmRouting, RouteError, RouteTable};
+use irq::routes::{FaultInjecting, RouteEntry};
+use irq::{
+    Gsi, InterruptControl, InterruptCore, Irqchip, KvmRouting, RouteError, RouteTable,
+    RoutingBackend,
+};
 use kvm_bindings::{
     kvm_enable_cap, kvm_mp_state, CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
@@ -31,6 +35,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusError, SharedDevice};
 use crate::config::{
@@ -521,13 +526,20 @@ fn run_vm(
     };
 
     let routing = KvmRouting::new(vm.clone());
-    let injected_faults = routing.faults();
     let kvm_limit = routing.route_limit();
     let limit = config.max_routes.map_or(kvm_limit, |cap| {
         kvm_limit.min(cap.saturating_add(irq::routes::LEGACY_GSI_COUNT))
     });
     // One line (eventfd) per route at most, plus the VM's own descriptors.
     raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.cpus))?;
+    // Fault injection sits in front of KVM only for a VM with the test harness.
+    let (routing, injected_faults) = if config.harness {
+        let injecting = FaultInjecting::new(routing);
+        let faults = injecting.faults();
+        (VmRouting::Injecting(injecting), Some(faults))
+    } else {
+        (VmRouting::Kvm(routing), None)
+    };
     let routes = RouteTable::with_irqchip(routing, limit, Irqchip::Split)?;
     let backing = match &snap {
         None => Backing::new(routes, Limits::default())?,
@@ -593,7 +605,7 @@ fn run_vm(
     let (rings, ring_rx) = mpsc::sync_channel(1);
     let stop = Arc::new(AtomicBool::new(false));
     let mut buses = Buses::default();
-    let devices: [(u16, u16, &'static str, SharedDevice); 3] = [
+    let mut devices: Vec<(u16, u16, &'static str, SharedDevice)> = vec![
         (
             platform::COM1_PORT,
             platform::COM1_LEN,
@@ -606,13 +618,15 @@ fn run_vm(
             "debug-exit",
             Arc::new(Mutex::new(DebugExit::new(ExitEvents(events.clone())))),
         ),
-        (
+    ];
+    if config.harness {
+        devices.push((
             platform::HARNESS_PORT,
             1,
             "harness doorbell",
             Arc::new(Mutex::new(HarnessDoorbell::new(Doorbell(rings.clone())))),
-        ),
-    ];
+        ));
+    }
     buses
         .mmio
         .insert(
@@ -682,12 +696,14 @@ fn run_vm(
     .with_slot_devices(pci.slot_devices())
     .with_pci_functions(pci.functions())
     .with_hypercall_times(hypercall_times.clone())
-    .with_faults(injected_faults)
     .with_ioapic(ioapic.clone());
+    if let Some(faults) = injected_faults {
+        harness = harness.with_faults(faults);
+    }
     if config.snapshot.is_some() {
         harness = harness.with_snapshots(events.clone());
     }
-    if snap.is_some() && harness.unserved().is_some() {
+    if config.harness && snap.is_some() && harness.unserved().is_some() {
         // Rung before the snapshot, not done when it was taken: serve it now.
         let _ = rings.try_send(());
     }
@@ -695,11 +711,21 @@ fn run_vm(
     let harness_fired = harness.fired();
     let measurements = harness.measurements();
     let harness_idle = harness.idle_lock();
-    let harness_thread = harness
-        .spawn(ring_rx)
-        .map_err(|e| VmError::Os("start the harness thread", e))?;
+    // Without the harness there is no doorbell (the port is unclaimed), no thread serving
+    // it, and its requester IDs are no devices of this VM.
+    let harness_thread = match config.harness {
+        true => Some(
+            harness
+                .spawn(ring_rx)
+                .map_err(|e| VmError::Os("start the harness thread", e))?,
+        ),
+        false => None,
+    };
 
-    let mut requesters = vec![HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID];
+    let mut requesters = match config.harness {
+        true => vec![HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID],
+        false => Vec::new(),
+    };
     requesters.extend(pci.requesters());
     requesters.sort_unstable();
     let dispatcher = Arc::new(Dispatcher::new(
@@ -768,7 +794,9 @@ fn run_vm(
     let stuck_vcpus = stop_vcpus(threads, deadline);
     let snapshot = machine.taken.take();
     drop(machine);
-    let _ = join_by(harness_thread, deadline);
+    if let Some(t) = harness_thread {
+        let _ = join_by(t, deadline);
+    }
     if let Some(t) = storm_ticker {
         let _ = join_by(t, deadline);
     }
@@ -791,7 +819,10 @@ fn run_vm(
         outcome,
         restored_from,
         snapshot,
-        interrupts: guest_counts(&mem, &placement, config.cpus),
+        interrupts: config
+            .harness
+            .then(|| guest_counts(&mem, &placement, config.cpus))
+            .flatten(),
         harness_fired: harness_fired
             .iter()
             .map(|n| n.load(Ordering::Relaxed))
@@ -1012,6 +1043,40 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedImage, 
     }
 }
 
+/// The VM's KVM routing: KVM itself, or (for a VM with the test harness, whose `INJECT`
+/// request needs it) KVM with fault injection in front. A VM without the harness has no
+/// fault injection on its routing path.
+#[derive(Debug, Clone)]
+pub enum VmRouting {
+    /// KVM.
+    Kvm(KvmRouting),
+    /// KVM behind fault injection.
+    Injecting(FaultInjecting<KvmRouting>),
+}
+
+impl RoutingBackend for VmRouting {
+    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
+        match self {
+            Self::Kvm(r) => r.set_routes(routes),
+            Self::Injecting(r) => r.set_routes(routes),
+        }
+    }
+
+    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        match self {
+            Self::Kvm(r) => r.assign_irqfd(fd, gsi),
+            Self::Injecting(r) => r.assign_irqfd(fd, gsi),
+        }
+    }
+
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        match self {
+            Self::Kvm(r) => r.deassign_irqfd(fd, gsi),
+            Self::Injecting(r) => r.deassign_irqfd(fd, gsi),
+        }
+    }
+}
+
 /// Where the vCPU areas and the mailbox go after an image ending at `image_end`.
 fn place(config: &VmConfig, image_end: u64) -> Result<Placement, VmError> {
     Placement::new(image_end, config.cpus, memory::low_ram_end(config.memory)).ok_or(
@@ -1043,9 +1108,16 @@ fn write_boot_state(
     let info = BootInfo {
         mem_size: config.memory,
         cmdline: (CMDLINE_ADDR, config.cmdline.len() as u64),
-        mailbox: (placement.mailbox, placement.mailbox_size),
+        // Without the harness there is no mailbox, and its place is free RAM.
+        mailbox: match config.harness {
+            true => (placement.mailbox, placement.mailbox_size),
+            false => (0, 0),
+        },
         apic_ids: &apic_ids,
-        free_start: placement.mailbox + placement.mailbox_size,
+        free_start: match config.harness {
+            true => placement.mailbox + placement.mailbox_size,
+            false => placement.mailbox,
+        },
         // Known once a vCPU exists (`tell_tsc_khz`).
         tsc_khz: 0,
     };

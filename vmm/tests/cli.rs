@@ -84,6 +84,42 @@ fn a_hung_guest_hits_the_watchdog() {
     );
 }
 
+/// A kernel from a file runs without the test harness unless asked: the same guest sees no
+/// doorbell and no mailbox, and with `--harness on` it has both.
+#[test]
+fn a_kernel_from_a_file_has_no_harness_unless_asked() {
+    let kernel = scratch("harness-guest.elf");
+    std::fs::write(&kernel, vmm::TEST_GUEST_ELF).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "scenario=harness",
+        ];
+        args.extend_from_slice(extra);
+        let out = vmm(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let off = run(&[]);
+    assert!(
+        off.contains("harness: off: port 0x502 reads 0xffffffff"),
+        "{off}"
+    );
+    let on = run(&["--harness", "on"]);
+    assert!(
+        on.contains("harness: on: port 0x502 reads 0x4841524e"),
+        "{on}"
+    );
+    fails_with(
+        &["run", "--harness", "maybe"],
+        125,
+        "invalid harness `maybe`: expected on or off",
+    );
+}
+
 /// The process ends at the watchdog even though a vCPU thread is still inside a device
 /// call (the device is held for 30 s): exit 124, and the summary says so.
 #[test]
@@ -143,6 +179,8 @@ fn an_elf_from_a_file_boots_and_the_console_can_go_to_a_file() {
         &console,
         "--cmdline",
         "scenario=smoke",
+        "--harness",
+        "on",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let logged = std::fs::read_to_string(&log).unwrap();

@@ -8,7 +8,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use hypercall::boot::{BootInfoView, MAX_CPUS};
-use hypercall::harness::{offset, request, status};
+use hypercall::harness::{offset, request, status, FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
 use hypercall::platform::{HARNESS_PORT, HARNESS_SIGNATURE};
 
 use crate::arch;
@@ -57,6 +57,7 @@ enum Scenario {
     Snapshot,
     Hostile,
     Stuck,
+    Harness,
     All,
     Fail,
     Hang,
@@ -136,11 +137,12 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "snapshot" => Scenario::Snapshot,
                     "hostile" => Scenario::Hostile,
                     "stuck" => Scenario::Stuck,
+                    "harness" => Scenario::Harness,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, faults, snapshot, hostile, stuck, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, faults, snapshot, hostile, stuck, harness, all, fail, hang)",
                         ),
                     }
             }
@@ -237,7 +239,12 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
             println!("scenario hang: halting forever on purpose");
             arch::stop()
         }
+        Scenario::Harness => harness_presence(info),
         _ => {}
+    }
+    if info.mailbox().is_none() {
+        println!("FAIL: scenario needs the test harness, which this VM has not (--harness on)");
+        exit(code::CHECK_FAILED)
     }
     let all = s == Scenario::All;
     if all || s == Scenario::Smoke {
@@ -297,6 +304,61 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     for cpu in 0..cpus {
         let total: u32 = (32..=255u8).map(|v| count(cpu, v)).sum();
         println!("cpu {}: {} interrupts", cpu, total);
+    }
+    if ok {
+        println!("verdict: PASS");
+        exit(code::PASS)
+    }
+    println!("verdict: FAIL");
+    exit(code::CHECK_FAILED)
+}
+
+/// The `harness` scenario: what a guest sees of the test harness, whether the VM has it
+/// (a mailbox in the boot information) or not. Without it: the doorbell port reads all
+/// ones and a ring does nothing, the harness's requester IDs are no devices of the VM
+/// (the hypercall refuses them), and there is no mailbox to ask for `INJECT` through.
+/// With it: the port answers "HARN", the requesters are devices, and `INJECT` is served.
+fn harness_presence(info: &BootInfoView<'_>) -> ! {
+    let Some(iface) = crate::hc::discover() else {
+        println!("harness: FAIL: no hypercall interface");
+        exit(code::CHECK_FAILED)
+    };
+    let mut hc = crate::hc::Guest::new(iface.port);
+    let present = info.mailbox().is_some();
+    let port = arch::inl(HARNESS_PORT);
+    let query = hc.call(
+        hypercall::abi::call::QUERY,
+        u64::from(HARNESS_SOURCE_ID),
+        0,
+        0,
+    );
+    let allocate = hc.call(
+        hypercall::abi::call::ALLOCATE,
+        u64::from(FOREIGN_SOURCE_ID),
+        1,
+        0,
+    );
+    let mut ok = true;
+    if present {
+        let (inject, _) = harness_request(request::INJECT, 0, 0, 1);
+        ok &= port == HARNESS_SIGNATURE;
+        ok &= query.rax == hypercall::abi::status::OK;
+        ok &= allocate.rax == hypercall::abi::status::OK;
+        ok &= inject == status::OK;
+        println!(
+            "harness: on: port {:#x} reads {:#x}; requesters {:#06x} and {:#06x} are devices (status {}, {}); INJECT served (status {})",
+            HARNESS_PORT, port, HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID, query.rax, allocate.rax, inject
+        );
+    } else {
+        // A ring of an unclaimed port does nothing (the VMM counts it as unmapped).
+        arch::outl(HARNESS_PORT, 1);
+        let refused = hypercall::abi::status::SOURCE_ID_NOT_PERMITTED;
+        ok &= port == u32::MAX;
+        ok &= query.rax == refused && allocate.rax == refused;
+        println!(
+            "harness: off: port {:#x} reads {:#x} and a ring does nothing; requesters {:#06x} and {:#06x} refused (status {}, {}); no mailbox, so INJECT cannot be asked for",
+            HARNESS_PORT, port, HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID, query.rax, allocate.rax
+        );
     }
     if ok {
         println!("verdict: PASS");
