@@ -581,11 +581,11 @@ mod tests {
         assert_eq!(m.address, 0xfee0_3004);
         assert_eq!(m.data & 0xff, 0x30);
         let snap = IoApic::new(Arc::new(Sent::default())).state().clone();
-        assert!(IoApic::restore(snap.clone(), Arc::new(Sent::default())).is_ok());
+        IoApic::restore(snap.clone(), Arc::new(Sent::default())).unwrap();
         let short = IoApicState {
             entries: vec![0; 3],
             ..snap
         };
-        assert!(IoApic::restore(short, Arc::new(Sent::default())).is_err());
+        IoApic::restore(short, Arc::new(Sent::default())).unwrap_err();
     }
 }

@@ -209,7 +209,7 @@ mod tests {
             receive: vec![0; 65],
             ..snap
         };
-        assert!(SerialConsole::restore(&long, irq(), Vec::new()).is_err());
+        SerialConsole::restore(&long, irq(), Vec::new()).unwrap_err();
     }
 
     fn libc_nonblock() -> i32 {

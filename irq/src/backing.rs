@@ -1451,7 +1451,7 @@ mod tests {
                 (2, irte(0, 0x40)),
                 (3, irte(4, 0x44)),
             ];
-            assert!(set(&mut b, &change).is_err(), "{failures:?}");
+            set(&mut b, &change).expect_err(&format!("{failures:?}"));
             assert_eq!(
                 lands(&b, &kvm, 0),
                 Some(Target::fixed(0, 0x40)),

@@ -359,7 +359,7 @@ mod tests {
         );
         let mut t = RemapTable::new(65536, true).unwrap();
         assert_eq!(t.size(), 65536);
-        assert!(t.write(65536, [0, 0]).is_err());
+        t.write(65536, [0, 0]).unwrap_err();
         assert_eq!(
             FaultReason::ALL.map(FaultReason::code),
             [0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26]

@@ -590,7 +590,7 @@ mod tests {
     use super::*;
 
     /// Records every call; fails the calls it is told to.
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct FakeKvm {
         tables: Mutex<Vec<Vec<RouteEntry>>>,
         fail_set: Mutex<bool>,
@@ -636,7 +636,7 @@ mod tests {
         assert_eq!(tables.len(), 1);
         assert_eq!(tables[0].len(), 24 + 16);
         assert_eq!(table.commits(), 1);
-        assert!(RouteTable::new(&kvm, 24).is_err());
+        RouteTable::new(&kvm, 24).unwrap_err();
     }
 
     #[test]
@@ -735,8 +735,8 @@ mod tests {
         assert_eq!(table.pin_route(4), Some(msi(3)));
         // A failed commit leaves the pin as it was.
         *kvm.fail_set.lock().unwrap() = true;
-        assert!(table.set_pin_route(4, None).is_err());
-        assert!(table.set_pin_route(5, Some(msi(1))).is_err());
+        table.set_pin_route(4, None).unwrap_err();
+        table.set_pin_route(5, Some(msi(1))).unwrap_err();
         *kvm.fail_set.lock().unwrap() = false;
         assert_eq!(
             (table.pin_route(4), table.pin_route(5)),

@@ -894,7 +894,7 @@ mod tests {
                 ..Settings::default()
             },
         ] {
-            assert!(bad.resolve().is_err());
+            bad.resolve().unwrap_err();
         }
     }
 
@@ -999,7 +999,7 @@ mod tests {
             "file:/tmp/x".parse::<Console>().unwrap(),
             Console::File("/tmp/x".into())
         );
-        assert!("file:".parse::<Console>().is_err());
+        "file:".parse::<Console>().unwrap_err();
     }
 
     #[test]
@@ -1078,9 +1078,9 @@ mod tests {
             .to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
-        assert!("ims-slots,slots".parse::<DeviceSetting>().is_err());
-        assert!("ims-slots,colour=red".parse::<DeviceSetting>().is_err());
-        assert!("ims-slots,slots=x".parse::<DeviceSetting>().is_err());
+        "ims-slots,slots".parse::<DeviceSetting>().unwrap_err();
+        "ims-slots,colour=red".parse::<DeviceSetting>().unwrap_err();
+        "ims-slots,slots=x".parse::<DeviceSetting>().unwrap_err();
         let twice = Settings {
             device: Some(vec![
                 "ims-slots,pci_slot=5".parse().unwrap(),

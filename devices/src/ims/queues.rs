@@ -906,7 +906,7 @@ mod tests {
         for edit in tampered {
             let mut bad = snap.clone();
             edit(&mut bad);
-            assert!(ImsQueues::restore(DEV, path.clone(), mem.clone(), &bad, now).is_err());
+            ImsQueues::restore(DEV, path.clone(), mem.clone(), &bad, now).unwrap_err();
         }
     }
 

@@ -641,7 +641,7 @@ mod tests {
         for edit in tampered {
             let mut bad = snap.clone();
             edit(&mut bad);
-            assert!(ImsSlots::restore(DEV, path.clone(), rig.mem.clone(), &bad, now).is_err());
+            ImsSlots::restore(DEV, path.clone(), rig.mem.clone(), &bad, now).unwrap_err();
         }
     }
 

@@ -499,7 +499,7 @@ mod tests {
             host_bridge: vec![0; 3],
             ..snap
         };
-        assert!(again.lock().unwrap().restore(&short).is_err());
+        again.lock().unwrap().restore(&short).unwrap_err();
     }
 
     /// While one function is held (its backend busy), configuration and BAR accesses

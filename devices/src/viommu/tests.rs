@@ -264,7 +264,7 @@ fn compatibility_format_passes_until_ir_blocks_it() {
     rig.path.signal_msi(&compat, DEV).unwrap();
     assert_eq!(rig.events(), vec![compat]);
     rig.driver.enable(7, true);
-    assert!(rig.path.signal_msi(&compat, DEV).is_err());
+    rig.path.signal_msi(&compat, DEV).unwrap_err();
     // CFI set: passes again.
     rig.driver.command(global::CFI, 0);
     rig.events();
@@ -410,7 +410,7 @@ fn a_dropped_unit_takes_the_interrupt_core_with_it() {
 fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
     let rig = Rig::enabled(true);
     // A fault (an absent entry) fills a fault record.
-    assert!(rig.path.signal(5, DEV).is_err());
+    rig.path.signal(5, DEV).unwrap_err();
     let state = rig.unit.lock().unwrap().state().clone();
     let core = rig.core.lock().snapshot();
     assert!(state.frcd.iter().any(|r| r[1] >> 63 != 0), "{state:?}");
@@ -429,7 +429,7 @@ fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
     for edit in tamper {
         let mut bad = state.clone();
         edit(&mut bad);
-        assert!(Vtd::restore(restored_core(), mem.clone(), events.clone(), bad).is_err());
+        Vtd::restore(restored_core(), mem.clone(), events.clone(), bad).unwrap_err();
     }
 }
 

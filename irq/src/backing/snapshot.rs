@@ -284,11 +284,9 @@ mod tests {
             "the live entries have lines in the new VM"
         );
         let path = new.path();
-        assert!(path.signal(snap.owners[0].index, SID).is_ok());
-        assert!(
-            path.signal(snap.owners[0].index, 0x99).is_err(),
-            "the SID check came along"
-        );
+        path.signal(snap.owners[0].index, SID).unwrap();
+        path.signal(snap.owners[0].index, 0x99)
+            .expect_err("the SID check came along");
     }
 
     #[test]
@@ -325,6 +323,6 @@ mod tests {
         let mut s = snap.clone();
         s.limits.max_live = 2;
         let kvm = Arc::new(FakeRouting::new());
-        assert!(Backing::restore(RouteTable::new(kvm, 256).unwrap(), &s).is_err());
+        Backing::restore(RouteTable::new(kvm, 256).unwrap(), &s).unwrap_err();
     }
 }
