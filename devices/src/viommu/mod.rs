@@ -24,6 +24,7 @@
 //! the core calls through the [`WeakVtd`] registered as its mirror); a guest's write to its
 //! table takes effect when it invalidates the entry.
 
+pub mod descriptor;
 pub mod regs;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
@@ -39,7 +40,8 @@ use irq::MsiMessage;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::bus::BusDevice;
-use regs::{desc, event, fsts, global};
+use descriptor::{Descriptor, IecScope};
+use regs::{event, fsts, global};
 
 /// Where the unit's registers are (QEMU's intel-iommu uses the same base).
 pub const DEFAULT_BASE: u64 = 0xfed9_0000;
@@ -554,30 +556,26 @@ impl Vtd {
         staged: &mut BTreeMap<u32, [u64; 2]>,
         loaded: &mut Loaded,
     ) -> bool {
-        let [low, high] = d;
-        if (low >> 9) & 7 != 0 {
-            return false; // type bits 6:4: descriptors of other modes
-        }
-        match low & 0xf {
-            desc::CONTEXT | desc::IOTLB | desc::DEVICE_TLB => true,
-            desc::IEC => {
-                if low & desc::IEC_RESERVED != 0 || high != 0 {
-                    return false;
-                }
+        let Ok(descriptor) = Descriptor::decode(d) else {
+            return false;
+        };
+        match descriptor {
+            Descriptor::ContextCache | Descriptor::Iotlb | Descriptor::DeviceTlb => true,
+            Descriptor::InterruptEntryCache(scope) => {
                 let Some((_, entries, _)) = self.state.table else {
                     return true;
                 };
-                let (first, mask) = if low & desc::IEC_SELECTIVE != 0 {
-                    let index = ((low >> 32) & 0xffff) as u32;
-                    let mask = ((low >> 27) & 0x1f).min(16) as u32;
-                    (index & !((1u32 << mask) - 1), mask)
-                } else {
-                    (0, Loaded::ALL)
+                let (first, mask) = match scope {
+                    IecScope::Selective { index, mask } => {
+                        let mask = u32::from(mask).min(Loaded::ALL);
+                        (u32::from(index) & !((1u32 << mask) - 1), mask)
+                    }
+                    IecScope::Global => (0, Loaded::ALL),
                 };
                 if !loaded.block(first, mask) {
                     return true;
                 }
-                let end = first.saturating_add(1u32 << mask.min(16)).min(entries);
+                let end = first.saturating_add(1u32 << mask).min(entries);
                 for index in first..end {
                     if loaded.entry(index) {
                         let raw = self.load_entry(index);
@@ -586,19 +584,18 @@ impl Vtd {
                 }
                 true
             }
-            desc::WAIT => {
-                if low & desc::WAIT_RESERVED != 0 {
-                    return false;
-                }
+            Descriptor::Wait {
+                status_write,
+                interrupt,
+            } => {
                 // A wait completes after everything before it.
                 self.apply(staged);
-                if low & desc::WAIT_SW != 0 {
-                    let data = (low >> 32) as u32;
-                    if self.mem.write_obj(data, GuestAddress(high & !3)).is_err() {
+                if let Some((address, data)) = status_write {
+                    if self.mem.write_obj(data, GuestAddress(address)).is_err() {
                         return false;
                     }
                 }
-                if low & desc::WAIT_IF != 0 {
+                if interrupt {
                     self.state.ics |= 1;
                     if self.state.iectl & event::IM != 0 {
                         self.state.iectl |= event::IP;
@@ -610,7 +607,6 @@ impl Vtd {
                 }
                 true
             }
-            _ => false,
         }
     }
 

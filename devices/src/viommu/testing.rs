@@ -12,7 +12,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::regs::{self, desc, global};
+use super::descriptor::{Descriptor, IecScope};
+use super::regs::{self, global};
 use crate::bus::BusDevice;
 
 /// The driver: the unit's register page, and its table and queue in guest memory.
@@ -125,24 +126,27 @@ impl<D: BusDevice> FakeDriver<D> {
     /// A wait descriptor writing a fresh status; true when the status arrived.
     pub fn wait(&mut self) -> bool {
         self.seq += 1;
-        let low = desc::WAIT | desc::WAIT_SW | (u64::from(self.seq) << 32);
-        self.submit([low, self.status]);
+        let wait = Descriptor::Wait {
+            status_write: Some((self.status, self.seq)),
+            interrupt: false,
+        };
+        self.submit(wait.encode());
         self.mem.read_obj::<u32>(GuestAddress(self.status)).ok() == Some(self.seq)
     }
 
     /// Index-selective IEC flush of `2^mask` entries from `index`, then a wait.
     pub fn invalidate(&mut self, index: u32, mask: u32) -> bool {
-        let low = desc::IEC
-            | desc::IEC_SELECTIVE
-            | (u64::from(mask & 0x1f) << 27)
-            | (u64::from(index & 0xffff) << 32);
-        self.submit([low, 0]);
+        let scope = IecScope::Selective {
+            index: u16::try_from(index & 0xffff).unwrap_or(0),
+            mask: u8::try_from(mask & 0x1f).unwrap_or(0),
+        };
+        self.submit(Descriptor::InterruptEntryCache(scope).encode());
         self.wait()
     }
 
     /// Global IEC flush, then a wait.
     pub fn invalidate_all(&mut self) -> bool {
-        self.submit([desc::IEC, 0]);
+        self.submit(Descriptor::InterruptEntryCache(IecScope::Global).encode());
         self.wait()
     }
 

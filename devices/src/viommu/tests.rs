@@ -13,6 +13,7 @@ use irq::msi::Target;
 use irq::remap::FaultReason;
 use irq::Irqchip;
 
+use super::regs::desc;
 use super::testing::FakeDriver;
 use super::*;
 
