@@ -166,8 +166,8 @@ pub enum RteFormat {
         /// Delivery mode.
         delivery_mode: u8,
     },
-    /// Remappable format (bit 48 set, VT-d 5.1.5.1): the IRTE handle, index[14:0] in bits
-    /// 63:49 and index[15] in bit 11.
+    /// Remappable format (bit 48 set, VT-d 5.1.5.1): the IRTE handle, index 14:0 in bits
+    /// 63:49 and index bit 15 in bit 11.
     Remappable {
         /// The IRTE index.
         handle: u16,

@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use irq::backing::{Backing, Limits, MsiInjector};
+use irq::backing::{Backing, Limits};
+use irq::port::MsiInjector;
 use irq::control::{EntryWrite, InterruptControl, Writer};
 use irq::fake::FakeRouting;
 use irq::irte::{Irte, SourceValidation};

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use crate::backing::{AllocFlags, Backing, BackingError, InterruptPath};
 use crate::irte::Irte;
 use crate::msi::MsiMessage;
+use crate::port::RoutingBackend;
 use crate::remap::Translation;
-use crate::routes::RoutingBackend;
 
 /// What one entry becomes in a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::msi::{DecodedMsi, MsiMessage, Target};
-use crate::routes::{Gsi, RouteEntry, RouteKind, RoutingBackend};
+use crate::port::{Gsi, RouteEntry, RouteKind, RoutingBackend};
 
 /// Which upcoming calls fail (each counter is the number of calls to fail).
 #[derive(Debug, Default, Clone, Copy)]

@@ -4,20 +4,33 @@
 //! that write into the injection of the MSI route the eventfd is attached to, in the
 //! kernel, without a VMM thread on the way. This crate owns both halves of that picture:
 //!
-//! - [`msi`]: the MSI message a route carries (address/data, compatibility format).
-//! - [`routes`]: KVM's GSI routing table, owned in one place: the route limit read from
-//!   KVM, the legacy IOAPIC/PIC GSIs kept routed and out of allocation, staged changes
-//!   committed with one `KVM_SET_GSI_ROUTING`, and the kernel's ordering rules (a route
-//!   exists before an irqfd is attached to it; irqfds are detached before a route goes).
+//! Where each concept lives:
 //!
+//! - [`msi`], [`irte`]: the formats: the MSI message (compatibility and remappable) and the
+//!   remapping table entry, each one type with encode and decode.
+//! - [`remap`]: the remapping table: `translate(message, requester)` to a target or a
+//!   fault (VT-d fault reasons), source-id checks.
+//! - [`port`]: the KVM port: [`RoutingBackend`] (routing table and irqfds) and
+//!   [`port::MsiInjector`], with [`KvmRouting`] the real implementation (the only place
+//!   KVM is named) and [`port::FaultInjecting`] the test machinery in front of it.
+//! - [`routes`]: KVM's GSI routing table, owned in one place: the route limit read from
+//!   KVM, the legacy IOAPIC/PIC GSIs, staged changes committed with one
+//!   `KVM_SET_GSI_ROUTING`, and the kernel's ordering rules (a route exists before an
+//!   irqfd is attached to it; irqfds are detached before a route goes).
+//! - [`path`]: the data path, per interrupt: signal the entry `i` as requester `s`
+//!   (requester check, then the line's eventfd); [`faults`]: what it records.
+//! - [`backing`]: the control path: entries, allocation and quotas, managed reservations,
+//!   the route cache of translated targets and their lines; `backing::commit`: the
+//!   transaction and its numbered commit steps; `backing::snapshot`: save and restore.
 //! - [`control`]: the front door. Every front end (the hypercall dispatcher, the VT-d unit,
 //!   the IOAPIC's level pins, an embedder) changes the core through one object-safe trait,
 //!   [`InterruptControl`], held as a [`CoreHandle`]; [`InterruptCore`] implements it over
-//!   [`backing::Backing`] (entries, lines, the route cache, transactions) and owns its lock.
-//!   Device models signal through the data path, [`backing::InterruptPath`], beside it.
+//!   [`backing::Backing`] and owns its lock. Device models signal through the data path
+//!   beside it ([`InterruptControl::path`]).
+//! - [`storm`]: storm control (per-entry rate limits, coalesced deliveries);
+//!   [`fdlimit`]: the descriptor limit thousands of lines need; `fake` (feature
+//!   `test-utils`): a fake KVM and the core fixture every crate's tests share.
 //!
-//! KVM is reached only through the [`routes::RoutingBackend`] trait; [`routes::KvmRouting`]
-//! is the real implementation, and unit tests use a fake that can fail any call.
 //! No device, bus or CLI knowledge lives here.
 
 #![cfg_attr(
@@ -37,13 +50,17 @@ pub mod backing;
 pub mod control;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+pub mod faults;
 pub mod fdlimit;
 pub mod irte;
 pub mod msi;
+pub mod path;
+pub mod port;
 pub mod remap;
 pub mod routes;
 pub mod storm;
 
 pub use control::{CoreHandle, InterruptControl, InterruptCore};
 pub use msi::{MsiError, MsiMessage};
-pub use routes::{Gsi, Irqchip, KvmRouting, RouteError, RouteTable, RoutingBackend};
+pub use port::{Gsi, KvmRouting, RoutingBackend};
+pub use routes::{Irqchip, RouteError, RouteTable};

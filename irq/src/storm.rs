@@ -2,7 +2,7 @@
 //!
 //! Each entry may deliver at most `budget` interrupts per [`WINDOW`]. A signal beyond that
 //! is **coalesced**, not dropped: the entry is marked pending and counted as throttled,
-//! and [`Storms::take_pending`] (called every window by the VMM's storm ticker) hands it
+//! and `Storms::take_pending` (called every window by the VMM's storm ticker) hands it
 //! back for one delivery. MSIs are edges and interrupts of one entry merge in the target
 //! LAPIC anyway, so one delivery stands for all the signals it replaced: the guest sees at
 //! most `budget` + 1 interrupts per window from a storming entry, and every other entry is

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use hypercall::abi::{call, status, target, BatchEntry, Registers};
 use irq::backing::{Backing, InterruptPath, Limits};
 use irq::fdlimit::raise_fd_limit;
-use irq::routes::{RouteEntry, RouteKind};
+use irq::port::{RouteEntry, RouteKind};
 use irq::{KvmRouting, MsiMessage, RouteTable, RoutingBackend};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

@@ -19,10 +19,10 @@ use devices::serial::{IrqLine, SerialConsole};
 use devices::viommu::{self, Vtd, VtdDevice, WeakVtd};
 use hypercall::boot::BootInfo;
 use hypercall::{harness, platform};
-use irq::backing::{Backing, BackingError, InterruptPath, Limits, MsiInjector};
+use irq::backing::{Backing, BackingError, InterruptPath, Limits};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
+use irq::port::{FaultInjecting, MsiInjector, RouteEntry};
 use irq::remap::FaultReason;
-use irq::routes::{FaultInjecting, RouteEntry};
 use irq::{
     Gsi, InterruptControl, InterruptCore, Irqchip, KvmRouting, RouteError, RouteTable,
     RoutingBackend,

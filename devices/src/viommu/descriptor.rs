@@ -1,7 +1,7 @@
 //! Invalidation-queue descriptors (VT-d 6.5.2), typed: the 128-bit descriptor a guest
 //! queues, decoded once into what the unit does with it, and encoded the same way (for
 //! drivers and tests). Legacy-mode descriptors only: type bits 3:0 name the kind, and the
-//! descriptor's upper type bits (type[6:4], in bits 11:9) must be 0.
+//! descriptor's upper type bits (type bits 6:4, in bits 11:9) must be 0.
 
 use super::regs::desc;
 
@@ -42,7 +42,7 @@ pub enum IecScope {
 /// A descriptor the unit refuses (a queue error, `FSTS.IQE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptorError {
-    /// A type this unit does not know, or type[6:4] (bits 11:9) not zero.
+    /// A type this unit does not know, or type bits 6:4 (bits 11:9) not zero.
     #[error("unknown descriptor type {0:#x}")]
     UnknownType(u64),
     /// A reserved bit is set.

@@ -32,9 +32,10 @@ pub mod testing;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use irq::backing::{FaultSink, MsiInjector};
+use irq::backing::FaultSink;
 use irq::control::{CoreHandle, EntryMirror, EntryWrite, Setting, Writer};
 use irq::irte::Irte;
+use irq::port::MsiInjector;
 use irq::remap::Fault;
 use irq::MsiMessage;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

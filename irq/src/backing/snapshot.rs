@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::{Backing, BackingError, Limits, Owner};
-use crate::routes::{RouteTable, RoutingBackend};
+use crate::port::RoutingBackend;
+use crate::routes::RouteTable;
 
 /// The snapshot format this build writes and reads.
 pub const VERSION: u32 = 1;

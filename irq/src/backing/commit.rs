@@ -1,0 +1,404 @@
+//! The commit: what [`Transaction::commit`] does with the staged entries, in the steps the
+//! module documentation of [`super`] numbers (plan, one route commit, new lines, publish,
+//! retire), and the transaction that stages them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, PoisonError};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Backing, BackingError, CachedRoute, RouteKey};
+use crate::irte::Irte;
+use crate::path::{Line, Policy, Published};
+use crate::port::{Gsi, RoutingBackend};
+use crate::remap::FaultReason;
+use crate::routes::RouteError;
+
+/// What a staged entry will be.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum NewState {
+    Absent,
+    Faulty(FaultReason),
+    Live { key: RouteKey, policy: Policy },
+}
+
+/// What the commit does for one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Publish a non-live state.
+    Unpublish,
+    /// Keep the route (maybe rewritten in place); publish the new requester check.
+    Keep,
+    /// Move to the line of another route (existing or created by this commit).
+    Join,
+}
+
+#[derive(Debug)]
+struct Planned {
+    index: u32,
+    raw: [u64; 2],
+    state: NewState,
+    step: Step,
+}
+
+impl<B: RoutingBackend> Backing<B> {
+    fn decide(&self, raw: [u64; 2], managed: bool) -> NewState {
+        match Irte::decode(raw, self.limits.eim) {
+            Err(_) => NewState::Faulty(FaultReason::EntryReserved),
+            Ok(e) if !e.present => NewState::Absent,
+            Ok(e) => NewState::Live {
+                key: RouteKey {
+                    msg: e.target.to_msi(),
+                    managed,
+                },
+                policy: Policy {
+                    validation: e.validation,
+                    fpd: e.fault_processing_disable,
+                },
+            },
+        }
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the five commit steps read best in one place"
+    )]
+    fn apply(&mut self, staged: BTreeMap<u32, [u64; 2]>) -> Result<(), BackingError> {
+        // 1. Plan against a simulation of the cache: key -> (existing gsi, users after).
+        let mut sim: HashMap<RouteKey, (Option<Gsi>, i64)> = self
+            .cache
+            .iter()
+            .filter(|(_, r)| r.line.is_some())
+            .map(|(k, r)| (*k, (Some(r.gsi), i64::from(r.users))))
+            .collect();
+        let mut plan = Vec::with_capacity(staged.len());
+        let mut live_after = i64::from(self.live);
+        for (&index, &raw) in &staged {
+            let Some(&entry) = self.entries.get(index as usize) else {
+                return Err(BackingError::IndexOutOfRange(index));
+            };
+            let managed = entry.owner.is_some_and(|o| o.managed);
+            let state = self.decide(raw, managed);
+            let step = match (entry.live, state) {
+                (_, NewState::Absent | NewState::Faulty(_)) => Step::Unpublish,
+                (Some(old), NewState::Live { key, .. }) if old == key => Step::Keep,
+                (_, NewState::Live { key, .. }) => {
+                    sim.entry(key).or_insert((None, 0)).1 += 1;
+                    Step::Join
+                }
+            };
+            if let Some(old) = entry.live {
+                if step != Step::Keep {
+                    if let Some(u) = sim.get_mut(&old) {
+                        u.1 -= 1;
+                    }
+                    live_after -= 1;
+                }
+            }
+            if step == Step::Join {
+                live_after += 1;
+            }
+            plan.push(Planned {
+                index,
+                raw,
+                state,
+                step,
+            });
+        }
+        if live_after > i64::from(self.limits.max_live) {
+            return Err(BackingError::VmQuota(self.limits.max_live));
+        }
+        let new_keys: Vec<RouteKey> = sim
+            .iter()
+            .filter(|(_, (gsi, n))| gsi.is_none() && *n > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        // When every new route would serve one entry that leaves a route it was the only
+        // user of, rewrite those routes in place: no new route, nothing left to fail after
+        // the commit.
+        let mut rewrites: Vec<(Gsi, RouteKey, RouteKey)> = Vec::new();
+        let mut seen = HashSet::new();
+        for p in &plan {
+            let (NewState::Live { key, .. }, Step::Join) = (p.state, p.step) else {
+                continue;
+            };
+            let Some(old) = self.entries.get(p.index as usize).and_then(|e| e.live) else {
+                continue;
+            };
+            let fresh = sim
+                .get(&key)
+                .is_some_and(|(gsi, n)| gsi.is_none() && *n == 1);
+            let emptied = sim
+                .get(&old)
+                .and_then(|(gsi, n)| (*n == 0).then_some(*gsi))
+                .flatten();
+            if let (true, Some(gsi)) = (fresh, emptied) {
+                if old.managed == key.managed && seen.insert(old) {
+                    rewrites.push((gsi, old, key));
+                }
+            }
+        }
+        if rewrites.len() != new_keys.len() {
+            rewrites.clear();
+        }
+        let creates: Vec<RouteKey> = if rewrites.is_empty() {
+            new_keys
+        } else {
+            Vec::new()
+        };
+        // Routes whose lines earlier transactions retired go in this commit.
+        let prune: Vec<RouteKey> = self
+            .cache
+            .iter()
+            .filter(|(_, r)| r.line.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        let new_unmanaged = creates.iter().filter(|k| !k.managed).count();
+        if new_unmanaged > 0 {
+            let after =
+                self.routes.staged_msi_routes() + creates.len() - prune.len() - self.orphans.len();
+            let managed_after = sim.iter().filter(|(k, (_, n))| k.managed && *n > 0).count();
+            let unmanaged_after = after.saturating_sub(managed_after);
+            if unmanaged_after + self.managed_allocated as usize > self.routes.capacity() {
+                return Err(BackingError::RoutesExhausted);
+            }
+        }
+
+        // 2. One route commit.
+        for gsi in self.orphans.iter().chain(
+            prune
+                .iter()
+                .filter_map(|k| self.cache.get(k).map(|r| &r.gsi)),
+        ) {
+            let _ = self.routes.remove(*gsi);
+        }
+        let mut created: Vec<(RouteKey, Gsi)> = Vec::with_capacity(creates.len());
+        for key in &creates {
+            match self.routes.allocate(key.msg) {
+                Ok(gsi) => created.push((*key, gsi)),
+                Err(e) => {
+                    self.routes.rollback();
+                    return Err(match e {
+                        RouteError::Exhausted { .. } => BackingError::RoutesExhausted,
+                        other => other.into(),
+                    });
+                }
+            }
+        }
+        for (gsi, _, key) in &rewrites {
+            if let Err(e) = self.routes.update(*gsi, key.msg) {
+                self.routes.rollback();
+                return Err(e.into());
+            }
+        }
+        self.routes.commit()?;
+        self.orphans.clear();
+        for key in &prune {
+            self.cache.remove(key);
+        }
+        for (gsi, old, key) in &rewrites {
+            if let Some(mut route) = self.cache.remove(old) {
+                // Its one user rejoins under the new key when it is published.
+                route.gsi = *gsi;
+                route.users = 0;
+                self.cache.insert(*key, route);
+            }
+        }
+
+        // 3. Lines for the new routes.
+        let mut lines: Vec<(RouteKey, Arc<Line>)> = Vec::with_capacity(created.len());
+        for (i, (key, gsi)) in created.iter().enumerate() {
+            match self.new_line(*key, *gsi) {
+                Ok(line) => lines.push((*key, line)),
+                Err(e) => {
+                    for (key, line) in lines {
+                        self.retire_line(key, line);
+                    }
+                    self.orphans.extend(created.iter().skip(i).map(|(_, g)| *g));
+                    // The routes of the retired lines stay in the cache without a line.
+                    for (key, gsi) in created.iter().take(i) {
+                        self.cache.insert(
+                            *key,
+                            CachedRoute {
+                                gsi: *gsi,
+                                line: None,
+                                users: 0,
+                            },
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for (key, line) in lines {
+            let gsi = line.gsi;
+            self.cache.insert(
+                key,
+                CachedRoute {
+                    gsi,
+                    line: Some(line),
+                    users: 0,
+                },
+            );
+        }
+
+        // 4. Publish. Nothing fails from here on.
+        for p in plan {
+            let Some(entry) = self.entries.get_mut(p.index as usize) else {
+                continue;
+            };
+            let old = entry.live;
+            let published = match (p.step, p.state) {
+                (Step::Keep | Step::Join, NewState::Live { key, policy }) => {
+                    let Some(route) = self.cache.get_mut(&key) else {
+                        continue;
+                    };
+                    let Some(line) = route.line.clone() else {
+                        continue;
+                    };
+                    if p.step == Step::Join || old != Some(key) {
+                        route.users += 1;
+                    }
+                    entry.live = Some(key);
+                    Published::Live { line, policy }
+                }
+                (_, NewState::Faulty(reason)) => {
+                    entry.live = None;
+                    Published::Faulty(reason)
+                }
+                _ => {
+                    entry.live = None;
+                    Published::Absent
+                }
+            };
+            if let Some(slot) = self.path.slots.get(p.index as usize) {
+                *slot.write().unwrap_or_else(PoisonError::into_inner) = published;
+            }
+            match (old, entry.live) {
+                (Some(_), None) => self.live -= 1,
+                (None, Some(_)) => self.live += 1,
+                _ => {}
+            }
+            if let Some(old) = old.filter(|o| Some(*o) != entry.live) {
+                // (A rewritten route is no longer under its old key.)
+                if let Some(route) = self.cache.get_mut(&old) {
+                    route.users = route.users.saturating_sub(1);
+                }
+            }
+            let _ = self.table.write(p.index, p.raw);
+        }
+
+        // 5. Retire lines left without users.
+        let idle: Vec<RouteKey> = self
+            .cache
+            .iter()
+            .filter(|(_, r)| r.users == 0 && r.line.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle {
+            if let Some(line) = self.cache.get_mut(&key).and_then(|r| r.line.take()) {
+                self.retire_line(key, line);
+            }
+        }
+        Ok(())
+    }
+
+    /// An eventfd (from the managed pool for a managed route) attached to `gsi`.
+    fn new_line(&mut self, key: RouteKey, gsi: Gsi) -> Result<Arc<Line>, BackingError> {
+        let reserved = if key.managed {
+            self.managed_fds.pop()
+        } else {
+            None
+        };
+        let fd = match reserved {
+            Some(fd) => fd,
+            None => EventFd::new(EFD_NONBLOCK).map_err(BackingError::EventFd)?,
+        };
+        if let Err(e) = self.routes.attach_irqfd(&fd, gsi) {
+            if key.managed {
+                self.managed_fds.push(fd);
+            }
+            return Err(e.into());
+        }
+        Ok(Arc::new(Line { fd, gsi }))
+    }
+
+    fn retire_line(&mut self, key: RouteKey, line: Arc<Line>) {
+        if self.routes.detach_irqfd(&line.fd, line.gsi).is_err() {
+            self.stats.retire_errors += 1;
+        }
+        // Every slot that pointed here was swapped under its write lock, so this is the
+        // last reference.
+        if let Ok(line) = Arc::try_unwrap(line) {
+            // Whatever count is left was injected when it was written.
+            let _ = line.fd.read();
+            if key.managed && self.managed_fds.len() < self.managed_allocated as usize {
+                self.managed_fds.push(line.fd);
+            }
+        }
+    }
+}
+
+/// Staged entry writes, applied together by [`Transaction::commit`].
+#[derive(Debug)]
+pub struct Transaction<'a, B: RoutingBackend> {
+    pub(super) backing: &'a mut Backing<B>,
+    pub(super) staged: BTreeMap<u32, [u64; 2]>,
+}
+
+impl<B: RoutingBackend> Transaction<'_, B> {
+    /// Stages a raw entry (as a guest's table holds it; a malformed entry becomes a
+    /// faulting one, not an error).
+    ///
+    /// # Errors
+    /// [`BackingError::IndexOutOfRange`].
+    pub fn write(&mut self, index: u32, raw: [u64; 2]) -> Result<(), BackingError> {
+        if index >= self.backing.limits.table_size {
+            return Err(BackingError::IndexOutOfRange(index));
+        }
+        self.staged.insert(index, raw);
+        Ok(())
+    }
+
+    /// Stages `entry` at `index`.
+    ///
+    /// # Errors
+    /// [`BackingError::IndexOutOfRange`].
+    pub fn set(&mut self, index: u32, entry: &Irte) -> Result<(), BackingError> {
+        let raw = entry.encode(self.backing.limits.eim);
+        self.write(index, raw)
+    }
+
+    /// Stages clearing entry `index` (not present).
+    ///
+    /// # Errors
+    /// [`BackingError::IndexOutOfRange`].
+    pub fn clear(&mut self, index: u32) -> Result<(), BackingError> {
+        self.write(index, [0, 0])
+    }
+
+    /// Entries staged.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Whether nothing is staged.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.staged.is_empty()
+    }
+
+    /// Applies every staged write with at most one route commit, or none of them.
+    ///
+    /// # Errors
+    /// Any [`BackingError`]; the previous state is then intact and still delivering.
+    pub fn commit(self) -> Result<(), BackingError> {
+        let result = self.backing.apply(self.staged);
+        match result {
+            Ok(()) => self.backing.stats.transactions += 1,
+            Err(_) => self.backing.stats.rollbacks += 1,
+        }
+        result
+    }
+}

@@ -1,0 +1,227 @@
+//! The KVM port of the interrupt core: the few kernel operations it needs, as two small
+//! traits, and their implementation over a KVM VM file descriptor. Everything else in this
+//! crate reaches KVM through these and can run over a fake (`fake`, for tests).
+//!
+//! - [`RoutingBackend`]: the GSI routing table (`KVM_SET_GSI_ROUTING`) and irqfds
+//!   (`KVM_IRQFD`, assign and deassign). The kernel's ordering rules that go with them
+//!   are kept by [`crate::routes::RouteTable`].
+//! - [`MsiInjector`]: one MSI injected directly (`KVM_SIGNAL_MSI`).
+//! - [`KvmRouting`]: both, over a `VmFd`.
+//! - [`FaultInjecting`]: test machinery in front of a backend, whose next calls fail on
+//!   request; a VM built without it has no injection on its routing path.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::msi::MsiMessage;
+
+/// A global system interrupt number: an index into KVM's routing table.
+pub type Gsi = u32;
+
+/// What one routing-table entry delivers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// A pin of an in-kernel interrupt controller.
+    Irqchip {
+        /// `KVM_IRQCHIP_PIC_MASTER`, `KVM_IRQCHIP_PIC_SLAVE` or `KVM_IRQCHIP_IOAPIC`.
+        chip: u32,
+        /// Pin number on that chip.
+        pin: u32,
+    },
+    /// An MSI message, injected into the local APICs it targets.
+    Msi(MsiMessage),
+}
+
+/// One routing-table entry. Several entries may share a GSI (the legacy pins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// The GSI the entry belongs to.
+    pub gsi: Gsi,
+    /// What it delivers to.
+    pub kind: RouteKind,
+}
+
+/// The KVM operations routing needs. One method per ioctl; the real implementation is
+/// [`KvmRouting`], tests use fakes.
+pub trait RoutingBackend: Send + Sync {
+    /// Replaces the whole routing table (`KVM_SET_GSI_ROUTING`).
+    ///
+    /// # Errors
+    /// The kernel's error; the previous table then stays in force.
+    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()>;
+    /// Attaches `fd` to `gsi` (`KVM_IRQFD`): a write to `fd` then injects the route.
+    ///
+    /// # Errors
+    /// The kernel's error (`EBUSY` if `fd` is already attached somewhere).
+    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()>;
+    /// Detaches `fd` from `gsi` (`KVM_IRQFD` with `KVM_IRQFD_FLAG_DEASSIGN`).
+    ///
+    /// # Errors
+    /// The kernel's error.
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()>;
+}
+
+/// Fault injection for a routing backend ([`FaultInjecting`]): the next calls of a kind
+/// fail (with `ENOMEM`) before reaching KVM, as a real failure would, so that tests can
+/// show that every failure leaves the previous state working and is reported.
+#[derive(Debug, Default)]
+pub struct InjectedFaults {
+    set_routes: AtomicU32,
+    assign_irqfd: AtomicU32,
+}
+
+impl InjectedFaults {
+    /// Makes the next `n` `KVM_SET_GSI_ROUTING` calls fail.
+    pub fn fail_route_commits(&self, n: u32) {
+        self.set_routes.store(n, Ordering::Relaxed);
+    }
+
+    /// Makes the next `n` irqfd registrations fail.
+    pub fn fail_irqfd_assigns(&self, n: u32) {
+        self.assign_irqfd.store(n, Ordering::Relaxed);
+    }
+
+    fn take(counter: &AtomicU32) -> io::Result<()> {
+        match counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)) {
+            Ok(_) => Err(io::Error::from_raw_os_error(12)), // ENOMEM, injected
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Test machinery: `inner`, whose calls fail when [`InjectedFaults`] says so. A VM built
+/// without it has no fault injection anywhere on its routing path.
+#[derive(Debug, Clone)]
+pub struct FaultInjecting<B> {
+    inner: B,
+    faults: Arc<InjectedFaults>,
+}
+
+impl<B: RoutingBackend> FaultInjecting<B> {
+    /// `inner` with fault injection (nothing armed yet).
+    #[must_use]
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// The switches (shared by clones).
+    #[must_use]
+    pub fn faults(&self) -> Arc<InjectedFaults> {
+        self.faults.clone()
+    }
+}
+
+impl<B: RoutingBackend> RoutingBackend for FaultInjecting<B> {
+    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
+        InjectedFaults::take(&self.faults.set_routes)?;
+        self.inner.set_routes(routes)
+    }
+
+    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        InjectedFaults::take(&self.faults.assign_irqfd)?;
+        self.inner.assign_irqfd(fd, gsi)
+    }
+
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        self.inner.deassign_irqfd(fd, gsi)
+    }
+}
+
+/// [`RoutingBackend`] over a KVM VM file descriptor.
+#[derive(Debug, Clone)]
+pub struct KvmRouting {
+    vm: Arc<VmFd>,
+}
+
+impl KvmRouting {
+    /// Routing for `vm`, which must have an in-kernel or split irqchip.
+    #[must_use]
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm }
+    }
+
+    /// The number of routes KVM accepts (`KVM_CAP_IRQ_ROUTING`), capped at what the
+    /// `kvm-bindings` table can hold.
+    #[must_use]
+    pub fn route_limit(&self) -> u32 {
+        let reported = self.vm.check_extension_int(kvm_ioctls::Cap::IrqRouting);
+        let reported = u32::try_from(reported).unwrap_or(0);
+        let table_max = u32::try_from(kvm_bindings::KVM_MAX_IRQ_ROUTES).unwrap_or(u32::MAX);
+        reported.min(table_max)
+    }
+}
+
+fn to_kvm(entry: &RouteEntry) -> kvm_irq_routing_entry {
+    let mut out = kvm_irq_routing_entry {
+        gsi: entry.gsi,
+        ..Default::default()
+    };
+    match entry.kind {
+        RouteKind::Irqchip { chip, pin } => {
+            out.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+            out.u.irqchip = kvm_irq_routing_irqchip { irqchip: chip, pin };
+        }
+        RouteKind::Msi(msg) => {
+            out.type_ = KVM_IRQ_ROUTING_MSI;
+            out.u.msi = kvm_irq_routing_msi {
+                address_lo: msg.address_lo(),
+                address_hi: msg.address_hi(),
+                data: msg.data,
+                ..Default::default()
+            };
+        }
+    }
+    out
+}
+
+impl MsiInjector for KvmRouting {
+    fn inject(&self, msg: &MsiMessage) -> io::Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: msg.address_lo(),
+            address_hi: msg.address_hi(),
+            data: msg.data,
+            ..Default::default()
+        };
+        // KVM returns >0 when delivered, 0 when the guest blocked it (an LAPIC disabled).
+        self.vm.signal_msi(msi).map(|_| ()).map_err(io::Error::from)
+    }
+}
+
+impl RoutingBackend for KvmRouting {
+    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
+        let entries: Vec<_> = routes.iter().map(to_kvm).collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
+        self.vm.set_gsi_routing(&table).map_err(io::Error::from)
+    }
+
+    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        self.vm.register_irqfd(fd, gsi).map_err(io::Error::from)
+    }
+
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
+        self.vm.unregister_irqfd(fd, gsi).map_err(io::Error::from)
+    }
+}
+
+/// Injects an MSI directly (`KVM_SIGNAL_MSI`): for interrupts that are not remapped, such
+/// as a remapping unit's own event interrupts, or compatibility-format requests while
+/// those are allowed.
+pub trait MsiInjector: Send + Sync {
+    /// Injects `msg`.
+    ///
+    /// # Errors
+    /// The kernel's error.
+    fn inject(&self, msg: &MsiMessage) -> std::io::Result<()>;
+}
