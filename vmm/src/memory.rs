@@ -88,8 +88,12 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
             userspace_addr: host as u64,
             flags: 0,
         };
-        // SAFETY: the mapping belongs to `mem`, which the VM keeps alive for as long as
-        // the VM exists (the VM struct owns both and drops the VM fd first).
+        // SAFETY: the mapping belongs to `mem`, which outlives every use KVM makes of it:
+        // the VM (`vm::assemble::Vm`) owns the memory and the VM fd and declares the fd
+        // first, so the fd (and every part holding a clone of it) is dropped before the
+        // memory; KVM reaches guest memory only while a vCPU runs, and none runs then (a
+        // vCPU thread left inside a device call at the end holds a clone of the memory
+        // through the devices, and returns without entering the guest again).
         unsafe { vm.set_user_memory_region(slot_region) }
             .map_err(|source| MemoryError::Register { slot, source })?;
     }

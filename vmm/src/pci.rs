@@ -430,7 +430,7 @@ impl PciDevices {
     /// no later than `deadline`: a loop still inside a device then is left to finish on
     /// its own, and a device still held is reported busy.
     #[must_use]
-    pub fn finish(mut self, deadline: Instant) -> Vec<DeviceReport> {
+    pub fn finish(&mut self, deadline: Instant) -> Vec<DeviceReport> {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             self.paused = crate::vm::join_by(t, deadline);
