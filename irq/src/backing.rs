@@ -23,16 +23,16 @@
 //!
 //! Commit order, so that a failure anywhere leaves the previous state working:
 //!
-//! 1. plan: decode each staged entry; decide whether it keeps its line, joins the line of
-//!    a routed target, needs a new route, or (as the sole user of its route, in a
-//!    transaction that creates no route) has its route rewritten in place; check quotas
-//!    and the route budget;
-//! 2. one route commit: new routes, in-place rewrites, and the removal of routes whose
-//!    lines earlier transactions retired;
-//! 3. new lines for the new routes (an irqfd needs its route first);
-//! 4. publish: swap every changed entry's slot;
-//! 5. retire lines left without users: detach their irqfds (their routes go with the next
-//!    commit, as the kernel wants irqfds gone before their route).
+//! 1. plan (`plan`, `plan_routes`): decode each staged entry; decide whether it keeps
+//!    its line, joins the line of a routed target, needs a new route, or (as the sole
+//!    user of its route, in a transaction that creates no route) has its route rewritten
+//!    in place; check quotas and the route budget;
+//! 2. one route commit (`route_commit`): new routes, in-place rewrites, and the removal
+//!    of routes whose lines earlier transactions retired;
+//! 3. new lines for the new routes (`new_lines`; an irqfd needs its route first);
+//! 4. publish (`publish`): swap every changed entry's slot;
+//! 5. retire lines left without users (`retire_idle_lines`): detach their irqfds (their
+//!    routes go with the next commit, as the kernel wants irqfds gone before their route).
 //!
 //! Steps 1-3 undo what they did on failure, and nothing a device sees changes before step
 //! 4, which cannot fail (a failed detach in step 5 is counted). A retarget to a target

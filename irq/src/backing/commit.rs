@@ -33,6 +33,19 @@ enum Step {
     Join,
 }
 
+/// What step 1 decided.
+#[derive(Debug)]
+struct Plan {
+    /// Each staged entry and its step.
+    entries: Vec<Planned>,
+    /// Routes to create.
+    creates: Vec<RouteKey>,
+    /// Routes rewritten in place: (GSI, old key, new key).
+    rewrites: Vec<(Gsi, RouteKey, RouteKey)>,
+    /// Routes (of retired lines) to remove.
+    prune: Vec<RouteKey>,
+}
+
 #[derive(Debug)]
 struct Planned {
     index: u32,
@@ -59,21 +72,30 @@ impl<B: RoutingBackend> Backing<B> {
         }
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "the five commit steps read best in one place"
-    )]
+    /// Applies `staged` in the five steps of the commit protocol (module documentation of
+    /// [`super`]); a failure in steps 1-3 leaves everything as it was.
     fn apply(&mut self, staged: BTreeMap<u32, [u64; 2]>) -> Result<(), BackingError> {
-        // 1. Plan against a simulation of the cache: key -> (existing gsi, users after).
+        let plan = self.plan(&staged)?;
+        let created = self.route_commit(&plan)?;
+        self.new_lines(&created)?;
+        self.publish(plan.entries);
+        self.retire_idle_lines();
+        Ok(())
+    }
+
+    /// 1. Plan: decode each staged entry and decide its step against a simulation of the
+    ///    cache (key -> existing GSI, users after); then which routes the commit creates,
+    ///    rewrites in place or prunes; check the live-entry quota and the route budget.
+    fn plan(&self, staged: &BTreeMap<u32, [u64; 2]>) -> Result<Plan, BackingError> {
         let mut sim: HashMap<RouteKey, (Option<Gsi>, i64)> = self
             .cache
             .iter()
             .filter(|(_, r)| r.line.is_some())
             .map(|(k, r)| (*k, (Some(r.gsi), i64::from(r.users))))
             .collect();
-        let mut plan = Vec::with_capacity(staged.len());
+        let mut entries = Vec::with_capacity(staged.len());
         let mut live_after = i64::from(self.live);
-        for (&index, &raw) in &staged {
+        for (&index, &raw) in staged {
             let Some(&entry) = self.entries.get(index as usize) else {
                 return Err(BackingError::IndexOutOfRange(index));
             };
@@ -98,7 +120,7 @@ impl<B: RoutingBackend> Backing<B> {
             if step == Step::Join {
                 live_after += 1;
             }
-            plan.push(Planned {
+            entries.push(Planned {
                 index,
                 raw,
                 state,
@@ -108,17 +130,26 @@ impl<B: RoutingBackend> Backing<B> {
         if live_after > i64::from(self.limits.max_live) {
             return Err(BackingError::VmQuota(self.limits.max_live));
         }
+        self.plan_routes(entries, &sim)
+    }
+
+    /// The route side of the plan: new routes for targets without one, unless every new
+    /// route would serve one entry leaving a route it was the only user of (then those
+    /// routes are rewritten in place: no new route, nothing left to fail after the
+    /// commit); routes whose lines earlier transactions retired are pruned.
+    fn plan_routes(
+        &self,
+        entries: Vec<Planned>,
+        sim: &HashMap<RouteKey, (Option<Gsi>, i64)>,
+    ) -> Result<Plan, BackingError> {
         let new_keys: Vec<RouteKey> = sim
             .iter()
             .filter(|(_, (gsi, n))| gsi.is_none() && *n > 0)
             .map(|(k, _)| *k)
             .collect();
-        // When every new route would serve one entry that leaves a route it was the only
-        // user of, rewrite those routes in place: no new route, nothing left to fail after
-        // the commit.
         let mut rewrites: Vec<(Gsi, RouteKey, RouteKey)> = Vec::new();
         let mut seen = HashSet::new();
-        for p in &plan {
+        for p in &entries {
             let (NewState::Live { key, .. }, Step::Join) = (p.state, p.step) else {
                 continue;
             };
@@ -146,7 +177,6 @@ impl<B: RoutingBackend> Backing<B> {
         } else {
             Vec::new()
         };
-        // Routes whose lines earlier transactions retired go in this commit.
         let prune: Vec<RouteKey> = self
             .cache
             .iter()
@@ -163,17 +193,26 @@ impl<B: RoutingBackend> Backing<B> {
                 return Err(BackingError::RoutesExhausted);
             }
         }
+        Ok(Plan {
+            entries,
+            creates,
+            rewrites,
+            prune,
+        })
+    }
 
-        // 2. One route commit.
+    /// 2. One route commit: new routes, in-place rewrites, and the removal of routes
+    ///    whose lines were retired. Returns the new routes' GSIs.
+    fn route_commit(&mut self, plan: &Plan) -> Result<Vec<(RouteKey, Gsi)>, BackingError> {
         for gsi in self.orphans.iter().chain(
-            prune
+            plan.prune
                 .iter()
                 .filter_map(|k| self.cache.get(k).map(|r| &r.gsi)),
         ) {
             let _ = self.routes.remove(*gsi);
         }
-        let mut created: Vec<(RouteKey, Gsi)> = Vec::with_capacity(creates.len());
-        for key in &creates {
+        let mut created: Vec<(RouteKey, Gsi)> = Vec::with_capacity(plan.creates.len());
+        for key in &plan.creates {
             match self.routes.allocate(key.msg) {
                 Ok(gsi) => created.push((*key, gsi)),
                 Err(e) => {
@@ -185,7 +224,7 @@ impl<B: RoutingBackend> Backing<B> {
                 }
             }
         }
-        for (gsi, _, key) in &rewrites {
+        for (gsi, _, key) in &plan.rewrites {
             if let Err(e) = self.routes.update(*gsi, key.msg) {
                 self.routes.rollback();
                 return Err(e.into());
@@ -193,10 +232,10 @@ impl<B: RoutingBackend> Backing<B> {
         }
         self.routes.commit()?;
         self.orphans.clear();
-        for key in &prune {
+        for key in &plan.prune {
             self.cache.remove(key);
         }
-        for (gsi, old, key) in &rewrites {
+        for (gsi, old, key) in &plan.rewrites {
             if let Some(mut route) = self.cache.remove(old) {
                 // Its one user rejoins under the new key when it is published.
                 route.gsi = *gsi;
@@ -204,8 +243,13 @@ impl<B: RoutingBackend> Backing<B> {
                 self.cache.insert(*key, route);
             }
         }
+        Ok(created)
+    }
 
-        // 3. Lines for the new routes.
+    /// 3. Lines for the new routes (an irqfd needs its route first). On failure the lines
+    ///    made are retired and the new routes stay in the cache without lines (removed by
+    ///    the next commit).
+    fn new_lines(&mut self, created: &[(RouteKey, Gsi)]) -> Result<(), BackingError> {
         let mut lines: Vec<(RouteKey, Arc<Line>)> = Vec::with_capacity(created.len());
         for (i, (key, gsi)) in created.iter().enumerate() {
             match self.new_line(*key, *gsi) {
@@ -215,7 +259,6 @@ impl<B: RoutingBackend> Backing<B> {
                         self.retire_line(key, line);
                     }
                     self.orphans.extend(created.iter().skip(i).map(|(_, g)| *g));
-                    // The routes of the retired lines stay in the cache without a line.
                     for (key, gsi) in created.iter().take(i) {
                         self.cache.insert(
                             *key,
@@ -241,9 +284,13 @@ impl<B: RoutingBackend> Backing<B> {
                 },
             );
         }
+        Ok(())
+    }
 
-        // 4. Publish. Nothing fails from here on.
-        for p in plan {
+    /// 4. Publish: swap every changed entry's slot, count users and live entries, and
+    ///    write the table. Nothing fails from here on.
+    fn publish(&mut self, entries: Vec<Planned>) {
+        for p in entries {
             let Some(entry) = self.entries.get_mut(p.index as usize) else {
                 continue;
             };
@@ -287,8 +334,11 @@ impl<B: RoutingBackend> Backing<B> {
             }
             let _ = self.table.write(p.index, p.raw);
         }
+    }
 
-        // 5. Retire lines left without users.
+    /// 5. Retire lines left without users: detach their irqfds now; their routes go with
+    ///    the next commit (the kernel wants irqfds gone before their route).
+    fn retire_idle_lines(&mut self) {
         let idle: Vec<RouteKey> = self
             .cache
             .iter()
@@ -300,7 +350,6 @@ impl<B: RoutingBackend> Backing<B> {
                 self.retire_line(key, line);
             }
         }
-        Ok(())
     }
 
     /// An eventfd (from the managed pool for a managed route) attached to `gsi`.
