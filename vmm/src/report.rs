@@ -198,8 +198,9 @@ fn per_vcpu(values: &[u64]) -> String {
     )
 }
 
-impl fmt::Display for RunReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl RunReport {
+    /// The summary's first lines: the image, the machine, a snapshot taken.
+    fn write_machine(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kernel = match &self.kernel {
             Kernel::BuiltIn => "built-in test guest".to_string(),
             Kernel::Elf(p) => p.display().to_string(),
@@ -226,6 +227,12 @@ impl fmt::Display for RunReport {
                 s.pausing.as_millis()
             )?;
         }
+        Ok(())
+    }
+
+    /// Interrupts: counted by the guest, fired by the harness, the core's and the
+    /// hypercall's counters, storm control.
+    fn write_interrupts(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.interrupts {
             Some(counts) => writeln!(
                 f,
@@ -284,6 +291,11 @@ impl fmt::Display for RunReport {
                 st.throttled, st.entries, st.rate, st.flushed
             )?;
         }
+        Ok(())
+    }
+
+    /// Devices, faults, and what reached nothing or could not be done.
+    fn write_devices(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for d in self.devices.iter().filter(|d| d.busy) {
             writeln!(
                 f,
@@ -333,7 +345,12 @@ impl fmt::Display for RunReport {
         if self.console_errors > 0 {
             writeln!(f, "vmm: console     {} output errors", self.console_errors)?;
         }
-        let verdict = match &self.outcome {
+        Ok(())
+    }
+
+    /// The verdict line's text.
+    fn verdict(&self) -> String {
+        match &self.outcome {
             Outcome::GuestExit { code: 0 } => "PASS (guest exit code 0)".to_string(),
             Outcome::GuestExit { code } => format!("FAIL (guest exit code {code})"),
             Outcome::Watchdog { .. } => "HUNG (stopped by the watchdog)".to_string(),
@@ -345,8 +362,16 @@ impl fmt::Display for RunReport {
             Outcome::ConsoleMatched { text } => {
                 format!("PASS (the console showed \"{text}\"; the VM was stopped there)")
             }
-        };
-        write!(f, "vmm: verdict     {verdict}")
+        }
+    }
+}
+
+impl fmt::Display for RunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_machine(f)?;
+        self.write_interrupts(f)?;
+        self.write_devices(f)?;
+        write!(f, "vmm: verdict     {}", self.verdict())
     }
 }
 
