@@ -296,9 +296,9 @@ impl IoApic {
     pub fn restore(
         state: IoApicState,
         output: Arc<dyn IoApicOutput>,
-    ) -> Result<Self, crate::ims::snapshot::RestoreError> {
+    ) -> Result<Self, crate::restore::RestoreError> {
         if state.entries.len() != PINS || state.lines.len() != PINS {
-            return Err(crate::ims::snapshot::RestoreError(
+            return Err(crate::restore::RestoreError(
                 "an IOAPIC with another number of pins",
             ));
         }

@@ -11,6 +11,11 @@
 //! - [`viommu`]: the VT-d interrupt-remapping register model over the interrupt core.
 //! - [`pci`]: the PCI root bus, configuration space, BARs and MSI-X.
 //! - [`ims`]: the IMS devices (slot-array and queue-memory) and their event-loop backend.
+//! - [`ioapic`]: the IOAPIC, whose pins send through interrupt remapping.
+//! - [`restore`]: the one error every device's restore returns.
+//!
+//! Interrupts go through the interrupt core's front door (`irq::control::CoreHandle`) and
+//! its data path; no device names a KVM type or the core's routing (CI checks it).
 
 #![cfg_attr(
     not(test),
@@ -31,6 +36,7 @@ pub mod harness;
 pub mod ims;
 pub mod ioapic;
 pub mod pci;
+pub mod restore;
 pub mod serial;
 pub mod viommu;
 

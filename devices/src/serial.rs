@@ -92,7 +92,7 @@ impl<W: Write + Send> SerialConsole<W> {
         snap: &SerialSnapshot,
         irq: IrqLine,
         out: W,
-    ) -> Result<Self, crate::ims::snapshot::RestoreError> {
+    ) -> Result<Self, crate::restore::RestoreError> {
         let [baud_divisor_low, baud_divisor_high] = snap.divisor;
         let state = SerialState {
             baud_divisor_low,
@@ -107,7 +107,7 @@ impl<W: Write + Send> SerialConsole<W> {
             in_buffer: snap.receive.clone(),
         };
         let uart = Serial::from_state(&state, irq, NoEvents, out).map_err(|_| {
-            crate::ims::snapshot::RestoreError("serial receive FIFO longer than 64 bytes")
+            crate::restore::RestoreError("serial receive FIFO longer than 64 bytes")
         })?;
         Ok(Self { uart, errors: 0 })
     }

@@ -433,7 +433,7 @@ impl PciDevices {
     pub fn finish(&mut self, deadline: Instant) -> Vec<DeviceReport> {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
-            self.paused = crate::vm::join_by(t, deadline);
+            self.paused = crate::threads::join_by(t, deadline);
         }
         self.models
             .iter()

@@ -1,12 +1,9 @@
-//! What both IMS devices' snapshots share: a virtio queue's state and the restore error.
+//! What both IMS devices' snapshots share: a virtio queue's state.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
-/// Why a device's state cannot be restored: the field that is wrong. Nothing is built.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("device state: {0}")]
-pub struct RestoreError(pub &'static str);
+pub use crate::restore::RestoreError;
 
 /// A virtio split queue as the device sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

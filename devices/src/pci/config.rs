@@ -155,9 +155,9 @@ impl ConfigSpace {
     ///
     /// # Errors
     /// A snapshot of another size.
-    pub fn restore_raw(&mut self, bytes: &[u8]) -> Result<(), crate::ims::snapshot::RestoreError> {
+    pub fn restore_raw(&mut self, bytes: &[u8]) -> Result<(), crate::restore::RestoreError> {
         if bytes.len() != SIZE {
-            return Err(crate::ims::snapshot::RestoreError(
+            return Err(crate::restore::RestoreError(
                 "configuration space of another size",
             ));
         }

@@ -140,10 +140,7 @@ impl PciRoot {
     ///
     /// # Errors
     /// A host-bridge configuration space of the wrong size; nothing changes.
-    pub fn restore(
-        &mut self,
-        snap: &RootSnapshot,
-    ) -> Result<(), crate::ims::snapshot::RestoreError> {
+    pub fn restore(&mut self, snap: &RootSnapshot) -> Result<(), crate::restore::RestoreError> {
         self.bridge
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

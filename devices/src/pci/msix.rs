@@ -60,10 +60,10 @@ impl Msix {
     pub fn restore(
         snap: &MsixSnapshot,
         vectors: u16,
-    ) -> Result<Self, crate::ims::snapshot::RestoreError> {
+    ) -> Result<Self, crate::restore::RestoreError> {
         let mut m = Self::new(vectors);
         if snap.table.len() != m.table.len() || snap.pending.len() != m.pending.len() {
-            return Err(crate::ims::snapshot::RestoreError(
+            return Err(crate::restore::RestoreError(
                 "an MSI-X table of another size",
             ));
         }

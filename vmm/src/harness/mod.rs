@@ -46,10 +46,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use bench::Measurements;
 
-/// The interrupt core of the VM (remapping table, routes, lines) as the VMM that owns it
-/// holds it: front ends get its [`irq::CoreHandle`]; the VMM keeps this for statistics,
-/// snapshots and the harness (whose plain MSI routes share KVM's routing table).
-pub type SharedBacking = Arc<irq::InterruptCore<crate::vm::VmRouting>>;
+pub use crate::routing::SharedBacking;
 
 /// How long a storm's counter must stay still before the storm is over.
 const STORM_SETTLE: Duration = Duration::from_millis(50);

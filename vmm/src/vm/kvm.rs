@@ -39,37 +39,3 @@ pub(super) fn enable_x2apic_api(vm: &VmFd) -> Result<(), VmError> {
     vm.enable_cap(&cap)
         .map_err(|e| VmError::Kvm("enable 32-bit APIC IDs (KVM_CAP_X2APIC_API)", e))
 }
-
-/// The VM's KVM routing: KVM itself, or (for a VM with the test harness, whose `INJECT`
-/// request needs it) KVM with fault injection in front. A VM without the harness has no
-/// fault injection on its routing path.
-#[derive(Debug, Clone)]
-pub enum VmRouting {
-    /// KVM.
-    Kvm(KvmRouting),
-    /// KVM behind fault injection.
-    Injecting(FaultInjecting<KvmRouting>),
-}
-
-impl RoutingBackend for VmRouting {
-    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
-        match self {
-            Self::Kvm(r) => r.set_routes(routes),
-            Self::Injecting(r) => r.set_routes(routes),
-        }
-    }
-
-    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
-        match self {
-            Self::Kvm(r) => r.assign_irqfd(fd, gsi),
-            Self::Injecting(r) => r.assign_irqfd(fd, gsi),
-        }
-    }
-
-    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
-        match self {
-            Self::Kvm(r) => r.deassign_irqfd(fd, gsi),
-            Self::Injecting(r) => r.deassign_irqfd(fd, gsi),
-        }
-    }
-}

@@ -21,12 +21,9 @@ use hypercall::boot::BootInfo;
 use hypercall::{harness, platform};
 use irq::backing::{Backing, BackingError, InterruptPath, Limits};
 use irq::fdlimit::{raise_fd_limit, FdLimitError};
-use irq::port::{FaultInjecting, MsiInjector, RouteEntry};
+use irq::port::{FaultInjecting, MsiInjector};
 use irq::remap::FaultReason;
-use irq::{
-    Gsi, InterruptControl, InterruptCore, Irqchip, KvmRouting, RouteError, RouteTable,
-    RoutingBackend,
-};
+use irq::{InterruptControl, InterruptCore, Irqchip, KvmRouting, RouteError, RouteTable};
 use kvm_bindings::{
     kvm_enable_cap, kvm_mp_state, CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
@@ -35,7 +32,6 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusError, SharedDevice};
 use crate::config::{
@@ -64,13 +60,13 @@ mod kvm;
 mod running;
 mod stop;
 
+pub use crate::routing::VmRouting;
+use crate::threads::join_by;
 use assemble::{Host, Vm};
 use boot::*;
 pub use console::CapturedConsole;
 use console::*;
-pub use kvm::VmRouting;
 use kvm::*;
-pub(crate) use stop::join_by;
 pub use stop::STOP_GRACE;
 use stop::*;
 

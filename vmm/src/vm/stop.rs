@@ -74,19 +74,6 @@ pub(super) fn stop_vcpus(threads: Vec<JoinHandle<VcpuFd>>, deadline: Instant) ->
 /// loop) before it ends without those still inside a device call.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
-/// Joins `thread` if it has ended by `deadline`; otherwise leaves it to finish on its
-/// own (detached: what it holds is shared, and freed when it ends) and returns `None`.
-pub(crate) fn join_by<T>(thread: JoinHandle<T>, deadline: Instant) -> Option<T> {
-    while !thread.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    if thread.is_finished() {
-        thread.join().ok()
-    } else {
-        None
-    }
-}
-
 /// Remapping faults recorded by the data path, by reason.
 pub(super) fn remap_faults(backing: &SharedBacking) -> Vec<(u8, u64)> {
     let path = backing.lock().path();
