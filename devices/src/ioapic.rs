@@ -126,7 +126,7 @@ impl IoApicOutput for RemappingOutput {
 /// The IOAPIC's state, for a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IoApicState {
+pub struct IoApicSnapshot {
     /// The selected indirect register.
     pub select: u32,
     /// The ID register.
@@ -139,7 +139,7 @@ pub struct IoApicState {
 
 /// The IOAPIC.
 pub struct IoApic {
-    state: IoApicState,
+    state: IoApicSnapshot,
     output: Arc<dyn IoApicOutput>,
     sent: u64,
 }
@@ -278,7 +278,7 @@ impl IoApic {
     #[must_use]
     pub fn new(output: Arc<dyn IoApicOutput>) -> Self {
         Self {
-            state: IoApicState {
+            state: IoApicSnapshot {
                 select: 0,
                 id: 0,
                 entries: vec![RTE_MASKED; PINS],
@@ -294,7 +294,7 @@ impl IoApic {
     /// # Errors
     /// A state with another number of entries or lines.
     pub fn restore(
-        state: IoApicState,
+        state: IoApicSnapshot,
         output: Arc<dyn IoApicOutput>,
     ) -> Result<Self, crate::restore::RestoreError> {
         if state.entries.len() != PINS || state.lines.len() != PINS {
@@ -320,10 +320,10 @@ impl IoApic {
         self.output.level_message(pin, msg.as_ref());
     }
 
-    /// Its state.
+    /// Its state, for a snapshot ([`IoApic::restore`] takes it back).
     #[must_use]
-    pub fn state(&self) -> &IoApicState {
-        &self.state
+    pub fn snapshot(&self) -> IoApicSnapshot {
+        self.state.clone()
     }
 
     /// Interrupts sent so far.
@@ -667,7 +667,7 @@ mod tests {
                 source_id: IOAPIC_SID,
             };
             core.handle().configure(forget).unwrap();
-            let state = io.state().clone();
+            let state = io.snapshot();
             let _restored = IoApic::restore(state, out.clone()).unwrap();
             assert_eq!(kvm.route(11), Some(level(2, 0x41).to_msi()));
         }
@@ -747,9 +747,9 @@ mod tests {
         let m = message((3u64 << 56) | 0x30 | RTE_DEST_LOGICAL);
         assert_eq!(m.address, 0xfee0_3004);
         assert_eq!(m.data & 0xff, 0x30);
-        let snap = IoApic::new(Arc::new(Sent::default())).state().clone();
+        let snap = IoApic::new(Arc::new(Sent::default())).snapshot();
         IoApic::restore(snap.clone(), Arc::new(Sent::default())).unwrap();
-        let short = IoApicState {
+        let short = IoApicSnapshot {
             entries: vec![0; 3],
             ..snap
         };

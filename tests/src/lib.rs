@@ -24,16 +24,6 @@ pub fn config(cpus: u32, cmdline: &str) -> VmConfig {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut chain = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        chain.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    chain
-}
-
 /// Restores the snapshot at `path` with `run`'s settings; the report and console text, or
 /// the error chain on one line.
 ///
@@ -43,7 +33,7 @@ pub fn restore(path: &Path, run: &Settings) -> Result<(RunReport, String), Strin
     let console = Captured::default();
     vmm::restore_with_console(path, run, Box::new(console.clone()))
         .map(|report| (report, console.text()))
-        .map_err(|e| chain(&e))
+        .map_err(|e| vmm::report::error_chain(&e))
 }
 
 /// Boots `config` and returns the report and the console text.
@@ -55,7 +45,7 @@ pub fn boot(config: &VmConfig) -> (RunReport, String) {
     let console = Captured::default();
     let report = match vmm::run_with_console(config, Box::new(console.clone())) {
         Ok(report) => report,
-        Err(e) => panic!("the VM could not run: {}", chain(&e)),
+        Err(e) => panic!("the VM could not run: {}", vmm::report::error_chain(&e)),
     };
     (report, console.text())
 }

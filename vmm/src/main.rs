@@ -9,13 +9,7 @@ use vmm::report::EXIT_VMM_ERROR;
 
 /// Prints an error and its causes on one line.
 fn report_error(error: &dyn Error) {
-    let mut line = format!("error: {error}");
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        line.push_str(&format!(": {e}"));
-        cause = e.source();
-    }
-    eprintln!("{line}");
+    eprintln!("error: {}", vmm::report::error_chain(error));
 }
 
 /// Prints a line on stdout; a closed stdout (a pipe into `head`) is not an error.

@@ -6,6 +6,20 @@ use std::time::Duration;
 use crate::config::{format_size, Kernel};
 use crate::exit::StopReason;
 
+/// An error and its causes on one line (`error: cause: cause ...` without the prefix):
+/// how the binary, the run's own failures and the tests print an error chain.
+#[must_use]
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        cause = e.source();
+    }
+    line
+}
+
 /// Process exit code when the watchdog ended the guest.
 pub const EXIT_WATCHDOG: u8 = 124;
 /// Process exit code when the VMM could not run the guest (bad config, KVM error).

@@ -32,9 +32,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use devices::ioapic::IoApicState;
+use devices::ioapic::IoApicSnapshot;
 use devices::serial::SerialSnapshot;
-use devices::viommu::VtdState;
+use devices::viommu::VtdSnapshot;
 use irq::backing::snapshot::BackingSnapshot;
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
@@ -66,7 +66,7 @@ pub struct VmState {
     /// The KVM clock.
     pub clock: kvm_clock_data,
     /// The userspace IOAPIC.
-    pub ioapic: IoApicState,
+    pub ioapic: IoApicSnapshot,
 }
 
 /// One vCPU.
@@ -111,7 +111,7 @@ pub struct VmSnapshot {
     /// The interrupt core: remapping table, owners, routes and lines to rebuild.
     pub interrupts: BackingSnapshot,
     /// The VT-d unit's registers and queue.
-    pub vtd: VtdState,
+    pub vtd: VtdSnapshot,
     /// The PCI root bus and devices.
     pub pci: PciSnapshot,
 }
@@ -210,6 +210,15 @@ pub enum SnapshotError {
     /// The VT-d unit's state is refused.
     #[error("invalid VT-d state in the snapshot")]
     Vtd(#[from] devices::viommu::VtdRestoreError),
+    /// A device model's state is refused (the IOAPIC, the UART).
+    #[error("invalid {what} state in the snapshot")]
+    Device {
+        /// Which device.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: devices::restore::RestoreError,
+    },
     /// KVM refused an MSR value.
     #[error("vCPU {index}: KVM refused the value of MSR {msr:#x}")]
     Msr {
@@ -429,7 +438,7 @@ pub fn write(
 ///
 /// # Errors
 /// The failing KVM call.
-pub fn capture_vm(vm: &VmFd, ioapic: IoApicState) -> Result<VmState, SnapshotError> {
+pub fn capture_vm(vm: &VmFd, ioapic: IoApicSnapshot) -> Result<VmState, SnapshotError> {
     Ok(VmState {
         clock: vm
             .get_clock()

@@ -52,7 +52,7 @@ pub const DEFAULT_BASE: u64 = 0xfed9_0000;
 
 /// The guest-visible register state (what a snapshot holds).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VtdState {
+pub struct VtdSnapshot {
     /// Global status.
     pub gsts: u32,
     /// Root table address (stored only).
@@ -101,7 +101,7 @@ pub enum VtdRestoreError {
     Invalid(&'static str),
 }
 
-impl VtdState {
+impl VtdSnapshot {
     /// Checks what the unit relies on: the latched table's size, the queue pointers, the
     /// next fault record.
     ///
@@ -152,7 +152,7 @@ pub struct VtdCounters {
 
 /// The remapping unit.
 pub struct Vtd {
-    state: VtdState,
+    state: VtdSnapshot,
     counters: VtdCounters,
     core: CoreHandle,
     mem: GuestMemoryMmap,
@@ -204,7 +204,7 @@ impl Vtd {
         // Setting a flag cannot fail.
         let _ = core.configure(Setting::BlockCompatibility(false));
         Self {
-            state: VtdState::default(),
+            state: VtdSnapshot::default(),
             counters: VtdCounters::default(),
             core,
             mem,
@@ -212,10 +212,10 @@ impl Vtd {
         }
     }
 
-    /// The register state.
+    /// The unit's state, for a snapshot ([`Vtd::restore`] takes it back).
     #[must_use]
-    pub fn state(&self) -> &VtdState {
-        &self.state
+    pub fn snapshot(&self) -> VtdSnapshot {
+        self.state.clone()
     }
 
     /// A unit in `state` (from a snapshot), over an interrupt core already restored from
@@ -227,7 +227,7 @@ impl Vtd {
         core: CoreHandle,
         mem: GuestMemoryMmap,
         events: Arc<dyn MsiInjector>,
-        state: VtdState,
+        state: VtdSnapshot,
     ) -> Result<Self, VtdRestoreError> {
         state.validate()?;
         Ok(Self {

@@ -412,7 +412,7 @@ fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
     let rig = Rig::enabled(true);
     // A fault (an absent entry) fills a fault record.
     rig.path.signal(5, DEV).unwrap_err();
-    let state = rig.unit.lock().unwrap().state().clone();
+    let state = rig.unit.lock().unwrap().snapshot();
     let core = rig.core.lock().snapshot();
     assert!(state.frcd.iter().any(|r| r[1] >> 63 != 0), "{state:?}");
     assert!(state.table.is_some());
@@ -420,8 +420,8 @@ fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let events: Arc<dyn MsiInjector> = Arc::new(Injected::default());
     let unit = Vtd::restore(restored_core(), mem.clone(), events.clone(), state.clone()).unwrap();
-    assert_eq!(unit.state(), &state);
-    let tamper: [fn(&mut VtdState); 4] = [
+    assert_eq!(unit.snapshot(), state);
+    let tamper: [fn(&mut VtdSnapshot); 4] = [
         |s| s.iqh = 8,
         |s| s.iqt = 1 << 40,
         |s| s.next_frcd = regs::NFR,

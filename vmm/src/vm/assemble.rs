@@ -259,8 +259,12 @@ fn build_ioapic(
     ));
     let ioapic = match saved {
         None => IoApic::new(output),
-        Some(s) => IoApic::restore(s.vm.ioapic.clone(), output)
-            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        Some(s) => IoApic::restore(s.vm.ioapic.clone(), output).map_err(|source| {
+            SnapshotError::Device {
+                what: "IOAPIC",
+                source,
+            }
+        })?,
     };
     Ok(Arc::new(Mutex::new(ioapic)))
 }
@@ -287,8 +291,12 @@ fn build_serial(
     };
     let serial = match saved {
         None => SerialConsole::new(irq, console),
-        Some(s) => SerialConsole::restore(&s.serial, irq, console)
-            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        Some(s) => SerialConsole::restore(&s.serial, irq, console).map_err(|source| {
+            SnapshotError::Device {
+                what: "UART",
+                source,
+            }
+        })?,
     };
     Ok(Arc::new(Mutex::new(serial)))
 }

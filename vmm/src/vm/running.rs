@@ -141,7 +141,7 @@ impl Vm<'_> {
                     Ok(()) => continue,
                     Err(e) => {
                         return Outcome::SnapshotFailed {
-                            error: error_line(&e),
+                            error: crate::report::error_chain(&e),
                         }
                     }
                 }
@@ -230,8 +230,7 @@ impl Vm<'_> {
                 self.ioapic
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .state()
-                    .clone(),
+                    .snapshot(),
             )?,
             vcpus: states,
             serial: self
@@ -244,8 +243,7 @@ impl Vm<'_> {
                 .vtd
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .state()
-                .clone(),
+                .snapshot(),
             pci: self.pci.snapshot(),
         })
     }

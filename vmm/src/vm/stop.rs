@@ -2,17 +2,6 @@
 
 use super::*;
 
-/// An error and its causes on one line.
-pub(super) fn error_line(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        line.push_str(&format!(": {e}"));
-        cause = e.source();
-    }
-    line
-}
-
 /// Pauses every vCPU thread (the pause flag is set): kicks each until it has handed its
 /// vCPU back. A thread that ended on its own hands its vCPU back as well.
 pub(super) fn pause_vcpus(threads: Vec<JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
