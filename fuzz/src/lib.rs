@@ -7,11 +7,11 @@
 use std::sync::Arc;
 
 use irq::backing::{Backing, Limits};
-use irq::port::MsiInjector;
 use irq::control::{EntryWrite, InterruptControl, Writer};
 use irq::fake::FakeRouting;
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::Target;
+use irq::port::MsiInjector;
 use irq::{Irqchip, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
