@@ -6,9 +6,12 @@
  * (hypercall/src/abi.rs). A test (hypercall/tests/c_header.rs) keeps every value below
  * identical to the Rust ones.
  *
- * Call: EAX = call number, RCX = requester ID, RSI/RDI/R8 = arguments; then
- * `outl %eax, %dx` with DX = IRQ_HC_PORT (from CPUID). RAX = status; RSI, RDI, R8, R9 =
- * results. Other registers are preserved.
+ * Call: EAX = call number, RCX = requester ID (the whole register), RSI/RDI/R8 =
+ * arguments; then `outl %eax, %dx` with DX = IRQ_HC_PORT (from CPUID). RAX = status; RSI,
+ * RDI, R8, R9 = results. Other registers are preserved. A call that fails changes nothing
+ * but RAX, except that a BATCH refused after its array was read writes each entry's status
+ * and RSI = 0. Only a 4-byte `out` is a call: `outb`/`outw` are answered
+ * IRQ_HC_UNSUPPORTED in RAX and change nothing else; an `in` from the port reads all ones.
  */
 #ifndef IRQ_HYPERCALL_H
 #define IRQ_HYPERCALL_H
