@@ -268,8 +268,9 @@ impl PciRoot {
 /// which is released before the function is locked, so a device busy on its own
 /// backend delays only the accesses to that device; a configuration write that moves
 /// BARs takes the root's lock briefly while holding its function's. The `PciRoot`
-/// methods that lock every function (`add`, `assign_bars`, `restore`) are for set-up,
-/// before vCPUs run.
+/// methods that lock functions under the root's lock (`add`, `assign_bars`, `restore`,
+/// `snapshot`, `config_read`, `config_write`) are for set-up and for a paused VM, when no
+/// vCPU is inside a configuration access.
 pub type SharedRoot = Arc<Mutex<PciRoot>>;
 
 fn root(r: &SharedRoot) -> std::sync::MutexGuard<'_, PciRoot> {
