@@ -289,13 +289,14 @@ impl IoApic {
         }
     }
 
-    /// An IOAPIC in `state` (from a snapshot).
+    /// An IOAPIC sending through `output`, in `state` (from its snapshot): the constructor's
+    /// arguments, then the saved state, as every layer's `restore`.
     ///
     /// # Errors
     /// A state with another number of entries or lines.
     pub fn restore(
-        state: IoApicSnapshot,
         output: Arc<dyn IoApicOutput>,
+        state: IoApicSnapshot,
     ) -> Result<Self, crate::restore::RestoreError> {
         if state.entries.len() != PINS || state.lines.len() != PINS {
             return Err(crate::restore::RestoreError(
@@ -668,7 +669,7 @@ mod tests {
             };
             core.handle().configure(forget).unwrap();
             let state = io.snapshot();
-            let _restored = IoApic::restore(state, out.clone()).unwrap();
+            let _restored = IoApic::restore(out.clone(), state).unwrap();
             assert_eq!(kvm.route(11), Some(level(2, 0x41).to_msi()));
         }
     }
@@ -748,11 +749,11 @@ mod tests {
         assert_eq!(m.address, 0xfee0_3004);
         assert_eq!(m.data & 0xff, 0x30);
         let snap = IoApic::new(Arc::new(Sent::default())).snapshot();
-        IoApic::restore(snap.clone(), Arc::new(Sent::default())).unwrap();
+        IoApic::restore(Arc::new(Sent::default()), snap.clone()).unwrap();
         let short = IoApicSnapshot {
             entries: vec![0; 3],
             ..snap
         };
-        IoApic::restore(short, Arc::new(Sent::default())).unwrap_err();
+        IoApic::restore(Arc::new(Sent::default()), short).unwrap_err();
     }
 }

@@ -89,9 +89,9 @@ impl<W: Write + Send> SerialConsole<W> {
     /// # Errors
     /// A receive FIFO longer than the UART's.
     pub fn restore(
-        snap: &SerialSnapshot,
         irq: IrqLine,
         out: W,
+        snap: &SerialSnapshot,
     ) -> Result<Self, crate::restore::RestoreError> {
         let [baud_divisor_low, baud_divisor_high] = snap.divisor;
         let state = SerialState {
@@ -200,7 +200,7 @@ mod tests {
         uart.write(1, &[0x02]); // IER: transmitter empty interrupt
         uart.write(7, &[0x5a]); // scratch
         let snap = uart.snapshot();
-        let mut again = SerialConsole::restore(&snap, irq(), Vec::new()).unwrap();
+        let mut again = SerialConsole::restore(irq(), Vec::new(), &snap).unwrap();
         assert_eq!(again.snapshot(), snap);
         let mut scratch = [0u8];
         again.read(7, &mut scratch);
@@ -209,7 +209,7 @@ mod tests {
             receive: vec![0; 65],
             ..snap
         };
-        SerialConsole::restore(&long, irq(), Vec::new()).unwrap_err();
+        SerialConsole::restore(irq(), Vec::new(), &long).unwrap_err();
     }
 
     fn libc_nonblock() -> i32 {

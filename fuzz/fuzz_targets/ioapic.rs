@@ -103,7 +103,7 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Restore => {
                 let state = io.snapshot();
-                io = IoApic::restore(state.clone(), out.clone()).expect("its own state");
+                io = IoApic::restore(out.clone(), state.clone()).expect("its own state");
                 assert_eq!(io.snapshot(), state);
             }
         }

@@ -259,7 +259,7 @@ fn build_ioapic(
     ));
     let ioapic = match saved {
         None => IoApic::new(output),
-        Some(s) => IoApic::restore(s.vm.ioapic.clone(), output).map_err(|source| {
+        Some(s) => IoApic::restore(output, s.vm.ioapic.clone()).map_err(|source| {
             SnapshotError::Device {
                 what: "IOAPIC",
                 source,
@@ -291,7 +291,7 @@ fn build_serial(
     };
     let serial = match saved {
         None => SerialConsole::new(irq, console),
-        Some(s) => SerialConsole::restore(&s.serial, irq, console).map_err(|source| {
+        Some(s) => SerialConsole::restore(irq, console, &s.serial).map_err(|source| {
             SnapshotError::Device {
                 what: "UART",
                 source,
