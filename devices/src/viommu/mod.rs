@@ -155,6 +155,8 @@ pub struct Vtd {
     state: VtdSnapshot,
     counters: VtdCounters,
     core: CoreHandle,
+    /// The core's table size (fixed when the core is made).
+    core_size: u32,
     mem: GuestMemoryMmap,
     events: Arc<dyn MsiInjector>,
 }
@@ -206,6 +208,7 @@ impl Vtd {
         Self {
             state: VtdSnapshot::default(),
             counters: VtdCounters::default(),
+            core_size: core.capacity(0).table_size,
             core,
             mem,
             events,
@@ -233,6 +236,7 @@ impl Vtd {
         Ok(Self {
             state,
             counters: VtdCounters::default(),
+            core_size: core.capacity(0).table_size,
             core,
             mem,
             events,

@@ -137,7 +137,7 @@ impl Vtd {
             return;
         }
         // Entries beyond the core's table (a core smaller than the unit's) are not written.
-        let size = self.core.capacity(0).table_size;
+        let size = self.core_size;
         let writes: Vec<(u32, EntryWrite)> = std::mem::take(staged)
             .into_iter()
             .filter(|(index, _)| *index < size)
