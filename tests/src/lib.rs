@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vmm::{Kernel, RunReport, Settings, VmConfig};
+use vmm::{Kernel, MachineConfig, RunConfig, RunReport, Settings, VmConfig};
 
 /// A console that keeps what the guest printed.
 pub use vmm::CapturedConsole as Captured;
@@ -16,11 +16,16 @@ pub use vmm::CapturedConsole as Captured;
 #[must_use]
 pub fn config(cpus: u32, cmdline: &str) -> VmConfig {
     VmConfig {
-        cpus,
-        cmdline: cmdline.to_string(),
-        kernel: Kernel::BuiltIn,
-        watchdog: Some(Duration::from_secs(120)),
-        ..VmConfig::default()
+        machine: MachineConfig {
+            cpus,
+            cmdline: cmdline.to_string(),
+            kernel: Kernel::BuiltIn,
+            ..MachineConfig::default()
+        },
+        run: RunConfig {
+            watchdog: Some(Duration::from_secs(120)),
+            ..RunConfig::default()
+        },
     }
 }
 

@@ -54,7 +54,7 @@ fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
 #[test]
 fn bench_scenario_without_an_ims_device_fails_and_says_why() {
     let mut cfg = config(1, "scenario=bench bench_samples=5");
-    cfg.devices.clear();
+    cfg.machine.devices.clear();
     let (report, console) = boot(&cfg);
     assert!(!report.passed(), "{report}\n{console}");
     assert!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use integration_tests::{boot, config, vtd_interrupts};
 use vmm::report::{EXIT_VCPUS_STOPPED, EXIT_WATCHDOG};
-use vmm::{Outcome, VmConfig};
+use vmm::Outcome;
 
 #[test]
 fn kvm_is_present() {
@@ -154,10 +154,8 @@ fn a_bad_command_line_is_reported_by_the_guest() {
 
 #[test]
 fn a_hung_guest_is_stopped_by_the_watchdog() {
-    let config = VmConfig {
-        watchdog: Some(Duration::from_secs(2)),
-        ..config(2, "scenario=hang")
-    };
+    let mut config = config(2, "scenario=hang");
+    config.run.watchdog = Some(Duration::from_secs(2));
     let (report, console) = boot(&config);
     assert!(
         matches!(report.outcome, Outcome::Watchdog { after, .. } if after == Duration::from_secs(2))
@@ -179,10 +177,8 @@ fn a_guest_that_crashes_every_vcpu_is_reported() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("ud2.elf");
     std::fs::write(&path, tiny_elf(&[0x0f, 0x0b])).unwrap();
-    let config = VmConfig {
-        kernel: vmm::Kernel::Elf(path),
-        ..config(2, "")
-    };
+    let mut config = config(2, "");
+    config.machine.kernel = vmm::Kernel::Elf(path);
     let (report, _) = boot(&config);
     std::fs::remove_dir_all(&dir).unwrap();
     let Outcome::VcpusStopped { stopped } = &report.outcome else {
@@ -204,10 +200,8 @@ fn a_guest_that_crashes_every_vcpu_is_reported() {
 
 #[test]
 fn a_missing_kvm_device_is_a_clear_error() {
-    let config = VmConfig {
-        kvm_device: "/nonexistent/kvm".into(),
-        ..config(1, "")
-    };
+    let mut config = config(1, "");
+    config.run.kvm_device = "/nonexistent/kvm".into();
     let err = vmm::run(&config).unwrap_err();
     assert!(matches!(err, vmm::VmError::OpenKvm { .. }), "{err:?}");
     assert_eq!(err.to_string(), "cannot open KVM device /nonexistent/kvm");
@@ -245,7 +239,7 @@ fn a_hidden_cpu_feature_is_gone_from_the_guests_cpuid() {
     assert!(plain.passed(), "{plain}\n{console}");
     assert!(console.contains(", cx16 yes)"), "{console}");
     let mut cfg = config(1, "scenario=smoke");
-    cfg.cpuid_hide = vec!["cx16".into()];
+    cfg.machine.cpuid_hide = vec!["cx16".into()];
     let (report, console) = boot(&cfg);
     assert!(report.passed(), "{report}\n{console}");
     assert!(console.contains(", cx16 no)"), "{console}");
@@ -257,7 +251,7 @@ fn a_hidden_cpu_feature_is_gone_from_the_guests_cpuid() {
 #[test]
 fn the_harness_exists_only_when_the_run_asks_for_it() {
     let mut off = config(2, "scenario=harness");
-    off.harness = false;
+    off.machine.harness = false;
     let (report, console) = boot(&off);
     assert!(report.passed(), "{report}\n{console}");
     assert!(
@@ -286,7 +280,7 @@ fn the_harness_exists_only_when_the_run_asks_for_it() {
 
     // A scenario that needs the harness says so when the VM has none.
     let mut needs = config(1, "scenario=msi");
-    needs.harness = false;
+    needs.machine.harness = false;
     let (report, console) = boot(&needs);
     assert!(!report.passed());
     assert!(console.contains("needs the test harness"), "{console}");

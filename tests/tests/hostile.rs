@@ -47,7 +47,7 @@ fn hostile_sequences_get_their_documented_answers() {
 #[test]
 fn the_watchdog_ends_a_run_whose_vcpu_is_stuck_in_a_device_call() {
     let mut cfg = config(2, "scenario=stuck");
-    cfg.watchdog = Some(Duration::from_secs(2));
+    cfg.run.watchdog = Some(Duration::from_secs(2));
     let (report, console) = boot(&cfg);
     assert!(
         matches!(report.outcome, Outcome::Watchdog { .. }),

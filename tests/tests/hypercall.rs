@@ -4,7 +4,6 @@
 //! exhaustion, every bad input's documented error, and throttling.
 
 use integration_tests::{boot, config};
-use vmm::VmConfig;
 
 fn hypercall(
     cpus: u32,
@@ -12,12 +11,10 @@ fn hypercall(
     max_routes: Option<u32>,
     rate: Option<u32>,
 ) -> (vmm::RunReport, String) {
-    let mut config = VmConfig {
-        max_routes,
-        ..config(cpus, cmdline)
-    };
+    let mut config = config(cpus, cmdline);
+    config.machine.max_routes = max_routes;
     if let Some(rate) = rate {
-        config.hypercall_rate = rate;
+        config.machine.hypercall_rate = rate;
     }
     let (report, console) = boot(&config);
     assert!(report.passed(), "{report}\n{console}");

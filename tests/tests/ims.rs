@@ -55,7 +55,7 @@ fn both_ims_devices_deliver_every_completion_on_the_right_vcpu() {
 #[test]
 fn a_slot_array_of_32768_reaches_its_last_slot() {
     let mut config = config(2, "scenario=ims ims_slots=4096 ims_rounds=1");
-    config.devices = vec![
+    config.machine.devices = vec![
         DeviceConfig {
             kind: DeviceKind::ImsSlots {
                 slots: 32_768,
@@ -84,7 +84,7 @@ fn a_slot_array_of_32768_reaches_its_last_slot() {
 #[test]
 fn scenario_ims_fails_loudly_without_its_devices() {
     let mut config = config(2, "scenario=ims");
-    config.devices = Vec::new();
+    config.machine.devices = Vec::new();
     let (report, console) = boot(&config);
     assert!(
         !report.passed(),

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::boot;
-use vmm::{Kernel, Outcome, VmConfig};
+use vmm::{Kernel, MachineConfig, Outcome, RunConfig, VmConfig};
 
 const ENABLED: &str = "DMAR-IR: Enabled IRQ remapping in x2apic mode";
 
@@ -32,15 +32,20 @@ fn debian_kernel() -> PathBuf {
 #[test]
 fn a_stock_debian_kernel_enables_interrupt_remapping_in_x2apic_mode_on_our_dmar_unit() {
     let config = VmConfig {
-        kernel: Kernel::Elf(debian_kernel()),
-        cpus: 2,
-        memory: 512 << 20,
-        cmdline: "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr noxsave intel_iommu=on"
-            .into(),
-        cpuid_hide: vec!["cx16".into()],
-        until: Some(ENABLED.into()),
-        watchdog: Some(Duration::from_secs(900)),
-        ..VmConfig::default()
+        machine: MachineConfig {
+            kernel: Kernel::Elf(debian_kernel()),
+            cpus: 2,
+            memory: 512 << 20,
+            cmdline: "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr noxsave intel_iommu=on"
+                .into(),
+            cpuid_hide: vec!["cx16".into()],
+            ..MachineConfig::default()
+        },
+        run: RunConfig {
+            until: Some(ENABLED.into()),
+            watchdog: Some(Duration::from_secs(900)),
+            ..RunConfig::default()
+        },
     };
     let (report, console) = boot(&config);
     assert_eq!(

@@ -7,7 +7,7 @@ use integration_tests::{boot, config};
 #[test]
 fn a_storm_is_coalesced_counted_and_reported_and_a_bystander_is_unaffected() {
     let mut cfg = config(2, "scenario=storm storm_count=20000 storm_bystanders=25");
-    cfg.irq_rate = 1000;
+    cfg.machine.irq_rate = 1000;
     let (report, console) = boot(&cfg);
     assert!(report.passed(), "{report}\n{console}");
     assert!(

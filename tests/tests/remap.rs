@@ -76,8 +76,8 @@ fn a_source_id_mismatch_is_not_delivered_and_is_recorded() {
 #[test]
 fn remapped_interrupts_reach_vcpu_287_of_288() {
     let mut cfg = config(288, "scenario=remap remap_entries=288");
-    cfg.memory = 256 << 20;
-    cfg.watchdog = Some(std::time::Duration::from_secs(300));
+    cfg.machine.memory = 256 << 20;
+    cfg.run.watchdog = Some(std::time::Duration::from_secs(300));
     let (report, console) = boot(&cfg);
     assert!(report.passed(), "{report}\n{console}");
     assert!(console.contains("x2APIC"), "{console}");

@@ -52,7 +52,7 @@ fn completions(report: &vmm::RunReport) -> Vec<u64> {
 fn a_snapshot_taken_while_ims_devices_fire_continues_in_a_new_vm_with_nothing_lost_or_doubled() {
     let file = TempFile::new("ims");
     let mut cfg = config(2, "scenario=snapshot");
-    cfg.snapshot = plan(&file.0, None, AfterSnapshot::Stop);
+    cfg.run.snapshot = plan(&file.0, None, AfterSnapshot::Stop);
     let (before, console) = boot(&cfg);
     assert_eq!(
         before.outcome,
@@ -88,7 +88,7 @@ fn a_snapshot_taken_while_ims_devices_fire_continues_in_a_new_vm_with_nothing_lo
 fn a_vm_that_continues_after_its_snapshot_and_the_restored_one_both_finish() {
     let file = TempFile::new("continue");
     let mut cfg = config(3, "scenario=snapshot");
-    cfg.snapshot = plan(&file.0, None, AfterSnapshot::Continue);
+    cfg.run.snapshot = plan(&file.0, None, AfterSnapshot::Continue);
     let (first, console) = boot(&cfg);
     assert!(first.passed(), "{first}\n{console}");
     let taken = first.snapshot.as_ref().expect("a snapshot was taken");
@@ -109,7 +109,7 @@ fn a_vm_that_continues_after_its_snapshot_and_the_restored_one_both_finish() {
 fn a_snapshot_of_the_whole_default_run_at_a_set_time_restores_and_passes() {
     let file = TempFile::new("timed");
     let mut cfg = config(2, "scenario=all");
-    cfg.snapshot = plan(
+    cfg.run.snapshot = plan(
         &file.0,
         Some(Duration::from_millis(300)),
         AfterSnapshot::Stop,
@@ -155,7 +155,7 @@ fn join(original: &[u8], header: &serde_json::Value, ram: &[u8]) -> Vec<u8> {
 fn tampered_snapshots_are_refused_with_the_reason_and_nothing_runs() {
     let file = TempFile::new("source");
     let mut cfg = config(2, "scenario=snapshot");
-    cfg.snapshot = plan(&file.0, None, AfterSnapshot::Stop);
+    cfg.run.snapshot = plan(&file.0, None, AfterSnapshot::Stop);
     let (before, console) = boot(&cfg);
     assert!(
         matches!(before.outcome, Outcome::Snapshotted { .. }),

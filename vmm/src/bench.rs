@@ -48,7 +48,9 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{Console, DeviceConfig, DeviceKind, Kernel, VmConfig};
+use crate::config::{
+    Console, DeviceConfig, DeviceKind, Kernel, MachineConfig, RunConfig, VmConfig,
+};
 use crate::hypercall::{Dispatcher, HypercallHandler};
 use crate::vm::{CapturedConsole, VmError};
 use hypercall::harness::BENCH_RUNS;
@@ -648,17 +650,22 @@ fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmError> {
         .collect();
     let samples = u32::try_from(config.samples).unwrap_or(u32::MAX);
     let vm = VmConfig {
-        cpus: GUEST_CPUS,
-        kernel: Kernel::BuiltIn,
-        cmdline: format!(
-            "scenario=bench bench_samples={samples} bench_interrupts={} bench_window={WINDOW} bench_live={} bench_retarget_max={}",
-            config.interrupts, config.live, RETARGET_SIZES.iter().max().unwrap_or(&0)
-        ),
-        console: Console::Off,
-        watchdog: Some(GUEST_WATCHDOG),
-        kvm_device: config.kvm_device.clone(),
-        devices: slots,
-        ..VmConfig::default()
+        machine: MachineConfig {
+            cpus: GUEST_CPUS,
+            kernel: Kernel::BuiltIn,
+            cmdline: format!(
+                "scenario=bench bench_samples={samples} bench_interrupts={} bench_window={WINDOW} bench_live={} bench_retarget_max={}",
+                config.interrupts, config.live, RETARGET_SIZES.iter().max().unwrap_or(&0)
+            ),
+            devices: slots,
+            ..MachineConfig::default()
+        },
+        run: RunConfig {
+            console: Console::Off,
+            watchdog: Some(GUEST_WATCHDOG),
+            kvm_device: config.kvm_device.clone(),
+            ..RunConfig::default()
+        },
     };
     let console = CapturedConsole::default();
     let report = crate::vm::run_with_console(&vm, Box::new(console.clone()))?;

@@ -273,7 +273,11 @@ mod tests {
         };
         let config = args.settings().unwrap().resolve().unwrap();
         assert_eq!(
-            (config.cpus, config.memory, config.cmdline.as_str()),
+            (
+                config.machine.cpus,
+                config.machine.memory,
+                config.machine.cmdline.as_str()
+            ),
             (8, 1 << 30, "scenario=msi")
         );
     }

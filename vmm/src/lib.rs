@@ -46,7 +46,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
-pub use config::{Console, Kernel, Settings, VmConfig};
+pub use config::{Console, Kernel, MachineConfig, RunConfig, Settings, VmConfig};
 pub use report::{Outcome, RunReport};
 pub use vm::{
     restore, restore_with_console, run, run_with_console, CapturedConsole, VmError, TEST_GUEST_ELF,

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::config::{ConfigError, Settings, VmConfig};
+use crate::config::{ConfigError, MachineConfig, MachineSettings};
 use crate::pci::PciSnapshot;
 
 /// The first bytes of a snapshot file.
@@ -99,7 +99,7 @@ pub struct VcpuState {
 #[serde(deny_unknown_fields)]
 pub struct VmSnapshot {
     /// The machine (as config settings, checked as a config file's are).
-    pub machine: Settings,
+    pub machine: MachineSettings,
     /// Where the loaded image ended (the vCPU areas and the harness mailbox follow it).
     pub image_end: u64,
     /// IOAPIC and clock.
@@ -273,7 +273,7 @@ impl VmSnapshot {
     ///
     /// # Errors
     /// [`SnapshotError::Machine`].
-    pub fn machine_config(&self) -> Result<VmConfig, SnapshotError> {
+    pub fn machine_config(&self) -> Result<MachineConfig, SnapshotError> {
         self.machine
             .clone()
             .resolve()
@@ -282,15 +282,6 @@ impl VmSnapshot {
 
     /// What can be checked without KVM: the machine, counts, and cross references.
     fn check_shape(&self) -> Result<(), SnapshotError> {
-        if self.machine.snapshot.is_some()
-            || self.machine.console.is_some()
-            || self.machine.kvm_device.is_some()
-            || self.machine.watchdog.is_some()
-        {
-            return Err(invalid(
-                "the machine settings hold settings of a run (console, watchdog, KVM device or snapshot)",
-            ));
-        }
         let config = self.machine_config()?;
         if self.vcpus.len() != config.cpus as usize {
             return Err(invalid(format!(
@@ -332,7 +323,7 @@ impl VmSnapshot {
 /// # Errors
 /// Anything [`parse_header`] refuses, a machine that does not resolve, a length that is
 /// not header plus RAM, or the file's error.
-pub fn read(path: &Path) -> Result<(VmSnapshot, VmConfig, File), SnapshotError> {
+pub fn read(path: &Path) -> Result<(VmSnapshot, MachineConfig, File), SnapshotError> {
     let failed = |source| SnapshotError::Read {
         path: path.to_path_buf(),
         source,

@@ -53,26 +53,22 @@ impl DeviceConfig {
     /// The setting that resolves to this device.
     #[must_use]
     pub fn setting(&self) -> DeviceSetting {
-        let mut d = DeviceSetting {
-            pci_slot: Some(self.pci_slot),
-            ..DeviceSetting::default()
-        };
+        let pci_slot = Some(self.pci_slot);
         match self.kind {
-            DeviceKind::ImsSlots { slots, queues } => {
-                d.kind = "ims-slots".into();
-                d.slots = Some(slots);
-                d.queues = Some(queues);
-            }
+            DeviceKind::ImsSlots { slots, queues } => DeviceSetting::ImsSlots {
+                slots: Some(slots),
+                queues: Some(queues),
+                pci_slot,
+            },
             DeviceKind::ImsQueues {
                 contexts,
                 command_timeout_ms,
-            } => {
-                d.kind = "ims-queues".into();
-                d.contexts = Some(contexts);
-                d.command_timeout_ms = Some(command_timeout_ms);
-            }
+            } => DeviceSetting::ImsQueues {
+                contexts: Some(contexts),
+                command_timeout_ms: Some(command_timeout_ms),
+                pci_slot,
+            },
         }
-        d
     }
 
     /// The devices of a VM whose configuration lists none.
@@ -114,22 +110,120 @@ impl fmt::Display for DeviceConfig {
     }
 }
 
-/// A device as written in a config file (`[[device]]`) or given with `--device`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+/// A device as written in a config file (`[[device]]`, told apart by its `kind`) or given
+/// with `--device`; what is absent takes its default when resolved.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(try_from = "DeviceFields", into = "DeviceFields")]
+pub enum DeviceSetting {
+    /// `kind = "ims-slots"`: a slot-array IMS device.
+    ImsSlots {
+        /// Message slots.
+        slots: Option<u32>,
+        /// Work queues.
+        queues: Option<u32>,
+        /// Device number on bus 0.
+        pci_slot: Option<u8>,
+    },
+    /// `kind = "ims-queues"`: a queue-memory IMS device.
+    ImsQueues {
+        /// Queue contexts.
+        contexts: Option<u32>,
+        /// Admin command timeout in milliseconds.
+        command_timeout_ms: Option<u32>,
+        /// Device number on bus 0.
+        pci_slot: Option<u8>,
+    },
+}
+
+impl DeviceSetting {
+    /// The `kind` that names it.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ImsSlots { .. } => "ims-slots",
+            Self::ImsQueues { .. } => "ims-queues",
+        }
+    }
+
+    /// The device number asked for.
+    #[must_use]
+    pub fn pci_slot(&self) -> Option<u8> {
+        match *self {
+            Self::ImsSlots { pci_slot, .. } | Self::ImsQueues { pci_slot, .. } => pci_slot,
+        }
+    }
+}
+
+/// A device's settings as they are written: one flat table whose `kind` says which
+/// other keys belong (snapshots of format 2 also carry the other kinds' keys as `null`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct DeviceSetting {
-    /// `ims-slots` or `ims-queues`.
-    pub kind: String,
-    /// Slots of an `ims-slots` device.
-    pub slots: Option<u32>,
-    /// Work queues of an `ims-slots` device.
-    pub queues: Option<u32>,
-    /// Queue contexts of an `ims-queues` device.
-    pub contexts: Option<u32>,
-    /// Admin command timeout of an `ims-queues` device.
-    pub command_timeout_ms: Option<u32>,
-    /// Device number on bus 0.
-    pub pci_slot: Option<u8>,
+struct DeviceFields {
+    kind: String,
+    slots: Option<u32>,
+    queues: Option<u32>,
+    contexts: Option<u32>,
+    command_timeout_ms: Option<u32>,
+    pci_slot: Option<u8>,
+}
+
+impl TryFrom<DeviceFields> for DeviceSetting {
+    type Error = ConfigError;
+
+    fn try_from(d: DeviceFields) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Device(format!("{}: {why}", d.kind));
+        match d.kind.as_str() {
+            "ims-slots" if d.contexts.is_some() || d.command_timeout_ms.is_some() => {
+                Err(bad("contexts and command_timeout_ms are for ims-queues"))
+            }
+            "ims-slots" => Ok(Self::ImsSlots {
+                slots: d.slots,
+                queues: d.queues,
+                pci_slot: d.pci_slot,
+            }),
+            "ims-queues" if d.slots.is_some() || d.queues.is_some() => {
+                Err(bad("slots and queues are for ims-slots"))
+            }
+            "ims-queues" => Ok(Self::ImsQueues {
+                contexts: d.contexts,
+                command_timeout_ms: d.command_timeout_ms,
+                pci_slot: d.pci_slot,
+            }),
+            other => Err(ConfigError::Device(format!(
+                "unknown device kind `{other}` (ims-slots, ims-queues)"
+            ))),
+        }
+    }
+}
+
+impl From<DeviceSetting> for DeviceFields {
+    fn from(d: DeviceSetting) -> Self {
+        let kind = d.kind().to_string();
+        match d {
+            DeviceSetting::ImsSlots {
+                slots,
+                queues,
+                pci_slot,
+            } => DeviceFields {
+                kind,
+                slots,
+                queues,
+                pci_slot,
+                ..DeviceFields::default()
+            },
+            DeviceSetting::ImsQueues {
+                contexts,
+                command_timeout_ms,
+                pci_slot,
+            } => DeviceFields {
+                kind,
+                contexts,
+                command_timeout_ms,
+                pci_slot,
+                ..DeviceFields::default()
+            },
+        }
+    }
 }
 
 impl FromStr for DeviceSetting {
@@ -138,7 +232,7 @@ impl FromStr for DeviceSetting {
     /// `KIND[,KEY=VALUE]...`, e.g. `ims-slots,slots=4096,queues=64,pci_slot=5`.
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut parts = s.split(',');
-        let mut d = DeviceSetting {
+        let mut d = DeviceFields {
             kind: parts.next().unwrap_or_default().trim().to_string(),
             ..Default::default()
         };
@@ -166,7 +260,7 @@ impl FromStr for DeviceSetting {
                 other => return Err(bad(&format!("unknown key `{other}`"))),
             }
         }
-        Ok(d)
+        d.try_into()
     }
 }
 
@@ -179,11 +273,11 @@ pub(super) fn resolve_devices(
     };
     let mut taken = [false; 32];
     for d in &settings {
-        if let Some(slot) = d.pci_slot {
+        if let Some(slot) = d.pci_slot() {
             if !(1..=31).contains(&slot) {
                 return Err(ConfigError::Device(format!(
                     "{}: pci_slot {slot} must be between 1 and 31 (0 is the host bridge)",
-                    d.kind
+                    d.kind()
                 )));
             }
             let Some(cell) = taken.get_mut(usize::from(slot)) else {
@@ -198,54 +292,8 @@ pub(super) fn resolve_devices(
     }
     let mut out = Vec::with_capacity(settings.len());
     for d in settings {
-        let bad = |why: String| ConfigError::Device(format!("{}: {why}", d.kind));
-        let kind = match d.kind.as_str() {
-            "ims-slots" => {
-                if d.contexts.is_some() || d.command_timeout_ms.is_some() {
-                    return Err(bad(
-                        "contexts and command_timeout_ms are for ims-queues".into()
-                    ));
-                }
-                let max = devices::ims::slots::MAX_SLOTS;
-                let slots = d.slots.unwrap_or(DEFAULT_IMS_SLOTS);
-                if !(1..=max).contains(&slots) {
-                    return Err(bad(format!("slots {slots} must be between 1 and {max}")));
-                }
-                let queues = d.queues.unwrap_or(slots.min(DEFAULT_IMS_SLOTS));
-                if !(1..=slots).contains(&queues) {
-                    return Err(bad(format!(
-                        "queues {queues} must be between 1 and the slots ({slots})"
-                    )));
-                }
-                DeviceKind::ImsSlots { slots, queues }
-            }
-            "ims-queues" => {
-                if d.slots.is_some() || d.queues.is_some() {
-                    return Err(bad("slots and queues are for ims-slots".into()));
-                }
-                let max = devices::ims::queues::MAX_CONTEXTS;
-                let contexts = d.contexts.unwrap_or(DEFAULT_IMS_CONTEXTS);
-                if !(1..=max).contains(&contexts) {
-                    return Err(bad(format!(
-                        "contexts {contexts} must be between 1 and {max}"
-                    )));
-                }
-                let command_timeout_ms = d.command_timeout_ms.unwrap_or(DEFAULT_COMMAND_TIMEOUT_MS);
-                if command_timeout_ms == 0 {
-                    return Err(bad("command_timeout_ms must be at least 1".into()));
-                }
-                DeviceKind::ImsQueues {
-                    contexts,
-                    command_timeout_ms,
-                }
-            }
-            other => {
-                return Err(ConfigError::Device(format!(
-                    "unknown device kind `{other}` (ims-slots, ims-queues)"
-                )))
-            }
-        };
-        let pci_slot = match d.pci_slot {
+        let kind = resolve_kind(&d)?;
+        let pci_slot = match d.pci_slot() {
             Some(slot) => slot,
             None => {
                 let free = taken
@@ -266,4 +314,46 @@ pub(super) fn resolve_devices(
         out.push(DeviceConfig { kind, pci_slot });
     }
     Ok(out)
+}
+
+/// A device's kind and sizes, defaults filled in and ranges checked.
+fn resolve_kind(d: &DeviceSetting) -> Result<DeviceKind, ConfigError> {
+    let bad = |why: String| ConfigError::Device(format!("{}: {why}", d.kind()));
+    match *d {
+        DeviceSetting::ImsSlots { slots, queues, .. } => {
+            let max = devices::ims::slots::MAX_SLOTS;
+            let slots = slots.unwrap_or(DEFAULT_IMS_SLOTS);
+            if !(1..=max).contains(&slots) {
+                return Err(bad(format!("slots {slots} must be between 1 and {max}")));
+            }
+            let queues = queues.unwrap_or(slots.min(DEFAULT_IMS_SLOTS));
+            if !(1..=slots).contains(&queues) {
+                return Err(bad(format!(
+                    "queues {queues} must be between 1 and the slots ({slots})"
+                )));
+            }
+            Ok(DeviceKind::ImsSlots { slots, queues })
+        }
+        DeviceSetting::ImsQueues {
+            contexts,
+            command_timeout_ms,
+            ..
+        } => {
+            let max = devices::ims::queues::MAX_CONTEXTS;
+            let contexts = contexts.unwrap_or(DEFAULT_IMS_CONTEXTS);
+            if !(1..=max).contains(&contexts) {
+                return Err(bad(format!(
+                    "contexts {contexts} must be between 1 and {max}"
+                )));
+            }
+            let command_timeout_ms = command_timeout_ms.unwrap_or(DEFAULT_COMMAND_TIMEOUT_MS);
+            if command_timeout_ms == 0 {
+                return Err(bad("command_timeout_ms must be at least 1".into()));
+            }
+            Ok(DeviceKind::ImsQueues {
+                contexts,
+                command_timeout_ms,
+            })
+        }
+    }
 }

@@ -1,5 +1,8 @@
-//! What a VM is made of, from defaults, a TOML file and command-line flags (in that order
-//! of precedence, lowest first), validated before anything is created.
+//! What a VM is made of and how it runs, from defaults, a TOML file and command-line
+//! flags (in that order of precedence, lowest first), validated before anything is
+//! created. The machine (`machine.rs`) is what a snapshot keeps; the run (`run.rs`) is
+//! given again by whoever restores it; devices (`devices.rs`) are the machine's
+//! `[[device]]` tables. A file mixes both kinds of key in one flat table.
 //!
 //! ```toml
 //! cpus = 2
@@ -27,252 +30,32 @@
 //! command_timeout_ms = 1000
 //! ```
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::layout::CMDLINE_MAX;
 
-/// vCPUs when nothing says otherwise.
-pub const DEFAULT_CPUS: u32 = 2;
-/// Guest RAM when nothing says otherwise.
-pub const DEFAULT_MEMORY: u64 = 64 << 20;
-/// Watchdog when nothing says otherwise.
-pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(30);
-/// Most vCPUs: what the boot protocol describes. Above 255 the guest must use x2APIC, and
-/// interrupts reach those vCPUs only through remapping in x2APIC mode (EIM) or x2APIC
-/// MSIs; the VMM turns on KVM's 32-bit APIC IDs for them.
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "the boot protocol's 512, checked below"
-)]
-pub const MAX_CPUS: u32 = hypercall::boot::MAX_CPUS as u32;
-const _: () = assert!(MAX_CPUS as usize == hypercall::boot::MAX_CPUS);
-/// Least guest RAM: the boot structures, an image and a few vCPU stacks.
-pub const MIN_MEMORY: u64 = 4 << 20;
-/// Hypercalls per second per VM when nothing says otherwise.
-pub const DEFAULT_HYPERCALL_RATE: u32 = 200_000;
-/// Interrupts per second from one remapping entry before the rest are coalesced.
-pub const DEFAULT_IRQ_RATE: u32 = 200_000;
 mod devices;
+mod machine;
+mod run;
 
-use devices::resolve_devices;
 pub use devices::*;
+pub use machine::*;
+pub use run::*;
 
-/// The image to boot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kernel {
-    /// The test guest built with this VMM (`resources/guest`).
-    BuiltIn,
-    /// A 64-bit ELF executable following the boot protocol of `hypercall::boot`, or a
-    /// Linux bzImage (told apart by its header), booted with the Linux boot protocol.
-    Elf(PathBuf),
-}
-
-/// Where the serial console's output goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Console {
-    /// Standard output.
-    Stdout,
-    /// Nowhere.
-    Off,
-    /// A file (created or truncated).
-    File(PathBuf),
-}
-
-impl FromStr for Console {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        match s {
-            "stdout" => Ok(Self::Stdout),
-            "off" => Ok(Self::Off),
-            _ => match s.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(Self::File(path.into())),
-                _ => Err(ConfigError::Console(s.to_string())),
-            },
-        }
-    }
-}
-
-impl fmt::Display for Console {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Stdout => write!(f, "stdout"),
-            Self::Off => write!(f, "off"),
-            Self::File(p) => write!(f, "file:{}", p.display()),
-        }
-    }
-}
-
-/// What a VM does after taking its snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AfterSnapshot {
-    /// It stops; the run ends with the snapshot (restore it to go on).
-    #[default]
-    Stop,
-    /// It goes on running.
-    Continue,
-}
-
-/// When and where a running VM takes a snapshot of itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotPlan {
-    /// The file (written whole under a temporary name, then renamed).
-    pub path: PathBuf,
-    /// When, from the start of the run (or of the restored run); `None`: only when the
-    /// guest asks (the harness `SNAPSHOT` request). The first of the two takes it.
-    pub after: Option<Duration>,
-    /// What the VM does afterwards.
-    pub then: AfterSnapshot,
-}
-
-fn hideable_names() -> String {
-    crate::cpuid::HIDEABLE
-        .iter()
-        .map(|(n, _)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn resolve_cpuid_hide(names: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
-    let mut out: Vec<String> = Vec::new();
-    for name in names.unwrap_or_default() {
-        let name = name.trim().to_ascii_lowercase();
-        if crate::cpuid::hideable(&name).is_none() {
-            return Err(ConfigError::CpuidHide(name));
-        }
-        if !out.contains(&name) {
-            out.push(name);
-        }
-    }
-    Ok(out)
-}
-
-fn resolve_snapshot(
-    path: Option<PathBuf>,
-    after_ms: Option<u64>,
-    then: Option<String>,
-) -> Result<Option<SnapshotPlan>, ConfigError> {
-    let then = match then.as_deref() {
-        None | Some("stop") => AfterSnapshot::Stop,
-        Some("continue") => AfterSnapshot::Continue,
-        Some(other) => return Err(ConfigError::SnapshotThen(other.to_string())),
-    };
-    match path {
-        Some(path) if !path.as_os_str().is_empty() => Ok(Some(SnapshotPlan {
-            path,
-            after: after_ms.map(Duration::from_millis),
-            then,
-        })),
-        Some(_) => Err(ConfigError::SnapshotPath),
-        None if after_ms.is_some() || then != AfterSnapshot::Stop => Err(ConfigError::SnapshotPath),
-        None => Ok(None),
-    }
-}
-
-/// A validated VM configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated configuration: the machine and the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmConfig {
-    /// Number of vCPUs (1 to [`MAX_CPUS`]).
-    pub cpus: u32,
-    /// Bytes of guest RAM (a multiple of 4 KiB, at least [`MIN_MEMORY`]).
-    pub memory: u64,
-    /// The image.
-    pub kernel: Kernel,
-    /// The command line handed to the guest.
-    pub cmdline: String,
-    /// Console output.
-    pub console: Console,
-    /// How long the guest may run without a verdict; `None` for ever.
-    pub watchdog: Option<Duration>,
-    /// The KVM device node.
-    pub kvm_device: PathBuf,
-    /// Cap on the KVM MSI routes the VM uses (`None`: KVM's limit).
-    pub max_routes: Option<u32>,
-    /// Hypercalls per second before the VM is throttled with `BUSY`.
-    pub hypercall_rate: u32,
-    /// Interrupts per second from one remapping entry before the rest are coalesced
-    /// (storm control; 0: no limit).
-    pub irq_rate: u32,
-    /// PCI devices.
-    pub devices: Vec<DeviceConfig>,
-    /// Whether, when and where the VM takes a snapshot of itself.
-    pub snapshot: Option<SnapshotPlan>,
-    /// CPU features hidden from the guest (names from [`crate::cpuid::HIDEABLE`]).
-    pub cpuid_hide: Vec<String>,
-    /// An initial ramdisk for a Linux kernel.
-    pub initrd: Option<PathBuf>,
-    /// Text on the console at which the run stops with success (for guests that never
-    /// report a verdict, such as a stock kernel).
-    pub until: Option<String>,
-    /// The test harness (docs/boot-protocol.md): its doorbell, mailbox, requester IDs and
-    /// fault injection exist only when this is on. On by default for the built-in test
-    /// guest, off for any other image.
-    pub harness: bool,
+    /// What the VM is made of (what a snapshot keeps).
+    pub machine: MachineConfig,
+    /// How this run goes (console, watchdog, KVM device, snapshots, `until`).
+    pub run: RunConfig,
 }
 
-impl VmConfig {
-    /// The settings that make this machine (what a snapshot keeps): vCPUs, memory,
-    /// image, command line, interrupt limits and devices; not where the console goes,
-    /// the watchdog, the KVM device or snapshots, which belong to a run.
-    #[must_use]
-    pub fn machine_settings(&self) -> Settings {
-        Settings {
-            cpus: Some(self.cpus),
-            memory: Some(SizeSetting::Text(format!("{}b", self.memory))),
-            kernel: match &self.kernel {
-                Kernel::BuiltIn => None,
-                Kernel::Elf(path) => Some(path.clone()),
-            },
-            cmdline: Some(self.cmdline.clone()),
-            max_routes: self.max_routes,
-            hypercall_rate: Some(self.hypercall_rate),
-            irq_rate: Some(self.irq_rate),
-            device: Some(self.devices.iter().map(DeviceConfig::setting).collect()),
-            cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
-            harness: Some(on_off(self.harness).to_string()),
-            ..Settings::default()
-        }
-    }
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        Self {
-            cpus: DEFAULT_CPUS,
-            memory: DEFAULT_MEMORY,
-            kernel: Kernel::BuiltIn,
-            cmdline: String::new(),
-            console: Console::Stdout,
-            watchdog: Some(DEFAULT_WATCHDOG),
-            kvm_device: PathBuf::from("/dev/kvm"),
-            max_routes: None,
-            hypercall_rate: DEFAULT_HYPERCALL_RATE,
-            irq_rate: DEFAULT_IRQ_RATE,
-            devices: DeviceConfig::defaults(),
-            snapshot: None,
-            cpuid_hide: Vec::new(),
-            initrd: None,
-            until: None,
-            harness: true,
-        }
-    }
-}
-
-fn on_off(on: bool) -> &'static str {
-    if on {
-        "on"
-    } else {
-        "off"
-    }
-}
-
-/// Settings as written in a config file or given as flags; every one optional.
+/// Settings as written in a config file or given as flags, every one optional: the
+/// machine's and the run's keys in one flat table.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -391,7 +174,7 @@ pub enum ConfigError {
     #[error("invalid harness `{0}`: expected on or off")]
     Harness(String),
     /// A CPU feature this VMM cannot hide.
-    #[error("cannot hide CPU feature `{0}`: known are {known}", known = hideable_names())]
+    #[error("cannot hide CPU feature `{0}`: known are {known}", known = machine::hideable_names())]
     CpuidHide(String),
     /// A snapshot setting without a file, or an empty file name.
     #[error("snapshot_after_ms and snapshot_then need a snapshot file (--snapshot FILE)")]
@@ -474,25 +257,72 @@ impl Settings {
     /// `self`, with every setting `over` has replacing ours.
     #[must_use]
     pub fn overridden_by(self, over: Settings) -> Settings {
+        let (machine, run) = self.split();
+        let (over_machine, over_run) = over.split();
+        Settings::join(
+            machine.overridden_by(over_machine),
+            RunSettings {
+                console: over_run.console.or(run.console),
+                watchdog: over_run.watchdog.or(run.watchdog),
+                kvm_device: over_run.kvm_device.or(run.kvm_device),
+                until: over_run.until.or(run.until),
+                snapshot: over_run.snapshot.or(run.snapshot),
+                snapshot_after_ms: over_run.snapshot_after_ms.or(run.snapshot_after_ms),
+                snapshot_then: over_run.snapshot_then.or(run.snapshot_then),
+            },
+        )
+    }
+
+    /// The machine's keys and the run's.
+    #[must_use]
+    pub fn split(self) -> (MachineSettings, RunSettings) {
+        let machine = MachineSettings {
+            cpus: self.cpus,
+            memory: self.memory,
+            kernel: self.kernel,
+            cmdline: self.cmdline,
+            max_routes: self.max_routes,
+            hypercall_rate: self.hypercall_rate,
+            irq_rate: self.irq_rate,
+            device: self.device,
+            initrd: self.initrd,
+            cpuid_hide: self.cpuid_hide,
+            harness: self.harness,
+            ..MachineSettings::default()
+        };
+        let run = RunSettings {
+            console: self.console,
+            watchdog: self.watchdog,
+            kvm_device: self.kvm_device,
+            until: self.until,
+            snapshot: self.snapshot,
+            snapshot_after_ms: self.snapshot_after_ms,
+            snapshot_then: self.snapshot_then,
+        };
+        (machine, run)
+    }
+
+    /// One flat table of a machine's and a run's keys.
+    fn join(machine: MachineSettings, run: RunSettings) -> Settings {
         Settings {
-            cpus: over.cpus.or(self.cpus),
-            memory: over.memory.or(self.memory),
-            kernel: over.kernel.or(self.kernel),
-            cmdline: over.cmdline.or(self.cmdline),
-            console: over.console.or(self.console),
-            watchdog: over.watchdog.or(self.watchdog),
-            kvm_device: over.kvm_device.or(self.kvm_device),
-            max_routes: over.max_routes.or(self.max_routes),
-            hypercall_rate: over.hypercall_rate.or(self.hypercall_rate),
-            irq_rate: over.irq_rate.or(self.irq_rate),
-            device: over.device.or(self.device),
-            snapshot: over.snapshot.or(self.snapshot),
-            snapshot_after_ms: over.snapshot_after_ms.or(self.snapshot_after_ms),
-            snapshot_then: over.snapshot_then.or(self.snapshot_then),
-            cpuid_hide: over.cpuid_hide.or(self.cpuid_hide),
-            initrd: over.initrd.or(self.initrd),
-            until: over.until.or(self.until),
-            harness: over.harness.or(self.harness),
+            cpus: machine.cpus,
+            memory: machine.memory,
+            kernel: machine.kernel,
+            cmdline: machine.cmdline,
+            max_routes: machine.max_routes,
+            hypercall_rate: machine.hypercall_rate,
+            irq_rate: machine.irq_rate,
+            device: machine.device,
+            initrd: machine.initrd,
+            cpuid_hide: machine.cpuid_hide,
+            harness: machine.harness,
+            console: run.console,
+            watchdog: run.watchdog,
+            kvm_device: run.kvm_device,
+            until: run.until,
+            snapshot: run.snapshot,
+            snapshot_after_ms: run.snapshot_after_ms,
+            snapshot_then: run.snapshot_then,
         }
     }
 
@@ -501,78 +331,10 @@ impl Settings {
     /// # Errors
     /// Any [`ConfigError`] about a value.
     pub fn resolve(self) -> Result<VmConfig, ConfigError> {
-        let defaults = VmConfig::default();
-        let cpus = self.cpus.unwrap_or(defaults.cpus);
-        if cpus == 0 || cpus > MAX_CPUS {
-            return Err(ConfigError::Cpus(cpus));
-        }
-        let memory = match self.memory {
-            None => defaults.memory,
-            Some(SizeSetting::Text(t)) => parse_size(&t)?,
-            Some(SizeSetting::MiB(n)) => n
-                .checked_mul(1 << 20)
-                .ok_or_else(|| ConfigError::Size(n.to_string()))?,
-        };
-        if memory % 4096 != 0 {
-            return Err(ConfigError::SizeAlignment(memory));
-        }
-        if memory < MIN_MEMORY {
-            return Err(ConfigError::MemoryTooSmall(memory));
-        }
-        if let Some(host) = crate::memory::host_memory() {
-            if memory > host {
-                return Err(ConfigError::MemoryTooLarge {
-                    requested: memory,
-                    host,
-                });
-            }
-        }
-        let cmdline = self.cmdline.unwrap_or(defaults.cmdline);
-        if cmdline.len() > CMDLINE_MAX {
-            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
-        }
-        let console = match self.console {
-            Some(text) => text.parse()?,
-            None => defaults.console,
-        };
-        let kernel = self.kernel.map_or(Kernel::BuiltIn, Kernel::Elf);
-        let harness = match self.harness.as_deref() {
-            None => kernel == Kernel::BuiltIn,
-            Some("on") => true,
-            Some("off") => false,
-            Some(other) => return Err(ConfigError::Harness(other.to_string())),
-        };
+        let (machine, run) = self.split();
         Ok(VmConfig {
-            cpus,
-            memory,
-            kernel,
-            harness,
-            cmdline,
-            console,
-            watchdog: match self.watchdog {
-                Some(0) => None,
-                Some(s) => Some(Duration::from_secs(s)),
-                None => defaults.watchdog,
-            },
-            kvm_device: self.kvm_device.unwrap_or(defaults.kvm_device),
-            max_routes: match self.max_routes {
-                Some(0) => return Err(ConfigError::MaxRoutes),
-                other => other,
-            },
-            hypercall_rate: match self.hypercall_rate {
-                Some(0) => return Err(ConfigError::HypercallRate),
-                Some(n) => n,
-                None => defaults.hypercall_rate,
-            },
-            irq_rate: self.irq_rate.unwrap_or(defaults.irq_rate),
-            devices: resolve_devices(self.device)?,
-            snapshot: resolve_snapshot(self.snapshot, self.snapshot_after_ms, self.snapshot_then)?,
-            cpuid_hide: resolve_cpuid_hide(self.cpuid_hide)?,
-            initrd: self.initrd,
-            until: match self.until {
-                Some(text) if text.is_empty() => return Err(ConfigError::Until),
-                other => other,
-            },
+            machine: machine.resolve()?,
+            run: run.resolve()?,
         })
     }
 }
@@ -606,16 +368,15 @@ mod tests {
 
     #[test]
     fn machine_settings_resolve_to_the_same_machine() {
-        let config = VmConfig {
+        let machine = MachineConfig {
             cpus: 3,
             memory: 96 << 20,
             cmdline: "scenario=ims".into(),
             max_routes: Some(40),
             irq_rate: 0,
-            ..VmConfig::default()
+            ..MachineConfig::default()
         };
-        let again = config.machine_settings().resolve().unwrap();
-        assert_eq!(again, config);
+        assert_eq!(machine.settings().resolve().unwrap(), machine);
         let snap = Settings {
             snapshot: Some("x.snap".into()),
             snapshot_after_ms: Some(1500),
@@ -624,11 +385,15 @@ mod tests {
         }
         .resolve()
         .unwrap()
+        .run
         .snapshot
         .unwrap();
         assert_eq!(
             (snap.after, snap.then),
-            (Some(Duration::from_millis(1500)), AfterSnapshot::Continue)
+            (
+                Some(std::time::Duration::from_millis(1500)),
+                AfterSnapshot::Continue
+            )
         );
         for bad in [
             Settings {
@@ -646,11 +411,57 @@ mod tests {
     }
 
     #[test]
+    fn a_file_splits_into_the_machine_and_the_run() {
+        let file: Settings = toml::from_str(
+            "cpus = 3\nconsole = \"off\"\nwatchdog = 0\nuntil = \"login:\"\nharness = \"off\"\n",
+        )
+        .unwrap();
+        let (machine, run) = file.clone().split();
+        assert_eq!(
+            (machine.cpus, machine.harness.as_deref()),
+            (Some(3), Some("off"))
+        );
+        assert_eq!(
+            (run.console.as_deref(), run.watchdog, run.until.as_deref()),
+            (Some("off"), Some(0), Some("login:"))
+        );
+        let config = file.resolve().unwrap();
+        assert_eq!((config.machine.cpus, config.machine.harness), (3, false));
+        assert_eq!(
+            (&config.run.console, config.run.watchdog),
+            (&Console::Off, None)
+        );
+    }
+
+    #[test]
+    fn a_machine_header_refuses_a_run_setting_and_reads_older_nulls() {
+        let json = serde_json::to_string(&MachineConfig::default().settings()).unwrap();
+        assert!(!json.contains("console"), "{json}");
+        let older = r#"{"cpus":2,"memory":"67108864b","kernel":null,"cmdline":"","console":null,"watchdog":null,"kvm_device":null,"max_routes":null,"hypercall_rate":200000,"irq_rate":200000,"device":[{"kind":"ims-slots","slots":2048,"queues":2048,"contexts":null,"command_timeout_ms":null,"pci_slot":3}]}"#;
+        let machine: MachineSettings = serde_json::from_str(older).unwrap();
+        assert_eq!(
+            machine.device,
+            Some(vec![DeviceSetting::ImsSlots {
+                slots: Some(2048),
+                queues: Some(2048),
+                pci_slot: Some(3)
+            }])
+        );
+        for run_key in ["console", "watchdog", "kvm_device", "snapshot", "until"] {
+            let err = serde_json::from_str::<MachineSettings>(&format!(r#"{{"{run_key}":5}}"#))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("settings of a run"), "{run_key}: {err}");
+        }
+        serde_json::from_str::<MachineSettings>(r#"{"snapshot_then":"stop"}"#).unwrap_err();
+    }
+
+    #[test]
     fn defaults_resolve_to_the_demo_machine() {
         let c = Settings::default().resolve().unwrap();
         assert_eq!(c, VmConfig::default());
         assert_eq!(
-            (c.cpus, c.memory, &c.kernel),
+            (c.machine.cpus, c.machine.memory, &c.machine.kernel),
             (2, 64 << 20, &Kernel::BuiltIn)
         );
     }
@@ -663,19 +474,25 @@ mod tests {
             ..Default::default()
         };
         let c = file.overridden_by(flags).resolve().unwrap();
-        assert_eq!((c.cpus, c.memory, c.watchdog), (8, 128 << 20, None));
+        assert_eq!(
+            (c.machine.cpus, c.machine.memory, c.run.watchdog),
+            (8, 128 << 20, None)
+        );
     }
 
     #[test]
     fn storm_control_is_on_by_default_and_can_be_set_or_turned_off() {
-        assert_eq!(VmConfig::default().irq_rate, DEFAULT_IRQ_RATE);
+        assert_eq!(MachineConfig::default().irq_rate, DEFAULT_IRQ_RATE);
         let file: Settings = toml::from_str("irq_rate = 5000\n").unwrap();
-        assert_eq!(file.clone().resolve().unwrap().irq_rate, 5000);
+        assert_eq!(file.clone().resolve().unwrap().machine.irq_rate, 5000);
         let off = Settings {
             irq_rate: Some(0),
             ..Default::default()
         };
-        assert_eq!(file.overridden_by(off).resolve().unwrap().irq_rate, 0);
+        assert_eq!(
+            file.overridden_by(off).resolve().unwrap().machine.irq_rate,
+            0
+        );
     }
 
     #[test]
@@ -752,14 +569,14 @@ mod tests {
     #[test]
     fn devices_default_parse_and_are_checked() {
         assert_eq!(
-            Settings::default().resolve().unwrap().devices,
+            Settings::default().resolve().unwrap().machine.devices,
             DeviceConfig::defaults()
         );
         let file: Settings = toml::from_str(
             "[[device]]\nkind = \"ims-queues\"\ncontexts = 8\n[[device]]\nkind = \"ims-slots\"\nslots = 100\npci_slot = 3\n",
         )
         .unwrap();
-        let devices = file.resolve().unwrap().devices;
+        let devices = file.resolve().unwrap().machine.devices;
         assert_eq!(
             devices,
             vec![
@@ -780,13 +597,17 @@ mod tests {
             ]
         );
         let none: Settings = toml::from_str("device = []\n").unwrap();
-        assert!(none.resolve().unwrap().devices.is_empty());
+        assert!(none.resolve().unwrap().machine.devices.is_empty());
         let spec: DeviceSetting = "ims-slots,slots=32768,queues=16,pci_slot=9"
             .parse()
             .unwrap();
         assert_eq!(
-            (spec.slots, spec.queues, spec.pci_slot),
-            (Some(32768), Some(16), Some(9))
+            spec,
+            DeviceSetting::ImsSlots {
+                slots: Some(32768),
+                queues: Some(16),
+                pci_slot: Some(9)
+            }
         );
         for (bad, why) in [
             (
@@ -801,6 +622,7 @@ mod tests {
                 "ims-slots,contexts=4",
                 "contexts and command_timeout_ms are for ims-queues",
             ),
+            ("ims-queues,queues=4", "slots and queues are for ims-slots"),
             (
                 "ims-queues,contexts=0",
                 "contexts 0 must be between 1 and 4096",
@@ -815,19 +637,31 @@ mod tests {
                 "pci_slot 0 must be between 1 and 31",
             ),
         ] {
-            let setting: DeviceSetting = bad.parse().unwrap();
-            let err = Settings {
-                device: Some(vec![setting]),
-                ..Default::default()
-            }
-            .resolve()
-            .unwrap_err()
-            .to_string();
+            // A kind's own keys are checked when the setting is read; values when the
+            // machine is resolved.
+            let err = match bad.parse::<DeviceSetting>() {
+                Err(e) => e.to_string(),
+                Ok(setting) => Settings {
+                    device: Some(vec![setting]),
+                    ..Default::default()
+                }
+                .resolve()
+                .unwrap_err()
+                .to_string(),
+            };
             assert!(err.contains(why), "{bad}: {err}");
         }
         "ims-slots,slots".parse::<DeviceSetting>().unwrap_err();
         "ims-slots,colour=red".parse::<DeviceSetting>().unwrap_err();
         "ims-slots,slots=x".parse::<DeviceSetting>().unwrap_err();
+        let err = toml::from_str::<Settings>("[[device]]\nkind = \"ims-queues\"\nslots = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slots and queues are for ims-slots"), "{err}");
+        let err = toml::from_str::<Settings>("[[device]]\nkind = \"ims-slots\"\ncolour = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `colour`"), "{err}");
         let twice = Settings {
             device: Some(vec![
                 "ims-slots,pci_slot=5".parse().unwrap(),

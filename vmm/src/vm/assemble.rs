@@ -23,10 +23,10 @@ impl Host {
         vcpu::install_kick_handler()
             .map_err(|e| VmError::Os("install the vCPU kick handler", e))?;
         let open_error = |source| VmError::OpenKvm {
-            path: config.kvm_device.clone(),
+            path: config.run.kvm_device.clone(),
             source,
         };
-        let device = CString::new(config.kvm_device.as_os_str().as_bytes())
+        let device = CString::new(config.run.kvm_device.as_os_str().as_bytes())
             .map_err(|_| open_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
         let kvm = Kvm::new_with_path(device).map_err(open_error)?;
         for (cap, name) in [
@@ -43,16 +43,16 @@ impl Host {
             }
         }
         let max = kvm.get_max_vcpus();
-        if config.cpus as usize > max {
+        if config.machine.cpus as usize > max {
             return Err(VmError::TooManyVcpus {
-                cpus: config.cpus,
+                cpus: config.machine.cpus,
                 max,
             });
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
-        let msr_list = match &config.snapshot {
+        let msr_list = match &config.run.snapshot {
             Some(_) => kvm
                 .get_msr_index_list()
                 .map_err(|e| VmError::Kvm("read the MSRs KVM saves", e))?
@@ -124,7 +124,7 @@ fn create_vm(kvm: &Kvm, config: &VmConfig) -> Result<Arc<VmFd>, VmError> {
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
     create_split_irqchip(&vm)?;
-    if config.cpus > X2APIC_ONLY_ABOVE {
+    if config.machine.cpus > X2APIC_ONLY_ABOVE {
         enable_x2apic_api(&vm)?;
     }
     Ok(vm)
@@ -139,15 +139,15 @@ fn load(
     mem: &GuestMemoryMmap,
 ) -> Result<Loaded, VmError> {
     let (saved, restored_from, entry, image_end) = match start {
-        Start::Boot => match &config.kernel {
+        Start::Boot => match &config.machine.kernel {
             Kernel::Elf(path) if crate::linux::is_bzimage(path) => {
                 let boot = crate::linux::load(
                     mem,
                     path,
-                    config.initrd.as_deref(),
-                    &config.cmdline,
-                    config.memory,
-                    memory::low_ram_end(config.memory),
+                    config.machine.initrd.as_deref(),
+                    &config.machine.cmdline,
+                    config.machine.memory,
+                    memory::low_ram_end(config.machine.memory),
                 )
                 .map_err(|source| VmError::Linux {
                     path: path.clone(),
@@ -161,7 +161,7 @@ fn load(
             }
         },
         Start::Restore(snap, mut file, from) => {
-            snapshot::load_memory(&mut file, &from, mem, config.memory)?;
+            snapshot::load_memory(&mut file, &from, mem, config.machine.memory)?;
             snapshot::restore_vm(vm, &snap.vm)?;
             let end = snap.image_end;
             (Some(snap), Some(from), None, end)
@@ -200,12 +200,12 @@ fn build_core(
 ) -> Result<(SharedBacking, Option<Arc<irq::port::InjectedFaults>>), VmError> {
     let routing = KvmRouting::new(vm.clone());
     let kvm_limit = routing.route_limit();
-    let limit = config.max_routes.map_or(kvm_limit, |cap| {
+    let limit = config.machine.max_routes.map_or(kvm_limit, |cap| {
         kvm_limit.min(cap.saturating_add(irq::routes::LEGACY_GSI_COUNT))
     });
     // One line (eventfd) per route at most, plus the VM's own descriptors.
-    raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.cpus))?;
-    let (routing, injected_faults) = if config.harness {
+    raise_fd_limit(u64::from(limit) + FD_HEADROOM + u64::from(config.machine.cpus))?;
+    let (routing, injected_faults) = if config.machine.harness {
         let injecting = FaultInjecting::new(routing);
         let faults = injecting.faults();
         (VmRouting::Injecting(injecting), Some(faults))
@@ -243,7 +243,7 @@ fn build_vtd(
     path.set_fault_sink(WeakVtd::to(&vtd));
     core.set_mirror(WeakVtd::to(&vtd));
     path.set_compat_injector(injector);
-    path.set_storm_rate(config.irq_rate);
+    path.set_storm_rate(config.machine.irq_rate);
     Ok(vtd)
 }
 
@@ -285,7 +285,7 @@ fn build_serial(
             .pulse(COM1_PIN);
         Ok(())
     });
-    let console: Box<dyn Write + Send> = match &config.until {
+    let console: Box<dyn Write + Send> = match &config.run.until {
         Some(text) => Box::new(ConsoleWatch::new(console, text, events.clone())),
         None => console,
     };
@@ -326,7 +326,7 @@ fn build_buses(
             Arc::new(Mutex::new(DebugExit::new(ExitEvents(events.clone())))),
         ),
     ];
-    if config.harness {
+    if config.machine.harness {
         ports.push((
             platform::HARNESS_PORT,
             1,
@@ -372,15 +372,15 @@ fn build_vcpus(
     loaded: &Loaded,
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<VcpuFd>, VmError> {
-    let mut vcpus = Vec::with_capacity(config.cpus as usize);
-    for index in 0..config.cpus {
+    let mut vcpus = Vec::with_capacity(config.machine.cpus as usize);
+    for index in 0..config.machine.cpus {
         let vcpu = create_vcpu(
             vm,
             &host.cpuid,
             index,
-            config.cpus,
+            config.machine.cpus,
             table_size,
-            &config.cpuid_hide,
+            &config.machine.cpuid_hide,
         )?;
         match (&loaded.saved, loaded.entry) {
             (Some(s), _) => {
@@ -426,7 +426,7 @@ fn build_harness(
     let mut harness = Harness::new(
         mem.clone(),
         placement.mailbox,
-        (0..config.cpus).collect(),
+        (0..config.machine.cpus).collect(),
         core.clone(),
         stop.clone(),
     )
@@ -437,10 +437,10 @@ fn build_harness(
     if let Some(faults) = faults {
         harness = harness.with_faults(faults);
     }
-    if config.snapshot.is_some() {
+    if config.run.snapshot.is_some() {
         harness = harness.with_snapshots(events.clone());
     }
-    if config.harness && restoring && harness.unserved().is_some() {
+    if config.machine.harness && restoring && harness.unserved().is_some() {
         // Rung before the snapshot, not done when it was taken: serve it now.
         let _ = rings.try_send(());
     }
@@ -448,7 +448,7 @@ fn build_harness(
     let fired = harness.fired();
     let measurements = harness.measurements();
     let idle = harness.idle_lock();
-    let thread = match config.harness {
+    let thread = match config.machine.harness {
         true => Some(
             harness
                 .spawn(ring_rx)
@@ -474,7 +474,7 @@ impl<'a> Vm<'a> {
         console: Box<dyn Write + Send>,
     ) -> Result<(Self, mpsc::Receiver<VmEvent>), VmError> {
         let vm = create_vm(&host.kvm, config)?;
-        let mem = memory::allocate(config.memory)?;
+        let mem = memory::allocate(config.machine.memory)?;
         memory::register(&vm, &mem)?;
         let loaded = load(config, start, &vm, &mem)?;
         let saved = loaded.saved.as_deref();
@@ -487,8 +487,8 @@ impl<'a> Vm<'a> {
         let serial = build_serial(config, &ioapic, console, &events, saved)?;
         let path = backing.path();
         let pci = match saved {
-            None => PciDevices::new(&config.devices, &path, &mem)?,
-            Some(s) => PciDevices::restore(&config.devices, &s.pci, &path, &mem)?,
+            None => PciDevices::new(&config.machine.devices, &path, &mem)?,
+            Some(s) => PciDevices::restore(&config.machine.devices, &s.pci, &path, &mem)?,
         };
         let (rings, ring_rx) = mpsc::sync_channel(1);
         let buses = build_buses(config, (&serial, &vtd, &ioapic), &pci, &events, &rings)?;
@@ -509,7 +509,7 @@ impl<'a> Vm<'a> {
             (rings, ring_rx),
             saved.is_some(),
         )?;
-        let mut requesters = match config.harness {
+        let mut requesters = match config.machine.harness {
             true => vec![HARNESS_SOURCE_ID, FOREIGN_SOURCE_ID],
             false => Vec::new(),
         };
@@ -518,9 +518,9 @@ impl<'a> Vm<'a> {
         let dispatcher = Arc::new(Dispatcher::new(
             backing.handle(),
             mem.clone(),
-            (0..config.cpus).collect(),
+            (0..config.machine.cpus).collect(),
             requesters,
-            config.hypercall_rate,
+            config.machine.hypercall_rate,
         ));
         let shared = VcpuShared {
             buses: Arc::new(buses),

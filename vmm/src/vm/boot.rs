@@ -7,8 +7,8 @@ pub(super) fn load_kernel(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
 ) -> Result<LoadedImage, VmError> {
-    let low_end = memory::low_ram_end(config.memory);
-    match &config.kernel {
+    let low_end = memory::low_ram_end(config.machine.memory);
+    match &config.machine.kernel {
         Kernel::BuiltIn => crate::loader::load(mem, &mut Cursor::new(TEST_GUEST_ELF), low_end)
             .map_err(|source| VmError::Load {
                 name: "built-in test guest".into(),
@@ -29,13 +29,16 @@ pub(super) fn load_kernel(
 
 /// Where the vCPU areas and the mailbox go after an image ending at `image_end`.
 pub(super) fn place(config: &VmConfig, image_end: u64) -> Result<Placement, VmError> {
-    Placement::new(image_end, config.cpus, memory::low_ram_end(config.memory)).ok_or(
-        VmError::TooSmall {
-            memory: config.memory,
-            cpus: config.cpus,
-            image_end,
-        },
+    Placement::new(
+        image_end,
+        config.machine.cpus,
+        memory::low_ram_end(config.machine.memory),
     )
+    .ok_or(VmError::TooSmall {
+        memory: config.machine.memory,
+        cpus: config.machine.cpus,
+        image_end,
+    })
 }
 
 /// Page tables, vCPU areas, command line and boot information.
@@ -45,26 +48,29 @@ pub(super) fn write_boot_state(
     image_end: u64,
 ) -> Result<Placement, VmError> {
     let placement = place(config, image_end)?;
-    x86::write_page_tables(mem, x86::identity_map_end(memory::ram_top(config.memory)))?;
-    for cpu in 0..config.cpus {
+    x86::write_page_tables(
+        mem,
+        x86::identity_map_end(memory::ram_top(config.machine.memory)),
+    )?;
+    for cpu in 0..config.machine.cpus {
         x86::write_cpu_area(mem, placement.cpu_area(cpu))?;
     }
     // NUL-terminated (a Linux kernel wants the NUL; the boot information has the length).
-    let mut cmdline = config.cmdline.as_bytes().to_vec();
+    let mut cmdline = config.machine.cmdline.as_bytes().to_vec();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(CMDLINE_ADDR))
         .map_err(|_| VmError::BootInfo)?;
-    let apic_ids: Vec<u32> = (0..config.cpus).collect();
+    let apic_ids: Vec<u32> = (0..config.machine.cpus).collect();
     let info = BootInfo {
-        mem_size: config.memory,
-        cmdline: (CMDLINE_ADDR, config.cmdline.len() as u64),
+        mem_size: config.machine.memory,
+        cmdline: (CMDLINE_ADDR, config.machine.cmdline.len() as u64),
         // Without the harness there is no mailbox, and its place is free RAM.
-        mailbox: match config.harness {
+        mailbox: match config.machine.harness {
             true => (placement.mailbox, placement.mailbox_size),
             false => (0, 0),
         },
         apic_ids: &apic_ids,
-        free_start: match config.harness {
+        free_start: match config.machine.harness {
             true => placement.mailbox + placement.mailbox_size,
             false => placement.mailbox,
         },
@@ -133,7 +139,7 @@ pub(super) enum Entry {
 /// The ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, MCFG, DMAR) in the BIOS area.
 pub(super) fn write_acpi(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<(), VmError> {
     let platform = crate::acpi::Platform {
-        apic_ids: (0..config.cpus).collect(),
+        apic_ids: (0..config.machine.cpus).collect(),
         vtd_base: platform::VTD_BASE,
         ecam_base: devices::pci::ECAM_BASE,
         scopes: Vec::new(),

@@ -201,11 +201,11 @@ pub enum VmError {
 /// Any [`VmError`] raised while building the VM. How the guest ended (including a
 /// failure it reported, a watchdog stop or a crash) is in the [`RunReport`].
 pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
-    run_with_console(config, open_console(&config.console)?)
+    run_with_console(config, open_console(&config.run.console)?)
 }
 
 /// Runs a VM as configured, with console output going to `console` (whatever
-/// `config.console` says).
+/// `config.run.console` says).
 ///
 /// # Errors
 /// As [`run`].
@@ -225,7 +225,7 @@ pub fn run_with_console(
 /// [`VmError`] of building the VM.
 pub fn restore(path: &Path, run: &Settings) -> Result<RunReport, VmError> {
     let (snap, config, file) = read_snapshot(path, run)?;
-    let console = open_console(&config.console)?;
+    let console = open_console(&config.run.console)?;
     run_vm(
         &config,
         Start::Restore(Box::new(snap), file, path.into()),
@@ -251,24 +251,10 @@ pub fn restore_with_console(
 }
 
 fn read_snapshot(path: &Path, run: &Settings) -> Result<(VmSnapshot, VmConfig, File), VmError> {
-    let (snap, _, file) = snapshot::read(path)?;
-    let run = Settings {
-        console: run.console.clone(),
-        watchdog: run.watchdog,
-        kvm_device: run.kvm_device.clone(),
-        until: run.until.clone(),
-        snapshot: run.snapshot.clone(),
-        snapshot_after_ms: run.snapshot_after_ms,
-        snapshot_then: run.snapshot_then.clone(),
-        ..Settings::default()
-    };
-    let config = snap
-        .machine
-        .clone()
-        .overridden_by(run)
-        .resolve()
-        .map_err(VmError::Config)?;
-    Ok((snap, config, file))
+    let (snap, machine, file) = snapshot::read(path)?;
+    let (_, run) = run.clone().split();
+    let run = run.resolve().map_err(VmError::Config)?;
+    Ok((snap, VmConfig { machine, run }, file))
 }
 
 /// Where a VM's state comes from.

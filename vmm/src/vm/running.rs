@@ -14,7 +14,7 @@ impl Vm<'_> {
         let config = self.config;
         let storm_ticker = spawn_storm_ticker(
             &self.path,
-            config.irq_rate,
+            config.machine.irq_rate,
             self.stop.clone(),
             self.storm_gate.clone(),
         )
@@ -63,15 +63,16 @@ impl Vm<'_> {
         let flush_failed = u64::from(serial.flush().is_err());
         let counters = &self.shared.counters;
         Ok(RunReport {
-            kernel: config.kernel.clone(),
-            cpus: config.cpus,
-            memory: config.memory,
+            kernel: config.machine.kernel.clone(),
+            cpus: config.machine.cpus,
+            memory: config.machine.memory,
             outcome,
             restored_from: self.restored_from.clone(),
             snapshot: self.taken.take(),
             interrupts: config
+                .machine
                 .harness
-                .then(|| guest_counts(&self.mem, &self.placement, config.cpus))
+                .then(|| guest_counts(&self.mem, &self.placement, config.machine.cpus))
                 .flatten(),
             harness_fired: self
                 .harness
@@ -100,8 +101,9 @@ impl Vm<'_> {
     fn supervise(&mut self, events: &mpsc::Receiver<VmEvent>) -> Outcome {
         let config = self.config;
         let begin = Instant::now();
-        let deadline = config.watchdog.map(|w| begin + w);
+        let deadline = config.run.watchdog.map(|w| begin + w);
         let mut snapshot_at = config
+            .run
             .snapshot
             .as_ref()
             .and_then(|p| p.after)
@@ -125,7 +127,7 @@ impl Vm<'_> {
             };
             if snapshot_due {
                 snapshot_at = None;
-                let Some(plan) = config.snapshot.as_ref() else {
+                let Some(plan) = config.run.snapshot.as_ref() else {
                     continue;
                 };
                 if self.taken.is_some() {
@@ -150,21 +152,21 @@ impl Vm<'_> {
                 Ok(VmEvent::GuestExit(code)) => return Outcome::GuestExit { code },
                 Ok(VmEvent::ConsoleMatched) => {
                     return Outcome::ConsoleMatched {
-                        text: config.until.clone().unwrap_or_default(),
+                        text: config.run.until.clone().unwrap_or_default(),
                     }
                 }
                 Ok(VmEvent::VcpuStopped { index, reason }) => {
                     if !stopped.iter().any(|(i, _)| *i == index) {
                         stopped.push((index, reason));
                     }
-                    if stopped.len() == config.cpus as usize {
+                    if stopped.len() == config.machine.cpus as usize {
                         return Outcome::VcpusStopped { stopped };
                     }
                 }
                 Ok(VmEvent::SnapshotRequested) => {}
                 Err(RecvTimeoutError::Timeout) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        let after = config.watchdog.unwrap_or_default();
+                        let after = config.run.watchdog.unwrap_or_default();
                         return Outcome::Watchdog { after, stopped };
                     }
                 }
@@ -191,7 +193,8 @@ impl Vm<'_> {
         self.shared.pause.store(false, Ordering::Release);
         let paused = began.elapsed();
         let written = self.capture(&vcpus).and_then(|snap| {
-            snapshot::write(&plan.path, &snap, &self.mem, self.config.memory).map_err(VmError::from)
+            snapshot::write(&plan.path, &snap, &self.mem, self.config.machine.memory)
+                .map_err(VmError::from)
         });
         let bytes = written?;
         self.taken = Some(SnapshotTaken {
@@ -219,11 +222,11 @@ impl Vm<'_> {
             .zip(vcpus)
             .map(|(index, vcpu)| snapshot::capture_vcpu(vcpu, index, &self.msr_list))
             .collect::<Result<Vec<_>, _>>()?;
-        if states.len() != self.config.cpus as usize {
+        if states.len() != self.config.machine.cpus as usize {
             return Err(SnapshotError::Invalid("a vCPU thread was lost".into()).into());
         }
         Ok(VmSnapshot {
-            machine: self.config.machine_settings(),
+            machine: self.config.machine.settings(),
             image_end: self.image_end,
             vm: snapshot::capture_vm(
                 &self.vm,
