@@ -1,0 +1,77 @@
+//! In-guest figures: the built-in test guest's `bench` scenario, timed by the harness.
+
+use std::time::Duration;
+
+use super::{
+    BenchConfig, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG, RETARGET_SIZES,
+    WINDOW,
+};
+use crate::config::{
+    Console, DeviceConfig, DeviceKind, Kernel, MachineConfig, RunConfig, VmConfig,
+};
+use crate::vm::{CapturedConsole, VmError};
+
+/// Boots the test guest's `bench` scenario and collects what the harness measured.
+pub(super) fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmError> {
+    let slots = DeviceConfig::defaults()
+        .into_iter()
+        .filter(|d| matches!(d.kind, DeviceKind::ImsSlots { .. }))
+        .collect();
+    let samples = u32::try_from(config.samples).unwrap_or(u32::MAX);
+    let vm = VmConfig {
+        machine: MachineConfig {
+            cpus: GUEST_CPUS,
+            kernel: Kernel::BuiltIn,
+            cmdline: format!(
+                "scenario=bench bench_samples={samples} bench_interrupts={} bench_window={WINDOW} bench_live={} bench_retarget_max={}",
+                config.interrupts, config.live, RETARGET_SIZES.iter().max().unwrap_or(&0)
+            ),
+            devices: slots,
+            ..MachineConfig::default()
+        },
+        run: RunConfig {
+            console: Console::Off,
+            watchdog: Some(GUEST_WATCHDOG),
+            kvm_device: config.kvm_device.clone(),
+            ..RunConfig::default()
+        },
+    };
+    let console = CapturedConsole::default();
+    let report = crate::vm::run_with_console(&vm, Box::new(console.clone()))?;
+    if !report.passed() {
+        let text = console.text();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines
+            .iter()
+            .skip(lines.len().saturating_sub(CONSOLE_TAIL))
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(VmError::Os(
+            "run the test guest's bench scenario",
+            std::io::Error::other(format!("{:?}; console:\n{tail}", report.outcome)),
+        ));
+    }
+    let m = report.measurements;
+    let per_interrupt = |runs: &[(u32, Duration)]| {
+        Figure::of(
+            runs.iter()
+                .map(|&(n, t)| t.checked_div(n).unwrap_or_default())
+                .collect(),
+        )
+    };
+    Ok(GuestFigures {
+        delivery_ours: Figure::of(m.delivery_ours),
+        delivery_raw: Figure::of(m.delivery_raw),
+        throughput_ours: per_interrupt(&m.throughput_ours),
+        throughput_raw: per_interrupt(&m.throughput_raw),
+        interrupts_per_run: config.interrupts,
+        live_asked: config.live,
+        max_live: m.max_live_delivered,
+        retarget: m
+            .retarget
+            .into_iter()
+            .map(|(live, times)| (live, Figure::of(times)))
+            .collect(),
+    })
+}

@@ -1,0 +1,372 @@
+//! What `vmm bench` found, and how it is printed.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::{BULK_ENTRIES, KVM_MAX_ROUTES, WINDOW};
+use hypercall::harness::BENCH_RUNS;
+
+/// Median and 99th percentile of one figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Figure {
+    /// Median.
+    pub median: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Samples taken.
+    pub samples: usize,
+}
+
+impl Figure {
+    pub(super) fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let n = samples.len();
+        // Nearest rank, rounded: the sample `percent`% of the way from first to last.
+        let at = |percent: usize| {
+            let i = (n.saturating_sub(1) * percent + 50) / 100;
+            samples.get(i).copied().unwrap_or_default()
+        };
+        Self {
+            median: at(50),
+            p99: at(99),
+            samples: n,
+        }
+    }
+}
+
+/// One row of the retarget table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetargetRow {
+    /// Live interrupts.
+    pub live: u32,
+    /// Our `UPDATE` hypercall from the guest, host time from its exit to the guest's
+    /// re-entry (`None` if the guest part did not time this size).
+    pub exit_to_entry: Option<Figure>,
+    /// Of that, the dispatcher alone, called in-process (validation, backing, route
+    /// change, publish).
+    pub ours: Figure,
+    /// One whole-table `KVM_SET_GSI_ROUTING` of `live` MSI routes (`None` beyond KVM's
+    /// limit).
+    pub rebuild: Option<Figure>,
+}
+
+/// What the test guest's `bench` scenario measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFigures {
+    /// Delivery latency through an IMS slot and the remapping core.
+    pub delivery_ours: Figure,
+    /// Delivery latency through a raw irqfd on a plain MSI route.
+    pub delivery_raw: Figure,
+    /// Time per interrupt of each throughput run through IMS slots (median: the median
+    /// run; p99: the slowest).
+    pub throughput_ours: Figure,
+    /// The same through raw irqfds.
+    pub throughput_raw: Figure,
+    /// Interrupts per throughput run.
+    pub interrupts_per_run: u32,
+    /// Live interrupts asked for.
+    pub live_asked: u32,
+    /// The largest number live at once that were all delivered.
+    pub max_live: u32,
+    /// `UPDATE` hypercalls from exit to re-entry, by live interrupts.
+    pub retarget: Vec<(u32, Figure)>,
+}
+
+/// The results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchReport {
+    /// Retarget cost by live interrupts.
+    pub retarget: Vec<RetargetRow>,
+    /// One `BATCH` activating [`BULK_ENTRIES`] entries.
+    pub bulk_ours: Figure,
+    /// One `KVM_SET_GSI_ROUTING` of [`BULK_ENTRIES`] routes.
+    pub bulk_raw: Figure,
+    /// One interrupt signalled through our data path (remappable message in).
+    pub signal_ours: Figure,
+    /// One eventfd write to a raw irqfd.
+    pub signal_raw: Figure,
+    /// The in-guest figures.
+    pub guest: GuestFigures,
+}
+
+/// Interrupts per second at `per_interrupt`.
+fn rate(per_interrupt: Duration) -> Option<f64> {
+    (!per_interrupt.is_zero()).then(|| 1.0 / per_interrupt.as_secs_f64())
+}
+
+fn ratio(a: Duration, b: Duration) -> Option<f64> {
+    (!b.is_zero()).then(|| a.as_secs_f64() / b.as_secs_f64())
+}
+
+impl BenchReport {
+    /// Whole-table rebuild cost over our retarget cost, both at 4,096 live.
+    #[must_use]
+    pub fn retarget_speedup_at_4096(&self) -> Option<f64> {
+        let row = self.retarget.iter().find(|r| r.live == 4096)?;
+        ratio(row.rebuild?.median, row.exit_to_entry?.median)
+    }
+
+    /// Our 2,048-entry batch activation over one 2,048-entry routing set.
+    #[must_use]
+    pub fn bulk_ratio(&self) -> Option<f64> {
+        ratio(self.bulk_ours.median, self.bulk_raw.median)
+    }
+
+    /// Our median delivery latency over the raw irqfd's.
+    #[must_use]
+    pub fn delivery_ratio(&self) -> Option<f64> {
+        ratio(
+            self.guest.delivery_ours.median,
+            self.guest.delivery_raw.median,
+        )
+    }
+
+    /// Our median throughput over the raw irqfds'.
+    #[must_use]
+    pub fn throughput_ratio(&self) -> Option<f64> {
+        ratio(
+            self.guest.throughput_raw.median,
+            self.guest.throughput_ours.median,
+        )
+    }
+
+    /// The report as JSON: the headline ratios at the top level, the tables beside them.
+    /// Figures not measured by this command are `null`.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
+        let us = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e6);
+        let fig = |f: &Figure| {
+            format!(
+                "{{\"median_us\": {}, \"p99_us\": {}, \"samples\": {}}}",
+                us(f.median),
+                us(f.p99),
+                f.samples
+            )
+        };
+        let mut out = String::from("{\n");
+        let _ = writeln!(
+            out,
+            "  \"retarget_speedup_at_4096\": {},",
+            num(self.retarget_speedup_at_4096())
+        );
+        let _ = writeln!(out, "  \"delivery_ratio\": {},", num(self.delivery_ratio()));
+        let _ = writeln!(out, "  \"max_live_interrupts\": {},", self.guest.max_live);
+        let _ = writeln!(out, "  \"bulk_ratio\": {},", num(self.bulk_ratio()));
+        let g = &self.guest;
+        let _ = writeln!(
+            out,
+            "  \"delivery\": {{\"ours_ims_slot\": {}, \"raw_irqfd\": {}}},",
+            fig(&g.delivery_ours),
+            fig(&g.delivery_raw)
+        );
+        let per_s = |f: &Figure| num(rate(f.median));
+        let _ = writeln!(
+            out,
+            "  \"throughput\": {{\"interrupts_per_run\": {}, \"window\": {WINDOW}, \"runs\": {BENCH_RUNS}, \"ours_per_s\": {}, \"raw_per_s\": {}, \"ratio\": {}, \"ours_per_interrupt\": {}, \"raw_per_interrupt\": {}}},",
+            g.interrupts_per_run,
+            per_s(&g.throughput_ours),
+            per_s(&g.throughput_raw),
+            num(self.throughput_ratio()),
+            fig(&g.throughput_ours),
+            fig(&g.throughput_raw)
+        );
+        let _ = writeln!(
+            out,
+            "  \"live_interrupts\": {{\"asked\": {}, \"all_delivered\": {}}},",
+            g.live_asked, g.max_live
+        );
+        let _ = writeln!(
+            out,
+            "  \"signal_cost\": {{\"ours_remapped\": {}, \"raw_eventfd\": {}}},",
+            fig(&self.signal_ours),
+            fig(&self.signal_raw)
+        );
+        out.push_str("  \"retarget\": [\n");
+        let rows: Vec<String> = self
+            .retarget
+            .iter()
+            .map(|r| {
+                format!(
+                    "    {{\"live\": {}, \"ours_exit_to_entry\": {}, \"ours_dispatcher\": {}, \"whole_table_rebuild\": {}}}",
+                    r.live,
+                    r.exit_to_entry.as_ref().map_or("null".to_string(), fig),
+                    fig(&r.ours),
+                    r.rebuild.as_ref().map_or("null".to_string(), fig)
+                )
+            })
+            .collect();
+        out.push_str(&rows.join(",\n"));
+        out.push_str("\n  ],\n");
+        let _ = writeln!(
+            out,
+            "  \"bulk_activation\": {{\"entries\": {BULK_ENTRIES}, \"ours_batch\": {}, \"raw_set_gsi_routing\": {}}}",
+            fig(&self.bulk_ours),
+            fig(&self.bulk_raw)
+        );
+        out.push_str("}\n");
+        out
+    }
+}
+
+/// Microseconds, one decimal.
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+/// A ratio, or `-` when there is none.
+fn times(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{x:.2}x"))
+}
+
+impl BenchReport {
+    /// Delivery, throughput, the device-side cost and the live-interrupt count.
+    fn write_guest_figures(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = &self.guest;
+        writeln!(
+            f,
+            "Delivery latency, device-model raise -> guest handler on vCPU 0 (us), {} samples each",
+            g.delivery_ours.samples
+        )?;
+        writeln!(f, "{:>30} | {:>10} {:>10}", "path", "p50", "p99")?;
+        for (name, fig) in [
+            ("IMS slot + remapping (ours)", &g.delivery_ours),
+            ("raw irqfd, plain MSI route", &g.delivery_raw),
+        ] {
+            writeln!(f, "{name:>30} | {:>10} {:>10}", us(fig.median), us(fig.p99))?;
+        }
+        writeln!(f, "  ratio ours/raw {}", times(self.delivery_ratio()))?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Throughput, vCPU 0, {} interrupts per run over {WINDOW} vectors, {BENCH_RUNS} runs each (interrupts/s)",
+            g.interrupts_per_run
+        )?;
+        writeln!(
+            f,
+            "{:>30} | {:>12} {:>12}",
+            "path", "median run", "slowest run"
+        )?;
+        let per_s = |d: Duration| rate(d).map_or("-".into(), |r| format!("{r:.0}"));
+        for (name, fig) in [
+            ("IMS slots + remapping (ours)", &g.throughput_ours),
+            ("raw irqfds, plain MSI routes", &g.throughput_raw),
+        ] {
+            writeln!(
+                f,
+                "{name:>30} | {:>12} {:>12}",
+                per_s(fig.median),
+                per_s(fig.p99)
+            )?;
+        }
+        writeln!(f, "  ratio ours/raw {}", times(self.throughput_ratio()))?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Device-side cost of one interrupt, host only (us): our data path vs an eventfd write"
+        )?;
+        writeln!(
+            f,
+            "  ours p50 {:.3} p99 {:.3} | raw p50 {:.3} p99 {:.3}",
+            self.signal_ours.median.as_secs_f64() * 1e6,
+            self.signal_ours.p99.as_secs_f64() * 1e6,
+            self.signal_raw.median.as_secs_f64() * 1e6,
+            self.signal_raw.p99.as_secs_f64() * 1e6,
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Live remapped interrupts, all delivered through irqfd lines: {} (asked for {})",
+            g.max_live, g.live_asked
+        )?;
+        writeln!(f)?;
+        Ok(())
+    }
+
+    /// The retarget table.
+    fn write_retarget(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "IRTE retarget, host side (us): our UPDATE hypercall from exit to re-entry (and the dispatcher alone) vs one whole-table KVM_SET_GSI_ROUTING"
+        )?;
+        writeln!(
+            f,
+            "{:>8} | {:>10} {:>10} | {:>10} | {:>12} {:>12} | {:>8}",
+            "live", "exit p50", "exit p99", "disp. p50", "rebuild p50", "rebuild p99", "speedup"
+        )?;
+        for r in &self.retarget {
+            let exit = r
+                .exit_to_entry
+                .map_or(("-".into(), "-".into()), |e| (us(e.median), us(e.p99)));
+            let (p50, p99, speedup) = match r.rebuild {
+                Some(b) => (
+                    us(b.median),
+                    us(b.p99),
+                    r.exit_to_entry
+                        .and_then(|e| ratio(b.median, e.median))
+                        .map_or("-".into(), |x| {
+                            if x < 10.0 {
+                                format!("{x:.1}x")
+                            } else {
+                                format!("{x:.0}x")
+                            }
+                        }),
+                ),
+                None => ("n/a".into(), "n/a".into(), "-".into()),
+            };
+            writeln!(
+                f,
+                "{:>8} | {:>10} {:>10} | {:>10} | {:>12} {:>12} | {:>8}",
+                r.live,
+                exit.0,
+                exit.1,
+                us(r.ours.median),
+                p50,
+                p99,
+                speedup
+            )?;
+        }
+        writeln!(
+            f,
+            "(KVM takes at most {KVM_MAX_ROUTES} routes: no whole-table baseline beyond that)"
+        )?;
+        writeln!(f)?;
+        Ok(())
+    }
+
+    /// Bulk activation and the headline.
+    fn write_bulk_and_headline(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = &self.guest;
+        writeln!(
+            f,
+            "Bulk activation of {BULK_ENTRIES} entries (us): one BATCH hypercall vs one {BULK_ENTRIES}-entry KVM_SET_GSI_ROUTING"
+        )?;
+        writeln!(
+            f,
+            "  ours p50 {} p99 {} | raw p50 {} p99 {} | ratio {}",
+            us(self.bulk_ours.median),
+            us(self.bulk_ours.p99),
+            us(self.bulk_raw.median),
+            us(self.bulk_raw.p99),
+            self.bulk_ratio().map_or("-".into(), |x| format!("{x:.2}x"))
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "headline: retarget_speedup_at_4096 {} (target >= 20), delivery_ratio {} (target <= 1.1), max_live_interrupts {} (target 65536), bulk_ratio {} (target <= 3)",
+            self.retarget_speedup_at_4096()
+                .map_or("-".into(), |x| format!("{x:.1}")),
+            self.delivery_ratio().map_or("-".into(), |x| format!("{x:.3}")),
+            g.max_live,
+            self.bulk_ratio().map_or("-".into(), |x| format!("{x:.2}"))
+        )
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.write_guest_figures(f)?;
+        self.write_retarget(f)?;
+        self.write_bulk_and_headline(f)
+    }
+}
