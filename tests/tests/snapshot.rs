@@ -152,6 +152,7 @@ fn join(original: &[u8], header: &serde_json::Value, ram: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one table of tampered fields")]
 fn tampered_snapshots_are_refused_with_the_reason_and_nothing_runs() {
     let file = TempFile::new("source");
     let mut cfg = config(2, "scenario=snapshot");

@@ -567,6 +567,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::too_many_lines, reason = "a table of refused settings")]
     fn devices_default_parse_and_are_checked() {
         assert_eq!(
             Settings::default().resolve().unwrap().machine.devices,
