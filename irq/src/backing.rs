@@ -63,6 +63,7 @@ use crate::port::{Gsi, RoutingBackend};
 use crate::remap::{RemapError, RemapTable};
 use crate::routes::{RouteError, RouteTable};
 
+pub mod bound;
 mod commit;
 pub mod snapshot;
 
@@ -149,6 +150,20 @@ pub enum BackingError {
     /// A routing operation failed.
     #[error("interrupt routing failed")]
     Route(#[from] RouteError),
+    /// The entry already has an external source.
+    #[error("entry {0} is already bound to an eventfd")]
+    AlreadyBound(u32),
+    /// The entry has no external source.
+    #[error("entry {0} is not bound to an eventfd")]
+    NotBound(u32),
+    /// The live entry's source validation does not allow the requester.
+    #[error("entry {index} does not verify requester {requester:#06x}")]
+    NotVerified {
+        /// The entry.
+        index: u32,
+        /// The requester.
+        requester: u16,
+    },
 }
 
 impl From<RemapError> for BackingError {
@@ -206,6 +221,8 @@ pub struct BackingStats {
     pub live: u32,
     /// Lines (routes with an attached eventfd).
     pub lines: u32,
+    /// Entries bound to an external eventfd.
+    pub bound: u32,
 }
 
 /// One route of the cache, for statistics.
@@ -238,6 +255,8 @@ pub struct Backing<B: RoutingBackend> {
     managed_allocated: u32,
     /// Eventfds reserved for managed lines: one per managed entry without a line of its own.
     managed_fds: Vec<EventFd>,
+    /// Entries with an external source (`bound`).
+    bound: HashMap<u32, bound::Bound>,
     stats: BackingStats,
 }
 
@@ -262,6 +281,7 @@ impl<B: RoutingBackend> Backing<B> {
             per_device: HashMap::new(),
             managed_allocated: 0,
             managed_fds: Vec::new(),
+            bound: HashMap::new(),
             stats: BackingStats::default(),
         })
     }
@@ -322,6 +342,7 @@ impl<B: RoutingBackend> Backing<B> {
             last_route_commit_time: last,
             live: self.live,
             lines: u32::try_from(lines).unwrap_or(u32::MAX),
+            bound: u32::try_from(self.bound.len()).unwrap_or(u32::MAX),
             ..self.stats
         }
     }
@@ -486,6 +507,7 @@ impl<B: RoutingBackend> Backing<B> {
             txn.write(index, [0, 0])?;
         }
         txn.commit()?;
+        self.forget_bindings(first, end);
         for index in first..end {
             let owner = self
                 .entries

@@ -21,6 +21,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::backing::{AllocFlags, Backing, BackingError, InterruptPath};
 use crate::irte::Irte;
 use crate::msi::MsiMessage;
@@ -138,6 +140,23 @@ pub trait InterruptControl: Send + Sync {
     /// [`BackingError::Route`] when KVM refused a pin route (the pin keeps its previous
     /// one), or the transaction's error for a new table.
     fn configure(&self, setting: Setting) -> Result<(), BackingError>;
+
+    /// Binds entry `index`, allocated to `requester`, to `fd`: an eventfd that a source
+    /// outside the core writes (a VFIO vector, a vhost-user or vfio-user backend, another
+    /// VMM's device). The core keeps it attached as an irqfd to the route of the entry's
+    /// current target while the entry is present and verifies `requester`, moves it on
+    /// retarget with nothing lost, and drops it when the entry is freed
+    /// ([`crate::backing::bound`]).
+    ///
+    /// # Errors
+    /// As [`Backing::bind`].
+    fn bind_source(&self, requester: u16, index: u32, fd: EventFd) -> Result<(), BackingError>;
+
+    /// Unbinds entry `index` and gives its eventfd back.
+    ///
+    /// # Errors
+    /// As [`Backing::unbind`].
+    fn unbind_source(&self, requester: u16, index: u32) -> Result<EventFd, BackingError>;
 
     /// The data path.
     fn path(&self) -> Arc<InterruptPath>;
@@ -267,6 +286,14 @@ impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
             owner: backing.owner(index),
             raw: backing.table().raw(index).unwrap_or([0, 0]),
         }
+    }
+
+    fn bind_source(&self, requester: u16, index: u32, fd: EventFd) -> Result<(), BackingError> {
+        self.lock().bind(index, requester, fd)
+    }
+
+    fn unbind_source(&self, requester: u16, index: u32) -> Result<EventFd, BackingError> {
+        self.lock().unbind(index, requester)
     }
 
     fn capacity(&self, requester: u16) -> Capacity {

@@ -107,6 +107,12 @@ impl FakeRouting {
         })
     }
 
+    /// Irqfds attached to `gsi`.
+    #[must_use]
+    pub fn irqfds_on(&self, gsi: Gsi) -> usize {
+        self.state().irqfds.values().filter(|&&g| g == gsi).count()
+    }
+
     /// The message routed at `gsi`.
     #[must_use]
     pub fn route(&self, gsi: Gsi) -> Option<MsiMessage> {

@@ -151,6 +151,20 @@ impl InterruptPath {
             .compat = Some(injector);
     }
 
+    /// Records `count` requests from `source_id` to entry `index` that were dropped with
+    /// `reason`: an external source's writes while its entry could not take them
+    /// (`backing::bound`). One fault record; the entry's fault count grows by `count`.
+    pub(crate) fn dropped(&self, index: u32, source_id: u16, reason: FaultReason, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.fault(reason, Some(index), source_id, false);
+        if let Some(n) = self.faults_per_entry.get(index as usize) {
+            let more = u32::try_from(count - 1).unwrap_or(u32::MAX);
+            n.fetch_add(more, Ordering::Relaxed);
+        }
+    }
+
     fn fault(
         &self,
         reason: FaultReason,

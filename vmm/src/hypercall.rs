@@ -116,14 +116,19 @@ impl RateLimit {
 /// Maps an interrupt-core error to the status the guest sees.
 fn status_of(e: &BackingError) -> u64 {
     match e {
-        BackingError::BadCount(_) | BackingError::IndexOutOfRange(_) => status::INVALID_ARGUMENT,
+        BackingError::BadCount(_)
+        | BackingError::IndexOutOfRange(_)
+        | BackingError::AlreadyBound(_)
+        | BackingError::NotBound(_) => status::INVALID_ARGUMENT,
         BackingError::NoSpace(_)
         | BackingError::RoutesExhausted
         | BackingError::EventFd(_)
         | BackingError::Route(_) => status::NO_SPACE,
         BackingError::DeviceQuota { .. } | BackingError::VmQuota(_) => status::QUOTA_EXCEEDED,
         BackingError::NotAllocated(_) => status::NOT_ALLOCATED,
-        BackingError::NotOwner { .. } => status::SOURCE_ID_NOT_PERMITTED,
+        BackingError::NotOwner { .. } | BackingError::NotVerified { .. } => {
+            status::SOURCE_ID_NOT_PERMITTED
+        }
     }
 }
 

@@ -47,10 +47,10 @@ struct Plan {
 }
 
 #[derive(Debug)]
-struct Planned {
-    index: u32,
+pub(super) struct Planned {
+    pub(super) index: u32,
     raw: [u64; 2],
-    state: NewState,
+    pub(super) state: NewState,
     step: Step,
 }
 
@@ -74,10 +74,33 @@ impl<B: RoutingBackend> Backing<B> {
 
     /// Applies `staged` in the five steps of the commit protocol (module documentation of
     /// [`super`]); a failure in steps 1-3 leaves everything as it was.
+    /// Bound eventfds (`bound`) move in step 3b: before the route commit when it creates
+    /// no route (their targets exist, or are rewritten in place under them), else after
+    /// the new lines.
     fn apply(&mut self, staged: BTreeMap<u32, [u64; 2]>) -> Result<(), BackingError> {
         let plan = self.plan(&staged)?;
-        let created = self.route_commit(&plan)?;
+        let early = plan.creates.is_empty();
+        let moves = if early {
+            self.move_bound(&plan.entries, &plan.rewrites)?
+        } else {
+            Vec::new()
+        };
+        let created = match self.route_commit(&plan) {
+            Ok(created) => created,
+            Err(e) => {
+                self.undo_moves(&moves);
+                return Err(e);
+            }
+        };
         self.new_lines(&created)?;
+        if !early {
+            if let Err(e) = self.move_bound(&plan.entries, &[]) {
+                // The new lines have no users yet: they retire, their routes go with the
+                // next commit.
+                self.retire_idle_lines();
+                return Err(e);
+            }
+        }
         self.publish(plan.entries);
         self.retire_idle_lines();
         Ok(())

@@ -483,3 +483,228 @@ fn faults_reach_the_sink_and_compatibility_requests_the_injector_when_allowed() 
     );
     assert_eq!(*rec.injected.lock().unwrap(), vec![compat]);
 }
+
+// ---- External sources (`bound`) -----------------------------------------------------------
+
+/// Where KVM would deliver a write to entry `index`'s bound eventfd now (the fake knows
+/// irqfds by descriptor, and the core holds a duplicate: found through its GSI).
+fn bound_lands(b: &Backing<Arc<FakeRouting>>, kvm: &FakeRouting, index: u32) -> Option<Target> {
+    let gsi = b.binding(index)?.1?;
+    assert!(kvm.irqfds_on(gsi) >= 2, "the line and the bound eventfd");
+    match kvm.route(gsi)?.decode() {
+        Ok(crate::msi::DecodedMsi::Compatibility(t)) => Some(t),
+        _ => None,
+    }
+}
+
+fn bound_entry(b: &mut Backing<Arc<FakeRouting>>, index: u32) -> EventFd {
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    b.bind(index, DEV, fd.try_clone().unwrap()).unwrap();
+    fd
+}
+
+#[test]
+fn a_bound_eventfd_follows_every_kind_of_retarget() {
+    let (mut b, kvm) = backing();
+    let first = b.allocate(3, DEV, AllocFlags::default()).unwrap();
+    set(
+        &mut b,
+        &[(first, irte(0, 0x40)), (first + 1, irte(1, 0x41))],
+    )
+    .unwrap();
+    let _fd = bound_entry(&mut b, first);
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(0, 0x40)));
+    // Joins a routed target: a pointer swap for the data path, a move for the eventfd.
+    set(&mut b, &[(first, irte(1, 0x41))]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(1, 0x41)));
+    // A target of its own, created (entry 1 keeps the old route).
+    set(&mut b, &[(first, irte(2, 0x42))]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(2, 0x42)));
+    let gsi = b.binding(first).unwrap().1.unwrap();
+    // Sole user moving to a fresh target: the route is rewritten in place, nothing moves.
+    let assigns = kvm.assign_calls();
+    set(&mut b, &[(first, irte(3, 0x43))]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(3, 0x43)));
+    assert_eq!(b.binding(first), Some((DEV, Some(gsi))));
+    assert_eq!(kvm.assign_calls(), assigns);
+    // Together with its neighbour, in one transaction.
+    set(
+        &mut b,
+        &[(first, irte(1, 0x41)), (first + 1, irte(0, 0x40))],
+    )
+    .unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(1, 0x41)));
+    assert_eq!(b.stats().bound, 1);
+}
+
+#[test]
+fn a_bound_eventfd_is_detached_while_absent_and_what_it_wrote_then_is_a_fault() {
+    let (mut b, kvm) = backing();
+    let first = b.allocate(1, DEV, AllocFlags::default()).unwrap();
+    // Bound while absent: attached when the entry becomes present.
+    let fd = bound_entry(&mut b, first);
+    assert_eq!(b.binding(first), Some((DEV, None)));
+    fd.write(1).unwrap();
+    set(&mut b, &[(first, irte(0, 0x40))]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(0, 0x40)));
+    assert_eq!(b.path().faults(first), 1);
+    let mut txn = b.transaction();
+    txn.clear(first).unwrap();
+    txn.commit().unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), None);
+    assert_eq!(
+        kvm.irqfds(),
+        0,
+        "the line retired and the eventfd is detached"
+    );
+    fd.write(3).unwrap();
+    set(&mut b, &[(first, irte(1, 0x41))]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(1, 0x41)));
+    assert_eq!(
+        fd.read().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    assert_eq!(b.path().faults(first), 4);
+    let last = b.path().fault_log().drain();
+    assert_eq!(
+        last.last().map(|f| (f.reason, f.index, f.source_id)),
+        Some((FaultReason::NotPresent, Some(first), DEV))
+    );
+}
+
+#[test]
+fn a_source_is_bound_only_by_its_owner_for_an_entry_that_verifies_it() {
+    let (mut b, _kvm) = backing();
+    let first = b.allocate(2, DEV, AllocFlags::default()).unwrap();
+    let foreign = Irte::new(
+        Target::fixed(0, 0x40),
+        SourceValidation::RequesterId {
+            sid: OTHER,
+            qualifier: 0,
+        },
+    );
+    set(&mut b, &[(first, irte(0, 0x40)), (first + 1, foreign)]).unwrap();
+    let fd = || EventFd::new(EFD_NONBLOCK).unwrap();
+    assert!(matches!(
+        b.bind(first, OTHER, fd()).unwrap_err(),
+        BackingError::NotOwner { owner: DEV, .. }
+    ));
+    assert!(matches!(
+        b.bind(first + 1, DEV, fd()).unwrap_err(),
+        BackingError::NotVerified { requester: DEV, .. }
+    ));
+    assert!(matches!(
+        b.bind(first + 2, DEV, fd()).unwrap_err(),
+        BackingError::NotAllocated(_)
+    ));
+    assert!(matches!(
+        b.bind(5000, DEV, fd()).unwrap_err(),
+        BackingError::IndexOutOfRange(5000)
+    ));
+    b.bind(first, DEV, fd()).unwrap();
+    assert!(matches!(
+        b.bind(first, DEV, fd()).unwrap_err(),
+        BackingError::AlreadyBound(_)
+    ));
+    assert_eq!(b.bound_entries(), 1);
+}
+
+#[test]
+fn an_entry_rewritten_for_another_requester_detaches_its_source() {
+    let (mut b, kvm) = backing();
+    let first = b.allocate(1, DEV, AllocFlags::default()).unwrap();
+    set(&mut b, &[(first, irte(0, 0x40))]).unwrap();
+    let fd = bound_entry(&mut b, first);
+    let foreign = Irte::new(
+        Target::fixed(0, 0x40),
+        SourceValidation::RequesterId {
+            sid: OTHER,
+            qualifier: 0,
+        },
+    );
+    set(&mut b, &[(first, foreign)]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), None);
+    fd.write(1).unwrap();
+    set(&mut b, &[(first, irte(0, 0x40))]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(0, 0x40)));
+    let log = b.path().fault_log().drain();
+    assert_eq!(
+        log.last().map(|f| f.reason),
+        Some(FaultReason::SourceIdMismatch)
+    );
+}
+
+#[test]
+fn a_refused_attach_fails_the_transaction_and_every_source_stays_where_it_was() {
+    let (mut b, kvm) = backing();
+    let first = b.allocate(4, DEV, AllocFlags::default()).unwrap();
+    set(
+        &mut b,
+        &[
+            (first, irte(0, 0x40)),
+            (first + 1, irte(1, 0x41)),
+            (first + 2, irte(2, 0x42)),
+        ],
+    )
+    .unwrap();
+    let a = bound_entry(&mut b, first);
+    let c = bound_entry(&mut b, first + 2);
+    let before = b.table().raw(first).unwrap();
+    // The second bound attach fails: joining a routed target (moved before the route
+    // commit), then both to a target created for them (moved after its new line, whose
+    // attach comes first).
+    for (to, skip) in [(irte(1, 0x41), 1), (irte(5, 0x45), 2)] {
+        let lines = b.stats().lines;
+        kvm.fail(Failures {
+            assign: 1,
+            assign_skip: skip,
+            ..Failures::default()
+        });
+        let err = set(&mut b, &[(first, to), (first + 2, to)]).unwrap_err();
+        kvm.fail(Failures::default());
+        assert!(matches!(err, BackingError::Route(_)), "{err}");
+        assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(0, 0x40)));
+        assert_eq!(
+            bound_lands(&b, &kvm, first + 2),
+            Some(Target::fixed(2, 0x42))
+        );
+        assert_eq!(b.table().raw(first).unwrap(), before);
+        assert_eq!(lands(&b, &kvm, first), Some(Target::fixed(0, 0x40)));
+        assert_eq!(b.stats().lines, lines);
+    }
+    // A failed route commit (it has the route of the line retired above to remove) puts
+    // back what moved before it.
+    kvm.fail(Failures {
+        set_routes: 1,
+        ..Failures::default()
+    });
+    set(&mut b, &[(first, irte(1, 0x41))]).unwrap_err();
+    kvm.fail(Failures::default());
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(0, 0x40)));
+    set(&mut b, &[(first, irte(1, 0x41))]).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), Some(Target::fixed(1, 0x41)));
+    drop((a, c));
+}
+
+#[test]
+fn freeing_a_bound_entry_drops_the_binding() {
+    let (mut b, kvm) = backing();
+    let first = b.allocate(1, DEV, AllocFlags::default()).unwrap();
+    set(&mut b, &[(first, irte(0, 0x40))]).unwrap();
+    let _fd = bound_entry(&mut b, first);
+    b.free(first, 1, DEV).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), None);
+    assert_eq!(b.bound_entries(), 0);
+    assert_eq!(kvm.irqfds(), 0);
+    // Unbinding gives the eventfd back, detached.
+    let first = b.allocate(1, DEV, AllocFlags::default()).unwrap();
+    set(&mut b, &[(first, irte(0, 0x40))]).unwrap();
+    let _fd = bound_entry(&mut b, first);
+    let back = b.unbind(first, DEV).unwrap();
+    assert_eq!(bound_lands(&b, &kvm, first), None);
+    drop(back);
+    assert!(matches!(
+        b.unbind(first, DEV).unwrap_err(),
+        BackingError::NotBound(_)
+    ));
+}
