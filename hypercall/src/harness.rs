@@ -194,6 +194,17 @@ pub mod request {
     /// device's BAR or configuration space waits inside the VMM until the hold ends.
     /// `vector` and `mode` are not used.
     pub const HOLD_DEVICE: u32 = 14;
+    /// An interrupt source outside the VMM: as [`REMAP_RETARGET`] (`mode` 0 or 1), but the
+    /// IRTE is bound to an eventfd the host writes, as a device in another process would,
+    /// so KVM delivers each interrupt with no VMM code on the way while the entry is
+    /// retargeted every millisecond (each interrupt is written after at least one
+    /// retarget since the one before, so `RESULT` is at least `count`). Then the host checks the binding's rules: binding the
+    /// entry for another requester, or binding an entry that validates another requester,
+    /// is refused; with the entry not present a write delivers nothing and is dropped (a
+    /// not-present fault) when the entry is present again; then one more write is
+    /// delivered at vCPU 0. `FIRED[cpu]` and `RESULT` as for [`REMAP_RETARGET`]; status
+    /// [`super::status::NOT_DELIVERED`] when a rule is broken.
+    pub const REMAP_EXTERNAL: u32 = 15;
 }
 
 /// The longest `HOLD_DEVICE` hold, in milliseconds.

@@ -17,6 +17,10 @@
     clippy::cast_sign_loss,
     reason = "x86-64 only: register halves, descriptor fields and vectors are narrowed on purpose"
 )]
+#![expect(
+    clippy::too_many_lines,
+    reason = "the guest's checks are checklists, read top to bottom like the docs they test"
+)]
 
 mod arch;
 mod bench;

@@ -21,6 +21,8 @@ const MSI_VECTOR: u8 = 0x50;
 /// Vectors of `retarget` (mode 0, mode 1) and `sid`.
 const RETARGET_VECTOR: u8 = 0x60;
 const SID_VECTOR: u8 = 0x62;
+/// Vectors of `retarget`'s external source (mode 0, mode 1).
+const EXTERNAL_VECTOR: u8 = 0x63;
 /// Vectors of `storm`: the storm, then the bystander.
 const STORM_VECTOR: u8 = 0x66;
 /// First vector of `remap`; it spreads over up to 64 from here.
@@ -263,6 +265,7 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     }
     if all || s == Scenario::Retarget {
         ok &= retarget(cpus, o.retarget_count, 0) & retarget(cpus, o.retarget_count, 1);
+        ok &= external(cpus, o.retarget_count, 0) & external(cpus, o.retarget_count, 1);
     }
     if all || s == Scenario::Sid {
         ok &= sid(o.sid_count);
@@ -492,6 +495,46 @@ fn retarget(cpus: usize, n: u32, mode: u32) -> bool {
         println!(
             "retarget ({}): FAIL (host status {}, {} of {} counted, {} vCPUs)",
             how, host, total, n, reached
+        );
+    }
+    ok
+}
+
+/// An IRTE bound to an eventfd the host writes, as a device in another process would, is
+/// raised `n` times while the host keeps retargeting it: every interrupt must arrive
+/// exactly once, on more than one CPU. Then the host checks that it cannot be bound for
+/// another requester, that it delivers nothing while absent, and raises it once more at
+/// vCPU 0.
+fn external(cpus: usize, n: u32, mode: u32) -> bool {
+    let vector = EXTERNAL_VECTOR + mode as u8;
+    let (host, retargets) = harness_request(request::REMAP_EXTERNAL, vector, n, mode);
+    let mut total = 0;
+    let mut reached = 0;
+    for cpu in 0..cpus {
+        expect(cpu, vector, fired(cpu));
+        total += count(cpu, vector);
+        reached += usize::from(count(cpu, vector) > 0);
+    }
+    let moved = cpus == 1 || reached >= 2;
+    let ok = host == status::OK && total == n + 1 && moved;
+    let how = if mode == 1 {
+        "joining routed targets"
+    } else {
+        "rewriting its route"
+    };
+    if ok {
+        println!(
+            "external source ({}): {} interrupts, {} retargets, all counted once, on {} vCPUs; none while absent",
+            how, n, retargets, reached
+        );
+    } else {
+        println!(
+            "external source ({}): FAIL (host status {}, {} of {} counted, {} vCPUs)",
+            how,
+            host,
+            total,
+            n + 1,
+            reached
         );
     }
     ok

@@ -295,7 +295,10 @@ impl Harness {
                 self.remap_each_cpu(v, count, spread, &mut fired, &mut result)
             }
             request::REMAP_RETARGET if mode <= 1 => {
-                self.remap_retarget(v, count, mode == 1, &mut fired, &mut result)
+                self.remap_retarget(v, count, mode == 1, false, &mut fired, &mut result)
+            }
+            request::REMAP_EXTERNAL if mode <= 1 => {
+                self.remap_retarget(v, count, mode == 1, true, &mut fired, &mut result)
             }
             request::REMAP_SOURCE_ID => self.remap_source_id(v, count, &mut fired, &mut result),
             request::RAISE => self.raise(mode, count, &mut fired, &mut result),
@@ -329,7 +332,7 @@ impl Harness {
                 (1 | 2, None) => status::HOST_ERROR,
                 _ => status::BAD_ARGUMENT,
             },
-            request::REMAP_RETARGET => status::BAD_ARGUMENT,
+            request::REMAP_RETARGET | request::REMAP_EXTERNAL => status::BAD_ARGUMENT,
             request::SNAPSHOT if self.snapshots.is_some() => status::OK,
             request::SNAPSHOT => status::UNAVAILABLE,
             request::IOAPIC_LINE => self.ioapic_line(count, mode, &mut result),

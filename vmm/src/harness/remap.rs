@@ -121,11 +121,14 @@ impl Harness {
             .collect()
     }
 
+    /// Requests 3 and 15: with `external`, the entry is bound to an eventfd the harness
+    /// writes, as a device outside the VMM would.
     pub(super) fn remap_retarget(
         &self,
         vector: u8,
         count: u32,
         anchors: bool,
+        external: bool,
         fired: &mut [u32],
         result: &mut u32,
     ) -> u32 {
@@ -136,6 +139,21 @@ impl Harness {
             self.activate(n, |i| self.entry(i.saturating_sub(1) as usize, vector))
         else {
             return status::HOST_ERROR;
+        };
+        let source = if external {
+            match self.bind_external(first) {
+                Some(fd) => Some(fd),
+                None => {
+                    self.release(first, n);
+                    return status::HOST_ERROR;
+                }
+            }
+        } else {
+            None
+        };
+        let raise = || match &source {
+            Some(fd) => fd.write(1).is_ok(),
+            None => self.path.signal(first, HARNESS_SOURCE_ID).is_ok(),
         };
         let done = AtomicBool::new(false);
         let retargets = AtomicU64::new(0);
@@ -156,9 +174,20 @@ impl Harness {
                     }
                 }
             });
+            let mut last = 0;
             for _ in 0..count {
+                // An external source is raised only after a retarget since its last
+                // interrupt, so every interrupt follows a move of its eventfd.
+                if source.is_some() {
+                    let moved = self.wait_for(|| retargets.load(Ordering::Relaxed) > last);
+                    last = retargets.load(Ordering::Relaxed);
+                    if !moved {
+                        outcome = status::HOST_ERROR;
+                        break;
+                    }
+                }
                 let before = self.total(vector);
-                if self.path.signal(first, HARNESS_SOURCE_ID).is_err() {
+                if !raise() {
                     outcome = status::HOST_ERROR;
                     break;
                 }
@@ -179,6 +208,9 @@ impl Harness {
             done.store(true, Ordering::Release);
         });
         *result = u32::try_from(retargets.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        if let (Some(fd), status::OK) = (&source, outcome) {
+            outcome = self.external_rules(first, fd, vector, fired);
+        }
         if !self.release(first, n) && outcome == status::OK {
             outcome = status::HOST_ERROR;
         }
@@ -368,5 +400,68 @@ impl Harness {
             outcome = status::HOST_ERROR;
         }
         outcome
+    }
+
+    /// Binds entry `first` (the harness's, live) to a new eventfd; returns the harness's
+    /// copy.
+    fn bind_external(&self, first: u32) -> Option<EventFd> {
+        let fd = EventFd::new(EFD_NONBLOCK).ok()?;
+        let core = self.backing.handle();
+        core.bind_source(HARNESS_SOURCE_ID, first, fd.try_clone().ok()?)
+            .ok()?;
+        Some(fd)
+    }
+
+    /// After request 15's retargets: binding for a requester the entry does not verify
+    /// (another requester's entry, an entry validating someone else) is refused; with
+    /// the entry absent a write delivers nothing and is dropped as a fault when the entry
+    /// is present again; then one more write is delivered (counted in `fired`).
+    fn external_rules(&self, first: u32, fd: &EventFd, vector: u8, fired: &mut [u32]) -> u32 {
+        let core = self.backing.handle();
+        let spare = || EventFd::new(EFD_NONBLOCK).ok();
+        let foreign_entry = Irte::new(
+            Target::fixed(self.apic_ids.first().copied().unwrap_or(0), vector),
+            SourceValidation::RequesterId {
+                sid: harness::FOREIGN_SOURCE_ID,
+                qualifier: 0,
+            },
+        );
+        let Some((other, _)) = self.activate(1, |_| foreign_entry) else {
+            return status::HOST_ERROR;
+        };
+        let refused = spare().is_some_and(|f| {
+            core.bind_source(harness::FOREIGN_SOURCE_ID, first, f)
+                .is_err()
+        }) && spare()
+            .is_some_and(|f| core.bind_source(HARNESS_SOURCE_ID, other, f).is_err());
+        self.release(other, 1);
+        if !refused {
+            return status::NOT_DELIVERED;
+        }
+        let write = |e: EntryWrite| core.write(Writer::Requester(HARNESS_SOURCE_ID), &[(first, e)]);
+        let before = self.total(vector);
+        let faults = self.path.faults(first);
+        if write(EntryWrite::Absent).is_err() || fd.write(1).is_err() {
+            return status::HOST_ERROR;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let present = EntryWrite::Entry(self.entry(0, vector));
+        if write(present).is_err() {
+            return status::HOST_ERROR;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if self.total(vector) != before || self.path.faults(first) != faults + 1 {
+            return status::NOT_DELIVERED;
+        }
+        let start = self.counter(0, vector);
+        if fd.write(1).is_err() {
+            return status::HOST_ERROR;
+        }
+        self.count_fired(0, fired);
+        if self.wait_for(|| self.counter(0, vector).wrapping_sub(start) >= 1) {
+            status::OK
+        } else {
+            status::NOT_DELIVERED
+        }
     }
 }
