@@ -1,7 +1,9 @@
 //! The IRTE hypercall as a guest can call it: any call number, requester and arguments,
 //! with batch arrays and their entries taken from guest memory the input fills. Every
-//! call must answer one of the documented statuses; afterwards the data path is raised
-//! for arbitrary entries and requesters.
+//! call must answer one of the documented statuses. Between calls, entries are bound to
+//! and unbound from external eventfds through the core's front door, as an embedder's
+//! device outside the VMM would; a bound eventfd is attached exactly while its entry is
+//! live. Afterwards the data path is raised for arbitrary entries and requesters.
 
 #![no_main]
 
@@ -10,6 +12,7 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vmm::hypercall::{Dispatcher, HypercallHandler};
 use vmm_fuzz::{core, lock, memory, DEVICE_A, DEVICE_B, MAX_OPS};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 #[derive(Arbitrary, Debug)]
 struct Call {
@@ -39,6 +42,7 @@ fuzz_target!(|input: Input| {
         vec![DEVICE_A, DEVICE_B],
         u32::MAX,
     );
+    let handle = core.handle();
     for c in input.calls.iter().take(MAX_OPS) {
         let rcx = match c.requester % 4 {
             0 => u64::from(DEVICE_A),
@@ -51,6 +55,20 @@ fuzz_target!(|input: Input| {
         } else {
             (c.a % 0x4_0000, c.b % 2048)
         };
+        let requester = u16::try_from(rcx).unwrap_or(u16::MAX);
+        let index = u32::try_from(b).unwrap_or(u32::MAX);
+        match c.number % 10 {
+            8 => {
+                let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+                let _ = handle.bind_source(requester, index, fd);
+                continue;
+            }
+            9 => {
+                let _ = handle.unbind_source(requester, index);
+                continue;
+            }
+            _ => {}
+        }
         let mut regs = Registers {
             rax: u64::from(c.number % 8),
             rcx,
@@ -65,6 +83,17 @@ fuzz_target!(|input: Input| {
             "undocumented status {}",
             regs.rax
         );
+    }
+    {
+        let backing = lock(&core);
+        for index in 0..backing.limits().table_size {
+            if let Some((requester, attached)) = backing.binding(index) {
+                assert_eq!(backing.owner(index).map(|o| o.0), Some(requester));
+                let live = irq::irte::Irte::decode(backing.table().raw(index).unwrap(), true)
+                    .is_ok_and(|e| e.present && e.validation.allows(requester));
+                assert_eq!(attached.is_some(), live, "entry {index}");
+            }
+        }
     }
     let path = lock(&core).path();
     for &(index, sid) in input.signals.iter().take(MAX_OPS) {
