@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use hypercall::abi::{alloc, batch, call, features, status, target, VERSION};
-use hypercall::{cpuid, platform};
+use irvm_hypercall::abi::{alloc, batch, call, features, status, target, VERSION};
+use irvm_hypercall::{cpuid, platform};
 
 fn header() -> BTreeMap<String, u64> {
     let path = concat!(
