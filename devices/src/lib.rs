@@ -35,6 +35,7 @@ pub mod debug_exit;
 pub mod harness;
 pub mod ims;
 pub mod ioapic;
+pub mod memory;
 pub mod pci;
 pub mod restore;
 pub mod serial;

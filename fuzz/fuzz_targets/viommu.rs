@@ -30,7 +30,11 @@ struct Input {
 fuzz_target!(|input: Input| {
     let mem = memory(&input.memory);
     let core = core(u32::from(input.live));
-    let vtd = Arc::new(Mutex::new(Vtd::new(core.handle(), mem, Arc::new(Sink))));
+    let vtd = Arc::new(Mutex::new(Vtd::new(
+        core.handle(),
+        Arc::new(vm_memory::GuestMemoryAtomic::new(mem)),
+        Arc::new(Sink),
+    )));
     let path = lock(&core).path();
     path.set_fault_sink(WeakVtd::to(&vtd));
     core.set_mirror(WeakVtd::to(&vtd));

@@ -42,7 +42,9 @@ use irq::irte::Irte;
 use irq::port::MsiInjector;
 use irq::remap::Fault;
 use irq::MsiMessage;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+use crate::memory::{write_obj, SharedRam};
 
 use crate::bus::BusDevice;
 use regs::{event, fsts, global};
@@ -157,7 +159,7 @@ pub struct Vtd {
     core: CoreHandle,
     /// The core's table size (fixed when the core is made).
     core_size: u32,
-    mem: GuestMemoryMmap,
+    mem: SharedRam,
     events: Arc<dyn MsiInjector>,
 }
 
@@ -202,7 +204,7 @@ impl Vtd {
     /// A unit over the interrupt core `core`, reading the guest's tables from `mem` and sending its own
     /// event interrupts through `events`. Interrupt remapping starts disabled, so
     /// compatibility-format interrupts pass.
-    pub fn new(core: CoreHandle, mem: GuestMemoryMmap, events: Arc<dyn MsiInjector>) -> Self {
+    pub fn new(core: CoreHandle, mem: SharedRam, events: Arc<dyn MsiInjector>) -> Self {
         // Setting a flag cannot fail.
         let _ = core.configure(Setting::BlockCompatibility(false));
         Self {
@@ -228,7 +230,7 @@ impl Vtd {
     /// A state no unit could be in; nothing is built.
     pub fn restore(
         core: CoreHandle,
-        mem: GuestMemoryMmap,
+        mem: SharedRam,
         events: Arc<dyn MsiInjector>,
         state: VtdSnapshot,
     ) -> Result<Self, VtdRestoreError> {
@@ -542,9 +544,7 @@ impl Vtd {
             }
         };
         // The table is the guest's memory; if it is not RAM the guest sees nothing.
-        let _ = self
-            .mem
-            .write_obj(raw, GuestAddress(base + 16 * u64::from(index)));
+        let _ = write_obj(&*self.mem, raw, GuestAddress(base + 16 * u64::from(index)));
     }
 }
 

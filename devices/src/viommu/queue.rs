@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
 use super::descriptor::{Descriptor, IecScope};
 use super::regs::{self, event, fsts, global};
 use super::{msi, Vtd};
+use crate::memory::{read_obj, write_obj};
 use irq::control::{EntryWrite, Writer};
 use irq::irte::Irte;
 
@@ -33,7 +34,7 @@ impl Vtd {
         let mut loaded = Loaded::default();
         while self.state.iqh != self.state.iqt {
             let at = base + self.state.iqh;
-            let Ok(d) = self.mem.read_obj::<[u64; 2]>(GuestAddress(at)) else {
+            let Ok(d) = read_obj::<[u64; 2]>(&*self.mem, GuestAddress(at)) else {
                 self.queue_error();
                 break;
             };
@@ -89,7 +90,7 @@ impl Vtd {
                 // A wait completes after everything before it.
                 self.apply(staged);
                 if let Some((address, data)) = status_write {
-                    if self.mem.write_obj(data, GuestAddress(address)).is_err() {
+                    if write_obj(&*self.mem, data, GuestAddress(address)).is_err() {
                         return false;
                     }
                 }
@@ -114,9 +115,7 @@ impl Vtd {
             return [0, 0];
         };
         self.counters.entries_loaded += 1;
-        let Ok(raw) = self
-            .mem
-            .read_obj::<[u64; 2]>(GuestAddress(base + 16 * u64::from(index)))
+        let Ok(raw) = read_obj::<[u64; 2]>(&*self.mem, GuestAddress(base + 16 * u64::from(index)))
         else {
             // Unreadable table memory: the entry faults when used (as 0x24: a hardware
             // table-access error would be 0x23, recorded when the request comes).

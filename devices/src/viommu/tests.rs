@@ -12,6 +12,7 @@ use irq::irte::SourceValidation;
 use irq::msi::Target;
 use irq::remap::FaultReason;
 use irq::Irqchip;
+use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::regs::desc;
 use super::testing::FakeDriver;
@@ -50,7 +51,7 @@ impl Rig {
         let injected = Arc::new(Injected::default());
         let unit = Arc::new(Mutex::new(Vtd::new(
             core.handle(),
-            mem.clone(),
+            Arc::new(GuestMemoryAtomic::new(mem.clone())),
             injected.clone(),
         )));
         path.set_fault_sink(WeakVtd::to(&unit));
@@ -417,9 +418,10 @@ fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
     assert!(state.frcd.iter().any(|r| r[1] >> 63 != 0), "{state:?}");
     assert!(state.table.is_some());
     let restored_core = || irq::fake::restored_core(&core).unwrap().0.handle();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let events: Arc<dyn MsiInjector> = Arc::new(Injected::default());
-    let unit = Vtd::restore(restored_core(), mem.clone(), events.clone(), state.clone()).unwrap();
+    let ram: crate::memory::SharedRam = Arc::new(GuestMemoryAtomic::new(mem));
+    let unit = Vtd::restore(restored_core(), ram.clone(), events.clone(), state.clone()).unwrap();
     assert_eq!(unit.snapshot(), state);
     let tamper: [fn(&mut VtdSnapshot); 4] = [
         |s| s.iqh = 8,
@@ -430,7 +432,7 @@ fn a_unit_restores_from_its_state_and_tampered_states_are_refused() {
     for edit in tamper {
         let mut bad = state.clone();
         edit(&mut bad);
-        Vtd::restore(restored_core(), mem.clone(), events.clone(), bad).unwrap_err();
+        Vtd::restore(restored_core(), ram.clone(), events.clone(), bad).unwrap_err();
     }
 }
 

@@ -229,13 +229,14 @@ fn build_vtd(
     config: &VmConfig,
     core: &SharedBacking,
     vm: &Arc<VmFd>,
-    mem: &GuestMemoryMmap,
+    space: &DefaultMemory,
     saved: Option<&VmSnapshot>,
 ) -> Result<Arc<Mutex<Vtd>>, VmError> {
     let injector: Arc<dyn MsiInjector> = Arc::new(KvmRouting::new(vm.clone()));
+    let ram: SharedRam = Arc::new(space.clone());
     let vtd = match saved {
-        None => Vtd::new(core.handle(), mem.clone(), injector.clone()),
-        Some(s) => Vtd::restore(core.handle(), mem.clone(), injector.clone(), s.vtd.clone())
+        None => Vtd::new(core.handle(), ram, injector.clone()),
+        Some(s) => Vtd::restore(core.handle(), ram, injector.clone(), s.vtd.clone())
             .map_err(SnapshotError::from)?,
     };
     let vtd = Arc::new(Mutex::new(vtd));
@@ -476,12 +477,14 @@ impl<'a> Vm<'a> {
         let vm = create_vm(&host.kvm, config)?;
         let mem = memory::allocate(config.machine.memory)?;
         memory::register(&vm, &mem)?;
+        // What the devices and the dispatcher see of guest memory: the same regions.
+        let space = DefaultMemory::new(mem.clone());
         let loaded = load(config, start, &vm, &mem)?;
         let saved = loaded.saved.as_deref();
 
         let (backing, injected_faults) = build_core(config, &vm, saved)?;
         let table_size = backing.lock().limits().table_size;
-        let vtd = build_vtd(config, &backing, &vm, &mem, saved)?;
+        let vtd = build_vtd(config, &backing, &vm, &space, saved)?;
         let ioapic = build_ioapic(&backing, saved)?;
         let (events, event_rx) = mpsc::channel();
         let serial = build_serial(config, &ioapic, console, &events, saved)?;

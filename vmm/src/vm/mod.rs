@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use devices::debug_exit::{DebugExit, ExitSink};
 use devices::harness::HarnessDoorbell;
 use devices::ioapic::{self, IoApic, RemappingOutput};
+use devices::memory::{DefaultMemory, SharedRam};
 use devices::serial::{IrqLine, SerialConsole};
 use devices::viommu::{self, Vtd, VtdDevice, WeakVtd};
 use hypercall::boot::BootInfo;
