@@ -61,7 +61,12 @@ fuzz_target!(|input: Input| {
     let mem = memory(&input.memory);
     let core = core(u32::from(input.live));
     let path = lock(&core).path();
-    let Ok(mut dev) = ImsQueues::new(u32::from(input.contexts), DEVICE_A, path, mem) else {
+    let Ok(mut dev) = ImsQueues::new(
+        u32::from(input.contexts),
+        DEVICE_A,
+        path,
+        vm_memory::GuestMemoryAtomic::new(mem),
+    ) else {
         return;
     };
     dev.set_timeout(Duration::from_millis(u64::from(input.timeout_ms)));

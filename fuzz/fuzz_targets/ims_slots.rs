@@ -66,7 +66,7 @@ fuzz_target!(|input: Input| {
         u32::from(input.queues),
         DEVICE_A,
         path,
-        mem,
+        vm_memory::GuestMemoryAtomic::new(mem),
     ) else {
         return;
     };

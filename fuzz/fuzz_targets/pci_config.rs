@@ -63,8 +63,14 @@ fuzz_target!(|input: Input| {
     let path = lock(&core).path();
     let mut root = PciRoot::new();
     let (Ok(slots), Ok(queues)) = (
-        ImsSlots::new(64, 8, DEVICE_A, path.clone(), mem.clone()),
-        ImsQueues::new(8, DEVICE_B, path, mem),
+        ImsSlots::new(
+            64,
+            8,
+            DEVICE_A,
+            path.clone(),
+            vm_memory::GuestMemoryAtomic::new(mem.clone()),
+        ),
+        ImsQueues::new(8, DEVICE_B, path, vm_memory::GuestMemoryAtomic::new(mem)),
     ) else {
         return;
     };

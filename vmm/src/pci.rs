@@ -15,7 +15,7 @@ use devices::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot, RootSnapshot, Shar
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use irq::backing::InterruptPath;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use devices::memory::DefaultMemory;
 
 use crate::bus::BusError;
 use crate::config::{DeviceConfig, DeviceKind};
@@ -167,7 +167,7 @@ impl PciDevices {
     pub fn new(
         devices: &[DeviceConfig],
         path: &Arc<InterruptPath>,
-        mem: &GuestMemoryMmap,
+        mem: &DefaultMemory,
     ) -> Result<Self, PciError> {
         let origins = devices.iter().map(|d| (*d, Origin::New)).collect();
         Self::build(origins, None, path, mem)
@@ -183,7 +183,7 @@ impl PciDevices {
         devices: &[DeviceConfig],
         snap: &PciSnapshot,
         path: &Arc<InterruptPath>,
-        mem: &GuestMemoryMmap,
+        mem: &DefaultMemory,
     ) -> Result<Self, PciError> {
         let refuse = |device: String, why: &'static str| PciError::Restore {
             device,
@@ -208,7 +208,7 @@ impl PciDevices {
         devices: Vec<(DeviceConfig, Origin<'_>)>,
         root_snap: Option<&RootSnapshot>,
         path: &Arc<InterruptPath>,
-        mem: &GuestMemoryMmap,
+        mem: &DefaultMemory,
     ) -> Result<Self, PciError> {
         let mut root = PciRoot::new();
         let mut events: Loop = EventManager::new().map_err(other)?;

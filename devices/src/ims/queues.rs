@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use irq::backing::InterruptPath;
 use irq::MsiMessage;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::memory::{AddressSpace, DefaultMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
@@ -82,8 +84,8 @@ pub struct QueueStats {
 }
 
 /// The queue-memory IMS device.
-#[derive(Debug)]
-pub struct ImsQueues {
+/// The queue-memory device, over guest memory `M`.
+pub struct ImsQueues<M: AddressSpace = DefaultMemory> {
     config: ConfigSpace,
     msix_cap: usize,
     msix: Msix,
@@ -105,11 +107,22 @@ pub struct ImsQueues {
     notified: BTreeSet<u32>,
     requester: u16,
     path: Arc<InterruptPath>,
-    mem: GuestMemoryMmap,
+    mem: M,
     kick: EventFd,
 }
 
-impl ImsQueues {
+impl<M: AddressSpace> std::fmt::Debug for ImsQueues<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImsQueues")
+            .field("contexts", &self.contexts.len())
+            .field("requester", &self.requester)
+            .field("status", &self.status)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: AddressSpace> ImsQueues<M> {
     /// A device with `contexts` queue contexts (1 to [`MAX_CONTEXTS`]) raising interrupts
     /// through `path` as `requester`.
     ///
@@ -119,7 +132,7 @@ impl ImsQueues {
         contexts: u32,
         requester: u16,
         path: Arc<InterruptPath>,
-        mem: GuestMemoryMmap,
+        mem: M,
     ) -> std::io::Result<Self> {
         let contexts = contexts.clamp(1, MAX_CONTEXTS);
         let mut config = ConfigSpace::new(VENDOR_ID, DEVICE_ID, [0x08, 0x80, 0x00], 1);
@@ -203,11 +216,11 @@ impl ImsQueues {
     }
 
     fn read_u32(&self, at: u64) -> Option<u32> {
-        self.mem.read_obj(GuestAddress(at)).ok()
+        self.mem.memory().read_obj(GuestAddress(at)).ok()
     }
 
     fn read_u64(&self, at: u64) -> Option<u64> {
-        self.mem.read_obj(GuestAddress(at)).ok()
+        self.mem.memory().read_obj(GuestAddress(at)).ok()
     }
 
     /// Stops everything, as after a timeout: the guest sees `STATUS.RESET` and, if
@@ -245,6 +258,7 @@ impl ImsQueues {
             }
             let _ = self
                 .mem
+                .memory()
                 .write_obj(1u32, GuestAddress(address + context::PENDING));
             return;
         }
@@ -254,7 +268,7 @@ impl ImsQueues {
     /// A notified context: deliver a pending interrupt the guest has unmasked since, and
     /// take its new work.
     fn take_work(&mut self, id: u32, now: Instant) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let Some(Some(ctx)) = self.contexts.get_mut(id as usize) else {
             return;
         };
@@ -270,7 +284,7 @@ impl ImsQueues {
         // writes an avail index far ahead, or keeps moving it, cannot make one
         // notification do unbounded work.
         for _ in 0..super::room(&ctx.queue) {
-            let Some(chain) = ctx.queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = ctx.queue.pop_descriptor_chain(&*mem) else {
                 break;
             };
             self.deferred.push(id, chain.head_index(), self.delay, now);
@@ -284,7 +298,7 @@ impl ImsQueues {
         let Some(Some(ctx)) = self.contexts.get_mut(id as usize) else {
             return;
         };
-        if ctx.queue.add_used(&self.mem, head, 0).is_err() {
+        if ctx.queue.add_used(&*self.mem.memory(), head, 0).is_err() {
             return;
         }
         self.stats.completions += 1;
@@ -300,7 +314,7 @@ impl ImsQueues {
     fn load_context(&self, address: u64) -> Result<Running, u32> {
         let bad = command::BAD_CONTEXT;
         // Aligned and wholly in RAM: every field address below is then in RAM too.
-        let whole = self.mem.check_range(
+        let whole = self.mem.memory().check_range(
             GuestAddress(address),
             usize::try_from(context::SIZE).unwrap_or(usize::MAX),
             vm_memory::Permissions::ReadWrite,
@@ -342,13 +356,14 @@ impl ImsQueues {
             .try_set_used_ring_address(GuestAddress(used))
             .map_err(|_| bad)?;
         queue.set_ready(true);
-        if !queue.is_valid(&self.mem) {
+        if !queue.is_valid(&*self.mem.memory()) {
             return Err(bad);
         }
         // The device picks up where the used ring stands: work made available while the
         // queue was stopped runs now, completed work does not run again.
         let used: u16 = self
             .mem
+            .memory()
             .read_obj(GuestAddress(used.checked_add(2).ok_or(bad)?))
             .map_err(|_| bad)?;
         queue.set_next_avail(used);
@@ -364,6 +379,7 @@ impl ImsQueues {
     fn finish_command(&mut self, entry: u64, status: u32) {
         let _ = self
             .mem
+            .memory()
             .write_obj(status, GuestAddress(entry + command::STATUS));
         self.admin_head = self.admin_head.wrapping_add(1);
         self.stats.commands += 1;
@@ -532,7 +548,7 @@ impl ImsQueues {
                 let bytes = u64::from(self.admin_size) * command::SIZE;
                 let fits = size_ok
                     && self.admin_base % command::SIZE == 0
-                    && self.mem.check_range(
+                    && self.mem.memory().check_range(
                         GuestAddress(self.admin_base),
                         usize::try_from(bytes).unwrap_or(usize::MAX),
                         vm_memory::Permissions::ReadWrite,
@@ -565,7 +581,7 @@ impl ImsQueues {
     }
 }
 
-impl super::ImsEngine for ImsQueues {
+impl<M: AddressSpace> super::ImsEngine for ImsQueues<M> {
     fn kick_fd(&self) -> std::io::Result<EventFd> {
         self.kick.try_clone()
     }
@@ -575,7 +591,7 @@ impl super::ImsEngine for ImsQueues {
     }
 }
 
-impl PciFunction for ImsQueues {
+impl<M: AddressSpace> PciFunction for ImsQueues<M> {
     fn config(&self) -> &ConfigSpace {
         &self.config
     }
@@ -612,6 +628,7 @@ impl PciFunction for ImsQueues {
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
     use irq::control::InterruptControl;
     use irq::fake::FakeCore;
     use virtio_queue::desc::split::Descriptor;
@@ -632,7 +649,7 @@ mod tests {
 
     fn rig() -> Rig {
         let (backing, _, mem) = super::super::testing::core(DEV, &[(3, 0, 0x41), (4, 0, 0x42)]);
-        let dev = ImsQueues::new(8, DEV, backing.path(), mem.clone()).unwrap();
+        let dev = ImsQueues::new(8, DEV, backing.path(), GuestMemoryAtomic::new(mem.clone())).unwrap();
         Rig { dev, backing, mem }
     }
 
@@ -878,7 +895,7 @@ mod tests {
         assert_eq!((snap.running.len(), snap.deferred.len()), (1, 2));
 
         let now = Instant::now();
-        let mut new = ImsQueues::restore(DEV, path.clone(), mem.clone(), &snap, now).unwrap();
+        let mut new = ImsQueues::restore(DEV, path.clone(), GuestMemoryAtomic::new(mem.clone()), &snap, now).unwrap();
         assert_eq!(
             new.snapshot(now),
             snap,
@@ -906,7 +923,7 @@ mod tests {
         for edit in tampered {
             let mut bad = snap.clone();
             edit(&mut bad);
-            ImsQueues::restore(DEV, path.clone(), mem.clone(), &bad, now).unwrap_err();
+            ImsQueues::restore(DEV, path.clone(), GuestMemoryAtomic::new(mem.clone()), &bad, now).unwrap_err();
         }
     }
 

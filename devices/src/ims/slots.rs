@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use irq::backing::InterruptPath;
 use irq::MsiMessage;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::{AddressSpace, DefaultMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::config::{Bar, ConfigChange, ConfigSpace};
@@ -57,9 +59,8 @@ struct WorkQueue {
     slot: u32,
 }
 
-/// The device state shared by the bus side and the backend.
-#[derive(Debug)]
-pub struct ImsSlots {
+/// The device state shared by the bus side and the backend, over guest memory `M`.
+pub struct ImsSlots<M: AddressSpace = DefaultMemory> {
     config: ConfigSpace,
     slots: Vec<Slot>,
     queues: Vec<WorkQueue>,
@@ -69,7 +70,7 @@ pub struct ImsSlots {
     completions: u64,
     requester: u16,
     path: Arc<InterruptPath>,
-    mem: GuestMemoryMmap,
+    mem: M,
     notified: BTreeSet<u32>,
     kick: EventFd,
     faults: u64,
@@ -82,7 +83,19 @@ fn u32_of(data: &[u8]) -> u32 {
     crate::bus::le_u32(data)
 }
 
-impl ImsSlots {
+impl<M: AddressSpace> std::fmt::Debug for ImsSlots<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImsSlots")
+            .field("slots", &self.slots.len())
+            .field("queues", &self.queues.len())
+            .field("requester", &self.requester)
+            .field("status", &self.status)
+            .field("completions", &self.completions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: AddressSpace> ImsSlots<M> {
     /// A device with `slots` slots (1 to [`MAX_SLOTS`]) and `queues` work queues, raising
     /// interrupts through `path` as `requester`.
     ///
@@ -93,7 +106,7 @@ impl ImsSlots {
         queues: u32,
         requester: u16,
         path: Arc<InterruptPath>,
-        mem: GuestMemoryMmap,
+        mem: M,
     ) -> std::io::Result<Self> {
         let slots = slots.clamp(1, MAX_SLOTS);
         let queues = queues.clamp(1, slots);
@@ -307,7 +320,7 @@ impl ImsSlots {
     /// longer touches its rings.
     fn set_ready(&mut self, ready: bool) {
         let index = self.select;
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let Some(q) = self.selected() else {
             return;
         };
@@ -322,7 +335,7 @@ impl ImsSlots {
         // The queue's checks apply to a queue marked ready.
         q.queue.set_ready(true);
         // An available ring at 0 would never yield work (the queue reads it as unset).
-        let valid = q.queue.is_valid(&mem) && q.queue.avail_ring() != 0;
+        let valid = q.queue.is_valid(&*mem) && q.queue.avail_ring() != 0;
         let used = valid
             .then(|| q.queue.used_ring())
             .and_then(|at| mem.read_obj::<u16>(GuestAddress(at.checked_add(2)?)).ok());
@@ -363,6 +376,7 @@ impl ImsSlots {
     /// the used ring and raises its queue's slot. Returns the completions made.
     pub fn process(&mut self, now: Instant) -> u64 {
         let notified = std::mem::take(&mut self.notified);
+        let mem = self.mem.memory();
         for index in notified {
             let Some(q) = self.queues.get_mut(index as usize) else {
                 continue;
@@ -372,7 +386,7 @@ impl ImsSlots {
             }
             // At most a queue's worth in flight: bounded work per notification.
             for _ in 0..super::room(&q.queue) {
-                let Some(chain) = q.queue.pop_descriptor_chain(&self.mem) else {
+                let Some(chain) = q.queue.pop_descriptor_chain(&*mem) else {
                     break;
                 };
                 self.deferred
@@ -392,7 +406,7 @@ impl ImsSlots {
         let Some(q) = self.queues.get_mut(index as usize) else {
             return false;
         };
-        if q.queue.add_used(&self.mem, head, 0).is_err() {
+        if q.queue.add_used(&*self.mem.memory(), head, 0).is_err() {
             self.status |= STATUS_QUEUE_ERROR;
             return false;
         }
@@ -403,7 +417,7 @@ impl ImsSlots {
     }
 }
 
-impl super::ImsEngine for ImsSlots {
+impl<M: AddressSpace> super::ImsEngine for ImsSlots<M> {
     fn kick_fd(&self) -> std::io::Result<EventFd> {
         self.kick.try_clone()
     }
@@ -414,7 +428,7 @@ impl super::ImsEngine for ImsSlots {
     }
 }
 
-impl PciFunction for ImsSlots {
+impl<M: AddressSpace> PciFunction for ImsSlots<M> {
     fn config(&self) -> &ConfigSpace {
         &self.config
     }
@@ -441,6 +455,7 @@ impl PciFunction for ImsSlots {
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
     use irq::control::InterruptControl;
     use irq::fake::FakeCore;
     use irq::fake::FakeRouting;
@@ -461,7 +476,7 @@ mod tests {
 
     fn rig() -> Rig {
         let (backing, kvm, mem) = super::super::testing::core(DEV, &[(7, 1, 0x40)]);
-        let dev = ImsSlots::new(64, 4, DEV, backing.path(), mem.clone()).unwrap();
+        let dev = ImsSlots::new(64, 4, DEV, backing.path(), GuestMemoryAtomic::new(mem.clone())).unwrap();
         Rig {
             dev,
             backing,
@@ -540,7 +555,7 @@ mod tests {
     #[test]
     fn another_devices_entry_is_a_fault_not_a_delivery() {
         let rig = rig();
-        let mut other = ImsSlots::new(4, 1, 0x0020, rig.backing.path(), rig.mem.clone()).unwrap();
+        let mut other = ImsSlots::new(4, 1, 0x0020, rig.backing.path(), GuestMemoryAtomic::new(rig.mem.clone())).unwrap();
         program_slot(&mut other, 0, MsiMessage::remappable(7, None), false);
         other.raise(0);
         assert_eq!(other.faults(), 1);
@@ -611,7 +626,7 @@ mod tests {
 
         let path = rig.backing.path();
         let now = Instant::now();
-        let mut new = ImsSlots::restore(DEV, path.clone(), rig.mem.clone(), &snap, now).unwrap();
+        let mut new = ImsSlots::restore(DEV, path.clone(), GuestMemoryAtomic::new(rig.mem.clone()), &snap, now).unwrap();
         assert_eq!(
             new.snapshot(now),
             snap,
@@ -641,7 +656,7 @@ mod tests {
         for edit in tampered {
             let mut bad = snap.clone();
             edit(&mut bad);
-            ImsSlots::restore(DEV, path.clone(), rig.mem.clone(), &bad, now).unwrap_err();
+            ImsSlots::restore(DEV, path.clone(), GuestMemoryAtomic::new(rig.mem.clone()), &bad, now).unwrap_err();
         }
     }
 

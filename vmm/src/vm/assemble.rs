@@ -490,8 +490,8 @@ impl<'a> Vm<'a> {
         let serial = build_serial(config, &ioapic, console, &events, saved)?;
         let path = backing.path();
         let pci = match saved {
-            None => PciDevices::new(&config.machine.devices, &path, &mem)?,
-            Some(s) => PciDevices::restore(&config.machine.devices, &s.pci, &path, &mem)?,
+            None => PciDevices::new(&config.machine.devices, &path, &space)?,
+            Some(s) => PciDevices::restore(&config.machine.devices, &s.pci, &path, &space)?,
         };
         let (rings, ring_rx) = mpsc::sync_channel(1);
         let buses = build_buses(config, (&serial, &vtd, &ioapic), &pci, &events, &rings)?;

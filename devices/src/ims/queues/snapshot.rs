@@ -9,12 +9,12 @@ use irq::backing::InterruptPath;
 use irq::MsiMessage;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{
     ImsQueues, QueueStats, Running, Waiting, MAX_ADMIN_SIZE, MAX_CONTEXTS, MAX_QUEUE_SIZE,
 };
 use crate::ims::snapshot::{QueueSnapshot, RestoreError};
+use crate::memory::AddressSpace;
 use crate::pci::msix::{Msix, MsixSnapshot};
 
 /// One running queue context.
@@ -91,7 +91,7 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-impl ImsQueues {
+impl<M: AddressSpace> ImsQueues<M> {
     /// The device's state at `now`.
     #[must_use]
     pub fn snapshot(&self, now: Instant) -> QueuesSnapshot {
@@ -140,7 +140,7 @@ impl ImsQueues {
     pub fn restore(
         requester: u16,
         path: std::sync::Arc<InterruptPath>,
-        mem: GuestMemoryMmap,
+        mem: M,
         snap: &QueuesSnapshot,
         now: Instant,
     ) -> Result<Self, RestoreError> {

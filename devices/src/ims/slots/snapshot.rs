@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use irq::backing::InterruptPath;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 use super::{ImsSlots, Slot, MAX_QUEUE_SIZE};
 use crate::ims::snapshot::{QueueSnapshot, RestoreError};
+use crate::memory::AddressSpace;
 
 /// The device's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +39,7 @@ pub struct SlotsSnapshot {
     pub deferred: Vec<(u32, u16, u64)>,
 }
 
-impl ImsSlots {
+impl<M: AddressSpace> ImsSlots<M> {
     /// The device's state at `now`.
     #[must_use]
     pub fn snapshot(&self, now: Instant) -> SlotsSnapshot {
@@ -70,7 +70,7 @@ impl ImsSlots {
     pub fn restore(
         requester: u16,
         path: std::sync::Arc<InterruptPath>,
-        mem: GuestMemoryMmap,
+        mem: M,
         snap: &SlotsSnapshot,
         now: Instant,
     ) -> Result<Self, RestoreError> {
