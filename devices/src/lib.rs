@@ -32,6 +32,7 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod dispatch;
 pub mod harness;
 pub mod ims;
 pub mod ioapic;

@@ -10,7 +10,7 @@
 use hypercall::abi::{status, Registers};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vmm::hypercall::{Dispatcher, HypercallHandler};
+use devices::dispatch::{Dispatcher, HypercallHandler};
 use vmm_fuzz::{core, lock, memory, DEVICE_A, DEVICE_B, MAX_OPS};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -37,7 +37,7 @@ fuzz_target!(|input: Input| {
     let core = core(u32::from(input.live));
     let d = Dispatcher::new(
         core.handle(),
-        mem,
+        std::sync::Arc::new(vm_memory::GuestMemoryAtomic::new(mem)),
         vec![0, 1],
         vec![DEVICE_A, DEVICE_B],
         u32::MAX,

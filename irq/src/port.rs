@@ -7,6 +7,9 @@
 //!   are kept by [`crate::routes::RouteTable`].
 //! - [`MsiInjector`]: one MSI injected directly (`KVM_SIGNAL_MSI`).
 //! - [`KvmRouting`]: both, over a `VmFd`.
+//! - [`DoorbellVcpu`]: a vCPU stopped at a port-I/O exit, as the IRTE hypercall's doorbell
+//!   needs it (complete the `out`, then read and write the call's registers); implemented
+//!   for `kvm_ioctls::VcpuFd`.
 //! - [`FaultInjecting`]: test machinery in front of a backend, whose next calls fail on
 //!   request; a VM built without it has no injection on its routing path.
 
@@ -18,7 +21,7 @@ use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting,
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::msi::MsiMessage;
@@ -224,4 +227,51 @@ pub trait MsiInjector: Send + Sync {
     /// # Errors
     /// The kernel's error.
     fn inject(&self, msg: &MsiMessage) -> std::io::Result<()>;
+}
+
+/// A vCPU stopped at the port-I/O exit of a doorbell `out` (the IRTE hypercall).
+///
+/// The order is the rule: KVM still holds the `out` when `KVM_RUN` returns, and registers
+/// may only be changed once it is complete; [`Self::complete_io`] completes it without
+/// running a guest instruction, then [`Self::exchange_call_registers`] reads the call's
+/// registers and writes back the answer.
+pub trait DoorbellVcpu {
+    /// Completes the pending port access without running a guest instruction (KVM:
+    /// `KVM_RUN` with `immediate_exit` set, which answers `EINTR`).
+    ///
+    /// # Errors
+    /// The kernel's error.
+    fn complete_io(&mut self) -> io::Result<()>;
+
+    /// Reads RAX, RCX, RSI, RDI, R8 and R9 (in that order), lets `call` change them, and
+    /// writes back RAX, RSI, RDI, R8 and R9 (RCX and every other register keep their
+    /// values): one read and one write of the registers.
+    ///
+    /// # Errors
+    /// The kernel's error; nothing is written when the read fails.
+    fn exchange_call_registers(&mut self, call: &mut dyn FnMut(&mut [u64; 6])) -> io::Result<()>;
+}
+
+impl DoorbellVcpu for VcpuFd {
+    fn complete_io(&mut self) -> io::Result<()> {
+        self.set_kvm_immediate_exit(1);
+        let completed = self.run().map(|_| ());
+        self.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() != libc::EINTR && e.errno() != libc::EAGAIN => {
+                Err(io::Error::from_raw_os_error(e.errno()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn exchange_call_registers(&mut self, call: &mut dyn FnMut(&mut [u64; 6])) -> io::Result<()> {
+        let kernel = |e: kvm_ioctls::Error| io::Error::from_raw_os_error(e.errno());
+        let mut r = self.get_regs().map_err(kernel)?;
+        let mut regs = [r.rax, r.rcx, r.rsi, r.rdi, r.r8, r.r9];
+        call(&mut regs);
+        let [rax, _, rsi, rdi, r8, r9] = regs;
+        (r.rax, r.rsi, r.rdi, r.r8, r.r9) = (rax, rsi, rdi, r8, r9);
+        self.set_regs(&r).map_err(kernel)
+    }
 }

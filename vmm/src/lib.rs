@@ -32,7 +32,6 @@ pub mod config;
 pub mod cpuid;
 pub mod exit;
 pub mod harness;
-pub mod hypercall;
 pub mod layout;
 pub mod linux;
 pub mod loader;

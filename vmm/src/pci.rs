@@ -11,11 +11,11 @@ use devices::ims::queues::{ImsQueues, QueuesSnapshot};
 use devices::ims::slots::{ImsSlots, SlotsSnapshot};
 use devices::ims::snapshot::RestoreError;
 use devices::ims::{ImsBackend, ImsEngine};
+use devices::memory::DefaultMemory;
 use devices::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use irq::backing::InterruptPath;
 use serde::{Deserialize, Serialize};
-use devices::memory::DefaultMemory;
 
 use crate::bus::BusError;
 use crate::config::{DeviceConfig, DeviceKind};

@@ -104,7 +104,7 @@ pub struct RunReport {
     /// The interrupt core's control-path counters at the end of the run.
     pub remap_stats: irq::backing::BackingStats,
     /// What the hypercall dispatcher handled.
-    pub hypercalls: crate::hypercall::HypercallStats,
+    pub hypercalls: devices::dispatch::HypercallStats,
     /// What each PCI device did.
     pub devices: Vec<crate::pci::DeviceReport>,
     /// What storm control did.
@@ -405,7 +405,7 @@ mod tests {
             harness_fired: vec![50, 50],
             remap_faults: vec![],
             remap_stats: irq::backing::BackingStats::default(),
-            hypercalls: crate::hypercall::HypercallStats::default(),
+            hypercalls: devices::dispatch::HypercallStats::default(),
             devices: vec![crate::pci::DeviceReport {
                 device: crate::config::DeviceConfig::defaults()[1],
                 completions: 7,

@@ -20,7 +20,7 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{handle_exit, Action, Buses, ExitCounters, StopReason};
-use crate::hypercall::HypercallHandler;
+use devices::dispatch::HypercallHandler;
 
 /// What vCPU threads and devices tell the controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,45 +196,12 @@ fn complete_pending(vcpu: &mut VcpuFd) {
     vcpu.set_kvm_immediate_exit(0);
 }
 
-/// Handles a doorbell ring. The `out` is still pending in KVM, and registers may only be
-/// changed once it is complete: re-entering with `immediate_exit` set completes it
-/// without running a guest instruction (KVM API, "KVM_RUN"). Returns the call number.
-/// A ring of the wrong width (`call` false) is answered `UNSUPPORTED` and nothing else.
+/// Handles a doorbell ring through the library's helper (which completes the pending
+/// `out` before it touches registers). Returns the call number. A ring of the wrong width
+/// (`call` false) is answered `UNSUPPORTED` and nothing else.
 fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared, call: bool) -> Result<u32, StopReason> {
-    let failed = |e: kvm_ioctls::Error| StopReason::RunFailed(e.to_string());
-    vcpu.set_kvm_immediate_exit(1);
-    let completed = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
-    match completed {
-        Err(e) if e.errno() != libc::EINTR && e.errno() != libc::EAGAIN => return Err(failed(e)),
-        _ => {}
-    }
-    let mut regs = vcpu.get_regs().map_err(failed)?;
-    let regs_number = regs.rax & 0xffff_ffff;
-    let is_call = call;
-    let mut call = hypercall::abi::Registers {
-        rax: regs.rax,
-        rcx: regs.rcx,
-        rsi: regs.rsi,
-        rdi: regs.rdi,
-        r8: regs.r8,
-        r9: regs.r9,
-    };
-    match &shared.hypercalls {
-        Some(handler) if is_call => handler.call(&mut call),
-        Some(handler) => {
-            handler.refused();
-            call.rax = hypercall::abi::status::UNSUPPORTED;
-        }
-        None => call.rax = hypercall::abi::status::UNSUPPORTED,
-    }
-    regs.rax = call.rax;
-    regs.rsi = call.rsi;
-    regs.rdi = call.rdi;
-    regs.r8 = call.r8;
-    regs.r9 = call.r9;
-    vcpu.set_regs(&regs).map_err(failed)?;
-    Ok(u32::try_from(regs_number).unwrap_or(u32::MAX))
+    devices::dispatch::answer_doorbell(vcpu, shared.hypercalls.as_deref(), call)
+        .map_err(|e| StopReason::RunFailed(e.to_string()))
 }
 
 /// Adds what KVM can still tell about a stopped vCPU (RIP, internal-error detail).

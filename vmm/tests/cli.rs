@@ -47,7 +47,7 @@ fn run_with_no_arguments_boots_the_test_guest() {
     assert!(stdout.contains("vmm: interrupts  vCPU 0: "), "{stdout}");
     assert!(stdout.contains("(counted by the guest)"), "{stdout}");
     assert!(
-        stdout.contains("vmm: IR faults   1 x 0x21, 4 x 0x22, 1 x 0x24, 2 x 0x25, 13 x 0x26"),
+        stdout.contains("vmm: IR faults   1 x 0x21, 6 x 0x22, 1 x 0x24, 2 x 0x25, 13 x 0x26"),
         "{stdout}"
     );
     assert!(stdout.contains("vmm: hypercalls  query"), "{stdout}");

@@ -628,12 +628,12 @@ impl<M: AddressSpace> PciFunction for ImsQueues<M> {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
     use irq::control::InterruptControl;
     use irq::fake::FakeCore;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::*;
 
@@ -649,7 +649,8 @@ mod tests {
 
     fn rig() -> Rig {
         let (backing, _, mem) = super::super::testing::core(DEV, &[(3, 0, 0x41), (4, 0, 0x42)]);
-        let dev = ImsQueues::new(8, DEV, backing.path(), GuestMemoryAtomic::new(mem.clone())).unwrap();
+        let dev =
+            ImsQueues::new(8, DEV, backing.path(), GuestMemoryAtomic::new(mem.clone())).unwrap();
         Rig { dev, backing, mem }
     }
 
@@ -895,7 +896,14 @@ mod tests {
         assert_eq!((snap.running.len(), snap.deferred.len()), (1, 2));
 
         let now = Instant::now();
-        let mut new = ImsQueues::restore(DEV, path.clone(), GuestMemoryAtomic::new(mem.clone()), &snap, now).unwrap();
+        let mut new = ImsQueues::restore(
+            DEV,
+            path.clone(),
+            GuestMemoryAtomic::new(mem.clone()),
+            &snap,
+            now,
+        )
+        .unwrap();
         assert_eq!(
             new.snapshot(now),
             snap,
@@ -923,7 +931,14 @@ mod tests {
         for edit in tampered {
             let mut bad = snap.clone();
             edit(&mut bad);
-            ImsQueues::restore(DEV, path.clone(), GuestMemoryAtomic::new(mem.clone()), &bad, now).unwrap_err();
+            ImsQueues::restore(
+                DEV,
+                path.clone(),
+                GuestMemoryAtomic::new(mem.clone()),
+                &bad,
+                now,
+            )
+            .unwrap_err();
         }
     }
 

@@ -455,13 +455,13 @@ impl<M: AddressSpace> PciFunction for ImsSlots<M> {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
     use irq::control::InterruptControl;
     use irq::fake::FakeCore;
     use irq::fake::FakeRouting;
     use irq::msi::Target;
     use irq::remap::FaultReason;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::*;
 
@@ -476,7 +476,14 @@ mod tests {
 
     fn rig() -> Rig {
         let (backing, kvm, mem) = super::super::testing::core(DEV, &[(7, 1, 0x40)]);
-        let dev = ImsSlots::new(64, 4, DEV, backing.path(), GuestMemoryAtomic::new(mem.clone())).unwrap();
+        let dev = ImsSlots::new(
+            64,
+            4,
+            DEV,
+            backing.path(),
+            GuestMemoryAtomic::new(mem.clone()),
+        )
+        .unwrap();
         Rig {
             dev,
             backing,
@@ -555,7 +562,14 @@ mod tests {
     #[test]
     fn another_devices_entry_is_a_fault_not_a_delivery() {
         let rig = rig();
-        let mut other = ImsSlots::new(4, 1, 0x0020, rig.backing.path(), GuestMemoryAtomic::new(rig.mem.clone())).unwrap();
+        let mut other = ImsSlots::new(
+            4,
+            1,
+            0x0020,
+            rig.backing.path(),
+            GuestMemoryAtomic::new(rig.mem.clone()),
+        )
+        .unwrap();
         program_slot(&mut other, 0, MsiMessage::remappable(7, None), false);
         other.raise(0);
         assert_eq!(other.faults(), 1);
@@ -626,7 +640,14 @@ mod tests {
 
         let path = rig.backing.path();
         let now = Instant::now();
-        let mut new = ImsSlots::restore(DEV, path.clone(), GuestMemoryAtomic::new(rig.mem.clone()), &snap, now).unwrap();
+        let mut new = ImsSlots::restore(
+            DEV,
+            path.clone(),
+            GuestMemoryAtomic::new(rig.mem.clone()),
+            &snap,
+            now,
+        )
+        .unwrap();
         assert_eq!(
             new.snapshot(now),
             snap,
@@ -656,7 +677,14 @@ mod tests {
         for edit in tampered {
             let mut bad = snap.clone();
             edit(&mut bad);
-            ImsSlots::restore(DEV, path.clone(), GuestMemoryAtomic::new(rig.mem.clone()), &bad, now).unwrap_err();
+            ImsSlots::restore(
+                DEV,
+                path.clone(),
+                GuestMemoryAtomic::new(rig.mem.clone()),
+                &bad,
+                now,
+            )
+            .unwrap_err();
         }
     }
 

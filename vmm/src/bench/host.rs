@@ -14,8 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Figure, BATCH_ADDR, CPUS, REQUESTER, VECTORS};
-use crate::hypercall::{Dispatcher, HypercallHandler};
 use crate::vm::VmError;
+use devices::dispatch::{Dispatcher, HypercallHandler};
 
 /// A VM with an in-kernel irqchip, and the dispatcher over its interrupt core.
 pub(super) struct Rig {
@@ -45,7 +45,7 @@ pub(super) fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
         .map_err(|e| VmError::Os("allocate benchmark memory", std::io::Error::other(e)))?;
     let dispatcher = Dispatcher::new(
         irq::InterruptCore::new(backing).handle(),
-        mem.clone(),
+        Arc::new(vm_memory::GuestMemoryAtomic::new(mem.clone())),
         (0..CPUS).collect(),
         vec![REQUESTER],
         u32::MAX,

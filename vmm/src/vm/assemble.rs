@@ -520,7 +520,7 @@ impl<'a> Vm<'a> {
         requesters.sort_unstable();
         let dispatcher = Arc::new(Dispatcher::new(
             backing.handle(),
-            mem.clone(),
+            Arc::new(space.clone()),
             (0..config.machine.cpus).collect(),
             requesters,
             config.machine.hypercall_rate,

@@ -40,7 +40,6 @@ use crate::config::{
 };
 use crate::exit::{Buses, ExitCounters, StopReason};
 use crate::harness::{Doorbell, Harness, SharedBacking};
-use crate::hypercall::Dispatcher;
 use crate::layout::{Placement, BOOT_INFO_ADDR, CMDLINE_ADDR};
 use crate::loader::{LoadError, LoadedImage};
 use crate::memory::{self, MemoryError};
@@ -49,6 +48,7 @@ use crate::report::{Outcome, RunReport, SnapshotTaken};
 use crate::snapshot::{self, SnapshotError, VmSnapshot};
 use crate::vcpu::{self, HypercallTimes, VcpuShared, VmEvent};
 use crate::x86::{self, BootStateError};
+use devices::dispatch::Dispatcher;
 use hypercall::harness::{FOREIGN_SOURCE_ID, HARNESS_SOURCE_ID};
 
 /// The test guest's ELF image, built from `resources/guest` by this crate's build script.

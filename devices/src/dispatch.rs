@@ -23,7 +23,51 @@ use irq::backing::{AllocFlags, BackingError};
 use irq::control::{CoreHandle, EntryWrite, Writer};
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::{DeliveryMode, MsiMessage, Target};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use irq::port::DoorbellVcpu;
+use vm_memory::GuestAddress;
+
+use crate::memory::{write_obj, SharedRam};
+
+/// Answers a doorbell `out` that stopped `vcpu`, in the order KVM requires: completes the
+/// pending `out`, then reads the call's registers, has `handler` answer (a 4-byte `out`,
+/// `is_call`), or answers `UNSUPPORTED` (a 1- or 2-byte `out`, counted by the handler;
+/// also without a handler), and writes the results back. Returns the call number (RAX's
+/// low 32 bits), for timing. An embedder's exit loop calls this for every `out` to
+/// [`hypercall::platform::HYPERCALL_PORT`] and goes on running the vCPU.
+///
+/// # Errors
+/// The kernel's error completing the `out` or exchanging the registers; the guest's
+/// registers are unchanged then.
+pub fn answer_doorbell(
+    vcpu: &mut (impl DoorbellVcpu + ?Sized),
+    handler: Option<&dyn HypercallHandler>,
+    is_call: bool,
+) -> std::io::Result<u32> {
+    vcpu.complete_io()?;
+    let mut number = 0;
+    vcpu.exchange_call_registers(&mut |r: &mut [u64; 6]| {
+        let [rax, rcx, rsi, rdi, r8, r9] = *r;
+        number = u32::try_from(rax & 0xffff_ffff).unwrap_or(u32::MAX);
+        let mut call = Registers {
+            rax,
+            rcx,
+            rsi,
+            rdi,
+            r8,
+            r9,
+        };
+        match handler {
+            Some(h) if is_call => h.call(&mut call),
+            Some(h) => {
+                h.refused();
+                call.rax = status::UNSUPPORTED;
+            }
+            None => call.rax = status::UNSUPPORTED,
+        }
+        *r = [call.rax, rcx, call.rsi, call.rdi, call.r8, call.r9];
+    })?;
+    Ok(number)
+}
 
 /// Something that answers hypercalls (the vCPU loop's view of the dispatcher).
 pub trait HypercallHandler: Send + Sync {
@@ -137,7 +181,7 @@ fn status_of(e: &BackingError) -> u64 {
 /// `irq::control`).
 pub struct Dispatcher {
     core: CoreHandle,
-    mem: GuestMemoryMmap,
+    mem: SharedRam,
     apic_ids: Vec<u32>,
     requesters: Vec<u16>,
     limit: Mutex<RateLimit>,
@@ -164,7 +208,7 @@ impl Dispatcher {
     /// RAM `mem`, the devices `requesters`, and at most `rate` calls per second.
     pub fn new(
         core: CoreHandle,
-        mem: GuestMemoryMmap,
+        mem: SharedRam,
         apic_ids: Vec<u32>,
         requesters: Vec<u16>,
         rate: u32,
@@ -340,7 +384,7 @@ impl Dispatcher {
         base.checked_add(len as u64)
             .ok_or(status::BAD_GUEST_ADDRESS)?;
         self.mem
-            .read_slice(&mut raw, GuestAddress(base))
+            .read(GuestAddress(base), &mut raw)
             .map_err(|_| status::BAD_GUEST_ADDRESS)?;
         let mut statuses = vec![status::OK; entries];
         let mut first_error = None;
@@ -390,9 +434,7 @@ impl Dispatcher {
         for (i, s) in statuses.iter().enumerate() {
             let at = GuestAddress(base + i as u64 * batch::ENTRY_SIZE + BatchEntry::STATUS_OFFSET);
             // The range was read a moment ago; a failed write means the VM is going away.
-            let _ = self
-                .mem
-                .write_obj(u32::try_from(*s).unwrap_or(u32::MAX), at);
+            let _ = write_obj(&*self.mem, u32::try_from(*s).unwrap_or(u32::MAX), at);
         }
         regs.rsi = if result.is_ok() { count } else { 0 };
         result
@@ -458,6 +500,7 @@ mod tests {
     use irq::backing::Limits;
     use irq::fake::{Failures, FakeRouting};
     use irq::Irqchip;
+    use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::*;
     use hypercall::abi::target;
@@ -475,7 +518,7 @@ mod tests {
         (
             Dispatcher::new(
                 core.handle(),
-                mem.clone(),
+                Arc::new(GuestMemoryAtomic::new(mem.clone())),
                 vec![0, 1],
                 vec![0x00f8, 0x0100],
                 rate,
