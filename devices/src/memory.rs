@@ -89,11 +89,134 @@ pub fn write_obj<T: ByteValued>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use hypercall::abi::{call, status, BatchEntry, Registers, TargetWord};
+    use irq::control::InterruptControl;
+    use irq::msi::MsiMessage;
+    use irq::port::MsiInjector;
+    use irq::Irqchip;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::bitmap::AtomicBitmap;
     use vm_memory::bitmap::Bitmap;
     use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
     use super::*;
+    use crate::bus::BusDevice;
+    use crate::dispatch::{Dispatcher, HypercallHandler};
+    use crate::ims::slots::{reg, ImsSlots};
+    use crate::ims::testing::w;
+    use crate::viommu::{regs, Vtd, VtdDevice, WeakVtd};
+
+    type Dirty = GuestMemoryMmap<AtomicBitmap>;
+
+    fn dirty(mem: &Dirty, at: u64) -> bool {
+        mem.find_region(GuestAddress(at)).is_some_and(|r| {
+            r.bitmap()
+                .dirty_at(usize::try_from(at - r.start_addr().0).unwrap())
+        })
+    }
+
+    fn clean(mem: &Dirty) {
+        let region: &vm_memory::MmapRegion<AtomicBitmap> =
+            mem.find_region(GuestAddress(0)).unwrap();
+        region.bitmap().reset();
+    }
+
+    struct NoEvents;
+
+    impl MsiInjector for NoEvents {
+        fn inject(&self, _: &MsiMessage) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Cloud-hypervisor's memory type under the VT-d unit, an IMS device and the
+    /// dispatcher: what each writes into guest memory is in the dirty bitmap.
+    #[test]
+    fn device_writes_into_dirty_tracked_memory_are_marked() {
+        const DEV: u16 = 0x0018;
+        const TABLE: u64 = 0x1_0000;
+        const BATCH: u64 = 0x3_0000;
+        let mem = Dirty::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let space = GuestMemoryAtomic::new(mem.clone());
+        let (core, _kvm) =
+            irq::fake::core(Irqchip::InKernel, 4096, irq::backing::Limits::default());
+        // The VT-d unit with its table at TABLE: requesters' writes go through into it.
+        let unit = Arc::new(Mutex::new(Vtd::new(
+            core.handle(),
+            Arc::new(space.clone()),
+            Arc::new(NoEvents),
+        )));
+        core.set_mirror(WeakVtd::to(&unit));
+        let mut bus = VtdDevice(unit.clone());
+        bus.write(regs::IRTA, &(TABLE | 7).to_le_bytes());
+        bus.write(regs::GCMD, &regs::global::SIRTP.to_le_bytes());
+        // The dispatcher: allocate, then a batch that activates entry 0.
+        let d = Dispatcher::new(
+            core.handle(),
+            Arc::new(space.clone()),
+            vec![0, 1],
+            vec![DEV],
+            1000,
+        );
+        let mut regs = Registers {
+            rax: u64::from(call::ALLOCATE),
+            rcx: u64::from(DEV),
+            rsi: 1,
+            ..Registers::default()
+        };
+        d.call(&mut regs);
+        assert_eq!(regs.rax, status::OK);
+        let entry = BatchEntry {
+            index: 0,
+            status: 0xffff,
+            target: TargetWord::fixed(1, 0x40).encode(),
+        };
+        mem.write_slice(&entry.to_bytes(), GuestAddress(BATCH))
+            .unwrap();
+        clean(&mem);
+        let mut regs = Registers {
+            rax: u64::from(call::BATCH),
+            rcx: u64::from(DEV),
+            rsi: BATCH,
+            rdi: 1,
+            ..Registers::default()
+        };
+        d.call(&mut regs);
+        assert_eq!(regs.rax, status::OK);
+        assert!(dirty(&mem, BATCH + 4), "the batch's status word");
+        assert!(
+            dirty(&mem, TABLE),
+            "the entry written through into the unit's table"
+        );
+        assert!(!dirty(&mem, 0x8_0000));
+        // A slot-array device completing work: its used ring.
+        let mut dev = ImsSlots::new(8, 1, DEV, core.path(), space).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x4_0000), 16);
+        mock.build_desc_chain(&[RawDescriptor::from(Descriptor::new(0x6_0000, 64, 0, 0))])
+            .unwrap();
+        let msg = MsiMessage::remappable(0, None);
+        w(&mut dev, reg::SLOT_BASE, msg.address_lo());
+        w(&mut dev, reg::SLOT_BASE + 4, msg.address_hi());
+        w(&mut dev, reg::SLOT_BASE + 8, msg.data);
+        w(&mut dev, reg::SLOT_BASE + 12, 0);
+        w(&mut dev, reg::QUEUE_SELECT, 0);
+        w(&mut dev, reg::QUEUE_SIZE, 16);
+        w(&mut dev, reg::QUEUE_SLOT, 0);
+        let low = |a: GuestAddress| u32::try_from(a.0).unwrap();
+        w(&mut dev, reg::QUEUE_DESC, low(mock.desc_table_addr()));
+        w(&mut dev, reg::QUEUE_AVAIL, low(mock.avail_addr()));
+        w(&mut dev, reg::QUEUE_USED, low(mock.used_addr()));
+        w(&mut dev, reg::QUEUE_READY, 1);
+        clean(&mem);
+        w(&mut dev, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(dev.process(std::time::Instant::now()), 1);
+        assert!(dirty(&mem, mock.used_addr().0), "the used ring");
+        assert!(!dirty(&mem, TABLE));
+    }
 
     #[test]
     fn writes_through_a_trait_object_are_marked_dirty() {

@@ -97,7 +97,11 @@ fn every_scenario_in_xapic_mode() {
     // + vtd (remapped, fault events and the IOAPIC's pins).
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
     let vtd = vtd_interrupts(&console);
-    assert_eq!(total, 4 + 80 + 256 + 600 + 602 + 1 + 15 + 4244 + vtd, "{report}");
+    assert_eq!(
+        total,
+        4 + 80 + 256 + 600 + 602 + 1 + 15 + 4244 + vtd,
+        "{report}"
+    );
     assert!(
         console.contains("vtd: interrupt remapping enabled (xAPIC mode)"),
         "{console}"
@@ -114,7 +118,11 @@ fn default_scenario_runs_every_scenario() {
     // + vtd (remapped, fault events and the IOAPIC's pins).
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
     let vtd = vtd_interrupts(&console);
-    assert_eq!(total, 2 + 100 + 256 + 600 + 602 + 1 + 13 + 4244 + vtd, "{report}");
+    assert_eq!(
+        total,
+        2 + 100 + 256 + 600 + 602 + 1 + 13 + 4244 + vtd,
+        "{report}"
+    );
     // Two of the not-present faults are an external source's writes while its entry was
     // absent.
     let faults = vec![(0x21, 1), (0x22, 6), (0x24, 1), (0x25, 2), (0x26, 13)];
