@@ -55,13 +55,14 @@ use std::time::Duration;
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::control::RouteChange;
 pub use crate::faults::{FaultLog, FaultSink, FAULT_QUEUE_LEN};
 use crate::msi::MsiMessage;
 pub use crate::path::InterruptPath;
 use crate::path::Line;
 use crate::port::{Gsi, RoutingBackend};
 use crate::remap::{RemapError, RemapTable};
-use crate::routes::{RouteError, RouteTable};
+use crate::routes::{OwnerId, RouteError, RouteTable};
 
 pub mod bound;
 mod commit;
@@ -298,10 +299,55 @@ impl<B: RoutingBackend> Backing<B> {
         &self.table
     }
 
-    /// The route table, for routes that are not remapped entries (legacy pins, plain MSI
-    /// routes). Routes taken here count against best-effort entries' budget only.
-    pub fn routes_mut(&mut self) -> &mut RouteTable<B> {
+    /// The route table (the IOAPIC's pin routes, owners' routes through
+    /// [`crate::control::RouteControl`]).
+    pub(crate) fn routes_mut(&mut self) -> &mut RouteTable<B> {
         &mut self.routes
+    }
+
+    /// Stages `changes` for route owner `owner` (not the core), all or none
+    /// ([`crate::control::RouteControl::stage`]); new routes must leave the managed
+    /// entries' reservation whole.
+    ///
+    /// # Errors
+    /// As [`crate::control::RouteControl::stage`].
+    pub fn stage_routes(
+        &mut self,
+        owner: OwnerId,
+        changes: &[RouteChange],
+    ) -> Result<Vec<Gsi>, BackingError> {
+        if owner == OwnerId::CORE {
+            return Err(RouteError::NotOwner(owner.0).into());
+        }
+        let adds = changes
+            .iter()
+            .filter(|c| matches!(c, RouteChange::Add(_)))
+            .count();
+        if adds > self.best_effort_routes_left() as usize {
+            return Err(BackingError::RoutesExhausted);
+        }
+        // Undone by hand on failure: other owners' staged changes must stay.
+        let before = self.routes.staged_of(owner);
+        let mut added = Vec::with_capacity(adds);
+        let mut result = Ok(());
+        for change in changes {
+            let step = match *change {
+                RouteChange::Add(msg) => self.routes.allocate_as(owner, msg).map(|g| added.push(g)),
+                RouteChange::Update(gsi, msg) => self.routes.update_as(owner, gsi, msg),
+                RouteChange::Remove(gsi) => self.routes.remove_as(owner, gsi),
+            };
+            if let Err(e) = step {
+                result = Err(e);
+                break;
+            }
+        }
+        match result {
+            Ok(()) => Ok(added),
+            Err(e) => {
+                self.routes.restore_staged(owner, before);
+                Err(e.into())
+            }
+        }
     }
 
     /// The route table.

@@ -26,8 +26,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backing::{AllocFlags, Backing, BackingError, InterruptPath};
 use crate::irte::Irte;
 use crate::msi::MsiMessage;
-use crate::port::RoutingBackend;
+use crate::port::{Gsi, RoutingBackend};
 use crate::remap::Translation;
+use crate::routes::{OwnerId, OwnerUsage, RouteError};
 
 /// What one entry becomes in a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +161,72 @@ pub trait InterruptControl: Send + Sync {
 
     /// The data path.
     fn path(&self) -> Arc<InterruptPath>;
+
+    /// KVM's routing table, shared with owners of plain MSI routes ([`RouteControl`]).
+    fn routes(&self) -> &dyn RouteControl;
+}
+
+/// One change an owner stages in KVM's routing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteChange {
+    /// A new MSI route (its GSI is returned by [`RouteControl::stage`]).
+    Add(MsiMessage),
+    /// A new message for one of the owner's routes.
+    Update(Gsi, MsiMessage),
+    /// The removal of one of the owner's routes (detach its irqfds first).
+    Remove(Gsi),
+}
+
+/// Plain (not remapped) MSI routes in KVM's one routing table, beside the core's: an
+/// embedder's own MSI vectors, a legacy device's, the test harness's. Each owner has a
+/// budget, stages its own changes and commits them with one `KVM_SET_GSI_ROUTING`; a
+/// failed commit or rollback of one owner (a failed IRTE transaction included) never
+/// drops another owner's staged routes ([`crate::routes`], "Owners"). Owners' routes
+/// come out of the best-effort remapped entries' budget, never the managed ones'
+/// reservation.
+pub trait RouteControl: Send + Sync {
+    /// Registers an owner named `name` that may have at most `budget` routes.
+    fn add_owner(&self, name: &str, budget: u32) -> OwnerId;
+
+    /// Stages `changes` for `owner`, all or none; returns the GSIs of the routes added,
+    /// in order. Nothing reaches KVM before [`Self::commit`].
+    ///
+    /// # Errors
+    /// [`BackingError::Route`] (not the owner's route, over its budget, no GSI left) or
+    /// [`BackingError::RoutesExhausted`] (the managed reservation would be touched);
+    /// nothing of these changes is staged then (earlier staged changes stay).
+    fn stage(&self, owner: OwnerId, changes: &[RouteChange]) -> Result<Vec<Gsi>, BackingError>;
+
+    /// Commits `owner`'s staged changes in one `KVM_SET_GSI_ROUTING`.
+    ///
+    /// # Errors
+    /// [`BackingError::Route`]; `owner`'s staged changes are dropped and KVM keeps the
+    /// previous table.
+    fn commit(&self, owner: OwnerId) -> Result<(), BackingError>;
+
+    /// Drops `owner`'s staged changes.
+    fn rollback(&self, owner: OwnerId);
+
+    /// Attaches `fd` as an irqfd to `owner`'s committed route `gsi`.
+    ///
+    /// # Errors
+    /// [`BackingError::Route`].
+    fn attach_irqfd(&self, owner: OwnerId, gsi: Gsi, fd: &EventFd) -> Result<(), BackingError>;
+
+    /// Detaches `fd` from `owner`'s route `gsi`.
+    ///
+    /// # Errors
+    /// [`BackingError::Route`].
+    fn detach_irqfd(&self, owner: OwnerId, gsi: Gsi, fd: &EventFd) -> Result<(), BackingError>;
+
+    /// Removes every route of `owner` (its irqfds detached first) and the owner.
+    ///
+    /// # Errors
+    /// [`BackingError::Route`].
+    fn remove_owner(&self, owner: OwnerId) -> Result<(), BackingError>;
+
+    /// Every owner's routes against its budget.
+    fn owners(&self) -> Vec<OwnerUsage>;
 }
 
 /// What front ends hold: the core behind its control API.
@@ -346,6 +413,63 @@ impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
     fn path(&self) -> Arc<InterruptPath> {
         self.path.clone()
     }
+
+    fn routes(&self) -> &dyn RouteControl {
+        self
+    }
+}
+
+impl<B: RoutingBackend + 'static> RouteControl for InterruptCore<B> {
+    fn add_owner(&self, name: &str, budget: u32) -> OwnerId {
+        self.lock().routes_mut().add_owner(name, budget)
+    }
+
+    fn stage(&self, owner: OwnerId, changes: &[RouteChange]) -> Result<Vec<Gsi>, BackingError> {
+        self.lock().stage_routes(owner, changes)
+    }
+
+    fn commit(&self, owner: OwnerId) -> Result<(), BackingError> {
+        if owner == OwnerId::CORE {
+            return Err(RouteError::NotOwner(owner.0).into());
+        }
+        self.lock().routes_mut().commit_as(owner)?;
+        Ok(())
+    }
+
+    fn rollback(&self, owner: OwnerId) {
+        if owner != OwnerId::CORE {
+            self.lock().routes_mut().rollback_as(owner);
+        }
+    }
+
+    fn attach_irqfd(&self, owner: OwnerId, gsi: Gsi, fd: &EventFd) -> Result<(), BackingError> {
+        let mut backing = self.lock();
+        let routes = backing.routes_mut();
+        if routes.owner_of(gsi) != Some(owner) || owner == OwnerId::CORE {
+            return Err(RouteError::NotOwner(owner.0).into());
+        }
+        routes.attach_irqfd(fd, gsi)?;
+        Ok(())
+    }
+
+    fn detach_irqfd(&self, owner: OwnerId, gsi: Gsi, fd: &EventFd) -> Result<(), BackingError> {
+        let mut backing = self.lock();
+        let routes = backing.routes_mut();
+        if routes.owner_of(gsi) != Some(owner) || owner == OwnerId::CORE {
+            return Err(RouteError::NotOwner(owner.0).into());
+        }
+        routes.detach_irqfd(fd, gsi)?;
+        Ok(())
+    }
+
+    fn remove_owner(&self, owner: OwnerId) -> Result<(), BackingError> {
+        self.lock().routes_mut().remove_owner(owner)?;
+        Ok(())
+    }
+
+    fn owners(&self) -> Vec<OwnerUsage> {
+        self.lock().routes().owners()
+    }
 }
 
 #[cfg(test)]
@@ -497,5 +621,73 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, BackingError::Route(_)));
+    }
+
+    /// An embedder's own MSI routes beside the core's: staged routes survive a failed
+    /// IRTE transaction, owners touch only their own routes, budgets and the managed
+    /// reservation hold.
+    #[test]
+    fn route_owners_share_the_table_without_losing_staged_routes() {
+        let kvm = Arc::new(FakeRouting::new());
+        let routes = RouteTable::with_irqchip(kvm.clone(), 24 + 8, Irqchip::Split).unwrap();
+        let core = InterruptCore::new(Backing::new(routes, Limits::default()).unwrap());
+        let handle = core.handle();
+        let table = handle.routes();
+        let vmm = table.add_owner("embedder", 3);
+        let msg = |dest| MsiMessage::compatibility(dest, 0x50).unwrap();
+        let gsis = table
+            .stage(vmm, &[RouteChange::Add(msg(0)), RouteChange::Add(msg(1))])
+            .unwrap();
+        // An IRTE transaction whose route commit fails.
+        let first = handle.allocate(DEV, 1, AllocFlags::default()).unwrap();
+        kvm.fail(crate::fake::Failures {
+            set_routes: 1,
+            ..crate::fake::Failures::default()
+        });
+        handle
+            .write(
+                Writer::Requester(DEV),
+                &[(first, EntryWrite::Entry(entry(2, 0x40, DEV)))],
+            )
+            .unwrap_err();
+        // The embedder's routes are still staged; its commit sends them.
+        table.commit(vmm).unwrap();
+        let fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        table.attach_irqfd(vmm, gsis[0], &fd).unwrap();
+        assert_eq!(
+            kvm.fire(std::os::fd::AsRawFd::as_raw_fd(&fd)),
+            Some(Target::fixed(0, 0x50))
+        );
+        // Not another owner's route, not over the budget, all or none.
+        let other = table.add_owner("other", 8);
+        table
+            .stage(other, &[RouteChange::Remove(gsis[1])])
+            .unwrap_err();
+        table.attach_irqfd(other, gsis[1], &fd).unwrap_err();
+        table
+            .stage(vmm, &[RouteChange::Add(msg(2)), RouteChange::Add(msg(3))])
+            .unwrap_err();
+        assert_eq!(table.owners()[0].routes, 2, "nothing of a refused stage");
+        // Managed entries' reservation: 8 routes, 2 the embedder's, 5 reserved.
+        handle
+            .allocate(
+                OTHER,
+                5,
+                AllocFlags {
+                    managed: true,
+                    aligned: false,
+                },
+            )
+            .unwrap();
+        assert!(matches!(
+            table.stage(other, &[RouteChange::Add(msg(4)), RouteChange::Add(msg(5))]),
+            Err(BackingError::RoutesExhausted)
+        ));
+        table.stage(other, &[RouteChange::Add(msg(4))]).unwrap();
+        table.rollback(other);
+        table.detach_irqfd(vmm, gsis[0], &fd).unwrap();
+        table.remove_owner(vmm).unwrap();
+        assert_eq!(table.owners().len(), 1);
+        assert_eq!(kvm.msi_routes(), 0);
     }
 }

@@ -16,6 +16,15 @@
 //! pin `n` delivers while it is level-triggered ([`RouteTable::set_pin_route`]); nothing
 //! is injected through it.
 //!
+//! **Owners.** Several parties put MSI routes in the one table: the interrupt core (the
+//! routes behind remapped entries, [`OwnerId::CORE`]) and any number of others, each an
+//! [`OwnerId`] with a route budget (an embedder's own MSI routes, the test harness's plain
+//! routes). Each owner stages and commits its own routes: [`RouteTable::commit_as`] sends
+//! KVM what is committed plus that owner's staged changes, and [`RouteTable::rollback_as`]
+//! drops only that owner's, so a failed transaction of one owner (a failed IRTE
+//! transaction included) never drops another's staged routes. GSIs are handed out from one
+//! space, staged routes of every owner included, so they never collide.
+//!
 //! Ordering rules from the kernel (virt/kvm/eventfd.c): an irqfd resolves its route when
 //! it is assigned, so the route must be committed first ([`RouteError::NotCommitted`]);
 //! and a route must not be removed while irqfds are attached to it
@@ -71,6 +80,17 @@ pub enum RouteError {
     /// KVM's route limit leaves no room above the legacy GSIs.
     #[error("KVM reports {0} routes, too few for the {LEGACY_GSI_COUNT} legacy GSIs")]
     LimitTooSmall(u32),
+    /// An owner would exceed its route budget.
+    #[error("route owner {owner} would exceed its budget of {budget} routes")]
+    OwnerBudget {
+        /// The owner.
+        owner: u32,
+        /// Its budget.
+        budget: u32,
+    },
+    /// The owner is not registered, or the route belongs to another owner.
+    #[error("route owner {0} is unknown or does not own the route")]
+    NotOwner(u32),
     /// `KVM_SET_GSI_ROUTING` failed; the previous table stays in force.
     #[error("KVM_SET_GSI_ROUTING failed")]
     Commit(#[source] io::Error),
@@ -120,14 +140,46 @@ fn legacy_routes() -> Vec<RouteEntry> {
     routes
 }
 
-/// The routing table: legacy pins plus MSI routes, staged and committed.
+/// Who a route belongs to (module documentation, "Owners").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnerId(pub u32);
+
+impl OwnerId {
+    /// The interrupt core: the routes behind remapped entries (no budget of its own; its
+    /// accounting is the core's).
+    pub const CORE: OwnerId = OwnerId(0);
+}
+
+/// One MSI route and its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    owner: OwnerId,
+    msg: MsiMessage,
+}
+
+/// An owner's routes against its budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerUsage {
+    /// The owner.
+    pub owner: OwnerId,
+    /// What it was registered as.
+    pub name: String,
+    /// Routes it has staged (committed or not).
+    pub routes: u32,
+    /// Routes it may have.
+    pub budget: u32,
+}
+
+/// The routing table: legacy pins plus MSI routes, staged and committed, by owner.
 #[derive(Debug)]
 pub struct RouteTable<B> {
     backend: B,
     limit: u32,
     irqchip: Irqchip,
-    committed: BTreeMap<Gsi, MsiMessage>,
-    staged: BTreeMap<Gsi, MsiMessage>,
+    committed: BTreeMap<Gsi, Route>,
+    staged: BTreeMap<Gsi, Route>,
+    /// Owners other than the core: name and budget.
+    owners: BTreeMap<OwnerId, (String, u32)>,
     /// Split irqchip only: the level-triggered pins' routes (committed at once).
     pins: BTreeMap<Gsi, MsiMessage>,
     irqfds: BTreeMap<Gsi, u32>,
@@ -166,6 +218,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             irqchip,
             committed: BTreeMap::new(),
             staged: BTreeMap::new(),
+            owners: BTreeMap::new(),
             pins: BTreeMap::new(),
             irqfds: BTreeMap::new(),
             commits: 1,
@@ -210,7 +263,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             Some(m) => self.pins.insert(pin, m),
             None => self.pins.remove(&pin),
         };
-        let committed = self.commit_table(false);
+        let committed = self.send(&self.committed.clone());
         if committed.is_err() {
             match previous {
                 Some(m) => self.pins.insert(pin, m),
@@ -250,11 +303,96 @@ impl<B: RoutingBackend> RouteTable<B> {
         (self.commit_time, self.last_commit_time)
     }
 
-    /// Stages a new MSI route and returns its GSI (the lowest free one).
+    /// Registers a new route owner named `name` that may have `budget` routes.
+    pub fn add_owner(&mut self, name: &str, budget: u32) -> OwnerId {
+        let id = self
+            .owners
+            .keys()
+            .next_back()
+            .map_or(1, |o| o.0.saturating_add(1));
+        let owner = OwnerId(id);
+        self.owners.insert(owner, (name.to_string(), budget));
+        owner
+    }
+
+    /// Removes `owner`'s staged changes and every route it has, in one commit, and
+    /// forgets it. Its irqfds must be detached first.
+    ///
+    /// # Errors
+    /// [`RouteError::NotOwner`], [`RouteError::IrqfdsAttached`] or
+    /// [`RouteError::Commit`] (the owner stays, with its committed routes).
+    pub fn remove_owner(&mut self, owner: OwnerId) -> Result<(), RouteError> {
+        if owner == OwnerId::CORE || !self.owners.contains_key(&owner) {
+            return Err(RouteError::NotOwner(owner.0));
+        }
+        self.rollback_as(owner);
+        let gsis: Vec<Gsi> = self.owned(owner).collect();
+        if let Some(&gsi) = gsis.iter().find(|g| self.irqfds.contains_key(g)) {
+            return Err(RouteError::IrqfdsAttached(gsi));
+        }
+        for gsi in &gsis {
+            self.staged.remove(gsi);
+        }
+        self.commit_as(owner)?;
+        self.owners.remove(&owner);
+        Ok(())
+    }
+
+    /// Every owner but the core, with its routes and budget.
+    #[must_use]
+    pub fn owners(&self) -> Vec<OwnerUsage> {
+        self.owners
+            .iter()
+            .map(|(&owner, (name, budget))| OwnerUsage {
+                owner,
+                name: name.clone(),
+                routes: u32::try_from(self.owned(owner).count()).unwrap_or(u32::MAX),
+                budget: *budget,
+            })
+            .collect()
+    }
+
+    /// Who has route `gsi` staged.
+    #[must_use]
+    pub fn owner_of(&self, gsi: Gsi) -> Option<OwnerId> {
+        self.staged.get(&gsi).map(|r| r.owner)
+    }
+
+    /// The GSIs `owner` has staged.
+    fn owned(&self, owner: OwnerId) -> impl Iterator<Item = Gsi> + '_ {
+        self.staged
+            .iter()
+            .filter(move |(_, r)| r.owner == owner)
+            .map(|(&gsi, _)| gsi)
+    }
+
+    /// Stages a new MSI route of the core and returns its GSI (the lowest free one).
     ///
     /// # Errors
     /// [`RouteError::Exhausted`].
     pub fn allocate(&mut self, msg: MsiMessage) -> Result<Gsi, RouteError> {
+        self.allocate_as(OwnerId::CORE, msg)
+    }
+
+    /// Stages a new MSI route of `owner` and returns its GSI (the lowest free one).
+    ///
+    /// # Errors
+    /// [`RouteError::NotOwner`], [`RouteError::OwnerBudget`] or [`RouteError::Exhausted`].
+    pub fn allocate_as(&mut self, owner: OwnerId, msg: MsiMessage) -> Result<Gsi, RouteError> {
+        if owner != OwnerId::CORE {
+            let &(_, budget) = self
+                .owners
+                .get(&owner)
+                .ok_or(RouteError::NotOwner(owner.0))?;
+            if self.owned(owner).count() >= budget as usize {
+                return Err(RouteError::OwnerBudget {
+                    owner: owner.0,
+                    budget,
+                });
+            }
+        }
+        // The lowest GSI neither staged nor still KVM's for another owner (one that owner
+        // removed but has not committed yet); an owner may reuse its own.
         let mut candidate = LEGACY_GSI_COUNT;
         for &gsi in self.staged.keys() {
             if gsi != candidate {
@@ -262,33 +400,68 @@ impl<B: RoutingBackend> RouteTable<B> {
             }
             candidate += 1;
         }
+        while self.staged.contains_key(&candidate)
+            || self
+                .committed
+                .get(&candidate)
+                .is_some_and(|r| r.owner != owner)
+        {
+            candidate += 1;
+        }
         if candidate >= self.limit {
             return Err(RouteError::Exhausted { limit: self.limit });
         }
-        self.staged.insert(candidate, msg);
+        self.staged.insert(candidate, Route { owner, msg });
         Ok(candidate)
     }
 
-    /// Stages a new message for an existing MSI route.
+    /// Stages a new message for an existing MSI route of the core.
     ///
     /// # Errors
     /// [`RouteError::NotAllocated`].
     pub fn update(&mut self, gsi: Gsi, msg: MsiMessage) -> Result<(), RouteError> {
-        let slot = self
+        self.update_as(OwnerId::CORE, gsi, msg)
+    }
+
+    /// Stages a new message for an existing MSI route of `owner`.
+    ///
+    /// # Errors
+    /// [`RouteError::NotAllocated`] or [`RouteError::NotOwner`].
+    pub fn update_as(
+        &mut self,
+        owner: OwnerId,
+        gsi: Gsi,
+        msg: MsiMessage,
+    ) -> Result<(), RouteError> {
+        let route = self
             .staged
             .get_mut(&gsi)
             .ok_or(RouteError::NotAllocated(gsi))?;
-        *slot = msg;
+        if route.owner != owner {
+            return Err(RouteError::NotOwner(owner.0));
+        }
+        route.msg = msg;
         Ok(())
     }
 
-    /// Stages the removal of an MSI route.
+    /// Stages the removal of an MSI route of the core.
     ///
     /// # Errors
     /// [`RouteError::NotAllocated`] or [`RouteError::IrqfdsAttached`].
     pub fn remove(&mut self, gsi: Gsi) -> Result<(), RouteError> {
-        if !self.staged.contains_key(&gsi) {
-            return Err(RouteError::NotAllocated(gsi));
+        self.remove_as(OwnerId::CORE, gsi)
+    }
+
+    /// Stages the removal of an MSI route of `owner`.
+    ///
+    /// # Errors
+    /// [`RouteError::NotAllocated`], [`RouteError::NotOwner`] or
+    /// [`RouteError::IrqfdsAttached`].
+    pub fn remove_as(&mut self, owner: OwnerId, gsi: Gsi) -> Result<(), RouteError> {
+        match self.staged.get(&gsi) {
+            None => return Err(RouteError::NotAllocated(gsi)),
+            Some(r) if r.owner != owner => return Err(RouteError::NotOwner(owner.0)),
+            Some(_) => {}
         }
         if self.irqfds.get(&gsi).copied().unwrap_or(0) > 0 {
             return Err(RouteError::IrqfdsAttached(gsi));
@@ -297,48 +470,91 @@ impl<B: RoutingBackend> RouteTable<B> {
         Ok(())
     }
 
-    /// Drops every staged change.
-    pub fn rollback(&mut self) {
-        self.staged.clone_from(&self.committed);
+    /// `owner`'s staged routes, to put back with [`Self::restore_staged`].
+    pub(crate) fn staged_of(&self, owner: OwnerId) -> Vec<(Gsi, MsiMessage)> {
+        self.staged
+            .iter()
+            .filter(|(_, r)| r.owner == owner)
+            .map(|(&g, r)| (g, r.msg))
+            .collect()
     }
 
-    /// Sends the staged table to KVM in one ioctl. Returns whether a call was made (a
-    /// commit with nothing staged is skipped).
+    /// Puts `owner`'s staged routes back to `routes` (from [`Self::staged_of`]).
+    pub(crate) fn restore_staged(&mut self, owner: OwnerId, routes: Vec<(Gsi, MsiMessage)>) {
+        self.staged.retain(|_, r| r.owner != owner);
+        for (gsi, msg) in routes {
+            self.staged.insert(gsi, Route { owner, msg });
+        }
+    }
+
+    /// Drops every staged change of the core.
+    pub fn rollback(&mut self) {
+        self.rollback_as(OwnerId::CORE);
+    }
+
+    /// Drops every staged change of `owner`; other owners' stay staged.
+    pub fn rollback_as(&mut self, owner: OwnerId) {
+        self.staged.retain(|_, r| r.owner != owner);
+        for (&gsi, r) in &self.committed {
+            if r.owner == owner {
+                self.staged.insert(gsi, *r);
+            }
+        }
+    }
+
+    /// Commits the core's staged changes ([`Self::commit_as`]).
     ///
     /// # Errors
-    /// [`RouteError::Commit`]; the staged changes are then dropped and KVM keeps the
-    /// previous table.
+    /// As [`Self::commit_as`].
     pub fn commit(&mut self) -> Result<bool, RouteError> {
-        if self.staged == self.committed {
+        self.commit_as(OwnerId::CORE)
+    }
+
+    /// Sends KVM, in one ioctl, the committed table with `owner`'s staged changes applied
+    /// (other owners' staged changes stay staged). Returns whether a call was made (a
+    /// commit with nothing of `owner`'s staged is skipped).
+    ///
+    /// # Errors
+    /// [`RouteError::Commit`]; `owner`'s staged changes are then dropped and KVM keeps the
+    /// previous table.
+    pub fn commit_as(&mut self, owner: OwnerId) -> Result<bool, RouteError> {
+        let mut next: BTreeMap<Gsi, Route> = self
+            .committed
+            .iter()
+            .filter(|(_, r)| r.owner != owner)
+            .map(|(&g, &r)| (g, r))
+            .collect();
+        next.extend(
+            self.staged
+                .iter()
+                .filter(|(_, r)| r.owner == owner)
+                .map(|(&g, &r)| (g, r)),
+        );
+        if next == self.committed {
             return Ok(false);
         }
-        if let Err(e) = self.commit_table(true) {
-            self.rollback();
+        if let Err(e) = self.send(&next) {
+            self.rollback_as(owner);
             return Err(e);
         }
-        self.committed.clone_from(&self.staged);
+        self.committed = next;
         Ok(true)
     }
 
-    /// Sends the legacy GSIs and the staged MSI routes to KVM.
-    /// `staged`: the staged MSI routes, else the committed ones (a pin change leaves
-    /// whatever is staged for its own commit).
-    fn commit_table(&mut self, staged: bool) -> Result<(), RouteError> {
-        let msis = if staged {
-            &self.staged
-        } else {
-            &self.committed
-        };
+    /// Sends the legacy GSIs, the pins' routes and `msis` to KVM.
+    fn send(&mut self, msis: &BTreeMap<Gsi, Route>) -> Result<(), RouteError> {
         let mut routes = match self.irqchip {
             Irqchip::InKernel => legacy_routes(),
             Irqchip::Split => Vec::with_capacity(self.pins.len() + msis.len()),
         };
-        let msi = |(&gsi, &msg): (&Gsi, &MsiMessage)| RouteEntry {
+        routes.extend(self.pins.iter().map(|(&gsi, &msg)| RouteEntry {
             gsi,
             kind: RouteKind::Msi(msg),
-        };
-        routes.extend(self.pins.iter().map(msi));
-        routes.extend(msis.iter().map(msi));
+        }));
+        routes.extend(msis.iter().map(|(&gsi, r)| RouteEntry {
+            gsi,
+            kind: RouteKind::Msi(r.msg),
+        }));
         let begin = Instant::now();
         let result = self.backend.set_routes(&routes);
         self.last_commit_time = begin.elapsed();
@@ -479,7 +695,7 @@ mod tests {
         // The staged update was dropped: committing again is a no-op, and the route
         // still carries the old message.
         assert!(!table.commit().unwrap());
-        assert_eq!(table.committed.get(&gsi), Some(&msi(0)));
+        assert_eq!(table.committed.get(&gsi).map(|r| r.msg), Some(msi(0)));
         assert_eq!(table.commits(), 2);
     }
 
@@ -579,5 +795,67 @@ mod tests {
             table.allocate(msi(2)),
             Err(RouteError::Exhausted { limit: 26 })
         ));
+    }
+
+    /// The MSI routes KVM was last given.
+    fn kvm_msis(kvm: &FakeKvm) -> Vec<Gsi> {
+        let tables = kvm.tables.lock().unwrap();
+        tables
+            .last()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e.kind, RouteKind::Msi(_)))
+            .map(|e| e.gsi)
+            .collect()
+    }
+
+    #[test]
+    fn each_owner_commits_and_rolls_back_only_its_own_routes() {
+        let kvm = FakeKvm::default();
+        let mut table = RouteTable::new(&kvm, 4096).unwrap();
+        let vmm = table.add_owner("embedder", 2);
+        let mine = table.allocate_as(vmm, msi(1)).unwrap();
+        // The core stages and commits: the embedder's staged route is not sent, and stays
+        // staged.
+        let core = table.allocate(msi(0)).unwrap();
+        assert_ne!(mine, core);
+        assert!(table.commit().unwrap());
+        assert_eq!(kvm_msis(&kvm), vec![core]);
+        // The core's next transaction fails: only its own staged change goes.
+        table.allocate(msi(2)).unwrap();
+        *kvm.fail_set.lock().unwrap() = true;
+        table.commit().unwrap_err();
+        *kvm.fail_set.lock().unwrap() = false;
+        assert_eq!(
+            table.staged_msi_routes(),
+            2,
+            "the core's first and the embedder's"
+        );
+        assert!(table.commit_as(vmm).unwrap());
+        assert_eq!(kvm_msis(&kvm), vec![mine.min(core), mine.max(core)]);
+        // Ownership and budget.
+        table.update_as(vmm, core, msi(3)).unwrap_err();
+        table.remove_as(vmm, core).unwrap_err();
+        table.allocate_as(vmm, msi(4)).unwrap();
+        assert!(matches!(
+            table.allocate_as(vmm, msi(5)).unwrap_err(),
+            RouteError::OwnerBudget { budget: 2, .. }
+        ));
+        table.rollback_as(vmm);
+        let usage = table.owners();
+        assert_eq!(
+            (usage[0].name.as_str(), usage[0].routes, usage[0].budget),
+            ("embedder", 1, 2)
+        );
+        // A GSI one owner removed but has not committed is not handed to another.
+        table.remove_as(vmm, mine).unwrap();
+        let next = table.allocate(msi(6)).unwrap();
+        assert_ne!(next, mine);
+        table.commit().unwrap();
+        table.commit_as(vmm).unwrap();
+        assert_eq!(kvm_msis(&kvm), vec![core.min(next), core.max(next)]);
+        table.remove_owner(vmm).unwrap();
+        assert!(table.owners().is_empty());
+        table.allocate_as(vmm, msi(7)).unwrap_err();
     }
 }

@@ -76,6 +76,8 @@ pub struct Harness {
     mailbox: u64,
     apic_ids: Vec<u32>,
     backing: SharedBacking,
+    /// Its plain MSI routes' owner in KVM's table.
+    routes: irq::routes::OwnerId,
     path: Arc<InterruptPath>,
     stop: Arc<AtomicBool>,
     fired: Arc<Vec<AtomicU64>>,
@@ -118,11 +120,15 @@ impl Harness {
     ) -> Self {
         let fired = Arc::new(apic_ids.iter().map(|_| AtomicU64::new(0)).collect());
         let path = backing.lock().path();
+        // Plain MSI routes, one per vCPU at a time (request 1).
+        let budget = u32::try_from(apic_ids.len()).unwrap_or(u32::MAX);
+        let routes = irq::InterruptControl::routes(&*backing).add_owner("test harness", budget);
         Self {
             mem,
             mailbox,
             apic_ids,
             backing,
+            routes,
             path,
             stop,
             fired,

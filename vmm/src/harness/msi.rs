@@ -1,6 +1,8 @@
-//! Plain MSI routes (`FIRE_MSI_EACH_CPU`): a route per vCPU committed through the route
-//! table, an eventfd attached to each, fired, then detached and removed in the kernel's
-//! order.
+//! Plain MSI routes (`FIRE_MSI_EACH_CPU`): a route per vCPU, staged and committed as the
+//! harness's own route owner beside the interrupt core (`irq::control::RouteControl`), an
+//! eventfd attached to each, fired, then detached and removed in the kernel's order.
+
+use irq::control::{InterruptControl, RouteChange};
 
 use super::*;
 
@@ -31,41 +33,35 @@ impl Harness {
         result
     }
 
-    /// One plain MSI route and one irqfd per (APIC ID, vector), committed together.
+    /// One plain MSI route and one irqfd per (APIC ID, vector), committed together as the
+    /// harness's route owner.
     pub(super) fn attach(&self, targets: &[(u32, u8)]) -> Result<Vec<(Gsi, EventFd)>, ()> {
-        let mut backing = self.backing.lock();
-        let routes = backing.routes_mut();
-        let mut gsis = Vec::with_capacity(targets.len());
-        for &(apic, vector) in targets {
-            let allocated = MsiMessage::compatibility(apic, vector)
-                .map_err(|_| ())
-                .and_then(|msg| routes.allocate(msg).map_err(|_| ()));
-            match allocated {
-                Ok(gsi) => gsis.push(gsi),
-                Err(()) => {
-                    routes.rollback();
-                    return Err(());
-                }
-            }
-        }
-        routes.commit().map_err(|_| ())?;
+        let routes = self.backing.routes();
+        let changes = targets
+            .iter()
+            .map(|&(apic, vector)| MsiMessage::compatibility(apic, vector).map(RouteChange::Add))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ())?;
+        let gsis = routes.stage(self.routes, &changes).map_err(|_| ())?;
+        routes.commit(self.routes).map_err(|_| ())?;
         let mut lines = Vec::with_capacity(gsis.len());
         for gsi in gsis.iter().copied() {
-            let attached = EventFd::new(EFD_NONBLOCK)
-                .map_err(|_| ())
-                .and_then(|fd| routes.attach_irqfd(&fd, gsi).map(|()| fd).map_err(|_| ()));
+            let attached = EventFd::new(EFD_NONBLOCK).map_err(|_| ()).and_then(|fd| {
+                routes
+                    .attach_irqfd(self.routes, gsi, &fd)
+                    .map(|()| fd)
+                    .map_err(|_| ())
+            });
             match attached {
                 Ok(fd) => lines.push((gsi, fd)),
                 Err(()) => {
-                    drop(backing);
                     let _ = self.detach(lines);
                     // Routes without irqfds (the rest of `gsis`) go too.
-                    let mut backing = self.backing.lock();
-                    let routes = backing.routes_mut();
-                    for gsi in gsis {
-                        let _ = routes.remove(gsi);
+                    let removals: Vec<RouteChange> =
+                        gsis.iter().map(|&g| RouteChange::Remove(g)).collect();
+                    if routes.stage(self.routes, &removals).is_ok() {
+                        let _ = routes.commit(self.routes);
                     }
-                    let _ = routes.commit();
                     return Err(());
                 }
             }
@@ -75,16 +71,15 @@ impl Harness {
 
     /// Detaches every irqfd, then removes the routes in one commit.
     pub(super) fn detach(&self, lines: Vec<(Gsi, EventFd)>) -> Result<(), ()> {
-        let mut backing = self.backing.lock();
-        let routes = backing.routes_mut();
+        let routes = self.backing.routes();
         let mut ok = true;
         for (gsi, fd) in &lines {
-            ok &= routes.detach_irqfd(fd, *gsi).is_ok();
+            ok &= routes.detach_irqfd(self.routes, *gsi, fd).is_ok();
         }
-        for (gsi, _) in &lines {
-            ok &= routes.remove(*gsi).is_ok();
-        }
-        ok &= routes.commit().is_ok();
+        let removals: Vec<RouteChange> =
+            lines.iter().map(|(g, _)| RouteChange::Remove(*g)).collect();
+        ok &= routes.stage(self.routes, &removals).is_ok();
+        ok &= routes.commit(self.routes).is_ok();
         ok.then_some(()).ok_or(())
     }
 }
