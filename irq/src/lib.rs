@@ -53,6 +53,8 @@ pub mod fake;
 pub mod faults;
 pub mod fdlimit;
 pub mod irte;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod msi;
 pub mod path;
 pub mod port;
@@ -61,6 +63,8 @@ pub mod routes;
 pub mod storm;
 
 pub use control::{CoreHandle, InterruptControl, InterruptCore};
+#[cfg(feature = "kvm")]
+pub use kvm::KvmRouting;
 pub use msi::{MsiError, MsiMessage};
-pub use port::{Gsi, KvmRouting, RoutingBackend};
+pub use port::{Gsi, RoutingBackend};
 pub use routes::{Irqchip, RouteError, RouteTable};

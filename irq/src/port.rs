@@ -6,10 +6,10 @@
 //!   (`KVM_IRQFD`, assign and deassign). The kernel's ordering rules that go with them
 //!   are kept by [`crate::routes::RouteTable`].
 //! - [`MsiInjector`]: one MSI injected directly (`KVM_SIGNAL_MSI`).
-//! - [`KvmRouting`]: both, over a `VmFd`.
+//! - `KvmRouting` (`crate::kvm`, feature `kvm`, on by default): both, over a `VmFd`.
 //! - [`DoorbellVcpu`]: a vCPU stopped at a port-I/O exit, as the IRTE hypercall's doorbell
 //!   needs it (complete the `out`, then read and write the call's registers); implemented
-//!   for `kvm_ioctls::VcpuFd`.
+//!   for `kvm_ioctls::VcpuFd` in `crate::kvm`.
 //! - [`FaultInjecting`]: test machinery in front of a backend, whose next calls fail on
 //!   request; a VM built without it has no injection on its routing path.
 
@@ -17,11 +17,6 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
-};
-use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::msi::MsiMessage;
@@ -141,83 +136,6 @@ impl<B: RoutingBackend> RoutingBackend for FaultInjecting<B> {
     }
 }
 
-/// [`RoutingBackend`] over a KVM VM file descriptor.
-#[derive(Debug, Clone)]
-pub struct KvmRouting {
-    vm: Arc<VmFd>,
-}
-
-impl KvmRouting {
-    /// Routing for `vm`, which must have an in-kernel or split irqchip.
-    #[must_use]
-    pub fn new(vm: Arc<VmFd>) -> Self {
-        Self { vm }
-    }
-
-    /// The number of routes KVM accepts (`KVM_CAP_IRQ_ROUTING`), capped at what the
-    /// `kvm-bindings` table can hold.
-    #[must_use]
-    pub fn route_limit(&self) -> u32 {
-        let reported = self.vm.check_extension_int(kvm_ioctls::Cap::IrqRouting);
-        let reported = u32::try_from(reported).unwrap_or(0);
-        let table_max = u32::try_from(kvm_bindings::KVM_MAX_IRQ_ROUTES).unwrap_or(u32::MAX);
-        reported.min(table_max)
-    }
-}
-
-fn to_kvm(entry: &RouteEntry) -> kvm_irq_routing_entry {
-    let mut out = kvm_irq_routing_entry {
-        gsi: entry.gsi,
-        ..Default::default()
-    };
-    match entry.kind {
-        RouteKind::Irqchip { chip, pin } => {
-            out.type_ = KVM_IRQ_ROUTING_IRQCHIP;
-            out.u.irqchip = kvm_irq_routing_irqchip { irqchip: chip, pin };
-        }
-        RouteKind::Msi(msg) => {
-            out.type_ = KVM_IRQ_ROUTING_MSI;
-            out.u.msi = kvm_irq_routing_msi {
-                address_lo: msg.address_lo(),
-                address_hi: msg.address_hi(),
-                data: msg.data,
-                ..Default::default()
-            };
-        }
-    }
-    out
-}
-
-impl MsiInjector for KvmRouting {
-    fn inject(&self, msg: &MsiMessage) -> io::Result<()> {
-        let msi = kvm_bindings::kvm_msi {
-            address_lo: msg.address_lo(),
-            address_hi: msg.address_hi(),
-            data: msg.data,
-            ..Default::default()
-        };
-        // KVM returns >0 when delivered, 0 when the guest blocked it (an LAPIC disabled).
-        self.vm.signal_msi(msi).map(|_| ()).map_err(io::Error::from)
-    }
-}
-
-impl RoutingBackend for KvmRouting {
-    fn set_routes(&self, routes: &[RouteEntry]) -> io::Result<()> {
-        let entries: Vec<_> = routes.iter().map(to_kvm).collect();
-        let table = KvmIrqRouting::from_entries(&entries)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
-        self.vm.set_gsi_routing(&table).map_err(io::Error::from)
-    }
-
-    fn assign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
-        self.vm.register_irqfd(fd, gsi).map_err(io::Error::from)
-    }
-
-    fn deassign_irqfd(&self, fd: &EventFd, gsi: Gsi) -> io::Result<()> {
-        self.vm.unregister_irqfd(fd, gsi).map_err(io::Error::from)
-    }
-}
-
 /// Injects an MSI directly (`KVM_SIGNAL_MSI`): for interrupts that are not remapped, such
 /// as a remapping unit's own event interrupts, or compatibility-format requests while
 /// those are allowed.
@@ -250,28 +168,4 @@ pub trait DoorbellVcpu {
     /// # Errors
     /// The kernel's error; nothing is written when the read fails.
     fn exchange_call_registers(&mut self, call: &mut dyn FnMut(&mut [u64; 6])) -> io::Result<()>;
-}
-
-impl DoorbellVcpu for VcpuFd {
-    fn complete_io(&mut self) -> io::Result<()> {
-        self.set_kvm_immediate_exit(1);
-        let completed = self.run().map(|_| ());
-        self.set_kvm_immediate_exit(0);
-        match completed {
-            Err(e) if e.errno() != libc::EINTR && e.errno() != libc::EAGAIN => {
-                Err(io::Error::from_raw_os_error(e.errno()))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn exchange_call_registers(&mut self, call: &mut dyn FnMut(&mut [u64; 6])) -> io::Result<()> {
-        let kernel = |e: kvm_ioctls::Error| io::Error::from_raw_os_error(e.errno());
-        let mut r = self.get_regs().map_err(kernel)?;
-        let mut regs = [r.rax, r.rcx, r.rsi, r.rdi, r.r8, r.r9];
-        call(&mut regs);
-        let [rax, _, rsi, rdi, r8, r9] = regs;
-        (r.rax, r.rsi, r.rdi, r.r8, r.r9) = (rax, rsi, rdi, r8, r9);
-        self.set_regs(&r).map_err(kernel)
-    }
 }

@@ -34,12 +34,18 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::msi::MsiMessage;
 use crate::port::{Gsi, RouteEntry, RouteKind, RoutingBackend};
+
+/// KVM's number for the in-kernel PIC's first chip (`KVM_IRQCHIP_PIC_MASTER`).
+pub const IRQCHIP_PIC_MASTER: u32 = 0;
+/// KVM's number for the in-kernel PIC's second chip (`KVM_IRQCHIP_PIC_SLAVE`).
+pub const IRQCHIP_PIC_SLAVE: u32 = 1;
+/// KVM's number for the in-kernel IOAPIC (`KVM_IRQCHIP_IOAPIC`).
+pub const IRQCHIP_IOAPIC: u32 = 2;
 
 /// GSIs below this belong to the IOAPIC's pins (and the in-kernel PIC's below 16).
 pub const LEGACY_GSI_COUNT: Gsi = 24;
@@ -120,9 +126,9 @@ fn legacy_routes() -> Vec<RouteEntry> {
     for gsi in 0..LEGACY_GSI_COUNT {
         if gsi < 16 {
             let chip = if gsi < 8 {
-                KVM_IRQCHIP_PIC_MASTER
+                IRQCHIP_PIC_MASTER
             } else {
-                KVM_IRQCHIP_PIC_SLAVE
+                IRQCHIP_PIC_SLAVE
             };
             routes.push(RouteEntry {
                 gsi,
@@ -132,7 +138,7 @@ fn legacy_routes() -> Vec<RouteEntry> {
         routes.push(RouteEntry {
             gsi,
             kind: RouteKind::Irqchip {
-                chip: KVM_IRQCHIP_IOAPIC,
+                chip: IRQCHIP_IOAPIC,
                 pin: gsi,
             },
         });

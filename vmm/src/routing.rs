@@ -4,7 +4,8 @@
 use std::io;
 use std::sync::Arc;
 
-use irq::port::{FaultInjecting, Gsi, KvmRouting, RouteEntry, RoutingBackend};
+use irq::kvm::KvmRouting;
+use irq::port::{FaultInjecting, Gsi, RouteEntry, RoutingBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The interrupt core of the VM (remapping table, routes, lines) as the VMM that owns it

@@ -25,11 +25,7 @@ use irq::fdlimit::{raise_fd_limit, FdLimitError};
 use irq::port::{FaultInjecting, MsiInjector};
 use irq::remap::FaultReason;
 use irq::{InterruptControl, InterruptCore, Irqchip, KvmRouting, RouteError, RouteTable};
-use kvm_bindings::{
-    kvm_enable_cap, kvm_mp_state, CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
-    KVM_X2APIC_API_USE_32BIT_IDS,
-};
+use kvm_bindings::{kvm_mp_state, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
