@@ -34,6 +34,34 @@ pub const fn signature_registers() -> [u32; 3] {
     ]
 }
 
+/// One CPUID leaf a host answers: function (EAX in), EAX, EBX, ECX, EDX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// The function (leaf number).
+    pub function: u32,
+    /// EAX, EBX, ECX, EDX out.
+    pub registers: [u32; 4],
+}
+
+/// The two leaves a host adds to a vCPU's CPUID to announce the hypercall: [`BASE`] and
+/// [`INTERFACE_LEAF`], with `features` (`abi::features`), the doorbell `port` and the
+/// remapping table's `table_size`. The host removes any other leaf of its range
+/// (`BASE..BASE + 0x100`) and leaves [`KVM_BASE`] alone.
+#[must_use]
+pub const fn discovery_leaves(features: u32, port: u16, table_size: u32) -> [Leaf; 2] {
+    let [b, c, d] = signature_registers();
+    [
+        Leaf {
+            function: BASE,
+            registers: [INTERFACE_LEAF, b, c, d],
+        },
+        Leaf {
+            function: INTERFACE_LEAF,
+            registers: [ABI_VERSION, features, port as u32, table_size],
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -264,6 +264,11 @@ pub struct Backing<B: RoutingBackend> {
 impl<B: RoutingBackend> Backing<B> {
     /// Takes ownership of `routes` and creates an empty table with `limits`.
     ///
+    /// Compatibility-format requests start **blocked**, as a VT-d unit with interrupt
+    /// remapping on and CFI clear blocks them; a front end that allows them says so
+    /// (`Setting::BlockCompatibility(false)`: `devices::viommu::Vtd::new` does, as the unit
+    /// starts with remapping off).
+    ///
     /// # Errors
     /// [`BackingError::BadCount`] for a table size outside 1..=65536.
     pub fn new(routes: RouteTable<B>, limits: Limits) -> Result<Self, BackingError> {

@@ -246,7 +246,8 @@ impl<B: RoutingBackend> std::fmt::Debug for InterruptCore<B> {
 }
 
 impl<B: RoutingBackend + 'static> InterruptCore<B> {
-    /// The core over `backing`.
+    /// The core over `backing`. Compatibility-format requests start blocked (see
+    /// [`Backing::new`]) until a front end allows them.
     #[must_use]
     pub fn new(backing: Backing<B>) -> Arc<Self> {
         let path = backing.path();

@@ -114,20 +114,15 @@ pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, cpus: u32, table_siz
     entries.retain(|e| {
         !(hypercall::cpuid::BASE..hypercall::cpuid::BASE + 0x100).contains(&e.function)
     });
-    entries.push(leaf(
-        hypercall::cpuid::BASE,
-        hypercall::cpuid::INTERFACE_LEAF,
-        hypercall::cpuid::signature_registers(),
-    ));
-    entries.push(leaf(
-        hypercall::cpuid::INTERFACE_LEAF,
-        hypercall::cpuid::ABI_VERSION,
-        [
-            hypercall::abi::features::V1,
-            u32::from(hypercall::platform::HYPERCALL_PORT),
-            table_size,
-        ],
-    ));
+    let leaves = hypercall::cpuid::discovery_leaves(
+        hypercall::abi::features::V1,
+        hypercall::platform::HYPERCALL_PORT,
+        table_size,
+    );
+    for l in leaves {
+        let [eax, ebx, ecx, edx] = l.registers;
+        entries.push(leaf(l.function, eax, [ebx, ecx, edx]));
+    }
 }
 
 #[cfg(test)]

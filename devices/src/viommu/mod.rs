@@ -29,6 +29,7 @@
 //! table takes effect when it invalidates the entry.
 
 pub mod descriptor;
+pub mod dmar;
 mod queue;
 pub mod regs;
 #[cfg(any(test, feature = "test-utils"))]

@@ -256,7 +256,7 @@ fn build_ioapic(
 ) -> Result<Arc<Mutex<IoApic>>, VmError> {
     let output = Arc::new(RemappingOutput::new(
         core.handle(),
-        crate::acpi::IOAPIC_SOURCE_ID,
+        devices::viommu::dmar::IOAPIC_SOURCE_ID,
     ));
     let ioapic = match saved {
         None => IoApic::new(output),
