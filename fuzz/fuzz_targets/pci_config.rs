@@ -61,7 +61,7 @@ fuzz_target!(|input: Input| {
     let mem = memory(&input.memory);
     let core = core(8);
     let path = lock(&core).path();
-    let mut root = PciRoot::new();
+    let mut root = PciRoot::new(devices::pci::PciLayout::default());
     let (Ok(slots), Ok(queues)) = (
         ImsSlots::new(
             64,

@@ -4,7 +4,6 @@
 use acpi_tables::sdt::Sdt;
 use devices::viommu::dmar::{dmar, DeviceScope, IOAPIC_SOURCE_ID, OEM_ID};
 
-
 /// Where the RSDP goes: in the BIOS area an OS searches (0xe0000-0xfffff), followed by
 /// the other tables.
 pub const RSDP_ADDR: u64 = 0x000e_0000;
@@ -205,5 +204,4 @@ mod tests {
         );
         assert!(checksum_ok(&t));
     }
-
 }

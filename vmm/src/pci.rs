@@ -210,7 +210,7 @@ impl PciDevices {
         path: &Arc<InterruptPath>,
         mem: &DefaultMemory,
     ) -> Result<Self, PciError> {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(devices::pci::PciLayout::default());
         let mut events: Loop = EventManager::new().map_err(other)?;
         let mut models = Vec::with_capacity(devices.len());
         let mut kicks = Vec::new();

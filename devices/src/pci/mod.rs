@@ -87,9 +87,34 @@ pub struct RootSnapshot {
     pub host_bridge: Vec<u8>,
 }
 
+/// Where a root bus's windows are in guest-physical memory: an embedder places them in
+/// its own device area ([`PciLayout::default`] is this VMM's, `hypercall::platform`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciLayout {
+    /// ECAM for bus 0 ([`ECAM_SIZE`] bytes; its MCFG entry and the ECAM bus device go
+    /// here).
+    pub ecam_base: u64,
+    /// The MMIO window BARs are placed in by [`PciRoot::assign_bars`] and routed from by
+    /// [`MmioWindow`].
+    pub window_base: u64,
+    /// Its size.
+    pub window_size: u64,
+}
+
+impl Default for PciLayout {
+    fn default() -> Self {
+        Self {
+            ecam_base: ECAM_BASE,
+            window_base: WINDOW_BASE,
+            window_size: WINDOW_SIZE,
+        }
+    }
+}
+
 /// The root bus.
 #[derive(Default)]
 pub struct PciRoot {
+    layout: PciLayout,
     functions: BTreeMap<u16, SharedFunction>,
     bridge: Arc<Mutex<HostBridge>>,
     address: u32,
@@ -111,12 +136,21 @@ fn lock(f: &SharedFunction) -> std::sync::MutexGuard<'_, dyn PciFunction + 'stat
 }
 
 impl PciRoot {
-    /// A root bus with the host bridge at 00:00.0.
+    /// A root bus with the host bridge at 00:00.0, its windows where `layout` says.
     #[must_use]
-    pub fn new() -> Self {
-        let mut root = Self::default();
+    pub fn new(layout: PciLayout) -> Self {
+        let mut root = Self {
+            layout,
+            ..Self::default()
+        };
         root.functions.insert(0, root.bridge.clone());
         root
+    }
+
+    /// Where its windows are.
+    #[must_use]
+    pub fn layout(&self) -> PciLayout {
+        self.layout
     }
 
     /// The root bus's own state.
@@ -169,9 +203,14 @@ impl PciRoot {
     }
 
     /// Places every BAR still unprogrammed in the MMIO window (as firmware would) and
-    /// turns on memory decoding, so a guest that does not enumerate finds its devices.
+    /// turns on memory decoding, so a guest that does not enumerate finds its devices. A
+    /// BAR that does not fit in what is left of the window stays unprogrammed.
     pub fn assign_bars(&mut self) {
-        let mut next = WINDOW_BASE;
+        let mut next = self.layout.window_base;
+        let end = self
+            .layout
+            .window_base
+            .saturating_add(self.layout.window_size);
         for f in self.functions.values() {
             let mut f = lock(f);
             let sizes: Vec<(usize, u64)> = (0..6)
@@ -188,7 +227,11 @@ impl PciRoot {
                 })
                 .collect();
             for (bar, size) in sizes {
-                next = next.div_ceil(size) * size;
+                let at_next = next.div_ceil(size) * size;
+                if at_next.saturating_add(size) > end {
+                    continue;
+                }
+                next = at_next;
                 let at = config::BAR0 + 4 * bar;
                 f.config_write(at, &next.to_le_bytes());
                 next += size;
@@ -378,7 +421,10 @@ pub struct MmioWindow(pub SharedRoot);
 
 impl ConcurrentBusDevice for MmioWindow {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let target = root(&self.0).bar_at(WINDOW_BASE + offset);
+        let target = {
+            let root = root(&self.0);
+            root.bar_at(root.layout.window_base + offset)
+        };
         match target {
             Some((f, bar, at)) => lock(&f).bar_read(bar, at, data),
             None => data.fill(0xff),
@@ -386,7 +432,10 @@ impl ConcurrentBusDevice for MmioWindow {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        let target = root(&self.0).bar_at(WINDOW_BASE + offset);
+        let target = {
+            let root = root(&self.0);
+            root.bar_at(root.layout.window_base + offset)
+        };
         if let Some((f, bar, at)) = target {
             lock(&f).bar_write(bar, at, data);
         }
@@ -426,7 +475,7 @@ mod tests {
             size: 0x1000,
         });
         let probe = Arc::new(Mutex::new(Probe { config, last: None }));
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(PciLayout::default());
         assert_eq!(root.add(3, 0, probe.clone()), Some(0x18));
         assert_eq!(root.add(3, 0, probe.clone()), None);
         root.assign_bars();
@@ -452,6 +501,40 @@ mod tests {
         io.write(0, &(3u32 << 11).to_le_bytes());
         io.read(4, &mut id);
         assert_eq!(u32::from_le_bytes(id), u32::MAX);
+    }
+
+    /// An embedder's layout: BARs go in its window, the window routes from its base, and
+    /// a BAR that does not fit stays unprogrammed.
+    #[test]
+    fn a_root_places_and_routes_bars_in_the_layout_it_was_given() {
+        let probe = || {
+            let mut config = ConfigSpace::new(0x1b36, 0x1100, [0xff, 0, 0], 0);
+            config.add_bar(config::Bar {
+                index: 0,
+                size: 0x1000,
+            });
+            Arc::new(Mutex::new(Probe { config, last: None }))
+        };
+        let layout = PciLayout {
+            ecam_base: 0x3000_0000,
+            window_base: 0x4000_0000,
+            window_size: 0x1000,
+        };
+        let (a, b) = (probe(), probe());
+        let mut root = PciRoot::new(layout);
+        root.add(3, 0, a.clone()).unwrap();
+        root.add(4, 0, b.clone()).unwrap();
+        root.assign_bars();
+        assert_eq!(root.layout(), layout);
+        let bar0 = |p: &Arc<Mutex<Probe>>| {
+            let b = p.lock().unwrap().config.bytes(config::BAR0, 4).to_vec();
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & !0xf
+        };
+        assert_eq!(bar0(&a), 0x4000_0000);
+        assert_eq!(bar0(&b), 0, "no room left in the window");
+        let window = MmioWindow(Arc::new(Mutex::new(root)));
+        window.write(0x10, &[7]);
+        assert_eq!(a.lock().unwrap().last, Some((0, 0x10, vec![7])));
     }
 
     #[test]
@@ -481,7 +564,7 @@ mod tests {
         let snap = root.lock().unwrap().snapshot();
 
         // A new root over the same function (whose own state its device restores).
-        let mut again = PciRoot::new();
+        let mut again = PciRoot::new(PciLayout::default());
         again.add(3, 0, probe.clone());
         again.restore(&snap).unwrap();
         assert_eq!(again.bar_address(0x18, 0), Some(0xc020_0000));
