@@ -9,18 +9,22 @@
 //!   queues, and a command that does not complete in time resets the device.
 //!
 //! Both do their work on an event loop ([`ImsBackend`]), never on a vCPU thread: a
-//! register write only records what is to be done and kicks the loop.
+//! register write only records what is to be done and kicks the loop. The backend is an
+//! `event-manager` subscriber (feature `event-manager`, on by default); without it, an
+//! embedder's own loop waits on [`ImsBackend::fds`] and calls [`ImsBackend::ready`].
 
 pub mod queues;
 pub mod slots;
 pub mod snapshot;
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "event-manager")]
 use event_manager::{EventOps, Events, MutEventSubscriber};
+#[cfg(feature = "event-manager")]
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -160,6 +164,23 @@ impl<D: ImsEngine> ImsBackend<D> {
         })
     }
 
+    /// The descriptors to wait on for reading: the device's kick eventfd and the backend's
+    /// timer.
+    #[must_use]
+    pub fn fds(&self) -> [RawFd; 2] {
+        [self.kick.as_raw_fd(), self.timer.as_raw_fd()]
+    }
+
+    /// `fd` (one of [`Self::fds`]) is readable: consumes it and runs whatever work is due.
+    pub fn ready(&mut self, fd: RawFd) {
+        if fd == self.kick.as_raw_fd() {
+            let _ = self.kick.read();
+        } else {
+            let _ = self.timer.wait();
+        }
+        self.run();
+    }
+
     fn run(&mut self) {
         let now = Instant::now();
         let next = self
@@ -176,15 +197,11 @@ impl<D: ImsEngine> ImsBackend<D> {
     }
 }
 
+#[cfg(feature = "event-manager")]
 impl<D: ImsEngine> MutEventSubscriber for ImsBackend<D> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.event_set().contains(EventSet::IN) {
-            if events.fd() == self.kick.as_raw_fd() {
-                let _ = self.kick.read();
-            } else {
-                let _ = self.timer.wait();
-            }
-            self.run();
+            self.ready(events.fd());
         }
     }
 
