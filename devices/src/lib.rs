@@ -13,6 +13,8 @@
 //! - [`ims`]: the IMS devices (slot-array and queue-memory) and their event-loop backend.
 //! - [`ioapic`]: the IOAPIC, whose pins send through interrupt remapping.
 //! - [`restore`]: the one error every device's restore returns.
+//! - [`dispatch`]: the IRTE hypercall's dispatcher and the doorbell helper of an exit loop.
+//! - [`memory`]: guest memory as the devices take it (any vm-memory address space).
 //!
 //! Interrupts go through the interrupt core's front door (`irq::control::CoreHandle`) and
 //! its data path; no device names a KVM type or the core's routing (CI checks it).

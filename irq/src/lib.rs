@@ -10,23 +10,28 @@
 //!   remapping table entry, each one type with encode and decode.
 //! - [`remap`]: the remapping table: `translate(message, requester)` to a target or a
 //!   fault (VT-d fault reasons), source-id checks.
-//! - [`port`]: the KVM port: [`RoutingBackend`] (routing table and irqfds) and
-//!   [`port::MsiInjector`], with [`KvmRouting`] the real implementation (the only place
-//!   KVM is named) and [`port::FaultInjecting`] the test machinery in front of it.
+//! - [`port`]: the KVM port's traits: [`RoutingBackend`] (routing table and irqfds),
+//!   [`port::MsiInjector`] and [`port::DoorbellVcpu`] (a vCPU at the hypercall's doorbell),
+//!   with [`port::FaultInjecting`] the test machinery in front of a backend.
+//! - `kvm` (feature `kvm`, on by default): their KVM implementations (`KvmRouting`, the
+//!   only place KVM is named) and the VM set-up the core needs (split irqchip, x2APIC API).
 //! - [`routes`]: KVM's GSI routing table, owned in one place: the route limit read from
 //!   KVM, the legacy IOAPIC/PIC GSIs, staged changes committed with one
-//!   `KVM_SET_GSI_ROUTING`, and the kernel's ordering rules (a route exists before an
-//!   irqfd is attached to it; irqfds are detached before a route goes).
+//!   `KVM_SET_GSI_ROUTING` per owner (the core and others with budgets), and the kernel's
+//!   ordering rules (a route exists before an irqfd is attached to it; irqfds are detached
+//!   before a route goes).
 //! - [`path`]: the data path, per interrupt: signal the entry `i` as requester `s`
 //!   (requester check, then the line's eventfd); [`faults`]: what it records.
 //! - [`backing`]: the control path: entries, allocation and quotas, managed reservations,
 //!   the route cache of translated targets and their lines; `backing::commit`: the
-//!   transaction and its numbered commit steps; `backing::snapshot`: save and restore.
+//!   transaction and its numbered commit steps; [`backing::bound`]: eventfds of sources
+//!   outside the core bound to entries; `backing::snapshot`: save and restore.
 //! - [`control`]: the front door. Every front end (the hypercall dispatcher, the VT-d unit,
 //!   the IOAPIC's level pins, an embedder) changes the core through one object-safe trait,
 //!   [`InterruptControl`], held as a [`CoreHandle`]; [`InterruptCore`] implements it over
 //!   [`backing::Backing`] and owns its lock. Device models signal through the data path
-//!   beside it ([`InterruptControl::path`]).
+//!   beside it ([`InterruptControl::path`]); owners of plain MSI routes share KVM's table
+//!   through [`control::RouteControl`].
 //! - [`storm`]: storm control (per-entry rate limits, coalesced deliveries);
 //!   [`fdlimit`]: the descriptor limit thousands of lines need; `fake` (feature
 //!   `test-utils`): a fake KVM and the core fixture every crate's tests share.
