@@ -48,7 +48,7 @@ pub struct RouteEntry {
 }
 
 /// The KVM operations routing needs. One method per ioctl; the real implementation is
-/// [`KvmRouting`], tests use fakes.
+/// `KvmRouting` (feature `kvm`), tests use fakes.
 pub trait RoutingBackend: Send + Sync {
     /// Replaces the whole routing table (`KVM_SET_GSI_ROUTING`).
     ///
