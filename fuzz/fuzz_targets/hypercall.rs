@@ -7,10 +7,10 @@
 
 #![no_main]
 
+use devices::dispatch::{Dispatcher, HypercallHandler};
 use hypercall::abi::{status, Registers};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use devices::dispatch::{Dispatcher, HypercallHandler};
 use vmm_fuzz::{core, lock, memory, DEVICE_A, DEVICE_B, MAX_OPS};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
