@@ -42,6 +42,7 @@ pub mod routing;
 pub mod snapshot;
 pub mod threads;
 pub mod vcpu;
+pub mod vfio_user;
 pub mod vm;
 pub mod x86;
 

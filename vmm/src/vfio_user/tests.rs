@@ -1,0 +1,289 @@
+//! The client against the rust-vmm `vfio_user` crate's `Server` (a server we did not
+//! write), and against servers that lie, stall or die.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use vfio_bindings::bindings::vfio::{
+    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::*;
+
+/// A socket path of its own in the temporary directory.
+fn socket(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("vmm-vfio-user-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// What the test backend saw and does.
+#[derive(Default)]
+struct Seen {
+    config: Vec<u8>,
+    bar: Vec<u8>,
+    set_irqs: Vec<(u32, u32, u32, u32, usize)>,
+    refuse_irqs: bool,
+    irq_files: Vec<std::fs::File>,
+}
+
+struct Backend(Arc<Mutex<Seen>>);
+
+impl vfio_user::ServerBackend for Backend {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        let seen = self.0.lock().unwrap();
+        let src = if region == VFIO_PCI_CONFIG_REGION_INDEX {
+            &seen.config
+        } else {
+            &seen.bar
+        };
+        let at = usize::try_from(offset).unwrap();
+        data.copy_from_slice(&src[at..at + data.len()]);
+        Ok(())
+    }
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut seen = self.0.lock().unwrap();
+        let dst = if region == VFIO_PCI_CONFIG_REGION_INDEX {
+            &mut seen.config
+        } else {
+            &mut seen.bar
+        };
+        let at = usize::try_from(offset).unwrap();
+        dst[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn dma_map(
+        &mut self,
+        _: vfio_user::DmaMapFlags,
+        _: u64,
+        _: u64,
+        _: u64,
+        _: Option<std::fs::File>,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+    fn dma_unmap(&mut self, _: vfio_user::DmaUnmapFlags, _: u64, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn reset(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<std::fs::File>,
+    ) -> io::Result<()> {
+        let mut seen = self.0.lock().unwrap();
+        seen.set_irqs.push((index, flags, start, count, fds.len()));
+        if seen.refuse_irqs {
+            return Err(io::Error::other("no"));
+        }
+        seen.irq_files.extend(fds);
+        Ok(())
+    }
+}
+
+/// A device with a 256-byte configuration space (vendor 0x1234), a 4-KiB BAR 0 and four
+/// MSI-X vectors, served by the crate's `Server` on its own thread.
+fn device(name: &str) -> (PathBuf, Arc<Mutex<Seen>>, thread::JoinHandle<()>) {
+    let path = socket(name);
+    let mut config = vec![0u8; 256];
+    config[0..2].copy_from_slice(&0x1234u16.to_le_bytes());
+    let seen = Arc::new(Mutex::new(Seen {
+        config,
+        bar: vec![0; 4096],
+        ..Seen::default()
+    }));
+    let region = |index: u32, size: u64| vfio_user::ServerRegion {
+        region_info: vfio_region_info {
+            argsz: 32,
+            flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
+            index,
+            size,
+            ..Default::default()
+        },
+        sparse_areas: Vec::new(),
+        mmap_fd: None,
+    };
+    let regions = (0..VFIO_PCI_NUM_REGIONS)
+        .map(|i| match i {
+            VFIO_PCI_BAR0_REGION_INDEX => region(i, 4096),
+            VFIO_PCI_CONFIG_REGION_INDEX => region(i, 256),
+            _ => region(i, 0),
+        })
+        .collect();
+    let irqs = (0..VFIO_PCI_NUM_IRQS)
+        .map(|index| vfio_user::IrqInfo {
+            index,
+            flags: VFIO_IRQ_INFO_EVENTFD,
+            count: if index == VFIO_PCI_MSIX_IRQ_INDEX {
+                4
+            } else {
+                1
+            },
+        })
+        .collect();
+    let server = vfio_user::Server::new(&path, true, irqs, regions).unwrap();
+    let backend_seen = seen.clone();
+    let thread = thread::spawn(move || {
+        let _ = server.run(&mut Backend(backend_seen));
+    });
+    (path, seen, thread)
+}
+
+#[test]
+fn a_device_from_another_project_is_read_written_and_given_eventfds_one_per_message() {
+    let (path, seen, server) = device("crate");
+    let mut c = Client::connect(&path, DEFAULT_TIMEOUT).unwrap();
+    assert_eq!(
+        c.caps().max_msg_fds,
+        1,
+        "the crate's server takes one fd per message"
+    );
+    assert_eq!(c.regions()[VFIO_PCI_CONFIG_REGION_INDEX as usize].size, 256);
+    assert_eq!(c.irqs()[VFIO_PCI_MSIX_IRQ_INDEX as usize].count, 4);
+    let mut id = [0u8; 2];
+    c.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut id)
+        .unwrap();
+    assert_eq!(u16::from_le_bytes(id), 0x1234);
+    c.region_write(VFIO_PCI_BAR0_REGION_INDEX, 0x10, &[1, 2, 3, 4])
+        .unwrap();
+    let mut back = [0u8; 4];
+    c.region_read(VFIO_PCI_BAR0_REGION_INDEX, 0x10, &mut back)
+        .unwrap();
+    assert_eq!(back, [1, 2, 3, 4]);
+    // Out of the region: refused here, nothing sent.
+    c.region_read(VFIO_PCI_BAR0_REGION_INDEX, 4094, &mut back)
+        .unwrap_err();
+    // Three eventfds for vectors 1..4: three messages of one.
+    let fds: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    c.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 1, &raw)
+        .unwrap();
+    c.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 2, &raw)
+        .unwrap_err();
+    {
+        let s = seen.lock().unwrap();
+        let starts: Vec<(u32, u32, usize)> = s.set_irqs.iter().map(|c| (c.2, c.3, c.4)).collect();
+        assert_eq!(starts, vec![(1, 1, 1), (2, 1, 1), (3, 1, 1)]);
+        // What the server holds is our eventfd: its write is our count.
+        use std::io::Write as _;
+        (&s.irq_files[0]).write_all(&1u64.to_le_bytes()).unwrap();
+    }
+    assert_eq!(fds[0].read().unwrap(), 1);
+    c.clear_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, 4).unwrap();
+    c.reset().unwrap();
+    drop(c);
+    server.join().unwrap();
+}
+
+#[test]
+fn a_refused_set_irqs_is_an_error_and_the_connection_goes_on() {
+    let (path, seen, server) = device("refuse");
+    let mut c = Client::connect(&path, DEFAULT_TIMEOUT).unwrap();
+    seen.lock().unwrap().refuse_irqs = true;
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let err = c
+        .set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 0, &[fd.as_raw_fd()])
+        .unwrap_err();
+    assert!(
+        matches!(err, VfioUserError::Refused { command: 8, .. }),
+        "{err}"
+    );
+    assert!(!c.is_broken());
+    let mut id = [0u8; 2];
+    c.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut id)
+        .unwrap();
+    drop(c);
+    server.join().unwrap();
+}
+
+/// What a lying server does with the header of the request after the version.
+type Lie = fn(&mut UnixStream, [u8; 16]);
+
+/// A server that answers the version and then does what `then` says with the next
+/// request's header.
+fn liar(name: &str, then: Lie) -> (PathBuf, thread::JoinHandle<()>) {
+    let path = socket(name);
+    let listener = UnixListener::bind(&path).unwrap();
+    let thread = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = [0u8; 16];
+        s.read_exact(&mut head).unwrap();
+        let h = Header::decode(&head).unwrap();
+        let mut rest = vec![0u8; h.size as usize - 16];
+        s.read_exact(&mut rest).unwrap();
+        let caps = b"\0";
+        let mut reply = Header {
+            id: h.id,
+            command: h.command,
+            size: 16 + 4 + u32::try_from(caps.len()).unwrap(),
+            flags: 1,
+            error: 0,
+        }
+        .encode()
+        .to_vec();
+        reply.extend_from_slice(&[0, 0, 1, 0]);
+        reply.extend_from_slice(caps);
+        s.write_all(&reply).unwrap();
+        let mut next = [0u8; 16];
+        if s.read_exact(&mut next).is_ok() {
+            let h = Header::decode(&next).unwrap();
+            let mut rest = vec![0u8; h.size as usize - 16];
+            let _ = s.read_exact(&mut rest);
+            then(&mut s, next);
+        }
+    });
+    (path, thread)
+}
+
+#[test]
+fn servers_that_lie_stall_or_die_get_an_error_never_a_panic() {
+    let cases: [(&str, Lie); 6] = [
+        ("short", |s, h| {
+            let mut r = Header::decode(&h).unwrap();
+            (r.flags, r.size) = (1, 8);
+            let _ = s.write_all(&r.encode());
+        }),
+        ("huge", |s, h| {
+            let mut r = Header::decode(&h).unwrap();
+            (r.flags, r.size) = (1, u32::MAX);
+            let _ = s.write_all(&r.encode());
+        }),
+        ("other-id", |s, h| {
+            let mut r = Header::decode(&h).unwrap();
+            (r.flags, r.size, r.id) = (1, 16, r.id.wrapping_add(7));
+            let _ = s.write_all(&r.encode());
+        }),
+        ("not-a-reply", |s, h| {
+            let mut r = Header::decode(&h).unwrap();
+            (r.flags, r.size) = (0, 16);
+            let _ = s.write_all(&r.encode());
+        }),
+        ("dies", |_, _| {}),
+        ("stalls", |_, _| thread::sleep(Duration::from_millis(1500))),
+    ];
+    for (name, then) in cases {
+        let (path, server) = liar(name, then);
+        let err = Client::connect(&path, Duration::from_millis(500)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VfioUserError::Protocol { .. } | VfioUserError::Io { .. }
+            ),
+            "{name}: {err:?}"
+        );
+        server.join().unwrap();
+    }
+}
