@@ -12,7 +12,7 @@ use devices::ims::slots::{ImsSlots, SlotsSnapshot};
 use devices::ims::snapshot::RestoreError;
 use devices::ims::{ImsBackend, ImsEngine};
 use devices::memory::DefaultMemory;
-use devices::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
+use devices::pci::{self, ConfigIo, Ecam, IoWindow, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use irq::backing::InterruptPath;
 use serde::{Deserialize, Serialize};
@@ -423,7 +423,15 @@ impl PciDevices {
                 pci::WINDOW_SIZE,
                 Arc::new(MmioWindow(self.root.clone())),
             )
-            .map_err(|e| ("PCI MMIO window", e))
+            .map_err(|e| ("PCI MMIO window", e))?;
+        buses
+            .pio
+            .insert_concurrent(
+                pci::IO_BASE,
+                pci::IO_SIZE,
+                Arc::new(IoWindow(self.root.clone())),
+            )
+            .map_err(|e| ("PCI I/O window", e))
     }
 
     /// Stops the event loop and reports each device, waiting for a busy loop or device

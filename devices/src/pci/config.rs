@@ -30,6 +30,9 @@ pub struct Bar {
     pub size: u64,
 }
 
+/// Command register: I/O space decoding.
+pub const COMMAND_IO: u16 = 1 << 0;
+
 /// What a configuration write changed that the bus must act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ConfigChange {
@@ -43,6 +46,7 @@ pub struct ConfigSpace {
     bytes: [u8; SIZE],
     writable: [u8; SIZE],
     bars: Vec<Bar>,
+    io_bars: Vec<Bar>,
     next_cap: usize,
     last_cap: usize,
 }
@@ -55,6 +59,7 @@ impl ConfigSpace {
             bytes: [0; SIZE],
             writable: [0; SIZE],
             bars: Vec::new(),
+            io_bars: Vec::new(),
             next_cap: 0x40,
             last_cap: 0,
         };
@@ -92,6 +97,21 @@ impl ConfigSpace {
         mask[0] &= 0xf0;
         self.set_writable(at, &mask);
         self.bars.push(bar);
+    }
+
+    /// Adds an I/O BAR (index 0 to 5, a power-of-two size of at least 4 ports, at most
+    /// 256) and makes I/O decoding the guest's to turn on.
+    pub fn add_io_bar(&mut self, bar: Bar) {
+        let at = BAR0 + 4 * bar.index;
+        self.set_bytes(at, &[0b1]);
+        let size = u32::try_from(bar.size.clamp(4, 256)).unwrap_or(256);
+        let mut mask = (!(size - 1)).to_le_bytes();
+        mask[0] &= 0xfc;
+        self.set_writable(at, &mask);
+        if let Some(w) = self.writable.get_mut(0x04) {
+            *w |= 1; // COMMAND_IO
+        }
+        self.io_bars.push(bar);
     }
 
     /// Adds a capability with `body` (after the ID and next pointer), of which the bytes
@@ -185,6 +205,33 @@ impl ConfigSpace {
     #[must_use]
     pub fn bytes(&self, at: usize, len: usize) -> &[u8] {
         self.bytes.get(at..at + len).unwrap_or(&[])
+    }
+
+    /// The I/O BARs.
+    #[must_use]
+    pub fn io_bars(&self) -> &[Bar] {
+        &self.io_bars
+    }
+
+    /// Where each I/O BAR is, when I/O decoding is on: (BAR index, port, size).
+    #[must_use]
+    pub fn mapped_io_bars(&self) -> Vec<(usize, u64, u64)> {
+        if self.u16_at(0x04) & COMMAND_IO == 0 {
+            return Vec::new();
+        }
+        self.io_bars
+            .iter()
+            .map(|bar| {
+                let at = BAR0 + 4 * bar.index;
+                let v = self
+                    .bytes
+                    .get(at..at + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u32::from_le_bytes);
+                (bar.index, u64::from(v & !0x3), bar.size)
+            })
+            .filter(|(_, port, _)| *port != 0)
+            .collect()
     }
 
     /// Where each BAR is, when memory decoding is on: (BAR index, address, size).

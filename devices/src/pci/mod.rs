@@ -99,7 +99,16 @@ pub struct PciLayout {
     pub window_base: u64,
     /// Its size.
     pub window_size: u64,
+    /// The port range I/O BARs are placed in and routed from by [`IoWindow`].
+    pub io_base: u64,
+    /// Its size.
+    pub io_size: u64,
 }
+
+/// Ports of the I/O window when nothing says otherwise.
+pub const IO_BASE: u64 = 0xc000;
+/// Its size.
+pub const IO_SIZE: u64 = 0x4000;
 
 impl Default for PciLayout {
     fn default() -> Self {
@@ -107,6 +116,8 @@ impl Default for PciLayout {
             ecam_base: ECAM_BASE,
             window_base: WINDOW_BASE,
             window_size: WINDOW_SIZE,
+            io_base: IO_BASE,
+            io_size: IO_SIZE,
         }
     }
 }
@@ -120,6 +131,8 @@ pub struct PciRoot {
     address: u32,
     /// (address, size, requester ID, BAR) of every mapped BAR.
     map: Vec<(u64, u64, u16, usize)>,
+    /// The same for I/O BARs (ports).
+    io_map: Vec<(u64, u64, u16, usize)>,
 }
 
 impl std::fmt::Debug for PciRoot {
@@ -211,6 +224,8 @@ impl PciRoot {
             .layout
             .window_base
             .saturating_add(self.layout.window_size);
+        let mut next_io = self.layout.io_base;
+        let io_end = self.layout.io_base.saturating_add(self.layout.io_size);
         for f in self.functions.values() {
             let mut f = lock(f);
             let sizes: Vec<(usize, u64)> = (0..6)
@@ -236,7 +251,26 @@ impl PciRoot {
                 f.config_write(at, &next.to_le_bytes());
                 next += size;
             }
-            f.config_write(0x04, &config::COMMAND_MEMORY.to_le_bytes());
+            let io_sizes: Vec<(usize, u64)> = f
+                .config()
+                .io_bars()
+                .iter()
+                .filter(|b| f.config().bytes(config::BAR0 + 4 * b.index, 4) == [1, 0, 0, 0])
+                .map(|b| (b.index, b.size))
+                .collect();
+            let mut command = config::COMMAND_MEMORY;
+            for (bar, size) in io_sizes {
+                let size = size.max(4);
+                let at_next = next_io.div_ceil(size) * size;
+                if at_next.saturating_add(size) > io_end {
+                    continue;
+                }
+                next_io = at_next + size;
+                let port = u32::try_from(at_next).unwrap_or(0);
+                f.config_write(config::BAR0 + 4 * bar, &port.to_le_bytes());
+                command |= config::COMMAND_IO;
+            }
+            f.config_write(0x04, &command.to_le_bytes());
         }
         self.remap();
     }
@@ -251,6 +285,24 @@ impl PciRoot {
                     .map(move |(bar, addr, size)| (addr, size, *rid, bar))
             })
             .collect();
+        self.io_map = self
+            .functions
+            .iter()
+            .flat_map(|(rid, f)| {
+                let bars = lock(f).config().mapped_io_bars();
+                bars.into_iter()
+                    .map(move |(bar, port, size)| (port, size, *rid, bar))
+            })
+            .collect();
+    }
+
+    fn io_bar_at(&self, port: u64) -> Option<(SharedFunction, usize, u64)> {
+        self.io_map
+            .iter()
+            .find(|(base, size, _, _)| port >= *base && port - base < *size)
+            .and_then(|(base, _, rid, bar)| {
+                Some((self.functions.get(rid)?.clone(), *bar, port - base))
+            })
     }
 
     /// Configuration read of requester `rid` at `offset` (no function: all ones). For a
@@ -442,6 +494,33 @@ impl ConcurrentBusDevice for MmioWindow {
     }
 }
 
+/// The I/O window: port accesses go to the I/O BAR the guest placed there.
+#[derive(Debug)]
+pub struct IoWindow(pub SharedRoot);
+
+impl ConcurrentBusDevice for IoWindow {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let target = {
+            let root = root(&self.0);
+            root.io_bar_at(root.layout.io_base + offset)
+        };
+        match target {
+            Some((f, bar, at)) => lock(&f).bar_read(bar, at, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let target = {
+            let root = root(&self.0);
+            root.io_bar_at(root.layout.io_base + offset)
+        };
+        if let Some((f, bar, at)) = target {
+            lock(&f).bar_write(bar, at, data);
+        }
+    }
+}
+
 #[cfg(test)]
 #[expect(clippy::cast_possible_truncation, reason = "test offsets are small")]
 mod tests {
@@ -519,6 +598,7 @@ mod tests {
             ecam_base: 0x3000_0000,
             window_base: 0x4000_0000,
             window_size: 0x1000,
+            ..PciLayout::default()
         };
         let (a, b) = (probe(), probe());
         let mut root = PciRoot::new(layout);
@@ -535,6 +615,60 @@ mod tests {
         let window = MmioWindow(Arc::new(Mutex::new(root)));
         window.write(0x10, &[7]);
         assert_eq!(a.lock().unwrap().last, Some((0, 0x10, vec![7])));
+    }
+
+    /// I/O BARs: placed in the layout's port range, routed by the I/O window, following
+    /// the guest's placement and I/O decoding.
+    #[test]
+    fn io_bars_are_placed_and_routed_by_port() {
+        let mut config = ConfigSpace::new(0x1b36, 0x1100, [0xff, 0, 0], 0);
+        config.add_io_bar(config::Bar {
+            index: 2,
+            size: 0x100,
+        });
+        config.add_bar(config::Bar {
+            index: 0,
+            size: 0x1000,
+        });
+        let probe = Arc::new(Mutex::new(Probe { config, last: None }));
+        let mut root = PciRoot::new(PciLayout::default());
+        root.add(5, 0, probe.clone()).unwrap();
+        root.assign_bars();
+        let bar = |p: &Arc<Mutex<Probe>>, i: usize| {
+            let b = p
+                .lock()
+                .unwrap()
+                .config
+                .bytes(config::BAR0 + 4 * i, 4)
+                .to_vec();
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        };
+        assert_eq!(bar(&probe, 2), 0xc001, "port 0xc000, I/O type bit");
+        assert_eq!(
+            bar(&probe, 0) & !0xf,
+            0xc000_0000,
+            "the memory BAR as before"
+        );
+        let shared = Arc::new(Mutex::new(root));
+        let io = IoWindow(shared.clone());
+        io.write(0x10, &[9]);
+        assert_eq!(probe.lock().unwrap().last, Some((2, 0x10, vec![9])));
+        let mut b = [0u8; 1];
+        io.read(0x100, &mut b);
+        assert_eq!(b, [0xff], "beyond the BAR");
+        // The guest moves it and then turns I/O decoding off.
+        shared
+            .lock()
+            .unwrap()
+            .config_write(0x28, 0x18, &0xd000u32.to_le_bytes());
+        io.write(0x1000 + 4, &[7]);
+        assert_eq!(probe.lock().unwrap().last, Some((2, 4, vec![7])));
+        shared
+            .lock()
+            .unwrap()
+            .config_write(0x28, 0x04, &config::COMMAND_MEMORY.to_le_bytes());
+        io.write(0x1000, &[8]);
+        assert_eq!(probe.lock().unwrap().last, Some((2, 4, vec![7])));
     }
 
     #[test]

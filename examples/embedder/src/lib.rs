@@ -57,6 +57,8 @@ pub const LAYOUT: PciLayout = PciLayout {
     ecam_base: 0xd000_0000,
     window_base: 0xc000_0000,
     window_size: 0x1000_0000,
+    io_base: 0x6000,
+    io_size: 0x1000,
 };
 /// How long a run may take.
 const DEADLINE: Duration = Duration::from_secs(120);
