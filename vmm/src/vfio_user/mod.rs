@@ -12,6 +12,7 @@
 //! error reply as an error whatever its errno, times out every request, and after any of
 //! these marks the connection broken: no further request is sent on it.
 
+pub mod function;
 pub mod protocol;
 
 use std::fs::File;

@@ -31,6 +31,8 @@ struct Seen {
     set_irqs: Vec<(u32, u32, u32, u32, usize)>,
     refuse_irqs: bool,
     irq_files: Vec<std::fs::File>,
+    /// The server's thread ends (as a dying device process) at its next region read.
+    die: bool,
 }
 
 struct Backend(Arc<Mutex<Seen>>);
@@ -38,6 +40,7 @@ struct Backend(Arc<Mutex<Seen>>);
 impl vfio_user::ServerBackend for Backend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
         let seen = self.0.lock().unwrap();
+        assert!(!seen.die, "the device process dies (on purpose)");
         let src = if region == VFIO_PCI_CONFIG_REGION_INDEX {
             &seen.config
         } else {
@@ -98,6 +101,10 @@ fn device(name: &str) -> (PathBuf, Arc<Mutex<Seen>>, thread::JoinHandle<()>) {
     let path = socket(name);
     let mut config = vec![0u8; 256];
     config[0..2].copy_from_slice(&0x1234u16.to_le_bytes());
+    config[2..4].copy_from_slice(&0x5678u16.to_le_bytes());
+    config[0x0b] = 0xff; // class
+    config[0x18] = 1; // BAR 2 is an I/O BAR
+    config[0x3d] = 1; // INTA
     let seen = Arc::new(Mutex::new(Seen {
         config,
         bar: vec![0; 4096],
@@ -117,6 +124,7 @@ fn device(name: &str) -> (PathBuf, Arc<Mutex<Seen>>, thread::JoinHandle<()>) {
     let regions = (0..VFIO_PCI_NUM_REGIONS)
         .map(|i| match i {
             VFIO_PCI_BAR0_REGION_INDEX => region(i, 4096),
+            2 => region(i, 256),
             VFIO_PCI_CONFIG_REGION_INDEX => region(i, 256),
             _ => region(i, 0),
         })
@@ -286,4 +294,47 @@ fn servers_that_lie_stall_or_die_get_an_error_never_a_panic() {
         );
         server.join().unwrap();
     }
+}
+
+#[test]
+fn a_device_becomes_a_function_on_our_root_with_its_ids_and_relayed_bars() {
+    use devices::pci::{IoWindow, MmioWindow, PciLayout, PciRoot};
+    use devices::ConcurrentBusDevice;
+
+    let (path, seen, server) = device("function");
+    let client = Client::connect(&path, DEFAULT_TIMEOUT).unwrap();
+    let function = Arc::new(Mutex::new(function::VfioUserFunction::new(client).unwrap()));
+    let mut root = PciRoot::new(PciLayout::default());
+    root.add(6, 0, function.clone()).unwrap();
+    root.assign_bars();
+    let mut id = [0u8; 4];
+    root.config_read(0x30, 0, &mut id);
+    assert_eq!(id, [0x34, 0x12, 0x78, 0x56]);
+    let mut pin = [0u8; 1];
+    root.config_read(0x30, 0x3d, &mut pin);
+    assert_eq!(pin, [1]);
+    let root = Arc::new(Mutex::new(root));
+    // BAR 0 (memory) and BAR 2 (I/O) reach the device's regions 0 and 2.
+    MmioWindow(root.clone()).write(0x20, &[5, 6]);
+    assert_eq!(&seen.lock().unwrap().bar[0x20..0x22], &[5, 6]);
+    let mut b = [0u8; 2];
+    IoWindow(root.clone()).read(0x20, &mut b);
+    assert_eq!(
+        b,
+        [5, 6],
+        "the test backend serves both BARs from one buffer"
+    );
+    // The command register goes to the device too.
+    root.lock().unwrap().config_write(0x30, 0x04, &[0x7, 0]);
+    assert_eq!(seen.lock().unwrap().config[4], 0x7);
+    // The device process dies: reads are all ones from then on, counted.
+    seen.lock().unwrap().die = true;
+    IoWindow(root.clone()).read(0x20, &mut b);
+    assert_eq!(b, [0xff, 0xff]);
+    server.join().unwrap_err();
+    MmioWindow(root.clone()).read(0x20, &mut b);
+    assert_eq!(b, [0xff, 0xff]);
+    let f = function.lock().unwrap();
+    assert!(f.lost(), "the connection is known to be gone");
+    assert_eq!(f.failures(), 2);
 }
