@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::bus::BusError;
 use crate::config::{DeviceConfig, DeviceKind};
 use crate::exit::Buses;
+use crate::vfio_user::function::VfioUserFunction;
+use crate::vfio_user::Client;
 
 /// How long the event loop waits before looking at the stop flag again.
 const LOOP_TIMEOUT_MS: i32 = 50;
@@ -28,6 +30,8 @@ const LOOP_TIMEOUT_MS: i32 = 50;
 enum Model {
     Slots(Arc<Mutex<ImsSlots>>),
     Queues(Arc<Mutex<ImsQueues>>),
+    /// A device another process serves (no backend here: its work is there).
+    VfioUser(Arc<Mutex<VfioUserFunction>>),
 }
 
 impl Model {
@@ -44,22 +48,33 @@ impl Model {
         match self {
             Self::Slots(d) => d.clone(),
             Self::Queues(d) => d.clone(),
+            Self::VfioUser(d) => d.clone(),
         }
     }
 
-    /// Its backend on the event loop.
-    fn backend(&self) -> std::io::Result<Subscriber> {
+    /// Its backend on the event loop, if it has one.
+    fn backend(&self) -> std::io::Result<Option<Subscriber>> {
         Ok(match self {
-            Self::Slots(d) => Box::new(ImsBackend::new(d.clone())?),
-            Self::Queues(d) => Box::new(ImsBackend::new(d.clone())?),
+            Self::Slots(d) => Some(Box::new(ImsBackend::new(d.clone())?)),
+            Self::Queues(d) => Some(Box::new(ImsBackend::new(d.clone())?)),
+            Self::VfioUser(_) => None,
         })
     }
 
     /// Its kick eventfd (to make a restored device look at its queues once).
-    fn kick_fd(&self) -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+    fn kick_fd(&self) -> std::io::Result<Option<vmm_sys_util::eventfd::EventFd>> {
         match self {
-            Self::Slots(d) => d.lock().unwrap_or_else(PoisonError::into_inner).kick_fd(),
-            Self::Queues(d) => d.lock().unwrap_or_else(PoisonError::into_inner).kick_fd(),
+            Self::Slots(d) => d
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .kick_fd()
+                .map(Some),
+            Self::Queues(d) => d
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .kick_fd()
+                .map(Some),
+            Self::VfioUser(_) => Ok(None),
         }
     }
 }
@@ -147,6 +162,18 @@ pub enum PciError {
     /// An eventfd, timer, epoll or thread could not be had.
     #[error("cannot set up the PCI devices")]
     Os(#[from] std::io::Error),
+    /// A vfio-user device could not be reached or set up.
+    #[error("cannot set up PCI device {device}")]
+    VfioUser {
+        /// Which.
+        device: String,
+        /// Why.
+        #[source]
+        source: crate::vfio_user::VfioUserError,
+    },
+    /// The VM has a device whose state lives in another process.
+    #[error("a VM with a vfio-user device ({0}) cannot be snapshotted: its state is in the device process")]
+    NotSnapshottable(String),
     /// A device's (or the root bus's) snapshot is refused.
     #[error("cannot restore PCI device {device}")]
     Restore {
@@ -169,7 +196,7 @@ impl PciDevices {
         path: &Arc<InterruptPath>,
         mem: &DefaultMemory,
     ) -> Result<Self, PciError> {
-        let origins = devices.iter().map(|d| (*d, Origin::New)).collect();
+        let origins = devices.iter().map(|d| (d.clone(), Origin::New)).collect();
         Self::build(origins, None, path, mem)
     }
 
@@ -199,7 +226,7 @@ impl PciDevices {
         let origins = devices
             .iter()
             .zip(&snap.devices)
-            .map(|(d, s)| (*d, Origin::Restored(s, now)))
+            .map(|(d, s)| (d.clone(), Origin::Restored(s, now)))
             .collect();
         Self::build(origins, Some(&snap.root), path, mem)
     }
@@ -221,7 +248,17 @@ impl PciDevices {
                 source: RestoreError(why),
             };
             let restored = matches!(origin, Origin::Restored(..));
-            let model = match (d.kind, origin) {
+            let model = match (d.kind.clone(), origin) {
+                (DeviceKind::VfioUser { socket }, Origin::New) => {
+                    let failed = |source| PciError::VfioUser {
+                        device: d.to_string(),
+                        source,
+                    };
+                    let client = Client::connect(&socket, crate::vfio_user::DEFAULT_TIMEOUT)
+                        .map_err(failed)?;
+                    let function = VfioUserFunction::new(client).map_err(failed)?;
+                    Model::VfioUser(Arc::new(Mutex::new(function)))
+                }
                 (DeviceKind::ImsSlots { slots, queues }, Origin::New) => Model::slots(
                     ImsSlots::new(slots, queues, rid, path.clone(), mem.clone())?,
                 ),
@@ -271,12 +308,14 @@ impl PciDevices {
                 }
             };
             if restored {
-                kicks.push(model.kick_fd()?);
+                kicks.extend(model.kick_fd()?);
             }
             if root.add(d.pci_slot, 0, model.function()).is_none() {
                 return Err(other(format!("PCI slot {} is taken", d.pci_slot)).into());
             }
-            events.add_subscriber(model.backend()?);
+            if let Some(backend) = model.backend()? {
+                events.add_subscriber(backend);
+            }
             models.push((d, model));
         }
         match root_snap {
@@ -338,10 +377,12 @@ impl PciDevices {
     }
 
     /// The state of the root bus and every device (pause first for a consistent one).
-    #[must_use]
-    pub fn snapshot(&self) -> PciSnapshot {
+    ///
+    /// # Errors
+    /// [`PciError::NotSnapshottable`] for a VM with a vfio-user device.
+    pub fn snapshot(&self) -> Result<PciSnapshot, PciError> {
         let now = Instant::now();
-        PciSnapshot {
+        Ok(PciSnapshot {
             root: self
                 .root
                 .lock()
@@ -350,20 +391,21 @@ impl PciDevices {
             devices: self
                 .models
                 .iter()
-                .map(|(_, model)| match model {
-                    Model::Slots(d) => DeviceSnapshot::ImsSlots(
-                        d.lock()
+                .map(|(d, model)| match model {
+                    Model::Slots(dev) => Ok(DeviceSnapshot::ImsSlots(
+                        dev.lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .snapshot(now),
-                    ),
-                    Model::Queues(d) => DeviceSnapshot::ImsQueues(
-                        d.lock()
+                    )),
+                    Model::Queues(dev) => Ok(DeviceSnapshot::ImsQueues(
+                        dev.lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .snapshot(now),
-                    ),
+                    )),
+                    Model::VfioUser(_) => Err(PciError::NotSnapshottable(d.to_string())),
                 })
-                .collect(),
-        }
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     /// The requester IDs of the devices (the hypercall's permitted requesters).
@@ -389,7 +431,7 @@ impl PciDevices {
             .iter()
             .filter_map(|(d, model)| match model {
                 Model::Slots(dev) => Some((d.requester_id(), dev.clone())),
-                Model::Queues(_) => None,
+                Model::Queues(_) | Model::VfioUser(_) => None,
             })
             .collect()
     }
@@ -447,7 +489,7 @@ impl PciDevices {
             .iter()
             .map(|(device, model)| {
                 let busy = DeviceReport {
-                    device: *device,
+                    device: device.clone(),
                     completions: 0,
                     faults: 0,
                     resets: 0,
@@ -456,7 +498,7 @@ impl PciDevices {
                 };
                 match model {
                     Model::Slots(d) => lock_by(d, deadline).map_or(busy, |d| DeviceReport {
-                        device: *device,
+                        device: device.clone(),
                         completions: d.completions(),
                         faults: d.faults(),
                         resets: 0,
@@ -466,7 +508,7 @@ impl PciDevices {
                     Model::Queues(d) => lock_by(d, deadline).map_or(busy, |d| {
                         let s = d.stats();
                         DeviceReport {
-                            device: *device,
+                            device: device.clone(),
                             completions: s.completions,
                             faults: s.faults,
                             resets: s.resets,
@@ -474,6 +516,16 @@ impl PciDevices {
                             busy: false,
                         }
                     }),
+                    Model::VfioUser(d) => {
+                        lock_by(d, deadline).map_or(busy.clone(), |d| DeviceReport {
+                            device: device.clone(),
+                            completions: 0,
+                            faults: d.failures(),
+                            resets: 0,
+                            dropped: 0,
+                            busy: false,
+                        })
+                    }
                 }
             })
             .collect()

@@ -407,7 +407,7 @@ mod tests {
             remap_stats: irq::backing::BackingStats::default(),
             hypercalls: devices::dispatch::HypercallStats::default(),
             devices: vec![crate::pci::DeviceReport {
-                device: crate::config::DeviceConfig::defaults()[1],
+                device: crate::config::DeviceConfig::defaults()[1].clone(),
                 completions: 7,
                 faults: 1,
                 resets: 2,

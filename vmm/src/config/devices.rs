@@ -2,6 +2,7 @@
 //! the resolved device list (kinds, sizes, slots).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,7 @@ pub const DEFAULT_IMS_CONTEXTS: u32 = 64;
 pub const DEFAULT_COMMAND_TIMEOUT_MS: u32 = 1000;
 
 /// What kind of PCI device, and its size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
     /// A slot-array IMS device (`devices::ims::slots`).
     ImsSlots {
@@ -32,10 +33,15 @@ pub enum DeviceKind {
         /// Admin command timeout in milliseconds.
         command_timeout_ms: u32,
     },
+    /// A device served by another process over vfio-user (`crate::vfio_user`).
+    VfioUser {
+        /// The server's socket.
+        socket: PathBuf,
+    },
 }
 
 /// A PCI device of the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// What it is.
     pub kind: DeviceKind,
@@ -54,7 +60,11 @@ impl DeviceConfig {
     #[must_use]
     pub fn setting(&self) -> DeviceSetting {
         let pci_slot = Some(self.pci_slot);
-        match self.kind {
+        match self.kind.clone() {
+            DeviceKind::VfioUser { socket } => DeviceSetting::VfioUser {
+                socket: Some(socket),
+                pci_slot,
+            },
             DeviceKind::ImsSlots { slots, queues } => DeviceSetting::ImsSlots {
                 slots: Some(slots),
                 queues: Some(queues),
@@ -95,7 +105,13 @@ impl DeviceConfig {
 
 impl fmt::Display for DeviceConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
+        match &self.kind {
+            DeviceKind::VfioUser { socket } => write!(
+                f,
+                "00:{:02x}.0 vfio-user ({})",
+                self.pci_slot,
+                socket.display()
+            ),
             DeviceKind::ImsSlots { slots, queues } => write!(
                 f,
                 "00:{:02x}.0 ims-slots ({slots} slots, {queues} queues)",
@@ -133,6 +149,13 @@ pub enum DeviceSetting {
         /// Device number on bus 0.
         pci_slot: Option<u8>,
     },
+    /// `kind = "vfio-user"`: a device another process serves over vfio-user.
+    VfioUser {
+        /// The server's socket (required).
+        socket: Option<PathBuf>,
+        /// Device number on bus 0.
+        pci_slot: Option<u8>,
+    },
 }
 
 impl DeviceSetting {
@@ -142,6 +165,7 @@ impl DeviceSetting {
         match self {
             Self::ImsSlots { .. } => "ims-slots",
             Self::ImsQueues { .. } => "ims-queues",
+            Self::VfioUser { .. } => "vfio-user",
         }
     }
 
@@ -149,7 +173,9 @@ impl DeviceSetting {
     #[must_use]
     pub fn pci_slot(&self) -> Option<u8> {
         match *self {
-            Self::ImsSlots { pci_slot, .. } | Self::ImsQueues { pci_slot, .. } => pci_slot,
+            Self::ImsSlots { pci_slot, .. }
+            | Self::ImsQueues { pci_slot, .. }
+            | Self::VfioUser { pci_slot, .. } => pci_slot,
         }
     }
 }
@@ -165,6 +191,8 @@ struct DeviceFields {
     contexts: Option<u32>,
     command_timeout_ms: Option<u32>,
     pci_slot: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    socket: Option<PathBuf>,
 }
 
 impl TryFrom<DeviceFields> for DeviceSetting {
@@ -172,7 +200,22 @@ impl TryFrom<DeviceFields> for DeviceSetting {
 
     fn try_from(d: DeviceFields) -> Result<Self, ConfigError> {
         let bad = |why: &str| ConfigError::Device(format!("{}: {why}", d.kind));
+        if d.socket.is_some() && d.kind != "vfio-user" {
+            return Err(bad("socket is for vfio-user"));
+        }
         match d.kind.as_str() {
+            "vfio-user"
+                if d.slots.is_some()
+                    || d.queues.is_some()
+                    || d.contexts.is_some()
+                    || d.command_timeout_ms.is_some() =>
+            {
+                Err(bad("a vfio-user device takes socket and pci_slot only"))
+            }
+            "vfio-user" => Ok(Self::VfioUser {
+                socket: d.socket,
+                pci_slot: d.pci_slot,
+            }),
             "ims-slots" if d.contexts.is_some() || d.command_timeout_ms.is_some() => {
                 Err(bad("contexts and command_timeout_ms are for ims-queues"))
             }
@@ -190,7 +233,7 @@ impl TryFrom<DeviceFields> for DeviceSetting {
                 pci_slot: d.pci_slot,
             }),
             other => Err(ConfigError::Device(format!(
-                "unknown device kind `{other}` (ims-slots, ims-queues)"
+                "unknown device kind `{other}` (ims-slots, ims-queues, vfio-user)"
             ))),
         }
     }
@@ -222,6 +265,12 @@ impl From<DeviceSetting> for DeviceFields {
                 pci_slot,
                 ..DeviceFields::default()
             },
+            DeviceSetting::VfioUser { socket, pci_slot } => DeviceFields {
+                kind,
+                socket,
+                pci_slot,
+                ..DeviceFields::default()
+            },
         }
     }
 }
@@ -229,7 +278,8 @@ impl From<DeviceSetting> for DeviceFields {
 impl FromStr for DeviceSetting {
     type Err = ConfigError;
 
-    /// `KIND[,KEY=VALUE]...`, e.g. `ims-slots,slots=4096,queues=64,pci_slot=5`.
+    /// `KIND[,KEY=VALUE]...`, e.g. `ims-slots,slots=4096,queues=64,pci_slot=5` or
+    /// `vfio-user,socket=/run/dev.sock`.
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut parts = s.split(',');
         let mut d = DeviceFields {
@@ -247,6 +297,7 @@ impl FromStr for DeviceSetting {
                     .map_err(|_| bad(&format!("{key} `{v}` is not a number")))
             };
             match key.trim() {
+                "socket" if !value.is_empty() => d.socket = Some(PathBuf::from(value)),
                 "slots" => d.slots = Some(n(value)?),
                 "queues" => d.queues = Some(n(value)?),
                 "contexts" => d.contexts = Some(n(value)?),
@@ -319,8 +370,14 @@ pub(super) fn resolve_devices(
 /// A device's kind and sizes, defaults filled in and ranges checked.
 fn resolve_kind(d: &DeviceSetting) -> Result<DeviceKind, ConfigError> {
     let bad = |why: String| ConfigError::Device(format!("{}: {why}", d.kind()));
-    match *d {
-        DeviceSetting::ImsSlots { slots, queues, .. } => {
+    match d {
+        DeviceSetting::VfioUser { socket, .. } => {
+            let socket = socket
+                .clone()
+                .ok_or_else(|| bad("needs socket=PATH".into()))?;
+            Ok(DeviceKind::VfioUser { socket })
+        }
+        &DeviceSetting::ImsSlots { slots, queues, .. } => {
             let max = devices::ims::slots::MAX_SLOTS;
             let slots = slots.unwrap_or(DEFAULT_IMS_SLOTS);
             if !(1..=max).contains(&slots) {
@@ -334,7 +391,7 @@ fn resolve_kind(d: &DeviceSetting) -> Result<DeviceKind, ConfigError> {
             }
             Ok(DeviceKind::ImsSlots { slots, queues })
         }
-        DeviceSetting::ImsQueues {
+        &DeviceSetting::ImsQueues {
             contexts,
             command_timeout_ms,
             ..

@@ -637,6 +637,12 @@ mod tests {
                 "ims-slots,pci_slot=0",
                 "pci_slot 0 must be between 1 and 31",
             ),
+            ("vfio-user", "needs socket=PATH"),
+            (
+                "vfio-user,socket=/s,slots=4",
+                "a vfio-user device takes socket and pci_slot only",
+            ),
+            ("ims-slots,socket=/s", "socket is for vfio-user"),
         ] {
             // A kind's own keys are checked when the setting is read; values when the
             // machine is resolved.
@@ -652,6 +658,21 @@ mod tests {
             };
             assert!(err.contains(why), "{bad}: {err}");
         }
+        let remote = Settings {
+            device: Some(vec!["vfio-user,socket=/run/gpio.sock,pci_slot=6"
+                .parse()
+                .unwrap()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            remote.resolve().unwrap().machine.devices,
+            vec![DeviceConfig {
+                kind: DeviceKind::VfioUser {
+                    socket: "/run/gpio.sock".into()
+                },
+                pci_slot: 6
+            }]
+        );
         "ims-slots,slots".parse::<DeviceSetting>().unwrap_err();
         "ims-slots,colour=red".parse::<DeviceSetting>().unwrap_err();
         "ims-slots,slots=x".parse::<DeviceSetting>().unwrap_err();

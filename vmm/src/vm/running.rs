@@ -247,7 +247,7 @@ impl Vm<'_> {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .snapshot(),
-            pci: self.pci.snapshot(),
+            pci: self.pci.snapshot()?,
         })
     }
 }
