@@ -115,6 +115,9 @@ pub struct DeviceReport {
     /// The device was still busy (a vCPU or its backend inside it) when the run ended:
     /// its counters were not read and read 0 here.
     pub busy: bool,
+    /// A device in another process: requests to it that failed (read as all ones or
+    /// dropped), and whether the connection was lost.
+    pub remote: Option<(u64, bool)>,
 }
 
 type Subscriber = Box<dyn MutEventSubscriber + Send>;
@@ -495,6 +498,7 @@ impl PciDevices {
                     resets: 0,
                     dropped: 0,
                     busy: true,
+                    remote: None,
                 };
                 match model {
                     Model::Slots(d) => lock_by(d, deadline).map_or(busy, |d| DeviceReport {
@@ -504,6 +508,7 @@ impl PciDevices {
                         resets: 0,
                         dropped: 0,
                         busy: false,
+                        remote: None,
                     }),
                     Model::Queues(d) => lock_by(d, deadline).map_or(busy, |d| {
                         let s = d.stats();
@@ -514,16 +519,18 @@ impl PciDevices {
                             resets: s.resets,
                             dropped: s.dropped,
                             busy: false,
+                            remote: None,
                         }
                     }),
                     Model::VfioUser(d) => {
                         lock_by(d, deadline).map_or(busy.clone(), |d| DeviceReport {
                             device: device.clone(),
                             completions: 0,
-                            faults: d.failures(),
+                            faults: 0,
                             resets: 0,
                             dropped: 0,
                             busy: false,
+                            remote: Some((d.failures(), d.lost())),
                         })
                     }
                 }

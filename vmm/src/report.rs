@@ -318,6 +318,19 @@ impl RunReport {
             )?;
         }
         for d in self.devices.iter().filter(|d| !d.busy) {
+            if let Some((failed, lost)) = d.remote {
+                let state = if lost {
+                    "the device process was lost; it read as all ones from then on"
+                } else {
+                    "connected to the end"
+                };
+                writeln!(
+                    f,
+                    "vmm: device      {}: {failed} requests failed, {state}",
+                    d.device
+                )?;
+                continue;
+            }
             let mut line = format!(
                 "vmm: device      {}: {} completions, {} interrupts refused by remapping",
                 d.device, d.completions, d.faults
@@ -413,6 +426,7 @@ mod tests {
                 resets: 2,
                 dropped: 0,
                 busy: false,
+                remote: None,
             }],
             measurements: crate::harness::Measurements::default(),
             storms: irq::storm::StormStats::default(),

@@ -338,3 +338,28 @@ fn a_device_becomes_a_function_on_our_root_with_its_ids_and_relayed_bars() {
     assert!(f.lost(), "the connection is known to be gone");
     assert_eq!(f.failures(), 2);
 }
+
+#[test]
+fn a_vm_with_a_vfio_user_device_refuses_a_snapshot_with_the_reason() {
+    use crate::config::{DeviceConfig, DeviceKind};
+    use crate::pci::PciDevices;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    let (path, _seen, server) = device("snapshot");
+    let limits = irq::backing::Limits::default();
+    let (core, _) = irq::fake::core(irq::Irqchip::InKernel, 4096, limits);
+    let ram: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let device = DeviceConfig {
+        kind: DeviceKind::VfioUser { socket: path },
+        pci_slot: 5,
+    };
+    let path = irq::InterruptControl::path(&*core);
+    let pci = PciDevices::new(&[device], &path, &GuestMemoryAtomic::new(ram)).unwrap();
+    let err = pci.snapshot().unwrap_err().to_string();
+    assert!(
+        err.contains("00:05.0 vfio-user") && err.contains("cannot be snapshotted"),
+        "{err}"
+    );
+    drop(pci);
+    server.join().unwrap();
+}
