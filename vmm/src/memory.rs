@@ -2,9 +2,12 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use std::os::fd::FromRawFd;
 use thiserror::Error;
+
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
@@ -33,6 +36,48 @@ pub enum MemoryError {
     /// A region's host address could not be found.
     #[error("guest RAM region at {0:#x} has no host mapping")]
     NoHostAddress(u64),
+    /// The memory file RAM shared with device processes lives in could not be made.
+    #[error("cannot create a memory file of {size} bytes for guest RAM")]
+    MemoryFile {
+        /// Requested size.
+        size: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Allocates `size` bytes of guest RAM in one memory file (`memfd`), mapped shared, so
+/// that device processes can map it for DMA (vfio-user's `DMA_MAP` hands them the file
+/// and each region's offset in it).
+///
+/// # Errors
+/// [`MemoryError::MemoryFile`] or [`MemoryError::Allocate`].
+pub fn allocate_shared(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let file_error = |source| MemoryError::MemoryFile { size, source };
+    let name = c"guest-ram";
+    // SAFETY: `name` is a NUL-terminated string; the call only creates a descriptor, whose
+    // ownership is taken at once below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(file_error(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size).map_err(file_error)?;
+    let mut offset = 0u64;
+    let mut ranges = Vec::new();
+    for (start, len) in ram_ranges(size) {
+        let clone = file.try_clone().map_err(file_error)?;
+        ranges.push((
+            start,
+            usize::try_from(len).unwrap_or(usize::MAX),
+            Some(FileOffset::new(clone, offset)),
+        ));
+        offset += len;
+    }
+    GuestMemoryMmap::from_ranges_with_files(&ranges)
+        .map_err(|source| MemoryError::Allocate { size, source })
 }
 
 /// The RAM ranges for `size` bytes: below the MMIO hole, and the rest from 4 GiB.

@@ -252,16 +252,7 @@ impl PciDevices {
             };
             let restored = matches!(origin, Origin::Restored(..));
             let model = match (d.kind.clone(), origin) {
-                (DeviceKind::VfioUser { socket }, Origin::New) => {
-                    let failed = |source| PciError::VfioUser {
-                        device: d.to_string(),
-                        source,
-                    };
-                    let client = Client::connect(&socket, crate::vfio_user::DEFAULT_TIMEOUT)
-                        .map_err(failed)?;
-                    let function = VfioUserFunction::new(client).map_err(failed)?;
-                    Model::VfioUser(Arc::new(Mutex::new(function)))
-                }
+                (DeviceKind::VfioUser { socket }, Origin::New) => remote_device(&d, &socket, mem)?,
                 (DeviceKind::ImsSlots { slots, queues }, Origin::New) => Model::slots(
                     ImsSlots::new(slots, queues, rid, path.clone(), mem.clone())?,
                 ),
@@ -537,6 +528,24 @@ impl PciDevices {
             })
             .collect()
     }
+}
+
+/// A device another process serves: connected, guest RAM mapped for its DMA.
+fn remote_device(
+    d: &DeviceConfig,
+    socket: &std::path::Path,
+    mem: &DefaultMemory,
+) -> Result<Model, PciError> {
+    let failed = |source| PciError::VfioUser {
+        device: d.to_string(),
+        source,
+    };
+    let mut client = Client::connect(socket, crate::vfio_user::DEFAULT_TIMEOUT).map_err(failed)?;
+    client
+        .map_ram(&vm_memory::GuestAddressSpace::memory(mem))
+        .map_err(failed)?;
+    let function = VfioUserFunction::new(client).map_err(failed)?;
+    Ok(Model::VfioUser(Arc::new(Mutex::new(function))))
 }
 
 /// `mutex` locked, if it can be by `deadline`.

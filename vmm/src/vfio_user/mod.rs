@@ -435,6 +435,28 @@ impl Client {
         Ok(())
     }
 
+    /// Maps every region of guest RAM for the device's DMA (`DMA_MAP` with the region's
+    /// memory file and offset): RAM must be file-backed (`memory::allocate_shared`).
+    ///
+    /// # Errors
+    /// [`VfioUserError::Request`] for RAM that is not file-backed, or the request's error.
+    pub fn map_ram(&mut self, ram: &vm_memory::GuestMemoryMmap) -> Result<(), VfioUserError> {
+        use std::os::fd::AsRawFd;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        for region in ram.iter() {
+            let file = region.file_offset().ok_or_else(|| {
+                VfioUserError::Request("guest RAM is not in a memory file".into())
+            })?;
+            self.dma_map(
+                file.file().as_raw_fd(),
+                file.start(),
+                region.start_addr().0,
+                region.len(),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Resets the device.
     ///
     /// # Errors

@@ -33,6 +33,8 @@ struct Seen {
     irq_files: Vec<std::fs::File>,
     /// The server's thread ends (as a dying device process) at its next region read.
     die: bool,
+    /// DMA mappings: offset in the file, guest address, size, the file.
+    dma: Vec<(u64, u64, u64, Option<std::fs::File>)>,
 }
 
 struct Backend(Arc<Mutex<Seen>>);
@@ -64,11 +66,16 @@ impl vfio_user::ServerBackend for Backend {
     fn dma_map(
         &mut self,
         _: vfio_user::DmaMapFlags,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: Option<std::fs::File>,
+        offset: u64,
+        address: u64,
+        size: u64,
+        file: Option<std::fs::File>,
     ) -> io::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .dma
+            .push((offset, address, size, file));
         Ok(())
     }
     fn dma_unmap(&mut self, _: vfio_user::DmaUnmapFlags, _: u64, _: u64) -> io::Result<()> {
@@ -343,12 +350,12 @@ fn a_device_becomes_a_function_on_our_root_with_its_ids_and_relayed_bars() {
 fn a_vm_with_a_vfio_user_device_refuses_a_snapshot_with_the_reason() {
     use crate::config::{DeviceConfig, DeviceKind};
     use crate::pci::PciDevices;
-    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
     let (path, _seen, server) = device("snapshot");
     let limits = irq::backing::Limits::default();
     let (core, _) = irq::fake::core(irq::Irqchip::InKernel, 4096, limits);
-    let ram: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let ram: GuestMemoryMmap = crate::memory::allocate_shared(16 << 20).unwrap();
     let device = DeviceConfig {
         kind: DeviceKind::VfioUser { socket: path },
         pci_slot: 5,
@@ -361,5 +368,36 @@ fn a_vm_with_a_vfio_user_device_refuses_a_snapshot_with_the_reason() {
         "{err}"
     );
     drop(pci);
+    server.join().unwrap();
+}
+
+/// Guest RAM in a memory file is mapped for the device's DMA: the device process reads what
+/// the guest wrote through the file it was given.
+#[test]
+fn guest_ram_is_mapped_for_the_devices_dma_through_its_memory_file() {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let (path, seen, server) = device("dma");
+    let ram = crate::memory::allocate_shared(16 << 20).unwrap();
+    ram.write_obj(0xfeed_f00du32, GuestAddress(0x12_3450))
+        .unwrap();
+    let mut c = Client::connect(&path, DEFAULT_TIMEOUT).unwrap();
+    c.map_ram(&ram).unwrap();
+    {
+        let s = seen.lock().unwrap();
+        let [(offset, address, size, Some(file))] = &s.dma[..] else {
+            panic!("one mapping with its file: {:?}", s.dma.len());
+        };
+        assert_eq!((*offset, *address, *size), (0, 0, 16 << 20));
+        let mut word = [0u8; 4];
+        file.read_exact_at(&mut word, 0x12_3450).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xfeed_f00d);
+    }
+    // RAM that is not in a file cannot be mapped.
+    let anonymous: vm_memory::GuestMemoryMmap =
+        vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    c.map_ram(&anonymous).unwrap_err();
+    drop(c);
     server.join().unwrap();
 }

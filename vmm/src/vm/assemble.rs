@@ -475,7 +475,17 @@ impl<'a> Vm<'a> {
         console: Box<dyn Write + Send>,
     ) -> Result<(Self, mpsc::Receiver<VmEvent>), VmError> {
         let vm = create_vm(&host.kvm, config)?;
-        let mem = memory::allocate(config.machine.memory)?;
+        // A device in another process maps guest RAM for DMA: then RAM is a memory file.
+        let remote = config
+            .machine
+            .devices
+            .iter()
+            .any(|d| matches!(d.kind, crate::config::DeviceKind::VfioUser { .. }));
+        let mem = if remote {
+            memory::allocate_shared(config.machine.memory)?
+        } else {
+            memory::allocate(config.machine.memory)?
+        };
         memory::register(&vm, &mem)?;
         // What the devices and the dispatcher see of guest memory: the same regions.
         let space = DefaultMemory::new(mem.clone());
