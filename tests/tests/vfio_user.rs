@@ -2,7 +2,8 @@
 //! rust-vmm `vfio_user` crate, unmodified (built from its published source by
 //! `resources/vfio-user/build-gpio`), joins the VM's PCI root over vfio-user. The built-in
 //! guest finds it, reads its configuration space and its I/O BAR, and the device counts
-//! the reads as it does for any client.
+//! the reads as it does for any client; its INTx interrupt (an eventfd the VMM handed it)
+//! arrives through the IOAPIC.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -76,6 +77,12 @@ fn the_vfio_user_crates_gpio_example_is_a_pci_device_the_guest_reads() {
     // Every third read of the gpio's data register reads 1: the device's own counting.
     assert!(
         console.contains("pci: 00:05.0 BAR2 I/O at 0xc000, reads 0 0 1"),
+        "{console}"
+    );
+    // The third read also makes the device write its INTx eventfd: the interrupt reaches
+    // the guest through the IOAPIC input the interrupt line register names.
+    assert!(
+        console.contains("pci: 00:05.0 INTx on IOAPIC input 17: 1 interrupts"),
         "{console}"
     );
     assert_eq!(report.devices[0].remote, Some((0, false)), "{report}");

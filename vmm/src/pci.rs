@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::bus::BusError;
 use crate::config::{DeviceConfig, DeviceKind};
 use crate::exit::Buses;
-use crate::vfio_user::function::VfioUserFunction;
+pub use crate::vfio_user::function::IntxSink;
+use crate::vfio_user::function::{IntxRelay, VfioUserFunction};
 use crate::vfio_user::Client;
 
 /// How long the event loop waits before looking at the stop flag again.
@@ -198,9 +199,10 @@ impl PciDevices {
         devices: &[DeviceConfig],
         path: &Arc<InterruptPath>,
         mem: &DefaultMemory,
+        intx: &IntxSink,
     ) -> Result<Self, PciError> {
         let origins = devices.iter().map(|d| (d.clone(), Origin::New)).collect();
-        Self::build(origins, None, path, mem)
+        Self::build(origins, None, path, mem, intx)
     }
 
     /// Creates `devices` in the states `snap` holds (one per device, same kinds, same
@@ -214,6 +216,7 @@ impl PciDevices {
         snap: &PciSnapshot,
         path: &Arc<InterruptPath>,
         mem: &DefaultMemory,
+        intx: &IntxSink,
     ) -> Result<Self, PciError> {
         let refuse = |device: String, why: &'static str| PciError::Restore {
             device,
@@ -231,7 +234,7 @@ impl PciDevices {
             .zip(&snap.devices)
             .map(|(d, s)| (d.clone(), Origin::Restored(s, now)))
             .collect();
-        Self::build(origins, Some(&snap.root), path, mem)
+        Self::build(origins, Some(&snap.root), path, mem, intx)
     }
 
     fn build(
@@ -239,6 +242,7 @@ impl PciDevices {
         root_snap: Option<&RootSnapshot>,
         path: &Arc<InterruptPath>,
         mem: &DefaultMemory,
+        intx: &IntxSink,
     ) -> Result<Self, PciError> {
         let mut root = PciRoot::new(devices::pci::PciLayout::default());
         let mut events: Loop = EventManager::new().map_err(other)?;
@@ -252,7 +256,13 @@ impl PciDevices {
             };
             let restored = matches!(origin, Origin::Restored(..));
             let model = match (d.kind.clone(), origin) {
-                (DeviceKind::VfioUser { socket }, Origin::New) => remote_device(&d, &socket, mem)?,
+                (DeviceKind::VfioUser { socket }, Origin::New) => {
+                    let (model, relay) = remote_device(&d, &socket, mem, intx)?;
+                    if let Some(relay) = relay {
+                        events.add_subscriber(Box::new(relay));
+                    }
+                    model
+                }
                 (DeviceKind::ImsSlots { slots, queues }, Origin::New) => Model::slots(
                     ImsSlots::new(slots, queues, rid, path.clone(), mem.clone())?,
                 ),
@@ -530,12 +540,20 @@ impl PciDevices {
     }
 }
 
-/// A device another process serves: connected, guest RAM mapped for its DMA.
+/// IOAPIC inputs of PCI INTx: 16 to 19, by device number and pin, as a bridge swizzles
+/// them.
+fn intx_input(pci_slot: u8, pin: u8) -> u8 {
+    16 + (pci_slot + pin.saturating_sub(1)) % 4
+}
+
+/// A device another process serves: connected, guest RAM mapped for its DMA, its INTx (if
+/// it has one) relayed to an IOAPIC input.
 fn remote_device(
     d: &DeviceConfig,
     socket: &std::path::Path,
     mem: &DefaultMemory,
-) -> Result<Model, PciError> {
+    intx: &IntxSink,
+) -> Result<(Model, Option<IntxRelay>), PciError> {
     let failed = |source| PciError::VfioUser {
         device: d.to_string(),
         source,
@@ -544,8 +562,16 @@ fn remote_device(
     client
         .map_ram(&vm_memory::GuestAddressSpace::memory(mem))
         .map_err(failed)?;
-    let function = VfioUserFunction::new(client).map_err(failed)?;
-    Ok(Model::VfioUser(Arc::new(Mutex::new(function))))
+    let mut function = VfioUserFunction::new(client).map_err(failed)?;
+    let pin = devices::pci::PciFunction::config(&function)
+        .bytes(0x3d, 1)
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let relay = function
+        .connect_intx(intx_input(d.pci_slot, pin), intx.clone())
+        .map_err(failed)?;
+    Ok((Model::VfioUser(Arc::new(Mutex::new(function))), relay))
 }
 
 /// `mutex` locked, if it can be by `deadline`.

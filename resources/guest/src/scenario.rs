@@ -21,6 +21,8 @@ const MSI_VECTOR: u8 = 0x50;
 /// Vectors of `retarget` (mode 0, mode 1) and `sid`.
 const RETARGET_VECTOR: u8 = 0x60;
 const SID_VECTOR: u8 = 0x62;
+/// Vector of a PCI function's INTx in `pci`.
+const INTX_VECTOR: u8 = 0x6c;
 /// Vectors of `retarget`'s external source (mode 0, mode 1).
 const EXTERNAL_VECTOR: u8 = 0x63;
 /// Vectors of `storm`: the storm, then the bystander.
@@ -350,11 +352,33 @@ fn pci_scan() -> ! {
             }
             if value & 1 == 1 {
                 let port = (value & 0xfffc) as u16;
+                // INTx, when the function has a pin: its IOAPIC input (the interrupt line
+                // register) sends INTX_VECTOR to this CPU, edge-triggered, while counted.
+                let line = crate::pci::read32(device, 0x3c) & 0xff;
+                let before = count(0, INTX_VECTOR);
+                if pin != 0 {
+                    let apic = u64::from(arch::lapic_id());
+                    crate::vtd::set_rte(line, (apic << 56) | u64::from(INTX_VECTOR));
+                }
                 let reads = [arch::inl(port), arch::inl(port), arch::inl(port)];
                 println!(
                     "pci: 00:{:02x}.0 BAR{} I/O at {:#x}, reads {} {} {}",
                     device, bar, port, reads[0], reads[1], reads[2]
                 );
+                if pin != 0 {
+                    let mut spins = 0u32;
+                    while count(0, INTX_VECTOR) == before && spins < 2_000_000 {
+                        core::hint::spin_loop();
+                        spins += 1;
+                    }
+                    crate::vtd::set_rte(line, 1 << 16);
+                    println!(
+                        "pci: 00:{:02x}.0 INTx on IOAPIC input {}: {} interrupts",
+                        device,
+                        line,
+                        count(0, INTX_VECTOR) - before
+                    );
+                }
             } else if value & 0b110 == 0b100 {
                 println!(
                     "pci: 00:{:02x}.0 BAR{} memory at {:#x}",

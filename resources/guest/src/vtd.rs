@@ -91,7 +91,7 @@ fn rte(pin: u32) -> u64 {
 
 /// Writes redirection entry `pin`, high half first as Linux does (call with interrupts
 /// off, or from a handler).
-fn set_rte(pin: u32, value: u64) {
+pub fn set_rte(pin: u32, value: u64) {
     ioapic_write(0x11 + 2 * pin, (value >> 32) as u32);
     ioapic_write(0x10 + 2 * pin, value as u32);
 }

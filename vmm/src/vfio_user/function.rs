@@ -9,7 +9,15 @@
 //! reach the device too. A request that fails (the device process died, hung or lied) reads
 //! as all ones, is dropped for writes, and is counted.
 
-use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use devices::pci::config::{self, Bar, ConfigChange, ConfigSpace};
 use devices::pci::PciFunction;
@@ -84,6 +92,42 @@ impl VfioUserFunction {
         })
     }
 
+    /// Gives the device's INTx an eventfd and returns the relay that pulses IOAPIC input
+    /// `ioapic_pin` through `sink` whenever the device writes it; the interrupt line
+    /// register says which input. `None` for a device without INTx (pin 0, or no INTx
+    /// interrupt index with eventfds).
+    ///
+    /// # Errors
+    /// The eventfd, or the device's refusal of it.
+    pub fn connect_intx(
+        &mut self,
+        ioapic_pin: u8,
+        sink: IntxSink,
+    ) -> Result<Option<IntxRelay>, VfioUserError> {
+        let has_pin = self.config.bytes(0x3d, 1).first().is_some_and(|&p| p != 0);
+        let intx = self
+            .client
+            .irqs()
+            .get(VFIO_PCI_INTX_IRQ_INDEX as usize)
+            .copied();
+        let usable = intx.is_some_and(|i| i.count >= 1 && i.flags & VFIO_IRQ_INFO_EVENTFD != 0);
+        if !has_pin || !usable {
+            return Ok(None);
+        }
+        let fd = EventFd::new(EFD_NONBLOCK).map_err(|source| VfioUserError::Io {
+            what: "creating the INTx eventfd",
+            source,
+        })?;
+        self.client
+            .set_irq_eventfds(VFIO_PCI_INTX_IRQ_INDEX, 0, &[fd.as_raw_fd()])?;
+        self.config.set_bytes(0x3c, &[ioapic_pin]);
+        Ok(Some(IntxRelay {
+            fd,
+            pin: usize::from(ioapic_pin),
+            sink,
+        }))
+    }
+
     /// Requests that failed (each read as all ones or dropped).
     #[must_use]
     pub fn failures(&self) -> u64 {
@@ -132,5 +176,38 @@ impl PciFunction for VfioUserFunction {
         if self.client.region_write(index, offset, data).is_err() {
             self.failures += 1;
         }
+    }
+}
+
+/// What raises an IOAPIC input: pulses input `pin`.
+pub type IntxSink = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// A vfio-user device's INTx on the device event loop: each write the device process makes
+/// to the eventfd pulses the device's IOAPIC input (the IOAPIC is in user space, so this
+/// one hop is a VMM thread's; MSI-X goes to KVM directly).
+pub struct IntxRelay {
+    fd: EventFd,
+    pin: usize,
+    sink: IntxSink,
+}
+
+impl std::fmt::Debug for IntxRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntxRelay")
+            .field("pin", &self.pin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MutEventSubscriber for IntxRelay {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) && self.fd.read().is_ok() {
+            (self.sink)(self.pin);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration fails only if the descriptor is registered already.
+        let _ = ops.add(Events::new(&self.fd, EventSet::IN));
     }
 }

@@ -347,12 +347,14 @@ fn a_device_becomes_a_function_on_our_root_with_its_ids_and_relayed_bars() {
 }
 
 #[test]
-fn a_vm_with_a_vfio_user_device_refuses_a_snapshot_with_the_reason() {
+fn on_the_pci_side_its_intx_pulses_an_ioapic_input_and_a_snapshot_is_refused() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use crate::config::{DeviceConfig, DeviceKind};
-    use crate::pci::PciDevices;
+    use crate::pci::{IntxSink, PciDevices};
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-    let (path, _seen, server) = device("snapshot");
+    let (path, seen, server) = device("pci-side");
     let limits = irq::backing::Limits::default();
     let (core, _) = irq::fake::core(irq::Irqchip::InKernel, 4096, limits);
     let ram: GuestMemoryMmap = crate::memory::allocate_shared(16 << 20).unwrap();
@@ -360,8 +362,40 @@ fn a_vm_with_a_vfio_user_device_refuses_a_snapshot_with_the_reason() {
         kind: DeviceKind::VfioUser { socket: path },
         pci_slot: 5,
     };
-    let path = irq::InterruptControl::path(&*core);
-    let pci = PciDevices::new(&[device], &path, &GuestMemoryAtomic::new(ram)).unwrap();
+    let pulses = Arc::new(AtomicUsize::new(0));
+    let counted = pulses.clone();
+    let intx: IntxSink = Arc::new(move |pin| {
+        assert_eq!(pin, 17, "INTA of device 5: IOAPIC input 16 + 5 % 4");
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    let irq_path = irq::InterruptControl::path(&*core);
+    let pci = PciDevices::new(&[device], &irq_path, &GuestMemoryAtomic::new(ram), &intx).unwrap();
+    let mut line = [0u8; 1];
+    pci.functions()[0]
+        .1
+        .lock()
+        .unwrap()
+        .config()
+        .read(0x3c, &mut line);
+    assert_eq!(line, [17], "the interrupt line says which input");
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(
+            s.set_irqs,
+            vec![(0, 0x24, 0, 1, 1)],
+            "INTx: one eventfd at set-up"
+        );
+        use std::io::Write as _;
+        (&s.irq_files[0]).write_all(&1u64.to_le_bytes()).unwrap();
+    }
+    let begin = std::time::Instant::now();
+    while pulses.load(Ordering::SeqCst) == 0 {
+        assert!(
+            begin.elapsed() < Duration::from_secs(10),
+            "the INTx write was not relayed"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
     let err = pci.snapshot().unwrap_err().to_string();
     assert!(
         err.contains("00:05.0 vfio-user") && err.contains("cannot be snapshotted"),

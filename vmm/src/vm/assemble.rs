@@ -499,9 +499,20 @@ impl<'a> Vm<'a> {
         let (events, event_rx) = mpsc::channel();
         let serial = build_serial(config, &ioapic, console, &events, saved)?;
         let path = backing.path();
+        // PCI INTx of devices in other processes: a pulse of the IOAPIC input.
+        let intx: crate::pci::IntxSink = {
+            let ioapic = ioapic.clone();
+            Arc::new(move |pin| {
+                ioapic
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pulse(pin);
+            })
+        };
+        let devices = &config.machine.devices;
         let pci = match saved {
-            None => PciDevices::new(&config.machine.devices, &path, &space)?,
-            Some(s) => PciDevices::restore(&config.machine.devices, &s.pci, &path, &space)?,
+            None => PciDevices::new(devices, &path, &space, &intx)?,
+            Some(s) => PciDevices::restore(devices, &s.pci, &path, &space, &intx)?,
         };
         let (rings, ring_rx) = mpsc::sync_channel(1);
         let buses = build_buses(config, (&serial, &vtd, &ioapic), &pci, &events, &rings)?;
