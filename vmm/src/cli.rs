@@ -137,8 +137,9 @@ pub struct RunArgs {
     /// Interrupts per second from one entry before the rest are coalesced; 0 for no limit [default: 200000]
     #[arg(long, value_name = "N")]
     pub irq_rate: Option<u32>,
-    /// A PCI device, repeatable: ims-slots[,slots=N][,queues=N][,pci_slot=N] or
-    /// ims-queues[,contexts=N][,command_timeout_ms=MS][,pci_slot=N]; `none` for no devices
+    /// A PCI device, repeatable: ims-slots[,slots=N][,queues=N][,pci_slot=N],
+    /// ims-queues[,contexts=N][,command_timeout_ms=MS][,pci_slot=N] or
+    /// vfio-user,socket=PATH[,pci_slot=N] (a device in another process); `none` for no devices
     /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
