@@ -1,6 +1,7 @@
 //! The VM's PCI devices: the root bus on the port and MMIO buses (CF8/CFC, ECAM, the BAR
-//! window), each configured IMS device at its slot with its requester ID, and the
-//! devices' backends on one event-loop thread, which a snapshot pauses.
+//! windows), each configured device at its slot with its requester ID (IMS devices, and
+//! devices in other processes through `crate::vfio_user`), and the devices' backends (and
+//! vfio-user INTx relays) on one event-loop thread, which a snapshot pauses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
