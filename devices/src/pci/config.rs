@@ -216,42 +216,40 @@ impl ConfigSpace {
     /// Where each I/O BAR is, when I/O decoding is on: (BAR index, port, size).
     #[must_use]
     pub fn mapped_io_bars(&self) -> Vec<(usize, u64, u64)> {
-        if self.u16_at(0x04) & COMMAND_IO == 0 {
-            return Vec::new();
-        }
-        self.io_bars
-            .iter()
-            .map(|bar| {
-                let at = BAR0 + 4 * bar.index;
-                let v = self
-                    .bytes
-                    .get(at..at + 4)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u32::from_le_bytes);
-                (bar.index, u64::from(v & !0x3), bar.size)
-            })
-            .filter(|(_, port, _)| *port != 0)
-            .collect()
+        self.placed(&self.io_bars, COMMAND_IO, 4, !0x3)
     }
 
     /// Where each BAR is, when memory decoding is on: (BAR index, address, size).
     #[must_use]
     pub fn mapped_bars(&self) -> Vec<(usize, u64, u64)> {
-        if self.u16_at(0x04) & COMMAND_MEMORY == 0 {
+        self.placed(&self.bars, COMMAND_MEMORY, 8, !0xf)
+    }
+
+    /// (index, base, size) of each of `bars` with a base, while `decoding` is on: the
+    /// base is the BAR's `width` bytes under `mask`.
+    fn placed(
+        &self,
+        bars: &[Bar],
+        decoding: u16,
+        width: usize,
+        mask: u64,
+    ) -> Vec<(usize, u64, u64)> {
+        if self.u16_at(0x04) & decoding == 0 {
             return Vec::new();
         }
-        self.bars
-            .iter()
+        bars.iter()
             .map(|bar| {
-                let at = BAR0 + 4 * bar.index;
-                let v = self
-                    .bytes
-                    .get(at..at + 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_le_bytes);
-                (bar.index, v & !0xf, bar.size)
+                let mut value = [0u8; 8];
+                if let (Some(dst), Some(src)) = (
+                    value.get_mut(..width),
+                    self.bytes
+                        .get(BAR0 + 4 * bar.index..BAR0 + 4 * bar.index + width),
+                ) {
+                    dst.copy_from_slice(src);
+                }
+                (bar.index, u64::from_le_bytes(value) & mask, bar.size)
             })
-            .filter(|(_, addr, _)| *addr != 0)
+            .filter(|(_, base, _)| *base != 0)
             .collect()
     }
 }

@@ -467,30 +467,50 @@ impl ConcurrentBusDevice for Ecam {
     }
 }
 
+/// Which of the root's windows an access came through.
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Memory,
+    Io,
+}
+
+/// The function, BAR and offset behind `offset` of window `space`.
+fn window_target(
+    root_: &SharedRoot,
+    space: Space,
+    offset: u64,
+) -> Option<(SharedFunction, usize, u64)> {
+    let root = root(root_);
+    match space {
+        Space::Memory => root.bar_at(root.layout.window_base + offset),
+        Space::Io => root.io_bar_at(root.layout.io_base + offset),
+    }
+}
+
+fn window_read(root: &SharedRoot, space: Space, offset: u64, data: &mut [u8]) {
+    match window_target(root, space, offset) {
+        Some((f, bar, at)) => lock(&f).bar_read(bar, at, data),
+        None => data.fill(0xff),
+    }
+}
+
+fn window_write(root: &SharedRoot, space: Space, offset: u64, data: &[u8]) {
+    if let Some((f, bar, at)) = window_target(root, space, offset) {
+        lock(&f).bar_write(bar, at, data);
+    }
+}
+
 /// The MMIO window: accesses go to the BAR the guest placed there.
 #[derive(Debug)]
 pub struct MmioWindow(pub SharedRoot);
 
 impl ConcurrentBusDevice for MmioWindow {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let target = {
-            let root = root(&self.0);
-            root.bar_at(root.layout.window_base + offset)
-        };
-        match target {
-            Some((f, bar, at)) => lock(&f).bar_read(bar, at, data),
-            None => data.fill(0xff),
-        }
+        window_read(&self.0, Space::Memory, offset, data);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        let target = {
-            let root = root(&self.0);
-            root.bar_at(root.layout.window_base + offset)
-        };
-        if let Some((f, bar, at)) = target {
-            lock(&f).bar_write(bar, at, data);
-        }
+        window_write(&self.0, Space::Memory, offset, data);
     }
 }
 
@@ -500,24 +520,11 @@ pub struct IoWindow(pub SharedRoot);
 
 impl ConcurrentBusDevice for IoWindow {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let target = {
-            let root = root(&self.0);
-            root.io_bar_at(root.layout.io_base + offset)
-        };
-        match target {
-            Some((f, bar, at)) => lock(&f).bar_read(bar, at, data),
-            None => data.fill(0xff),
-        }
+        window_read(&self.0, Space::Io, offset, data);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        let target = {
-            let root = root(&self.0);
-            root.io_bar_at(root.layout.io_base + offset)
-        };
-        if let Some((f, bar, at)) = target {
-            lock(&f).bar_write(bar, at, data);
-        }
+        window_write(&self.0, Space::Io, offset, data);
     }
 }
 

@@ -543,34 +543,7 @@ fn remap(cpus: usize, entries: u32, vectors: u32) -> bool {
 /// The host raises one IRTE `n` times while another host thread keeps retargeting it;
 /// every interrupt must arrive exactly once, and on more than one CPU.
 fn retarget(cpus: usize, n: u32, mode: u32) -> bool {
-    let vector = RETARGET_VECTOR + mode as u8;
-    let (host, retargets) = harness_request(request::REMAP_RETARGET, vector, n, mode);
-    let mut total = 0;
-    let mut reached = 0;
-    for cpu in 0..cpus {
-        expect(cpu, vector, fired(cpu));
-        total += count(cpu, vector);
-        reached += usize::from(count(cpu, vector) > 0);
-    }
-    let moved = cpus == 1 || reached >= 2;
-    let ok = host == status::OK && total == n && moved;
-    let how = if mode == 1 {
-        "joining routed targets"
-    } else {
-        "rewriting its route"
-    };
-    if ok {
-        println!(
-            "retarget ({}): {} interrupts, {} retargets, all counted once, on {} vCPUs",
-            how, n, retargets, reached
-        );
-    } else {
-        println!(
-            "retarget ({}): FAIL (host status {}, {} of {} counted, {} vCPUs)",
-            how, host, total, n, reached
-        );
-    }
-    ok
+    moving_entry(cpus, n, mode, false)
 }
 
 /// An IRTE bound to an eventfd the host writes, as a device in another process would, is
@@ -579,8 +552,24 @@ fn retarget(cpus: usize, n: u32, mode: u32) -> bool {
 /// another requester, that it delivers nothing while absent, and raises it once more at
 /// vCPU 0.
 fn external(cpus: usize, n: u32, mode: u32) -> bool {
-    let vector = EXTERNAL_VECTOR + mode as u8;
-    let (host, retargets) = harness_request(request::REMAP_EXTERNAL, vector, n, mode);
+    moving_entry(cpus, n, mode, true)
+}
+
+/// `retarget` and `external`: request 3 or 15 with `mode`, and the guest's count.
+fn moving_entry(cpus: usize, n: u32, mode: u32, external: bool) -> bool {
+    let (name, code, base, expected, tail) = if external {
+        (
+            "external source",
+            request::REMAP_EXTERNAL,
+            EXTERNAL_VECTOR,
+            n + 1,
+            "; none while absent",
+        )
+    } else {
+        ("retarget", request::REMAP_RETARGET, RETARGET_VECTOR, n, "")
+    };
+    let vector = base + mode as u8;
+    let (host, retargets) = harness_request(code, vector, n, mode);
     let mut total = 0;
     let mut reached = 0;
     for cpu in 0..cpus {
@@ -589,7 +578,7 @@ fn external(cpus: usize, n: u32, mode: u32) -> bool {
         reached += usize::from(count(cpu, vector) > 0);
     }
     let moved = cpus == 1 || reached >= 2;
-    let ok = host == status::OK && total == n + 1 && moved;
+    let ok = host == status::OK && total == expected && moved;
     let how = if mode == 1 {
         "joining routed targets"
     } else {
@@ -597,17 +586,13 @@ fn external(cpus: usize, n: u32, mode: u32) -> bool {
     };
     if ok {
         println!(
-            "external source ({}): {} interrupts, {} retargets, all counted once, on {} vCPUs; none while absent",
-            how, n, retargets, reached
+            "{} ({}): {} interrupts, {} retargets, all counted once, on {} vCPUs{}",
+            name, how, n, retargets, reached, tail
         );
     } else {
         println!(
-            "external source ({}): FAIL (host status {}, {} of {} counted, {} vCPUs)",
-            how,
-            host,
-            total,
-            n + 1,
-            reached
+            "{} ({}): FAIL (host status {}, {} of {} counted, {} vCPUs)",
+            name, how, host, total, expected, reached
         );
     }
     ok
