@@ -3,7 +3,7 @@
 //! `resources/vfio-user/build-gpio`), joins the VM's PCI root over vfio-user. The built-in
 //! guest finds it, reads its configuration space and its I/O BAR, and the device counts
 //! the reads as it does for any client; its INTx interrupt (an eventfd the VMM handed it)
-//! arrives through the IOAPIC.
+//! arrives through the IOAPIC and the remapping unit.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -80,9 +80,11 @@ fn the_vfio_user_crates_gpio_example_is_a_pci_device_the_guest_reads() {
         "{console}"
     );
     // The third read also makes the device write its INTx eventfd: the interrupt reaches
-    // the guest through the IOAPIC input the interrupt line register names.
+    // the guest through the IOAPIC input the interrupt line register names, remapped (the
+    // guest turned remapping on with compatibility format blocked).
     assert!(
-        console.contains("pci: 00:05.0 INTx on IOAPIC input 17: 1 interrupts"),
+        console
+            .contains("pci: 00:05.0 INTx on IOAPIC input 17, remapped by IRTE 200: 1 interrupts"),
         "{console}"
     );
     assert_eq!(report.devices[0].remote, Some((0, false)), "{report}");

@@ -239,6 +239,40 @@ impl Driver {
     }
 }
 
+/// Routes IOAPIC input `pin` through interrupt remapping to the CPU with APIC ID `apic`,
+/// edge-triggered with `vector`, as Linux does: turns remapping on if it is off (table,
+/// queued invalidation, a global invalidation, IR with compatibility format blocked),
+/// writes IRTE `index` for the IOAPIC's requester, invalidates it, then writes the pin's
+/// remappable redirection entry. False when a step fails (said on the console).
+pub fn remap_ioapic_pin(pin: u32, vector: u8, index: u32, apic: u32, x2apic: bool) -> bool {
+    let mut d = Driver {
+        tail: (r64(IQH) / 16) as usize,
+        seq: STATUS.load(Ordering::Relaxed),
+        events: count(0, FAULT_VECTOR),
+        ok: true,
+        eim: x2apic,
+    };
+    if r32(GSTS) & IRE == 0 {
+        let table = core::ptr::addr_of!(TABLE) as u64;
+        let eime = if x2apic { 1 << 11 } else { 0 };
+        w64(IRTA, table | eime | 7);
+        d.command(SIRTP, 0, SIRTP);
+        w64(IQT, 0);
+        w64(IQA, core::ptr::addr_of!(QUEUE) as u64);
+        d.tail = 0;
+        d.command(QIE, 0, QIE);
+        d.submit([4, 0]);
+        if !d.wait() {
+            d.fail("global invalidation");
+        }
+        d.command(IRE, CFI, IRE);
+    }
+    d.set_entry(index as usize, d.entry(apic, vector, IOAPIC_SID));
+    d.invalidate(index, 0);
+    arch::without_interrupts(|| set_rte(pin, remappable_rte(index, vector, false)));
+    d.ok
+}
+
 fn hypercall(number: u32, a: u64, b: u64) -> Registers {
     let mut regs = Registers {
         rax: u64::from(number),
