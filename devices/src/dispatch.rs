@@ -26,7 +26,7 @@ use irq::msi::{DeliveryMode, MsiMessage, Target};
 use irq::port::DoorbellVcpu;
 use vm_memory::GuestAddress;
 
-use crate::memory::{write_obj, SharedRam};
+use crate::memory::SharedRam;
 
 /// Answers a doorbell `out` that stopped `vcpu`, in the order KVM requires: completes the
 /// pending `out`, then reads the call's registers, has `handler` answer (a 4-byte `out`,
@@ -431,11 +431,16 @@ impl Dispatcher {
                 *s = status::NOT_APPLIED;
             }
         }
-        for (i, s) in statuses.iter().enumerate() {
-            let at = GuestAddress(base + i as u64 * batch::ENTRY_SIZE + BatchEntry::STATUS_OFFSET);
-            // The range was read a moment ago; a failed write means the VM is going away.
-            let _ = write_obj(&*self.mem, u32::try_from(*s).unwrap_or(u32::MAX), at);
-        }
+        let words: Vec<(GuestAddress, u32)> = statuses
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let at = base + i as u64 * batch::ENTRY_SIZE + BatchEntry::STATUS_OFFSET;
+                (GuestAddress(at), u32::try_from(*s).unwrap_or(u32::MAX))
+            })
+            .collect();
+        // The range was read a moment ago; a failed write means the VM is going away.
+        self.mem.write_words(&words);
         regs.rsi = if result.is_ok() { count } else { 0 };
         result
     }

@@ -42,6 +42,10 @@ pub trait GuestRam: Send + Sync {
 
     /// Whether `len` bytes at `addr` are all guest memory the device may read and write.
     fn contains(&self, addr: GuestAddress, len: usize) -> bool;
+
+    /// Writes each little-endian word at its address, with one look at the memory map
+    /// for all of them; returns how many could not be written.
+    fn write_words(&self, words: &[(GuestAddress, u32)]) -> usize;
 }
 
 impl<S: AddressSpace> GuestRam for S {
@@ -56,6 +60,14 @@ impl<S: AddressSpace> GuestRam for S {
     fn contains(&self, addr: GuestAddress, len: usize) -> bool {
         self.memory()
             .check_range(addr, len, vm_memory::Permissions::ReadWrite)
+    }
+
+    fn write_words(&self, words: &[(GuestAddress, u32)]) -> usize {
+        let mem = self.memory();
+        words
+            .iter()
+            .filter(|(at, word)| mem.write_obj(*word, *at).is_err())
+            .count()
     }
 }
 

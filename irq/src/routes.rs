@@ -524,18 +524,24 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// [`RouteError::Commit`]; `owner`'s staged changes are then dropped and KVM keeps the
     /// previous table.
     pub fn commit_as(&mut self, owner: OwnerId) -> Result<bool, RouteError> {
-        let mut next: BTreeMap<Gsi, Route> = self
-            .committed
-            .iter()
-            .filter(|(_, r)| r.owner != owner)
-            .map(|(&g, &r)| (g, r))
-            .collect();
-        next.extend(
-            self.staged
+        let next: BTreeMap<Gsi, Route> = if self.owners.is_empty() {
+            // The core alone: what is staged is what KVM gets.
+            self.staged.clone()
+        } else {
+            let mut next: BTreeMap<Gsi, Route> = self
+                .committed
                 .iter()
-                .filter(|(_, r)| r.owner == owner)
-                .map(|(&g, &r)| (g, r)),
-        );
+                .filter(|(_, r)| r.owner != owner)
+                .map(|(&g, &r)| (g, r))
+                .collect();
+            next.extend(
+                self.staged
+                    .iter()
+                    .filter(|(_, r)| r.owner == owner)
+                    .map(|(&g, &r)| (g, r)),
+            );
+            next
+        };
         if next == self.committed {
             return Ok(false);
         }
