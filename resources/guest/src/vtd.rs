@@ -154,6 +154,35 @@ struct Driver {
 }
 
 impl Driver {
+    /// A driver for the unit as it stands (queue tail, wait sequence, fault events).
+    fn attach(x2apic: bool) -> Self {
+        Self {
+            tail: (r64(IQH) / 16) as usize,
+            seq: STATUS.load(Ordering::Relaxed),
+            events: count(0, FAULT_VECTOR),
+            ok: true,
+            eim: x2apic,
+        }
+    }
+
+    /// Linux's order: table pointer, queued invalidation, global IEC flush, IR on with
+    /// compatibility format blocked.
+    fn enable_remapping(&mut self) {
+        let table = core::ptr::addr_of!(TABLE) as u64;
+        let eime = if self.eim { 1 << 11 } else { 0 };
+        w64(IRTA, table | eime | 7); // 256 entries
+        self.command(SIRTP, 0, SIRTP);
+        w64(IQT, 0);
+        w64(IQA, core::ptr::addr_of!(QUEUE) as u64);
+        self.tail = 0;
+        self.command(QIE, 0, QIE);
+        self.submit([4, 0]);
+        if !self.wait() {
+            self.fail("global invalidation");
+        }
+        self.command(IRE, CFI, IRE);
+    }
+
     fn fail(&mut self, what: &str) {
         println!("vtd: FAIL: {}", what);
         self.ok = false;
@@ -245,27 +274,9 @@ impl Driver {
 /// writes IRTE `index` for the IOAPIC's requester, invalidates it, then writes the pin's
 /// remappable redirection entry. False when a step fails (said on the console).
 pub fn remap_ioapic_pin(pin: u32, vector: u8, index: u32, apic: u32, x2apic: bool) -> bool {
-    let mut d = Driver {
-        tail: (r64(IQH) / 16) as usize,
-        seq: STATUS.load(Ordering::Relaxed),
-        events: count(0, FAULT_VECTOR),
-        ok: true,
-        eim: x2apic,
-    };
+    let mut d = Driver::attach(x2apic);
     if r32(GSTS) & IRE == 0 {
-        let table = core::ptr::addr_of!(TABLE) as u64;
-        let eime = if x2apic { 1 << 11 } else { 0 };
-        w64(IRTA, table | eime | 7);
-        d.command(SIRTP, 0, SIRTP);
-        w64(IQT, 0);
-        w64(IQA, core::ptr::addr_of!(QUEUE) as u64);
-        d.tail = 0;
-        d.command(QIE, 0, QIE);
-        d.submit([4, 0]);
-        if !d.wait() {
-            d.fail("global invalidation");
-        }
-        d.command(IRE, CFI, IRE);
+        d.enable_remapping();
     }
     d.set_entry(index as usize, d.entry(apic, vector, IOAPIC_SID));
     d.invalidate(index, 0);
@@ -373,13 +384,7 @@ fn fired(cpu: usize) -> u32 {
 pub fn run(cpus: usize, apic: impl Fn(usize) -> u32, x2apic: bool) -> bool {
     // Counted from what the unit and the counters say now (also keeps the compiler from
     // zeroing the struct with an SSE instruction the nested emulator cannot run).
-    let mut d = Driver {
-        tail: (r64(IQH) / 16) as usize,
-        seq: STATUS.load(Ordering::Relaxed),
-        events: count(0, FAULT_VECTOR),
-        ok: true,
-        eim: x2apic,
-    };
+    let mut d = Driver::attach(x2apic);
     let ecap = r64(ECAP);
     if ecap & (1 << 3) == 0 || ecap & (1 << 1) == 0 || (x2apic && ecap & (1 << 4) == 0) {
         println!("vtd: FAIL: ECAP {:#x} lacks IR, QI or EIM", ecap);
@@ -392,20 +397,7 @@ pub fn run(cpus: usize, apic: impl Fn(usize) -> u32, x2apic: bool) -> bool {
     w32(FEUADDR, 0);
     w32(FECTL, 0);
 
-    // Linux's order: table pointer, queued invalidation, global IEC flush, IR on with
-    // compatibility format blocked.
-    let table = core::ptr::addr_of!(TABLE) as u64;
-    let eime = if x2apic { 1 << 11 } else { 0 };
-    w64(IRTA, table | eime | 7); // 256 entries
-    d.command(SIRTP, 0, SIRTP);
-    w64(IQT, 0);
-    w64(IQA, core::ptr::addr_of!(QUEUE) as u64);
-    d.command(QIE, 0, QIE);
-    d.submit([4, 0]);
-    if !d.wait() {
-        d.fail("global invalidation");
-    }
-    d.command(IRE, CFI, IRE);
+    d.enable_remapping();
     if r32(GSTS) & CFI != 0 {
         d.fail("CFI still set");
     }
