@@ -709,6 +709,36 @@ mod tests {
         assert_eq!(kvm.irqfds(), 2);
     }
 
+    /// An entry of another requester or not allocated: each entry's own status, the first
+    /// one's error in RAX, nothing applied (whether a bad target comes after it or not).
+    #[test]
+    fn a_batch_names_entries_it_may_not_touch() {
+        let (d, kvm, mem) = dispatcher(4096, 1_000_000);
+        let mine = call(&d, call::ALLOCATE, ME, 2, 0).rsi;
+        let theirs = call(&d, call::ALLOCATE, OTHER, 1, 0).rsi;
+        let put = |i: u64, index: u64, word: u64| {
+            mem.write_obj(u32::try_from(index).unwrap(), GuestAddress(0x2000 + 16 * i))
+                .unwrap();
+            mem.write_obj(word, GuestAddress(0x2008 + 16 * i)).unwrap();
+        };
+        let statuses = |n: u64| {
+            (0..n)
+                .map(|i| mem.read_obj::<u32>(GuestAddress(0x2004 + 16 * i)).unwrap())
+                .collect::<Vec<_>>()
+        };
+        put(0, mine, target::fixed(0, 0x50));
+        put(1, theirs, target::fixed(0, 0x51));
+        put(2, mine + 1, target::fixed(0, 3));
+        let r = call(&d, call::BATCH, ME, 0x2000, 3);
+        assert_eq!(r.rax, status::SOURCE_ID_NOT_PERMITTED);
+        assert_eq!(statuses(3), vec![9, 5, 1]);
+        put(1, 200, target::fixed(0, 0x51));
+        let r = call(&d, call::BATCH, ME, 0x2000, 2);
+        assert_eq!(r.rax, status::NOT_ALLOCATED);
+        assert_eq!(statuses(2), vec![9, 6]);
+        assert_eq!(kvm.irqfds(), 0, "nothing was applied");
+    }
+
     #[test]
     fn query_reports_limits_and_what_is_left() {
         let (d, _, _) = dispatcher(24 + 10, 1_000_000);
