@@ -203,6 +203,9 @@ impl std::fmt::Debug for Dispatcher {
 
 type Outcome = Result<(), u64>;
 
+/// A batch entry that passed its checks: its index and what it becomes.
+type Parsed = (u32, Option<Irte>);
+
 impl Dispatcher {
     /// A dispatcher over the interrupt core `core` for a VM with vCPUs `apic_ids`, guest
     /// RAM `mem`, the devices `requesters`, and at most `rate` calls per second.
@@ -367,6 +370,44 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Checks each batch entry (index, target, and with `ownership` its owner); returns
+    /// each entry's status and the parsed entries, or the first entry's error.
+    fn check_batch(
+        &self,
+        entries: &[(u32, u64)],
+        requester: u16,
+        ownership: bool,
+    ) -> (Vec<u64>, Result<Vec<Parsed>, u64>) {
+        let mut statuses = vec![status::OK; entries.len()];
+        let mut first_error = None;
+        let mut parsed = Vec::with_capacity(entries.len());
+        for (i, &(index, word)) in entries.iter().enumerate() {
+            let checked = if index < self.table_size {
+                let owned = if ownership {
+                    self.owned(index, requester)
+                } else {
+                    Ok(())
+                };
+                owned.and_then(|()| self.parse_target(word, requester))
+            } else {
+                Err(status::INVALID_ARGUMENT)
+            };
+            match checked {
+                Ok(entry) => parsed.push((index, entry)),
+                Err(e) => {
+                    if let Some(s) = statuses.get_mut(i) {
+                        *s = e;
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => (statuses, Err(e)),
+            None => (statuses, Ok(parsed)),
+        }
+    }
+
     fn batch(&self, regs: &mut Registers) -> Outcome {
         let requester = self.requester(regs)?;
         let (base, count) = (regs.rsi, regs.rdi);
@@ -386,46 +427,38 @@ impl Dispatcher {
         self.mem
             .read(GuestAddress(base), &mut raw)
             .map_err(|_| status::BAD_GUEST_ADDRESS)?;
-        let mut statuses = vec![status::OK; entries];
-        let mut first_error = None;
-        let mut parsed = Vec::with_capacity(entries);
-        for (i, chunk) in raw.chunks_exact(entry_size).enumerate() {
-            let mut bytes = [0u8; 16];
-            bytes.copy_from_slice(chunk);
-            let BatchEntry {
-                index,
-                target: word,
-                ..
-            } = BatchEntry::from_bytes(&bytes);
-            let checked = if index < self.table_size {
-                self.owned(index, requester)
-                    .and_then(|()| self.parse_target(word, requester))
-            } else {
-                Err(status::INVALID_ARGUMENT)
-            };
-            match checked {
-                Ok(entry) => parsed.push((index, entry)),
-                Err(e) => {
-                    if let Some(s) = statuses.get_mut(i) {
-                        *s = e;
-                    }
-                    first_error.get_or_insert(e);
+        let entries_read: Vec<(u32, u64)> = raw
+            .chunks_exact(entry_size)
+            .map(|chunk| {
+                let mut bytes = [0u8; 16];
+                bytes.copy_from_slice(chunk);
+                let e = BatchEntry::from_bytes(&bytes);
+                (e.index, e.target)
+            })
+            .collect();
+        // Ownership is the core's to check, all or none, with the writes: the entries are
+        // looked up one by one only when it refuses, for their statuses.
+        let (mut statuses, mut result) = self.check_batch(&entries_read, requester, false);
+        if result.is_err() {
+            // Every entry's own status, in the order the ABI gives them.
+            (statuses, result) = self.check_batch(&entries_read, requester, true);
+        } else if let Ok(parsed) = &result {
+            let writes: Vec<(u32, EntryWrite)> = parsed
+                .iter()
+                .map(|(index, entry)| (*index, write_of(*entry)))
+                .collect();
+            let written = self.core.write(Writer::Requester(requester), &writes);
+            result = match written {
+                Ok(()) => Ok(Vec::new()),
+                Err(e @ (BackingError::NotOwner { .. } | BackingError::NotAllocated(_))) => {
+                    let (owned, checked) = self.check_batch(&entries_read, requester, true);
+                    statuses = owned;
+                    checked.and(Err(status_of(&e)))
                 }
-            }
+                Err(e) => Err(status_of(&e)),
+            };
         }
-        let result = match first_error {
-            Some(e) => Err(e),
-            None => {
-                // The core checks ownership again, with the writes: all or none.
-                let writes: Vec<(u32, EntryWrite)> = parsed
-                    .iter()
-                    .map(|(index, entry)| (*index, write_of(*entry)))
-                    .collect();
-                self.core
-                    .write(Writer::Requester(requester), &writes)
-                    .map_err(|e| status_of(&e))
-            }
-        };
+        let result = result.map(|_| ());
         if result.is_err() {
             for s in statuses.iter_mut().filter(|s| **s == status::OK) {
                 *s = status::NOT_APPLIED;
