@@ -521,9 +521,12 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// commit with nothing of `owner`'s staged is skipped).
     ///
     /// # Errors
-    /// [`RouteError::Commit`]; `owner`'s staged changes are then dropped and KVM keeps the
-    /// previous table.
+    /// [`RouteError::NotOwner`] for an owner never registered, or [`RouteError::Commit`];
+    /// `owner`'s staged changes are then dropped and KVM keeps the previous table.
     pub fn commit_as(&mut self, owner: OwnerId) -> Result<bool, RouteError> {
+        if owner != OwnerId::CORE && !self.owners.contains_key(&owner) {
+            return Err(RouteError::NotOwner(owner.0));
+        }
         let next: BTreeMap<Gsi, Route> = if self.owners.is_empty() {
             // The core alone: what is staged is what KVM gets.
             self.staged.clone()
@@ -869,5 +872,10 @@ mod tests {
         table.remove_owner(vmm).unwrap();
         assert!(table.owners().is_empty());
         table.allocate_as(vmm, msi(7)).unwrap_err();
+        // An owner that was never registered (or is gone) commits nothing of anyone's.
+        table.allocate(msi(8)).unwrap();
+        let calls = kvm.tables.lock().unwrap().len();
+        assert!(matches!(table.commit_as(vmm), Err(RouteError::NotOwner(_))));
+        assert_eq!(kvm.tables.lock().unwrap().len(), calls);
     }
 }

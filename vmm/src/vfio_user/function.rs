@@ -73,15 +73,19 @@ impl VfioUserFunction {
             let io = raw
                 .get(config::BAR0 + 4 * index)
                 .is_some_and(|b| b & 1 == 1);
+            // A region larger than any BAR (the device says what it likes) is not offered.
+            let Some(size) = size.checked_next_power_of_two() else {
+                continue;
+            };
             if io {
                 config.add_io_bar(Bar {
                     index,
-                    size: size.next_power_of_two().clamp(4, 256),
+                    size: size.clamp(4, 256),
                 });
             } else if index % 2 == 0 {
                 config.add_bar(Bar {
                     index,
-                    size: size.next_power_of_two().max(4096),
+                    size: size.max(4096),
                 });
             }
         }

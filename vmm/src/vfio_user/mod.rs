@@ -280,8 +280,12 @@ impl Client {
             .stream
             .send_with_fds(&[header, payload], fds)
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        let whole = [header, payload].concat();
-        self.stream.write_all(whole.get(sent..).unwrap_or_default())
+        let rest_of_header = header.get(sent..).unwrap_or_default();
+        let rest_of_payload = payload
+            .get(sent.saturating_sub(header.len())..)
+            .unwrap_or_default();
+        self.stream.write_all(rest_of_header)?;
+        self.stream.write_all(rest_of_payload)
     }
 
     /// Reads a header, taking the one descriptor a reply may carry.

@@ -132,6 +132,8 @@ fn device(name: &str) -> (PathBuf, Arc<Mutex<Seen>>, thread::JoinHandle<()>) {
         .map(|i| match i {
             VFIO_PCI_BAR0_REGION_INDEX => region(i, 4096),
             2 => region(i, 256),
+            // A size no BAR can have: not offered.
+            4 => region(i, u64::MAX),
             VFIO_PCI_CONFIG_REGION_INDEX => region(i, 256),
             _ => region(i, 0),
         })
@@ -320,6 +322,9 @@ fn a_device_becomes_a_function_on_our_root_with_its_ids_and_relayed_bars() {
     let mut pin = [0u8; 1];
     root.config_read(0x30, 0x3d, &mut pin);
     assert_eq!(pin, [1]);
+    let mut bar4 = [0u8; 4];
+    root.config_read(0x30, 0x20, &mut bar4);
+    assert_eq!(bar4, [0; 4], "a region of 2^64 - 1 bytes is no BAR");
     let root = Arc::new(Mutex::new(root));
     // BAR 0 (memory) and BAR 2 (I/O) reach the device's regions 0 and 2.
     MmioWindow(root.clone()).write(0x20, &[5, 6]);
