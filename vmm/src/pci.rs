@@ -544,7 +544,10 @@ impl PciDevices {
 /// IOAPIC inputs of PCI INTx: 16 to 19, by device number and pin, as a bridge swizzles
 /// them.
 fn intx_input(pci_slot: u8, pin: u8) -> u8 {
-    16 + (pci_slot + pin.saturating_sub(1)) % 4
+    // The pin is the device's to say: anything but INTA-INTD has no input (the relay is
+    // not made), and the sum is taken wide.
+    let swizzled = (u16::from(pci_slot) + u16::from(pin.saturating_sub(1))) % 4;
+    16 + u8::try_from(swizzled).unwrap_or(0)
 }
 
 /// A device another process serves: connected, guest RAM mapped for its DMA, its INTx (if
@@ -586,5 +589,18 @@ fn lock_by<T>(mutex: &Mutex<T>, deadline: Instant) -> Option<std::sync::MutexGua
             }
             Err(std::sync::TryLockError::WouldBlock) => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intx_inputs_swizzle_and_take_any_pin_a_device_reports() {
+        assert_eq!(intx_input(3, 1), 19);
+        assert_eq!(intx_input(5, 1), 17);
+        assert_eq!(intx_input(5, 2), 18);
+        assert_eq!(intx_input(31, u8::MAX), 17, "no overflow, whatever the device says");
     }
 }

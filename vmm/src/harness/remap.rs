@@ -450,7 +450,7 @@ impl Harness {
             return status::HOST_ERROR;
         }
         std::thread::sleep(Duration::from_millis(20));
-        if self.total(vector) != before || self.path.faults(first) != faults + 1 {
+        if self.total(vector) != before || self.path.faults(first) != faults.wrapping_add(1) {
             return status::NOT_DELIVERED;
         }
         let start = self.counter(0, vector);

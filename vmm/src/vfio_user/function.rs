@@ -98,8 +98,8 @@ impl VfioUserFunction {
 
     /// Gives the device's INTx an eventfd and returns the relay that pulses IOAPIC input
     /// `ioapic_pin` through `sink` whenever the device writes it; the interrupt line
-    /// register says which input. `None` for a device without INTx (pin 0, or no INTx
-    /// interrupt index with eventfds).
+    /// register says which input. `None` for a device without INTx (a pin other than 1 to
+    /// 4, or no INTx interrupt index with eventfds).
     ///
     /// # Errors
     /// The eventfd, or the device's refusal of it.
@@ -108,7 +108,12 @@ impl VfioUserFunction {
         ioapic_pin: u8,
         sink: IntxSink,
     ) -> Result<Option<IntxRelay>, VfioUserError> {
-        let has_pin = self.config.bytes(0x3d, 1).first().is_some_and(|&p| p != 0);
+        // INTA to INTD; any other value the device reports means no INTx.
+        let has_pin = self
+            .config
+            .bytes(0x3d, 1)
+            .first()
+            .is_some_and(|p| (1..=4).contains(p));
         let intx = self
             .client
             .irqs()
