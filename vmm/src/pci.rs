@@ -601,6 +601,10 @@ mod tests {
         assert_eq!(intx_input(3, 1), 19);
         assert_eq!(intx_input(5, 1), 17);
         assert_eq!(intx_input(5, 2), 18);
-        assert_eq!(intx_input(31, u8::MAX), 17, "no overflow, whatever the device says");
+        assert_eq!(
+            intx_input(31, u8::MAX),
+            17,
+            "no overflow, whatever the device says"
+        );
     }
 }
