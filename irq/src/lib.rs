@@ -71,5 +71,6 @@ pub use control::{CoreHandle, InterruptControl, InterruptCore};
 #[cfg(feature = "kvm")]
 pub use kvm::KvmRouting;
 pub use msi::{MsiError, MsiMessage};
+pub use path::MessageSink;
 pub use port::{Gsi, RoutingBackend};
 pub use routes::{Irqchip, RouteError, RouteTable};

@@ -322,3 +322,21 @@ impl InterruptPath {
         }
     }
 }
+
+/// Where a device model sends the messages it raises (an IMS slot's, an MSI-X entry's):
+/// the core's data path in the VMM's own process, or, for a device served to a VMM in
+/// another process, a table of the eventfds that VMM handed over per remapping entry.
+/// The device model does not know which.
+pub trait MessageSink: Send + Sync {
+    /// Raises the interrupt `msg` names, on behalf of requester `source_id`.
+    ///
+    /// # Errors
+    /// The [`Fault`] that blocked it; the device counts it.
+    fn signal_msi(&self, msg: &MsiMessage, source_id: u16) -> Result<(), Fault>;
+}
+
+impl MessageSink for InterruptPath {
+    fn signal_msi(&self, msg: &MsiMessage, source_id: u16) -> Result<(), Fault> {
+        InterruptPath::signal_msi(self, msg, source_id)
+    }
+}

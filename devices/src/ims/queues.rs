@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use irq::backing::InterruptPath;
+use irq::MessageSink;
 use irq::MsiMessage;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -106,7 +106,7 @@ pub struct ImsQueues<M: AddressSpace = DefaultMemory> {
     deferred: super::Deferred,
     notified: BTreeSet<u32>,
     requester: u16,
-    path: Arc<InterruptPath>,
+    path: Arc<dyn MessageSink>,
     mem: M,
     kick: EventFd,
 }
@@ -131,7 +131,7 @@ impl<M: AddressSpace> ImsQueues<M> {
     pub fn new(
         contexts: u32,
         requester: u16,
-        path: Arc<InterruptPath>,
+        path: Arc<dyn MessageSink>,
         mem: M,
     ) -> std::io::Result<Self> {
         let contexts = contexts.clamp(1, MAX_CONTEXTS);

@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use irq::backing::InterruptPath;
+use irq::MessageSink;
 use irq::MsiMessage;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -69,7 +69,7 @@ pub struct ImsSlots<M: AddressSpace = DefaultMemory> {
     error_slot: u32,
     completions: u64,
     requester: u16,
-    path: Arc<InterruptPath>,
+    path: Arc<dyn MessageSink>,
     mem: M,
     notified: BTreeSet<u32>,
     kick: EventFd,
@@ -105,7 +105,7 @@ impl<M: AddressSpace> ImsSlots<M> {
         slots: u32,
         queues: u32,
         requester: u16,
-        path: Arc<InterruptPath>,
+        path: Arc<dyn MessageSink>,
         mem: M,
     ) -> std::io::Result<Self> {
         let slots = slots.clamp(1, MAX_SLOTS);

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use irq::backing::InterruptPath;
+use irq::MessageSink;
 use irq::MsiMessage;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
@@ -139,7 +139,7 @@ impl<M: AddressSpace> ImsQueues<M> {
     /// A field out of range or of another shape; nothing is built.
     pub fn restore(
         requester: u16,
-        path: std::sync::Arc<InterruptPath>,
+        path: std::sync::Arc<dyn MessageSink>,
         mem: M,
         snap: &QueuesSnapshot,
         now: Instant,

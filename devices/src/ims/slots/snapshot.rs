@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use irq::backing::InterruptPath;
+use irq::MessageSink;
 use serde::{Deserialize, Serialize};
 
 use super::{ImsSlots, Slot, MAX_QUEUE_SIZE};
@@ -69,7 +69,7 @@ impl<M: AddressSpace> ImsSlots<M> {
     /// field out of range; nothing is built.
     pub fn restore(
         requester: u16,
-        path: std::sync::Arc<InterruptPath>,
+        path: std::sync::Arc<dyn MessageSink>,
         mem: M,
         snap: &SlotsSnapshot,
         now: Instant,
