@@ -167,7 +167,8 @@ fn status_of(e: &BackingError) -> u64 {
         BackingError::NoSpace(_)
         | BackingError::RoutesExhausted
         | BackingError::EventFd(_)
-        | BackingError::Route(_) => status::NO_SPACE,
+        | BackingError::Route(_)
+        | BackingError::HostRefused { .. } => status::NO_SPACE,
         BackingError::DeviceQuota { .. } | BackingError::VmQuota(_) => status::QUOTA_EXCEEDED,
         BackingError::NotAllocated(_) => status::NOT_ALLOCATED,
         BackingError::NotOwner { .. } | BackingError::NotVerified { .. } => {

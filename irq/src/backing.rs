@@ -165,6 +165,15 @@ pub enum BackingError {
         /// The requester.
         requester: u16,
     },
+    /// The requester's device refused the host interrupts of entries the write made
+    /// present ([`crate::control::HostInterrupts`]); the write was undone.
+    #[error("the device of requester {requester:#06x} refused its host interrupts: {reason}")]
+    HostRefused {
+        /// The requester.
+        requester: u16,
+        /// What the device said.
+        reason: String,
+    },
 }
 
 impl From<RemapError> for BackingError {
@@ -306,6 +315,11 @@ impl<B: RoutingBackend> Backing<B> {
 
     /// The route table (the IOAPIC's pin routes, owners' routes through
     /// [`crate::control::RouteControl`]).
+    /// Counts a step that could not be undone or retired (a KVM refusal on the way back).
+    pub(crate) fn count_retire_error(&mut self) {
+        self.stats.retire_errors += 1;
+    }
+
     pub(crate) fn routes_mut(&mut self) -> &mut RouteTable<B> {
         &mut self.routes
     }

@@ -19,6 +19,8 @@
 //! core calls nothing that locks while it holds its lock; it calls the mirror only after
 //! releasing it.
 
+mod host;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -29,6 +31,8 @@ use crate::msi::MsiMessage;
 use crate::port::{Gsi, RoutingBackend};
 use crate::remap::Translation;
 use crate::routes::{OwnerId, OwnerUsage, RouteError};
+
+pub use host::{HostInterrupts, HostRefusal, HostStats};
 
 /// What one entry becomes in a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +163,27 @@ pub trait InterruptControl: Send + Sync {
     /// As [`Backing::unbind`].
     fn unbind_source(&self, requester: u16, index: u32) -> Result<EventFd, BackingError>;
 
+    /// Attaches `source`, the host interrupts of `requester`'s entries (a device outside
+    /// the core): from now on it is handed each entry's eventfd when the entry becomes
+    /// present for `requester`, and takes it back when the entry goes absent or is freed
+    /// (module `host`). Entries present now are handed over at once.
+    ///
+    /// # Errors
+    /// [`BackingError::HostRefused`] (the requester has a host already, or `source`
+    /// refused the entries present now: nothing is attached), or a binding's error.
+    fn attach_host(
+        &self,
+        requester: u16,
+        source: Arc<dyn HostInterrupts>,
+    ) -> Result<(), BackingError>;
+
+    /// Detaches `requester`'s host (its device is gone): every eventfd it held is unbound
+    /// and it is asked to give them back. Returns how many it held.
+    fn detach_host(&self, requester: u16) -> usize;
+
+    /// What the attached hosts hold.
+    fn host_stats(&self) -> HostStats;
+
     /// The data path.
     fn path(&self) -> Arc<InterruptPath>;
 
@@ -237,6 +262,7 @@ pub struct InterruptCore<B: RoutingBackend> {
     backing: Mutex<Backing<B>>,
     path: Arc<InterruptPath>,
     mirror: RwLock<Option<Arc<dyn EntryMirror>>>,
+    hosts: Mutex<host::Hosts>,
 }
 
 impl<B: RoutingBackend> std::fmt::Debug for InterruptCore<B> {
@@ -255,6 +281,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
             backing: Mutex::new(backing),
             path,
             mirror: RwLock::new(None),
+            hosts: Mutex::new(host::Hosts::default()),
         })
     }
 
@@ -274,6 +301,54 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
     /// own MSI routes). Front ends use the [`InterruptControl`] methods.
     pub fn lock(&self) -> MutexGuard<'_, Backing<B>> {
         self.backing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies `writes` (the write without hosts).
+    fn write_entries(
+        &self,
+        writer: Writer,
+        writes: &[(u32, EntryWrite)],
+    ) -> Result<(), BackingError> {
+        {
+            let mut backing = self.lock();
+            if let Writer::Requester(requester) = writer {
+                for (index, _) in writes {
+                    owned(&backing, *index, requester)?;
+                }
+            }
+            let mut txn = backing.transaction();
+            for (index, write) in writes {
+                match write {
+                    EntryWrite::Entry(entry) => txn.set(*index, entry)?,
+                    EntryWrite::Raw(raw) => txn.write(*index, *raw)?,
+                    EntryWrite::Absent => txn.clear(*index)?,
+                }
+            }
+            txn.commit()?;
+        }
+        if matches!(writer, Writer::Requester(_)) {
+            self.reflect(writes.iter().map(|(index, _)| *index));
+        }
+        Ok(())
+    }
+
+    /// Frees entries (the free without hosts).
+    fn free_entries(&self, requester: u16, first: u32, count: u32) -> Result<(), BackingError> {
+        self.lock().free(first, count, requester)?;
+        self.reflect(first..first.saturating_add(count));
+        Ok(())
+    }
+
+    /// Installs a new, empty table of `entries` entries (without hosts).
+    fn new_table(&self, entries: u32) -> Result<(), BackingError> {
+        let mut backing = self.lock();
+        backing.set_active_size(entries);
+        let size = backing.limits().table_size;
+        let mut txn = backing.transaction();
+        for index in 0..size {
+            txn.clear(index)?;
+        }
+        txn.commit()
     }
 
     /// Tells the mirror of `indexes` as the table now holds them (with the core's lock
@@ -319,33 +394,11 @@ impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
     }
 
     fn free(&self, requester: u16, first: u32, count: u32) -> Result<(), BackingError> {
-        self.lock().free(first, count, requester)?;
-        self.reflect(first..first.saturating_add(count));
-        Ok(())
+        self.free_hosted(requester, first, count)
     }
 
     fn write(&self, writer: Writer, writes: &[(u32, EntryWrite)]) -> Result<(), BackingError> {
-        {
-            let mut backing = self.lock();
-            if let Writer::Requester(requester) = writer {
-                for (index, _) in writes {
-                    owned(&backing, *index, requester)?;
-                }
-            }
-            let mut txn = backing.transaction();
-            for (index, write) in writes {
-                match write {
-                    EntryWrite::Entry(entry) => txn.set(*index, entry)?,
-                    EntryWrite::Raw(raw) => txn.write(*index, *raw)?,
-                    EntryWrite::Absent => txn.clear(*index)?,
-                }
-            }
-            txn.commit()?;
-        }
-        if matches!(writer, Writer::Requester(_)) {
-            self.reflect(writes.iter().map(|(index, _)| *index));
-        }
-        Ok(())
+        self.write_hosted(writer, writes)
     }
 
     fn entry(&self, index: u32) -> EntryInfo {
@@ -382,13 +435,8 @@ impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
                 Ok(())
             }
             Setting::NewTable { entries } => {
-                backing.set_active_size(entries);
-                let size = backing.limits().table_size;
-                let mut txn = backing.transaction();
-                for index in 0..size {
-                    txn.clear(index)?;
-                }
-                txn.commit()
+                drop(backing);
+                self.new_table_hosted(entries)
             }
             Setting::LevelPin {
                 pin,
@@ -409,6 +457,22 @@ impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
                 Ok(())
             }
         }
+    }
+
+    fn attach_host(
+        &self,
+        requester: u16,
+        source: Arc<dyn HostInterrupts>,
+    ) -> Result<(), BackingError> {
+        self.attach_host_impl(requester, source)
+    }
+
+    fn detach_host(&self, requester: u16) -> usize {
+        self.detach_host_impl(requester)
+    }
+
+    fn host_stats(&self) -> HostStats {
+        self.host_stats_impl()
     }
 
     fn path(&self) -> Arc<InterruptPath> {

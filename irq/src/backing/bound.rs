@@ -139,6 +139,27 @@ impl<B: RoutingBackend> Backing<B> {
         self.bound.get(&index).map(|b| (b.requester, b.attached))
     }
 
+    /// Whether entry `index` is allocated to `requester`, present, and verifies it: an
+    /// eventfd bound to it now would be attached.
+    #[must_use]
+    pub fn serves(&self, index: u32, requester: u16) -> bool {
+        self.check_owner(index, requester).is_ok()
+            && destination(self.live_now(index), requester, |k| self.line_gsi(k)).is_ok()
+    }
+
+    /// Every entry that [`Self::serves`] `requester`, in index order.
+    #[must_use]
+    pub fn served(&self, requester: u16) -> Vec<u32> {
+        (0..u32::try_from(self.entries.len()).unwrap_or(u32::MAX))
+            .filter(|&i| {
+                self.entries[i as usize]
+                    .owner
+                    .is_some_and(|o| o.source_id == requester)
+                    && self.serves(i, requester)
+            })
+            .collect()
+    }
+
     /// Entries with an external source.
     #[must_use]
     pub fn bound_entries(&self) -> usize {
