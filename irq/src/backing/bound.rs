@@ -150,13 +150,13 @@ impl<B: RoutingBackend> Backing<B> {
     /// Every entry that [`Self::serves`] `requester`, in index order.
     #[must_use]
     pub fn served(&self, requester: u16) -> Vec<u32> {
-        (0..u32::try_from(self.entries.len()).unwrap_or(u32::MAX))
-            .filter(|&i| {
-                self.entries[i as usize]
-                    .owner
-                    .is_some_and(|o| o.source_id == requester)
-                    && self.serves(i, requester)
+        self.entries
+            .iter()
+            .zip(0u32..)
+            .filter(|(e, i)| {
+                e.owner.is_some_and(|o| o.source_id == requester) && self.serves(*i, requester)
             })
+            .map(|(_, i)| i)
             .collect()
     }
 

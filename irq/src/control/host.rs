@@ -227,7 +227,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
             match bound {
                 Ok(copy) => copies.push((index, copy)),
                 Err(e) => {
-                    self.unbind_all(requester, &entries[..k]);
+                    self.unbind_all(requester, entries.get(..k).unwrap_or_default());
                     return Err(e);
                 }
             }
