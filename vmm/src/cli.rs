@@ -56,6 +56,99 @@ Examples:
   vmm run --cmdline scenario=snapshot --snapshot vm.snap
   vmm restore vm.snap")]
     Restore(RestoreArgs),
+    /// Serve one of our IMS devices to a VMM in another process over vfio-user, until that
+    /// VMM disconnects.
+    #[command(after_help = "\
+The device model is the one `vmm run` builds in-process. The VMM connects with
+`--device vfio-user,socket=PATH`, maps guest RAM to this process, and hands it one eventfd
+per remapping entry of the device's requester while the entry is present (interrupt index 5,
+docs/ims-device.md \"Out of process\"): the device's interrupts go from here to KVM directly.
+
+Examples:
+  vmm device ims-slots --socket /tmp/slots.sock &
+  vmm run --device vfio-user,socket=/tmp/slots.sock --device ims-queues --cmdline scenario=ims")]
+    Device(DeviceArgs),
+}
+
+/// Options of `vmm device`.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// Which device.
+    #[command(subcommand)]
+    pub kind: ServedKind,
+}
+
+/// The devices `vmm device` serves.
+#[derive(Debug, Subcommand)]
+pub enum ServedKind {
+    /// The slot-array IMS device (1b36:1100)
+    ImsSlots {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Message slots
+        #[arg(long, value_name = "N", default_value_t = crate::config::DEFAULT_IMS_SLOTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(devices::ims::slots::MAX_SLOTS)))]
+        slots: u32,
+        /// Work queues, at most the slots [default: the slots, at most 2048]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(devices::ims::slots::MAX_SLOTS)))]
+        queues: Option<u32>,
+    },
+    /// The queue-memory IMS device (1b36:1101)
+    ImsQueues {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Queue contexts
+        #[arg(long, value_name = "N", default_value_t = crate::config::DEFAULT_IMS_CONTEXTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(devices::ims::queues::MAX_CONTEXTS)))]
+        contexts: u32,
+        /// Milliseconds an admin command may take before the device resets
+        #[arg(long, value_name = "MS", default_value_t = crate::config::DEFAULT_COMMAND_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..))]
+        command_timeout_ms: u32,
+    },
+}
+
+/// Where and how a device is served.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The Unix socket to listen on (must not exist)
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The most host interrupts (entries' eventfds) the device holds at once; a hand-over
+    /// beyond it is refused, and the guest's IRTE update that asked for it fails [default: no limit]
+    #[arg(long, value_name = "N")]
+    pub max_vectors: Option<u32>,
+}
+
+impl ServedKind {
+    /// The device, as the VMM's configuration names it, and how it is served.
+    #[must_use]
+    pub fn device(&self) -> (crate::config::DeviceKind, &ServeArgs) {
+        use crate::config::DeviceKind;
+        match *self {
+            Self::ImsSlots {
+                ref serve,
+                slots,
+                queues,
+            } => (
+                DeviceKind::ImsSlots {
+                    slots,
+                    queues: queues
+                        .unwrap_or(slots.min(crate::config::DEFAULT_IMS_SLOTS))
+                        .min(slots),
+                },
+                serve,
+            ),
+            Self::ImsQueues {
+                ref serve,
+                contexts,
+                command_timeout_ms,
+            } => (
+                DeviceKind::ImsQueues {
+                    contexts,
+                    command_timeout_ms,
+                },
+                serve,
+            ),
+        }
+    }
 }
 
 /// Options of `vmm restore`.

@@ -4,7 +4,7 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{BenchArgs, Cli, Command, RestoreArgs, RunArgs};
+use vmm::cli::{BenchArgs, Cli, Command, DeviceArgs, RestoreArgs, RunArgs};
 use vmm::report::EXIT_VMM_ERROR;
 
 /// Prints an error and its causes on one line.
@@ -56,6 +56,28 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Bench(args) => bench(args),
         Command::Restore(args) => restore(args),
+        Command::Device(args) => device(args),
+    }
+}
+
+fn device(args: &DeviceArgs) -> ExitCode {
+    let (kind, serve) = args.kind.device();
+    let max = serve.max_vectors.map(|n| n as usize);
+    match vmm::vfio_user::server::serve_kind(&kind, &serve.socket, max) {
+        Ok(report) => {
+            out(format_args!(
+                "{}: {} interrupts raised, {} without a host interrupt, {} hand-overs refused",
+                serve.socket.display(),
+                report.raised,
+                report.unbacked,
+                report.refused
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report_error(&e);
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
     }
 }
 

@@ -15,15 +15,16 @@ use devices::ims::{ImsBackend, ImsEngine};
 use devices::memory::DefaultMemory;
 use devices::pci::{self, ConfigIo, Ecam, IoWindow, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use irq::backing::InterruptPath;
+use irq::CoreHandle;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::BusError;
 use crate::config::{DeviceConfig, DeviceKind};
 use crate::exit::Buses;
+use crate::vfio_user::entries::RemoteEntries;
 pub use crate::vfio_user::function::IntxSink;
 use crate::vfio_user::function::{IntxRelay, VfioUserFunction};
-use crate::vfio_user::Client;
+use crate::vfio_user::{Client, VfioUserError};
 
 /// How long the event loop waits before looking at the stop flag again.
 const LOOP_TIMEOUT_MS: i32 = 50;
@@ -191,19 +192,21 @@ pub enum PciError {
 }
 
 impl PciDevices {
-    /// Creates `devices`, raising interrupts through `path`, and starts their event loop,
+    /// Creates `devices`, raising interrupts through `core`'s data path (devices in other
+    /// processes: their entries' host interrupts, attached to `core`), and starts their
+    /// event loop,
     /// which runs until [`PciDevices::finish`] or drop.
     ///
     /// # Errors
     /// An eventfd, timer, epoll or thread could not be had.
     pub fn new(
         devices: &[DeviceConfig],
-        path: &Arc<InterruptPath>,
+        core: &CoreHandle,
         mem: &DefaultMemory,
         intx: &IntxSink,
     ) -> Result<Self, PciError> {
         let origins = devices.iter().map(|d| (d.clone(), Origin::New)).collect();
-        Self::build(origins, None, path, mem, intx)
+        Self::build(origins, None, core, mem, intx)
     }
 
     /// Creates `devices` in the states `snap` holds (one per device, same kinds, same
@@ -215,7 +218,7 @@ impl PciDevices {
     pub fn restore(
         devices: &[DeviceConfig],
         snap: &PciSnapshot,
-        path: &Arc<InterruptPath>,
+        core: &CoreHandle,
         mem: &DefaultMemory,
         intx: &IntxSink,
     ) -> Result<Self, PciError> {
@@ -235,16 +238,17 @@ impl PciDevices {
             .zip(&snap.devices)
             .map(|(d, s)| (d.clone(), Origin::Restored(s, now)))
             .collect();
-        Self::build(origins, Some(&snap.root), path, mem, intx)
+        Self::build(origins, Some(&snap.root), core, mem, intx)
     }
 
     fn build(
         devices: Vec<(DeviceConfig, Origin<'_>)>,
         root_snap: Option<&RootSnapshot>,
-        path: &Arc<InterruptPath>,
+        core: &CoreHandle,
         mem: &DefaultMemory,
         intx: &IntxSink,
     ) -> Result<Self, PciError> {
+        let path = core.path();
         let mut root = PciRoot::new(devices::pci::PciLayout::default());
         let mut events: Loop = EventManager::new().map_err(other)?;
         let mut models = Vec::with_capacity(devices.len());
@@ -258,7 +262,7 @@ impl PciDevices {
             let restored = matches!(origin, Origin::Restored(..));
             let model = match (d.kind.clone(), origin) {
                 (DeviceKind::VfioUser { socket }, Origin::New) => {
-                    let (model, relay) = remote_device(&d, &socket, mem, intx)?;
+                    let (model, relay) = remote_device(&d, &socket, mem, intx, core)?;
                     if let Some(relay) = relay {
                         events.add_subscriber(Box::new(relay));
                     }
@@ -557,6 +561,7 @@ fn remote_device(
     socket: &std::path::Path,
     mem: &DefaultMemory,
     intx: &IntxSink,
+    core: &CoreHandle,
 ) -> Result<(Model, Option<IntxRelay>), PciError> {
     let failed = |source| PciError::VfioUser {
         device: d.to_string(),
@@ -575,6 +580,16 @@ fn remote_device(
     let relay = function
         .connect_intx(intx_input(d.pci_slot, pin), intx.clone())
         .map_err(failed)?;
+    // A device that raises through its remapping entries hosts their interrupts.
+    if let Some(entries) = RemoteEntries::of(&function.client()) {
+        let rid = d.requester_id();
+        core.attach_host(rid, Arc::new(entries))
+            .map_err(|e| failed(VfioUserError::Request(crate::report::error_chain(&e))))?;
+        let core = core.clone();
+        function.on_loss(move || {
+            core.detach_host(rid);
+        });
+    }
     Ok((Model::VfioUser(Arc::new(Mutex::new(function))), relay))
 }
 

@@ -207,6 +207,12 @@ impl ConfigSpace {
         self.bytes.get(at..at + len).unwrap_or(&[])
     }
 
+    /// The memory BARs.
+    #[must_use]
+    pub fn bars(&self) -> &[Bar] {
+        &self.bars
+    }
+
     /// The I/O BARs.
     #[must_use]
     pub fn io_bars(&self) -> &[Bar] {

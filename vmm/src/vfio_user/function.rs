@@ -4,13 +4,16 @@
 //!
 //! BARs: a region the device reports as an I/O BAR (bit 0 of its BAR register) becomes an
 //! I/O BAR in our I/O window; any other non-empty BAR region a 64-bit memory BAR at an
-//! even index (an odd-index memory BAR is not offered). The device's capability list is not
-//! shown yet (its MSI-X comes with per-entry interrupts); writes to the command register
-//! reach the device too. A request that fails (the device process died, hung or lied) reads
-//! as all ones, is dropped for writes, and is counted.
+//! even index (an odd-index memory BAR is not offered). The device's capability list is
+//! shown as the device has it, and the guest's writes to it (and to the command register)
+//! reach the device, which drives its own MSI-X table when it announces the entries'
+//! interrupt index ([`super::entries`]); MSI-X through VFIO's own index is not offered yet.
+//! A request that fails (the device process died, hung or lied) reads as all ones, is
+//! dropped for writes, and is counted; the first failure that breaks the connection takes
+//! the device's host interrupts back from the core ([`VfioUserFunction::on_loss`]).
 
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vfio_bindings::bindings::vfio::{
@@ -25,15 +28,30 @@ use devices::pci::PciFunction;
 use super::{Client, VfioUserError};
 
 /// A vfio-user device on the root bus.
-#[derive(Debug)]
 pub struct VfioUserFunction {
-    client: Client,
+    client: Arc<Mutex<Client>>,
     config: ConfigSpace,
     failures: u64,
+    /// Whether the device shows its capability list.
+    capabilities: bool,
+    /// Called once, when the connection is found broken.
+    on_loss: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for VfioUserFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioUserFunction")
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Bytes of the device's configuration space that are read: the type-0 header.
 const HEADER: usize = 64;
+/// Where capabilities may be: after the header, to the end of the PCI space.
+const CAPS: std::ops::Range<usize> = HEADER..config::SIZE;
+/// Status register: the capability list is valid.
+const STATUS_CAP_LIST: u8 = 1 << 4;
 
 impl VfioUserFunction {
     /// The function of the device behind `client`.
@@ -50,8 +68,15 @@ impl VfioUserFunction {
                 "a configuration space of {size} bytes"
             )));
         }
-        let mut raw = [0u8; HEADER];
-        for (i, word) in raw.chunks_exact_mut(4).enumerate() {
+        let whole = size >= config::SIZE as u64;
+        let mut raw = [0u8; config::SIZE];
+        let read = if whole { config::SIZE } else { HEADER };
+        for (i, word) in raw
+            .get_mut(..read)
+            .unwrap_or_default()
+            .chunks_exact_mut(4)
+            .enumerate()
+        {
             client.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 4 * i as u64, word)?;
         }
         let [vendor0, vendor1, device0, device1, ..] = raw;
@@ -89,11 +114,46 @@ impl VfioUserFunction {
                 });
             }
         }
+        // The capability list, as the device has it (a pointer into the header is none).
+        let capabilities = whole && raw[0x06] & STATUS_CAP_LIST != 0 && raw[0x34] >= 0x40;
+        if capabilities {
+            config.set_bytes(0x06, &[STATUS_CAP_LIST]);
+            config.set_bytes(0x34, &[raw[0x34] & !3]);
+            config.set_bytes(CAPS.start, raw.get(CAPS).unwrap_or_default());
+        }
         Ok(Self {
-            client,
+            client: Arc::new(Mutex::new(client)),
             config,
             failures: 0,
+            capabilities,
+            on_loss: None,
         })
+    }
+
+    /// The connection, shared with the device's host of entries.
+    #[must_use]
+    pub fn client(&self) -> Arc<Mutex<Client>> {
+        self.client.clone()
+    }
+
+    /// Calls `f` once, when a request finds the connection broken (the device process
+    /// died, hung or lied): the VMM takes the device's host interrupts back then.
+    pub fn on_loss(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_loss = Some(Box::new(f));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Client> {
+        self.client.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a failed request; the first one that broke the connection reports the loss.
+    fn failed(&mut self) {
+        self.failures += 1;
+        if self.lock().is_broken() {
+            if let Some(f) = self.on_loss.take() {
+                f();
+            }
+        }
     }
 
     /// Gives the device's INTx an eventfd and returns the relay that pulses IOAPIC input
@@ -115,7 +175,7 @@ impl VfioUserFunction {
             .first()
             .is_some_and(|p| (1..=4).contains(p));
         let intx = self
-            .client
+            .lock()
             .irqs()
             .get(VFIO_PCI_INTX_IRQ_INDEX as usize)
             .copied();
@@ -127,7 +187,7 @@ impl VfioUserFunction {
             what: "creating the INTx eventfd",
             source,
         })?;
-        self.client
+        self.lock()
             .set_irq_eventfds(VFIO_PCI_INTX_IRQ_INDEX, 0, &[fd.as_raw_fd()])?;
         self.config.set_bytes(0x3c, &[ioapic_pin]);
         Ok(Some(IntxRelay {
@@ -146,7 +206,7 @@ impl VfioUserFunction {
     /// Whether the connection to the device process is broken.
     #[must_use]
     pub fn lost(&self) -> bool {
-        self.client.is_broken()
+        self.lock().is_broken()
     }
 }
 
@@ -156,17 +216,36 @@ impl PciFunction for VfioUserFunction {
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) -> ConfigChange {
+        if self.capabilities && CAPS.contains(&offset) {
+            // The device's capabilities are the device's: the write goes there, and what
+            // the device then holds is what the guest reads.
+            let start = offset & !3;
+            let end = (offset + data.len()).min(config::SIZE).next_multiple_of(4);
+            let mut now = vec![0u8; end.saturating_sub(start)];
+            let done = {
+                let mut client = self.lock();
+                let region = VFIO_PCI_CONFIG_REGION_INDEX;
+                client.region_write(region, offset as u64, data).is_ok()
+                    && client.region_read(region, start as u64, &mut now).is_ok()
+            };
+            if done {
+                self.config.set_bytes(start, &now);
+            } else {
+                self.failed();
+            }
+            return ConfigChange::default();
+        }
         let change = self.config.write(offset, data);
         // The command register (decoding, bus mastering, INTx disable) is the device's
         // business too; BARs are ours.
         if offset < 0x06 && offset + data.len() > 0x04 {
             let command = self.config.bytes(0x04, 2).to_vec();
             if self
-                .client
+                .lock()
                 .region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &command)
                 .is_err()
             {
-                self.failures += 1;
+                self.failed();
             }
         }
         change
@@ -174,16 +253,16 @@ impl PciFunction for VfioUserFunction {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         let index = u32::try_from(bar).unwrap_or(u32::MAX);
-        if self.client.region_read(index, offset, data).is_err() {
+        if self.lock().region_read(index, offset, data).is_err() {
             data.fill(0xff);
-            self.failures += 1;
+            self.failed();
         }
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         let index = u32::try_from(bar).unwrap_or(u32::MAX);
-        if self.client.region_write(index, offset, data).is_err() {
-            self.failures += 1;
+        if self.lock().region_write(index, offset, data).is_err() {
+            self.failed();
         }
     }
 }

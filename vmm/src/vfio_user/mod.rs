@@ -12,8 +12,10 @@
 //! error reply as an error whatever its errno, times out every request, and after any of
 //! these marks the connection broken: no further request is sent on it.
 
+pub mod entries;
 pub mod function;
 pub mod protocol;
+pub mod server;
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -511,8 +511,8 @@ impl<'a> Vm<'a> {
         };
         let devices = &config.machine.devices;
         let pci = match saved {
-            None => PciDevices::new(devices, &path, &space, &intx)?,
-            Some(s) => PciDevices::restore(devices, &s.pci, &path, &space, &intx)?,
+            None => PciDevices::new(devices, &backing.handle(), &space, &intx)?,
+            Some(s) => PciDevices::restore(devices, &s.pci, &backing.handle(), &space, &intx)?,
         };
         let (rings, ring_rx) = mpsc::sync_channel(1);
         let buses = build_buses(config, (&serial, &vtd, &ioapic), &pci, &events, &rings)?;
