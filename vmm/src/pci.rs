@@ -118,9 +118,20 @@ pub struct DeviceReport {
     /// The device was still busy (a vCPU or its backend inside it) when the run ended:
     /// its counters were not read and read 0 here.
     pub busy: bool,
-    /// A device in another process: requests to it that failed (read as all ones or
-    /// dropped), and whether the connection was lost.
-    pub remote: Option<(u64, bool)>,
+    /// A device in another process.
+    pub remote: Option<RemoteReport>,
+}
+
+/// What a device in another process did in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RemoteReport {
+    /// Requests to it that failed (read as all ones, or dropped).
+    pub failed: u64,
+    /// Whether the connection was lost.
+    pub lost: bool,
+    /// `SET_IRQS` messages that handed over or took back its entries' eventfds (`None`:
+    /// the device does not host its entries' interrupts).
+    pub entry_messages: Option<u64>,
 }
 
 type Subscriber = Box<dyn MutEventSubscriber + Send>;
@@ -536,7 +547,7 @@ impl PciDevices {
                             resets: 0,
                             dropped: 0,
                             busy: false,
-                            remote: Some((d.failures(), d.lost())),
+                            remote: Some(d.report()),
                         })
                     }
                 }
@@ -583,7 +594,9 @@ fn remote_device(
     // A device that raises through its remapping entries hosts their interrupts.
     if let Some(entries) = RemoteEntries::of(&function.client()) {
         let rid = d.requester_id();
-        core.attach_host(rid, Arc::new(entries))
+        let entries = Arc::new(entries);
+        function.set_entries(entries.clone());
+        core.attach_host(rid, entries)
             .map_err(|e| failed(VfioUserError::Request(crate::report::error_chain(&e))))?;
         let core = core.clone();
         function.on_loss(move || {

@@ -318,16 +318,20 @@ impl RunReport {
             )?;
         }
         for d in self.devices.iter().filter(|d| !d.busy) {
-            if let Some((failed, lost)) = d.remote {
-                let state = if lost {
-                    "the device process was lost; it read as all ones from then on"
+            if let Some(r) = d.remote {
+                let state = if r.lost {
+                    "the device process was lost; it read as all ones from then on and its entries' host interrupts were taken back"
                 } else {
                     "connected to the end"
                 };
+                let entries = r
+                    .entry_messages
+                    .map(|n| format!(", {n} SET_IRQS for its entries' host interrupts"))
+                    .unwrap_or_default();
                 writeln!(
                     f,
-                    "vmm: device      {}: {failed} requests failed, {state}",
-                    d.device
+                    "vmm: device      {}: {} requests failed{entries}, {state}",
+                    d.device, r.failed
                 )?;
                 continue;
             }

@@ -339,7 +339,7 @@ fn setup_slots(
         u64::from(sd::ID),
     );
     let slots = reg(sd::reg::SLOTS) as usize;
-    let n = (want as usize)
+    let mut n = (want as usize)
         .min(slots)
         .min(reg(sd::reg::QUEUES) as usize)
         .min(MAX_SLOT_QUEUES);
@@ -360,9 +360,43 @@ fn setup_slots(
         // BATCH call below.
         unsafe { write_volatile(addr_of_mut!(BATCH.0[i]), [first + i as u64, word]) };
     }
+    // The host may not back them all (a device in another process with fewer host
+    // interrupts than slots): on NO_SPACE, nothing was applied; try half as many, as a
+    // driver falling back to fewer vectors would, and give the rest back.
     let batch = addr_of!(BATCH) as u64;
-    let r = hc.call("activate slot entries", call::BATCH, rid, batch, n as u64);
-    check(ok, "entries activated", r.rsi, n as u64);
+    let mut live = n;
+    loop {
+        let r = hc.guest.call(call::BATCH, u64::from(rid), batch, live as u64);
+        match r.rax {
+            status::OK => {
+                check(ok, "entries activated", r.rsi, live as u64);
+                break;
+            }
+            status::NO_SPACE if live > 1 => {
+                check(ok, "entries activated by a refused batch", r.rsi, 0);
+                live /= 2;
+            }
+            other => {
+                println!("ims: FAIL: activate slot entries: hypercall status {}", other);
+                *ok = false;
+                break;
+            }
+        }
+    }
+    if live < n {
+        println!(
+            "ims-slots: the host backed {} of {} entries (NO_SPACE, nothing applied, for more); using {}",
+            live, n, live
+        );
+        hc.call(
+            "free the entries the host could not back",
+            call::FREE,
+            rid,
+            first + live as u64,
+            (n - live) as u64,
+        );
+        n = live;
+    }
     let composed = hc.call("compose", call::COMPOSE, rid, first, 0);
     check(
         ok,

@@ -73,21 +73,25 @@ impl HostInterrupts for RemoteEntries {
         let fds: Vec<i32> = sorted.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
         let mut sent: Vec<(u32, u32)> = Vec::new();
         let mut at = 0usize;
+        let chunk = client.caps().max_msg_fds.max(1) as usize;
         for (first, len) in runs(sorted.iter().map(|(i, _)| *i)) {
             let part = fds.get(at..at + len as usize).unwrap_or_default();
             at += len as usize;
-            let chunk = client.caps().max_msg_fds.max(1) as usize;
-            let before = part.len().div_ceil(chunk) as u64;
+            self.messages
+                .fetch_add(part.len().div_ceil(chunk) as u64, Ordering::Relaxed);
+            // A run goes in several messages: a refusal may come after some were taken.
+            sent.push((first, len));
             if let Err(e) = client.set_irq_eventfds(ENTRY_IRQ_INDEX, first, part) {
                 let refusal = Self::refusal(&client, &e);
-                // All or none: what was handed over in this call comes back.
-                for &(first, len) in &sent {
-                    let _ = client.clear_irqs(ENTRY_IRQ_INDEX, first, len);
+                // All or none: whatever this call handed over comes back.
+                if !client.is_broken() {
+                    for &(first, len) in &sent {
+                        self.messages.fetch_add(1, Ordering::Relaxed);
+                        let _ = client.clear_irqs(ENTRY_IRQ_INDEX, first, len);
+                    }
                 }
                 return Err(refusal);
             }
-            self.messages.fetch_add(before, Ordering::Relaxed);
-            sent.push((first, len));
         }
         Ok(())
     }

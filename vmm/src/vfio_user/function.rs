@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use devices::pci::config::{self, Bar, ConfigChange, ConfigSpace};
 use devices::pci::PciFunction;
 
+use super::entries::RemoteEntries;
 use super::{Client, VfioUserError};
 
 /// A vfio-user device on the root bus.
@@ -36,6 +37,8 @@ pub struct VfioUserFunction {
     capabilities: bool,
     /// Called once, when the connection is found broken.
     on_loss: Option<Box<dyn FnOnce() + Send>>,
+    /// The host of the device's entries' interrupts, when it is one.
+    entries: Option<Arc<RemoteEntries>>,
 }
 
 impl std::fmt::Debug for VfioUserFunction {
@@ -127,6 +130,7 @@ impl VfioUserFunction {
             failures: 0,
             capabilities,
             on_loss: None,
+            entries: None,
         })
     }
 
@@ -201,6 +205,21 @@ impl VfioUserFunction {
     #[must_use]
     pub fn failures(&self) -> u64 {
         self.failures
+    }
+
+    /// Notes that `entries` hosts the device's entries' interrupts (for the report).
+    pub fn set_entries(&mut self, entries: Arc<RemoteEntries>) {
+        self.entries = Some(entries);
+    }
+
+    /// What the device did so far.
+    #[must_use]
+    pub fn report(&self) -> crate::pci::RemoteReport {
+        crate::pci::RemoteReport {
+            failed: self.failures,
+            lost: self.lost(),
+            entry_messages: self.entries.as_ref().map(|e| e.messages()),
+        }
     }
 
     /// Whether the connection to the device process is broken.
