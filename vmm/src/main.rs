@@ -66,11 +66,12 @@ fn device(args: &DeviceArgs) -> ExitCode {
     match vmm::vfio_user::server::serve_kind(&kind, &serve.socket, max) {
         Ok(report) => {
             out(format_args!(
-                "{}: {} interrupts raised, {} without a host interrupt, {} hand-overs refused",
+                "{}: {} interrupts raised, {} without a host interrupt, {} hand-overs refused, {} entries held at the end",
                 serve.socket.display(),
                 report.raised,
                 report.unbacked,
-                report.refused
+                report.refused,
+                report.held
             ));
             ExitCode::SUCCESS
         }

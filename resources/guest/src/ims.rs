@@ -9,7 +9,7 @@
 
 use core::fmt::Write;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use core::sync::atomic::{compiler_fence, AtomicU16, AtomicU32, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use hypercall::abi::{call, status, target, Registers};
 use hypercall::ims::{queues as qd, slots as sd};
@@ -212,10 +212,33 @@ pub fn on_interrupt(vector: u8) -> Option<u32> {
     None
 }
 
+/// The ID register of the device being driven (0: none): a wait gives up when it reads
+/// all ones, as a driver's does for a device that is gone (its process died, or it was
+/// surprise-removed).
+static WATCHED: AtomicU64 = AtomicU64::new(0);
+
+/// Waits on the device whose ID register is at `id` from now on.
+fn watch(id: u64) {
+    WATCHED.store(id, Ordering::Relaxed);
+}
+
+/// Whether the watched device reads all ones.
+fn gone() -> bool {
+    let id = WATCHED.load(Ordering::Relaxed);
+    id != 0 && mmio_read(id) == u32::MAX
+}
+
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> bool {
-    for _ in 0..WAIT_LIMIT {
+    for i in 0..WAIT_LIMIT {
         if done() {
             return true;
+        }
+        if i % 4096 == 0 && gone() {
+            println!(
+                "ims: FAIL: the device reads all ones (gone) while waiting for {}",
+                what
+            );
+            return false;
         }
         core::hint::spin_loop();
     }
@@ -329,6 +352,7 @@ fn setup_slots(
     ok: &mut bool,
 ) -> Option<SlotSetup> {
     let bar = pci::bar0(dev);
+    watch(bar + sd::reg::ID);
     let rid = pci::requester_id(dev);
     let reg = |off: u64| mmio_read(bar + off);
     let set = |off: u64, v: u32| mmio_write(bar + off, v);
@@ -366,7 +390,9 @@ fn setup_slots(
     let batch = addr_of!(BATCH) as u64;
     let mut live = n;
     loop {
-        let r = hc.guest.call(call::BATCH, u64::from(rid), batch, live as u64);
+        let r = hc
+            .guest
+            .call(call::BATCH, u64::from(rid), batch, live as u64);
         match r.rax {
             status::OK => {
                 check(ok, "entries activated", r.rsi, live as u64);
@@ -377,7 +403,10 @@ fn setup_slots(
                 live /= 2;
             }
             other => {
-                println!("ims: FAIL: activate slot entries: hypercall status {}", other);
+                println!(
+                    "ims: FAIL: activate slot entries: hypercall status {}",
+                    other
+                );
                 *ok = false;
                 break;
             }
@@ -858,6 +887,7 @@ fn setup_queues(
     ok: &mut bool,
 ) -> Option<(QueueDriver, u64)> {
     let rid = pci::requester_id(dev);
+    watch(pci::bar0(dev) + qd::reg::ID);
     let mut d = QueueDriver {
         bar: pci::bar0(dev),
         tail: 0,
