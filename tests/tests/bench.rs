@@ -51,6 +51,46 @@ fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
     assert!(report.devices.iter().all(|d| d.faults == 0), "{report}");
 }
 
+/// The same device served over vfio-user (by a thread of this process, as `vmm bench`
+/// does): its delivery is timed apart, through its entry's eventfd.
+#[test]
+fn bench_scenario_times_a_device_in_another_process_beside_the_in_process_one() {
+    let socket = std::env::temp_dir().join(format!("vmm-bench-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let served = vmm::vfio_user::server::serve_slots_here(&socket, 64).expect("served");
+    let mut cfg = config(2, "scenario=bench bench_samples=30 bench_interrupts=32 bench_window=8 bench_live=64 bench_retarget_max=1");
+    cfg.machine.devices.push(vmm::config::DeviceConfig {
+        kind: vmm::config::DeviceKind::VfioUser {
+            socket: socket.clone(),
+        },
+        pci_slot: 5,
+    });
+    let (report, console) = boot(&cfg);
+    let _ = std::fs::remove_file(&socket);
+    assert!(report.passed(), "{report}\n{console}");
+    assert!(
+        console.contains("bench: delivery: 30 samples through a slot of a device in another process and through a raw irqfd, all counted"),
+        "{console}"
+    );
+    let m = &report.measurements;
+    assert_eq!((m.delivery_ours.len(), m.delivery_raw.len()), (30, 30));
+    assert_eq!(
+        (m.delivery_remote.len(), m.delivery_remote_raw.len()),
+        (30, 30)
+    );
+    assert!(m.delivery_remote.iter().all(|t| !t.is_zero()));
+    let remote = report.devices[2].remote.expect("the served device");
+    assert_eq!((remote.failed, remote.lost), (0, false), "{report}");
+    // The delivery entry was handed over when made present and taken back when freed.
+    assert!(remote.entry_messages.is_some_and(|n| n >= 2), "{report}");
+    let done = served
+        .join()
+        .expect("the serving thread")
+        .expect("served to the end");
+    assert_eq!(done.held, 0, "every eventfd taken back");
+    assert_eq!(done.raised, 30, "{done:?}");
+}
+
 #[test]
 fn bench_scenario_without_an_ims_device_fails_and_says_why() {
     let mut cfg = config(1, "scenario=bench bench_samples=5");

@@ -456,6 +456,22 @@ impl PciDevices {
             .collect()
     }
 
+    /// The slot-array devices in another process that this process serves on a thread
+    /// (`vmm bench`'s), by requester ID: the harness raises their slots as it does an
+    /// in-process device's, and their interrupts take the out-of-process path.
+    #[must_use]
+    pub fn remote_slot_devices(&self) -> Vec<(u16, Arc<Mutex<ImsSlots>>)> {
+        self.models
+            .iter()
+            .filter_map(|(d, _)| match &d.kind {
+                DeviceKind::VfioUser { socket } => {
+                    crate::vfio_user::server::served_here(socket).map(|dev| (d.requester_id(), dev))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Puts configuration access (ports `0xcf8`-`0xcff` and ECAM) and the BAR window on
     /// the buses.
     ///

@@ -132,6 +132,13 @@ pub fn run(cpus: usize, apic: impl Fn(usize) -> u32, o: &Options) -> bool {
         ok = false;
     }
 
+    // The same through a slot-array device in another process, if there is one (`vmm
+    // bench` serves one): its interrupt is its entry's eventfd, written by that process.
+    if let Some(other) = pci::find_after(sd::VENDOR_ID, sd::DEVICE_ID, dev) {
+        ok &= remote_delivery(&mut hc, other, apic0, o.samples);
+        set_device_args(rid, window);
+    }
+
     // Throughput: interrupt i of a run goes to VECTOR + i % window.
     let host = bench_request(request::BENCH_THROUGHPUT, VECTOR, o.interrupts);
     let runs = 2 * BENCH_RUNS;
@@ -168,6 +175,55 @@ pub fn run(cpus: usize, apic: impl Fn(usize) -> u32, o: &Options) -> bool {
             target::fixed(apic(cpu), v)
         });
     }
+    ok
+}
+
+/// Delivery latency through slot 0 of the slot-array device `dev` in another process,
+/// with one entry delivering `VECTOR` to vCPU 0.
+fn remote_delivery(hc: &mut crate::hc::Guest, dev: u8, apic0: u32, samples: u32) -> bool {
+    let bar = pci::bar0(dev);
+    let rid = pci::requester_id(dev);
+    let sid = u64::from(rid);
+    let r = hc.call(call::ALLOCATE, sid, 1, 0);
+    if r.rax != status::OK {
+        println!(
+            "bench: FAIL: allocate the remote device's entry: status {}",
+            r.rax
+        );
+        return false;
+    }
+    let entry = r.rsi;
+    let r = hc.call(call::UPDATE, sid, entry, target::fixed(apic0, VECTOR));
+    if r.rax != status::OK {
+        println!(
+            "bench: FAIL: program the remote device's entry: status {}",
+            r.rax
+        );
+        return false;
+    }
+    let at = bar + sd::reg::SLOT_BASE;
+    mmio_write(at, crate::ims::compose(entry));
+    mmio_write(at + 4, 0);
+    mmio_write(at + 8, 0);
+    mmio_write(at + 12, 0);
+    set_device_args(rid, 1);
+    let host = bench_request(request::BENCH_DELIVERY, VECTOR, samples);
+    expect(0, VECTOR, 2 * samples);
+    let ok = host == host_status::OK && fired(0) == 2 * samples;
+    if ok {
+        println!(
+            "bench: delivery: {} samples through a slot of a device in another process and through a raw irqfd, all counted",
+            samples
+        );
+    } else {
+        println!(
+            "bench: FAIL: remote delivery: host status {}, {} fired",
+            host,
+            fired(0)
+        );
+    }
+    mmio_write(at + 12, 1);
+    hc.call(call::FREE, sid, entry, 1);
     ok
 }
 

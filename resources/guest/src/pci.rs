@@ -24,6 +24,12 @@ pub fn find(vendor: u16, device: u16) -> Option<u8> {
     (1..32u8).find(|&d| read32(d, 0) == want)
 }
 
+/// The next function with these IDs after 00:`after`.0.
+pub fn find_after(vendor: u16, device: u16, after: u8) -> Option<u8> {
+    let want = u32::from(vendor) | (u32::from(device) << 16);
+    (after.saturating_add(1)..32u8).find(|&d| read32(d, 0) == want)
+}
+
 /// Where 64-bit memory BAR 0 of 00:`device`.0 is (the VMM placed it, as firmware would).
 pub fn bar0(device: u8) -> u64 {
     let lo = read32(device, 0x10);

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::{
-    BenchConfig, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG, RETARGET_SIZES,
-    WINDOW,
+    BenchConfig, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG, REMOTE_PCI_SLOT,
+    REMOTE_SLOTS, RETARGET_SIZES, WINDOW,
 };
 use crate::config::{
     Console, DeviceConfig, DeviceKind, Kernel, MachineConfig, RunConfig, VmConfig,
@@ -13,10 +13,28 @@ use crate::vm::{CapturedConsole, VmError};
 
 /// Boots the test guest's `bench` scenario and collects what the harness measured.
 pub(super) fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmError> {
-    let slots = DeviceConfig::defaults()
+    let mut slots: Vec<DeviceConfig> = DeviceConfig::defaults()
         .into_iter()
         .filter(|d| matches!(d.kind, DeviceKind::ImsSlots { .. }))
         .collect();
+    // The same device in another process (a thread of this one behind a vfio-user
+    // socket, so the harness can raise its slot directly): its interrupt is a write to
+    // its entry's eventfd, as a device process's would be.
+    let socket = std::env::temp_dir().join(format!("vmm-bench-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let served =
+        crate::vfio_user::server::serve_slots_here(&socket, REMOTE_SLOTS).map_err(|e| {
+            VmError::Os(
+                "serve the out-of-process device",
+                std::io::Error::other(crate::report::error_chain(&e)),
+            )
+        })?;
+    slots.push(DeviceConfig {
+        kind: DeviceKind::VfioUser {
+            socket: socket.clone(),
+        },
+        pci_slot: REMOTE_PCI_SLOT,
+    });
     let samples = u32::try_from(config.samples).unwrap_or(u32::MAX);
     let vm = VmConfig {
         machine: MachineConfig {
@@ -37,7 +55,11 @@ pub(super) fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmErro
         },
     };
     let console = CapturedConsole::default();
-    let report = crate::vm::run_with_console(&vm, Box::new(console.clone()))?;
+    let report = crate::vm::run_with_console(&vm, Box::new(console.clone()));
+    let _ = std::fs::remove_file(&socket);
+    let report = report?;
+    // The VM is gone, so is its connection: the serving thread ends.
+    let _ = served.join();
     if !report.passed() {
         let text = console.text();
         let lines: Vec<&str> = text.lines().collect();
@@ -63,6 +85,8 @@ pub(super) fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmErro
     Ok(GuestFigures {
         delivery_ours: Figure::of(m.delivery_ours),
         delivery_raw: Figure::of(m.delivery_raw),
+        delivery_remote: Figure::of(m.delivery_remote),
+        delivery_remote_raw: Figure::of(m.delivery_remote_raw),
         throughput_ours: per_interrupt(&m.throughput_ours),
         throughput_raw: per_interrupt(&m.throughput_raw),
         interrupts_per_run: config.interrupts,

@@ -15,7 +15,10 @@
 //!   all delivered (each raised once, through its irqfd line);
 //! - **retarget, exit to re-entry**: the guest's `UPDATE` hypercalls with 1, 512, 4,096 and
 //!   65,536 live interrupts, timed by the vCPU thread from `KVM_RUN` returning to the next
-//!   `KVM_RUN` (the headline retarget figure).
+//!   `KVM_RUN` (the headline retarget figure);
+//! - **delivery from a device in another process**: the same slot raise on a slot-array
+//!   device served over vfio-user (by a thread of this process, so the harness can raise
+//!   it): one write to the eventfd of the slot's entry, which the VMM handed over.
 //!
 //! Host-side figures, measured in-process on a real KVM VM (in-kernel irqchip, no vCPU
 //! needed):
@@ -29,7 +32,9 @@
 //!   rebuilds the table pays per change; KVM takes at most 4,096, so the largest size has
 //!   no baseline);
 //! - **bulk activation**: one `BATCH` hypercall activating 2,048 entries, beside one
-//!   2,048-entry `KVM_SET_GSI_ROUTING`.
+//!   2,048-entry `KVM_SET_GSI_ROUTING`;
+//! - **host interrupts to a device in another process**: 2,048 entries' eventfds handed
+//!   over per entry (the server's descriptor limit) beside all at once in messages of 16.
 //!
 //! Each figure is the median and 99th percentile of many samples. Nothing here is a
 //! pass/fail check: the report says where a target is met and where it is not.
@@ -44,6 +49,7 @@ use crate::vm::VmError;
 
 mod guest;
 mod host;
+mod remote;
 mod report;
 
 use guest::guest_figures;
@@ -72,6 +78,12 @@ const GUEST_CPUS: u32 = 2;
 const WINDOW: u32 = 32;
 /// How long the in-guest benchmark may run.
 const GUEST_WATCHDOG: Duration = Duration::from_secs(1800);
+/// Slots of the out-of-process device the delivery comparison uses.
+const REMOTE_SLOTS: u32 = 64;
+/// Where it sits on the guest's bus.
+const REMOTE_PCI_SLOT: u8 = 5;
+/// Samples of the hand-over comparison (each moves 2,048 eventfds).
+const HANDOVER_SAMPLES: usize = 20;
 /// Console lines kept to explain a failed in-guest run.
 const CONSOLE_TAIL: usize = 20;
 
@@ -149,7 +161,10 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
     let bulk_ours = Figure::of(times);
     let bulk_raw = time_set_routes(&irqchip_vm(&kvm)?, BULK_ENTRIES, samples)?;
     let (signal_ours, signal_raw) = signal_cost(&kvm, samples)?;
+    let (handover_per_entry, handover_eager) = remote::handover(BULK_ENTRIES, HANDOVER_SAMPLES)?;
     Ok(BenchReport {
+        handover_per_entry,
+        handover_eager,
         retarget,
         bulk_ours,
         bulk_raw,
@@ -200,9 +215,13 @@ mod tests {
             bulk_raw: fig(400),
             signal_ours: fig(1),
             signal_raw: fig(1),
+            handover_per_entry: fig(300),
+            handover_eager: fig(100),
             guest: GuestFigures {
                 delivery_ours: fig(110),
                 delivery_raw: fig(100),
+                delivery_remote: fig(121),
+                delivery_remote_raw: fig(100),
                 throughput_ours: fig(100),
                 throughput_raw: fig(80),
                 interrupts_per_run: 2000,
@@ -216,15 +235,19 @@ mod tests {
         assert!(near(report.bulk_ratio(), 2.0));
         assert!(near(report.delivery_ratio(), 1.1));
         assert!(near(report.throughput_ratio(), 0.8));
+        assert!(near(report.remote_delivery_ratio(), 1.1));
+        assert!(near(report.handover_ratio(), 3.0));
         let json = report.to_json();
-        let keys: Vec<&str> = json.lines().skip(1).take(4).collect();
+        let keys: Vec<&str> = json.lines().skip(1).take(6).collect();
         assert_eq!(
             keys,
             [
                 "  \"retarget_speedup_at_4096\": 250.000,",
                 "  \"delivery_ratio\": 1.100,",
                 "  \"max_live_interrupts\": 32768,",
-                "  \"bulk_ratio\": 2.000,"
+                "  \"bulk_ratio\": 2.000,",
+                "  \"remote_delivery_ratio\": 1.100,",
+                "  \"handover_ratio\": 3.000,"
             ]
         );
         assert!(json.contains("\"whole_table_rebuild\": null"), "{json}");

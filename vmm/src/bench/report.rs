@@ -57,6 +57,11 @@ pub struct GuestFigures {
     pub delivery_ours: Figure,
     /// Delivery latency through a raw irqfd on a plain MSI route.
     pub delivery_raw: Figure,
+    /// Delivery latency through a slot of the same device in another process (its
+    /// entry's eventfd).
+    pub delivery_remote: Figure,
+    /// The raw irqfd beside it.
+    pub delivery_remote_raw: Figure,
     /// Time per interrupt of each throughput run through IMS slots (median: the median
     /// run; p99: the slowest).
     pub throughput_ours: Figure,
@@ -85,6 +90,12 @@ pub struct BenchReport {
     pub signal_ours: Figure,
     /// One eventfd write to a raw irqfd.
     pub signal_raw: Figure,
+    /// Handing [`BULK_ENTRIES`] entries' eventfds to a device in another process as their
+    /// entries become present (the server's fd limit: one per message).
+    pub handover_per_entry: Figure,
+    /// Sending the same eventfds all at once in messages of 16 (cloud-hypervisor's MSI-X
+    /// enable), to the same server.
+    pub handover_eager: Figure,
     /// The in-guest figures.
     pub guest: GuestFigures,
 }
@@ -121,6 +132,22 @@ impl BenchReport {
         )
     }
 
+    /// The out-of-process device's median delivery latency over the same device's
+    /// in-process one.
+    #[must_use]
+    pub fn remote_delivery_ratio(&self) -> Option<f64> {
+        ratio(
+            self.guest.delivery_remote.median,
+            self.guest.delivery_ours.median,
+        )
+    }
+
+    /// Handing over per entry as entries become present, over all at once in 16s.
+    #[must_use]
+    pub fn handover_ratio(&self) -> Option<f64> {
+        ratio(self.handover_per_entry.median, self.handover_eager.median)
+    }
+
     /// Our median throughput over the raw irqfds'.
     #[must_use]
     pub fn throughput_ratio(&self) -> Option<f64> {
@@ -153,12 +180,20 @@ impl BenchReport {
         let _ = writeln!(out, "  \"delivery_ratio\": {},", num(self.delivery_ratio()));
         let _ = writeln!(out, "  \"max_live_interrupts\": {},", self.guest.max_live);
         let _ = writeln!(out, "  \"bulk_ratio\": {},", num(self.bulk_ratio()));
+        let _ = writeln!(
+            out,
+            "  \"remote_delivery_ratio\": {},",
+            num(self.remote_delivery_ratio())
+        );
+        let _ = writeln!(out, "  \"handover_ratio\": {},", num(self.handover_ratio()));
         let g = &self.guest;
         let _ = writeln!(
             out,
-            "  \"delivery\": {{\"ours_ims_slot\": {}, \"raw_irqfd\": {}}},",
+            "  \"delivery\": {{\"ours_ims_slot\": {}, \"raw_irqfd\": {}, \"out_of_process_ims_slot\": {}, \"raw_irqfd_beside_it\": {}}},",
             fig(&g.delivery_ours),
-            fig(&g.delivery_raw)
+            fig(&g.delivery_raw),
+            fig(&g.delivery_remote),
+            fig(&g.delivery_remote_raw)
         );
         let per_s = |f: &Figure| num(rate(f.median));
         let _ = writeln!(
@@ -200,9 +235,15 @@ impl BenchReport {
         out.push_str("\n  ],\n");
         let _ = writeln!(
             out,
-            "  \"bulk_activation\": {{\"entries\": {BULK_ENTRIES}, \"ours_batch\": {}, \"raw_set_gsi_routing\": {}}}",
+            "  \"bulk_activation\": {{\"entries\": {BULK_ENTRIES}, \"ours_batch\": {}, \"raw_set_gsi_routing\": {}}},",
             fig(&self.bulk_ours),
             fig(&self.bulk_raw)
+        );
+        let _ = writeln!(
+            out,
+            "  \"host_interrupt_handover\": {{\"entries\": {BULK_ENTRIES}, \"per_entry_as_present\": {}, \"eager_in_16s\": {}}}",
+            fig(&self.handover_per_entry),
+            fig(&self.handover_eager)
         );
         out.push_str("}\n");
         out
@@ -232,10 +273,17 @@ impl BenchReport {
         for (name, fig) in [
             ("IMS slot + remapping (ours)", &g.delivery_ours),
             ("raw irqfd, plain MSI route", &g.delivery_raw),
+            ("same, device in other process", &g.delivery_remote),
+            ("raw irqfd beside it", &g.delivery_remote_raw),
         ] {
             writeln!(f, "{name:>30} | {:>10} {:>10}", us(fig.median), us(fig.p99))?;
         }
-        writeln!(f, "  ratio ours/raw {}", times(self.delivery_ratio()))?;
+        writeln!(
+            f,
+            "  ratio ours/raw {}; out-of-process/in-process {} (target <= 1.1x)",
+            times(self.delivery_ratio()),
+            times(self.remote_delivery_ratio())
+        )?;
         writeln!(f)?;
         writeln!(
             f,
@@ -349,6 +397,20 @@ impl BenchReport {
             us(self.bulk_raw.median),
             us(self.bulk_raw.p99),
             self.bulk_ratio().map_or("-".into(), |x| format!("{x:.2}x"))
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Host interrupts of {BULK_ENTRIES} entries to a device in another process (us): handed over per entry as entries become present (1 fd per message, the server's limit) vs all at once in messages of 16 (MSI-X enable, cloud-hypervisor's way)"
+        )?;
+        writeln!(
+            f,
+            "  per entry p50 {} p99 {} | eager p50 {} p99 {} | ratio {}; entries never made present cost nothing per entry",
+            us(self.handover_per_entry.median),
+            us(self.handover_per_entry.p99),
+            us(self.handover_eager.median),
+            us(self.handover_eager.p99),
+            times(self.handover_ratio())
         )?;
         writeln!(f)?;
         writeln!(

@@ -35,6 +35,11 @@ pub struct Measurements {
     pub delivery_ours: Vec<Duration>,
     /// Delivery latency through a raw irqfd on a plain MSI route, one per sample.
     pub delivery_raw: Vec<Duration>,
+    /// Delivery latency through an IMS slot of a device in another process (its
+    /// entry's eventfd), one per sample.
+    pub delivery_remote: Vec<Duration>,
+    /// The raw irqfd samples taken beside [`Self::delivery_remote`].
+    pub delivery_remote_raw: Vec<Duration>,
     /// Throughput runs through IMS slots: interrupts, and how long they took.
     pub throughput_ours: Vec<(u32, Duration)>,
     /// Throughput runs through raw irqfds.
@@ -197,9 +202,15 @@ impl Harness {
         if self.detach(lines).is_err() && outcome == status::OK {
             outcome = status::HOST_ERROR;
         }
+        let remote = self.remote_sids.contains(&sid);
         self.record(|m| {
-            keep(&mut m.delivery_ours, times.0);
-            keep(&mut m.delivery_raw, times.1);
+            if remote {
+                keep(&mut m.delivery_remote, times.0);
+                keep(&mut m.delivery_remote_raw, times.1);
+            } else {
+                keep(&mut m.delivery_ours, times.0);
+                keep(&mut m.delivery_raw, times.1);
+            }
         });
         outcome
     }

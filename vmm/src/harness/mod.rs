@@ -83,6 +83,8 @@ pub struct Harness {
     fired: Arc<Vec<AtomicU64>>,
     /// Slot-array IMS devices by requester ID, for the benchmark requests.
     slot_devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>,
+    /// Which of them are in another process.
+    remote_sids: Vec<u16>,
     hypercall_times: Option<Arc<HypercallTimes>>,
     faults: Option<Arc<InjectedFaults>>,
     measurements: Arc<Mutex<Measurements>>,
@@ -136,6 +138,7 @@ impl Harness {
             stop,
             fired,
             slot_devices: Vec::new(),
+            remote_sids: Vec::new(),
             hypercall_times: None,
             faults: None,
             measurements: Arc::default(),
@@ -150,6 +153,15 @@ impl Harness {
     #[must_use]
     pub fn with_slot_devices(mut self, devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>) -> Self {
         self.slot_devices = devices;
+        self
+    }
+
+    /// Slot-array IMS devices in another process (served by this process on a thread)
+    /// that the benchmark requests may raise: their delivery is measured apart.
+    #[must_use]
+    pub fn with_remote_slot_devices(mut self, devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>) -> Self {
+        self.remote_sids = devices.iter().map(|(sid, _)| *sid).collect();
+        self.slot_devices.extend(devices);
         self
     }
 

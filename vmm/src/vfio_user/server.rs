@@ -384,27 +384,51 @@ pub fn unmapped_memory() -> DefaultMemory {
 /// [`ServeError`].
 pub fn serve<D>(
     socket: &Path,
-    device: D,
+    device: Arc<Mutex<D>>,
     mem: DefaultMemory,
     entries: Arc<EntryFds>,
 ) -> Result<ServeReport, ServeError>
 where
     D: PciFunction + ImsEngine + 'static,
 {
-    let bar_size = device
+    let server = listen(socket, &device)?;
+    run_server(&server, device, mem, entries)
+}
+
+/// Listens at `socket` for a VMM, for `device`.
+fn listen<D: PciFunction>(
+    socket: &Path,
+    device: &Mutex<D>,
+) -> Result<::vfio_user::Server, ServeError> {
+    let bar_size = bar0_size(&*device.lock().unwrap_or_else(PoisonError::into_inner));
+    ::vfio_user::Server::new(socket, false, irqs(), regions(bar_size)).map_err(|source| {
+        ServeError::Listen {
+            path: socket.to_path_buf(),
+            source,
+        }
+    })
+}
+
+fn bar0_size(device: &impl PciFunction) -> u64 {
+    device
         .config()
         .bars()
         .iter()
         .find(|b| b.index == 0)
-        .map_or(0, |b| b.size);
-    let server =
-        ::vfio_user::Server::new(socket, false, irqs(), regions(bar_size)).map_err(|source| {
-            ServeError::Listen {
-                path: socket.to_path_buf(),
-                source,
-            }
-        })?;
-    let device = Arc::new(Mutex::new(device));
+        .map_or(0, |b| b.size)
+}
+
+/// Serves `device` to the VMM that connects to `server`, until it disconnects.
+fn run_server<D>(
+    server: &::vfio_user::Server,
+    device: Arc<Mutex<D>>,
+    mem: DefaultMemory,
+    entries: Arc<EntryFds>,
+) -> Result<ServeReport, ServeError>
+where
+    D: PciFunction + ImsEngine + 'static,
+{
+    let bar_size = bar0_size(&*device.lock().unwrap_or_else(PoisonError::into_inner));
     let engine = ImsBackend::new(device.clone()).map_err(ServeError::Device)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -454,7 +478,7 @@ pub fn serve_kind(
         DeviceKind::ImsSlots { slots, queues } => {
             let device =
                 ImsSlots::new(slots, queues, 0, sink, mem.clone()).map_err(ServeError::Device)?;
-            serve(socket, device, mem, entries)
+            serve(socket, Arc::new(Mutex::new(device)), mem, entries)
         }
         DeviceKind::ImsQueues {
             contexts,
@@ -463,11 +487,62 @@ pub fn serve_kind(
             let mut device =
                 ImsQueues::new(contexts, 0, sink, mem.clone()).map_err(ServeError::Device)?;
             device.set_timeout(Duration::from_millis(u64::from(command_timeout_ms)));
-            serve(socket, device, mem, entries)
+            serve(socket, Arc::new(Mutex::new(device)), mem, entries)
         }
         DeviceKind::VfioUser { .. } => Err(ServeError::Device(io::Error::new(
             io::ErrorKind::Unsupported,
             "a vfio-user device is served by its own process",
         ))),
     }
+}
+
+/// Slot-array devices this process serves on a thread of its own (`vmm bench` does, to
+/// time an out-of-process device's delivery), by socket: the test harness raises their
+/// slots directly, as it does an in-process device's.
+static SERVED_HERE: Mutex<Vec<(PathBuf, Arc<Mutex<ImsSlots>>)>> = Mutex::new(Vec::new());
+
+/// The slot-array device this process serves at `socket`, if any.
+#[must_use]
+pub fn served_here(socket: &Path) -> Option<Arc<Mutex<ImsSlots>>> {
+    SERVED_HERE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .find(|(path, _)| path == socket)
+        .map(|(_, device)| device.clone())
+}
+
+/// Serves a slot-array device of `slots` slots at `socket` on a thread of this process,
+/// listening before this returns; the thread ends when its VMM disconnects (and forgets
+/// the device).
+///
+/// # Errors
+/// The socket or the device could not be had.
+pub fn serve_slots_here(
+    socket: &Path,
+    slots: u32,
+) -> Result<thread::JoinHandle<Result<ServeReport, ServeError>>, ServeError> {
+    let entries = Arc::new(EntryFds::new(None));
+    let mem = unmapped_memory();
+    let sink: Arc<dyn MessageSink> = entries.clone();
+    let device = Arc::new(Mutex::new(
+        ImsSlots::new(slots, slots, 0, sink, mem.clone()).map_err(ServeError::Device)?,
+    ));
+    let server = listen(socket, &device)?;
+    let path = socket.to_path_buf();
+    SERVED_HERE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((path.clone(), device.clone()));
+    thread::Builder::new()
+        .name("ims-served".into())
+        .spawn(move || {
+            let result = run_server(&server, device, mem, entries);
+            SERVED_HERE
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|(p, _)| *p != path);
+            result
+        })
+        .map_err(ServeError::Device)
 }

@@ -432,6 +432,7 @@ fn build_harness(
         stop.clone(),
     )
     .with_slot_devices(pci.slot_devices())
+    .with_remote_slot_devices(pci.remote_slot_devices())
     .with_pci_functions(pci.functions())
     .with_hypercall_times(times.clone())
     .with_ioapic(ioapic.clone());
