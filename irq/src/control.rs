@@ -177,6 +177,29 @@ pub trait InterruptControl: Send + Sync {
         source: Arc<dyn HostInterrupts>,
     ) -> Result<(), BackingError>;
 
+    /// Attaches `source` as the host of the entries `requester`'s device names
+    /// ([`Self::name_entries`]; a device whose MSI-X table the VMM emulates): it is handed
+    /// an entry's eventfd while the entry is named, present and verifies `requester`,
+    /// whoever it is allocated to.
+    ///
+    /// # Errors
+    /// [`BackingError::HostRefused`]: the requester has a host already.
+    fn attach_named_host(
+        &self,
+        requester: u16,
+        source: Arc<dyn HostInterrupts>,
+    ) -> Result<(), BackingError>;
+
+    /// Tells the core which entries `requester`'s device names now: each `(index, true)`
+    /// is one more vector naming `index`, `(index, false)` one fewer. Entries that become
+    /// named while present are handed over now; entries no vector names any more are
+    /// taken back.
+    ///
+    /// # Errors
+    /// No host of named entries for `requester`, or the host's refusal of an entry (it
+    /// stays named, not handed over).
+    fn name_entries(&self, requester: u16, changes: &[(u32, bool)]) -> Result<(), BackingError>;
+
     /// Detaches `requester`'s host (its device is gone): every eventfd it held is unbound
     /// and it is asked to give them back. Returns how many it held.
     fn detach_host(&self, requester: u16) -> usize;
@@ -464,7 +487,19 @@ impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
         requester: u16,
         source: Arc<dyn HostInterrupts>,
     ) -> Result<(), BackingError> {
-        self.attach_host_impl(requester, source)
+        self.attach_host_impl(requester, source, false)
+    }
+
+    fn attach_named_host(
+        &self,
+        requester: u16,
+        source: Arc<dyn HostInterrupts>,
+    ) -> Result<(), BackingError> {
+        self.attach_host_impl(requester, source, true)
+    }
+
+    fn name_entries(&self, requester: u16, changes: &[(u32, bool)]) -> Result<(), BackingError> {
+        self.name_entries_impl(requester, changes)
     }
 
     fn detach_host(&self, requester: u16) -> usize {

@@ -87,6 +87,10 @@ impl<B: RoutingBackend> Backing<B> {
     /// [`BackingError::Route`] (KVM refused the irqfd); nothing is bound then.
     pub fn bind(&mut self, index: u32, requester: u16, fd: EventFd) -> Result<(), BackingError> {
         self.check_owner(index, requester)?;
+        self.attach_new(index, requester, fd)
+    }
+
+    fn attach_new(&mut self, index: u32, requester: u16, fd: EventFd) -> Result<(), BackingError> {
         if self.bound.contains_key(&index) {
             return Err(BackingError::AlreadyBound(index));
         }
@@ -145,6 +149,39 @@ impl<B: RoutingBackend> Backing<B> {
     pub fn serves(&self, index: u32, requester: u16) -> bool {
         self.check_owner(index, requester).is_ok()
             && destination(self.live_now(index), requester, |k| self.line_gsi(k)).is_ok()
+    }
+
+    /// Whether entry `index` is present and verifies `requester`, whoever it is allocated
+    /// to (or none: a VT-d unit's table entry): an eventfd bound to it for `requester`
+    /// would be attached.
+    #[must_use]
+    pub fn verifies(&self, index: u32, requester: u16) -> bool {
+        destination(self.live_now(index), requester, |k| self.line_gsi(k)).is_ok()
+    }
+
+    /// [`Self::bind`] without the allocation check, for the core's hosts of entries a
+    /// device names (`control::host`): the entry must be within the table.
+    pub(crate) fn bind_verified(
+        &mut self,
+        index: u32,
+        requester: u16,
+        fd: EventFd,
+    ) -> Result<(), BackingError> {
+        if index as usize >= self.entries.len() {
+            return Err(BackingError::IndexOutOfRange(index));
+        }
+        self.attach_new(index, requester, fd)
+    }
+
+    /// Unbinds entry `index` whoever bound it (the core's hosts' own bindings).
+    pub(crate) fn unbind_verified(&mut self, index: u32) {
+        if let Some(bound) = self.bound.remove(&index) {
+            if let Some(gsi) = bound.attached {
+                if self.routes.detach_irqfd(&bound.fd, gsi).is_err() {
+                    self.stats.retire_errors += 1;
+                }
+            }
+        }
     }
 
     /// Every entry that [`Self::serves`] `requester`, in index order.

@@ -6,11 +6,19 @@
 //! before the device has it, so the device's write reaches the vCPU through KVM with no
 //! VMM thread on the way, and a retarget moves the irqfd without the device hearing of it.
 //!
-//! **Who is told what.** A requester with [`HostInterrupts`] attached
-//! ([`InterruptControl::attach_host`]) is handed, after every write, free or new table
-//! that changed its entries, the entries that now serve it (allocated to it, present, and
-//! verifying it) and were not handed yet, and asked to take back those handed that no
-//! longer serve it. Entries of other requesters are never handed over.
+//! **Who is told what.** A requester with [`HostInterrupts`] attached is handed, after
+//! every write, free or new table that changed its entries, the entries it wants that now
+//! serve it, and asked to take back those handed that no longer do. Which entries it wants
+//! is the scope it was attached with:
+//! - [`InterruptControl::attach_host`]: every entry allocated to the requester (a device
+//!   that stores its own messages, such as an IMS device, may name any of them), while
+//!   present and verifying the requester;
+//! - [`InterruptControl::attach_named_host`]: the entries the device's MSI-X table names
+//!   now ([`InterruptControl::name_entries`]), allocated or not (a guest driving the VT-d
+//!   unit allocates nothing), while present and verifying the requester. A table write
+//!   that names a present entry hands it over then; one that stops naming it takes it back.
+//!
+//! Entries that do not verify the requester are never handed over.
 //!
 //! **Refusal.** Hand-overs run after the transaction, with the core's lock released (a
 //! device answers over a socket); if the device refuses, the write is undone (every entry
@@ -72,6 +80,24 @@ pub(super) struct Hosts {
 struct Host {
     source: Arc<dyn HostInterrupts>,
     handed: BTreeSet<u32>,
+    /// `None`: every entry allocated to the requester. Otherwise the entries the device
+    /// names, with how many of its vectors name each.
+    named: Option<BTreeMap<u32, u32>>,
+}
+
+impl Host {
+    /// Whether the host wants entry `index` now, as `requester`.
+    fn wants<B: RoutingBackend>(
+        &self,
+        backing: &crate::backing::Backing<B>,
+        index: u32,
+        requester: u16,
+    ) -> bool {
+        match &self.named {
+            None => backing.serves(index, requester),
+            Some(named) => named.contains_key(&index) && backing.verifies(index, requester),
+        }
+    }
 }
 
 /// What attached hosts have: for [`InterruptControl::hosts`](super::InterruptControl::hosts).
@@ -168,7 +194,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
             for (&requester, host) in &hosts.by_requester {
                 let (mut g, mut l) = (Vec::new(), Vec::new());
                 for &i in indexes {
-                    match (backing.serves(i, requester), host.handed.contains(&i)) {
+                    match (host.wants(&backing, i, requester), host.handed.contains(&i)) {
                         (true, false) => g.push(i),
                         (false, true) => l.push(i),
                         _ => {}
@@ -215,13 +241,19 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
         let Some(host) = hosts.by_requester.get(&requester) else {
             return Ok(false);
         };
+        let owned = host.named.is_none();
         let mut copies = Vec::with_capacity(entries.len());
         for (k, &index) in entries.iter().enumerate() {
             let bound = EventFd::new(EFD_NONBLOCK)
                 .and_then(|fd| Ok((fd.try_clone()?, fd)))
                 .map_err(BackingError::EventFd)
                 .and_then(|(copy, fd)| {
-                    self.lock().bind(index, requester, fd)?;
+                    let mut backing = self.lock();
+                    if owned {
+                        backing.bind(index, requester, fd)?;
+                    } else {
+                        backing.bind_verified(index, requester, fd)?;
+                    }
                     Ok(copy)
                 });
             match bound {
@@ -276,11 +308,12 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
         }
     }
 
-    fn unbind_all(&self, requester: u16, entries: &[u32]) {
+    /// Unbinds `entries`, which the core bound for `requester`'s host (a freed entry's
+    /// binding is gone already).
+    fn unbind_all(&self, _requester: u16, entries: &[u32]) {
         let mut backing = self.lock();
         for &index in entries {
-            // A freed entry's binding is gone already.
-            let _ = backing.unbind(index, requester);
+            backing.unbind_verified(index);
         }
     }
 
@@ -299,6 +332,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
         &self,
         requester: u16,
         source: Arc<dyn HostInterrupts>,
+        named: bool,
     ) -> Result<(), BackingError> {
         let mut hosts = self.hosts();
         if hosts.by_requester.contains_key(&requester) {
@@ -312,8 +346,12 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
             Host {
                 source,
                 handed: BTreeSet::new(),
+                named: named.then(BTreeMap::new),
             },
         );
+        if named {
+            return Ok(());
+        }
         let live = self.lock().served(requester);
         if live.is_empty() {
             return Ok(());
@@ -325,6 +363,44 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
                 Err(e)
             }
         }
+    }
+
+    pub(super) fn name_entries_impl(
+        &self,
+        requester: u16,
+        changes: &[(u32, bool)],
+    ) -> Result<(), BackingError> {
+        let mut hosts = self.hosts();
+        let Some(named) = hosts
+            .by_requester
+            .get_mut(&requester)
+            .and_then(|h| h.named.as_mut())
+        else {
+            return Err(BackingError::HostRefused {
+                requester,
+                reason: "the requester has no host of named entries".into(),
+            });
+        };
+        let mut touched = BTreeSet::new();
+        for &(index, on) in changes {
+            let count = named.entry(index).or_insert(0);
+            let was = *count > 0;
+            *count = if on {
+                count.saturating_add(1)
+            } else {
+                count.saturating_sub(1)
+            };
+            if (*count > 0) != was {
+                touched.insert(index);
+            }
+            if *count == 0 {
+                named.remove(&index);
+            }
+        }
+        if touched.is_empty() {
+            return Ok(());
+        }
+        self.settle(&mut hosts, &touched)
     }
 
     pub(super) fn detach_host_impl(&self, requester: u16) -> usize {
@@ -567,5 +643,42 @@ mod tests {
         assert_eq!(core.detach_host(DEV), 2);
         assert!(again.held().is_empty());
         assert_eq!(core.lock().bound_entries(), 0);
+    }
+
+    /// A device whose MSI-X table the VMM emulates: entries it names, allocated or not
+    /// (a guest driving the VT-d unit allocates nothing), are handed over while present
+    /// and verifying its requester, whether the table or the entry changes.
+    #[test]
+    fn named_entries_are_handed_over_when_named_and_present_whoever_writes_them() {
+        let (core, kvm) = core();
+        let dev = Arc::new(Device::default());
+        core.attach_named_host(DEV, dev.clone()).unwrap();
+        // A VT-d invalidation loads entry 100: not named, nothing.
+        core.write(Writer::Platform, &[(100, live(0, 0x40, DEV))])
+            .unwrap();
+        assert!(dev.calls().is_empty());
+        // Vector 0 names it: handed over at the table write.
+        core.name_entries(DEV, &[(100, true)]).unwrap();
+        assert_eq!(dev.calls(), [format!("hand {:?}", [100])]);
+        assert_eq!(delivers(&core, &kvm, 100), Some(Target::fixed(0, 0x40)));
+        // A second vector naming it changes nothing; it is taken back when neither does.
+        core.name_entries(DEV, &[(100, true)]).unwrap();
+        core.name_entries(DEV, &[(100, false)]).unwrap();
+        assert!(dev.calls().is_empty());
+        core.name_entries(DEV, &[(100, false)]).unwrap();
+        assert_eq!(dev.calls(), [format!("take {:?}", [100])]);
+        // Named while absent: handed over when an invalidation makes it present, taken
+        // back when it stops verifying the requester.
+        core.name_entries(DEV, &[(200, true)]).unwrap();
+        assert!(dev.calls().is_empty(), "nothing for an absent entry");
+        core.write(Writer::Platform, &[(200, live(1, 0x41, DEV))])
+            .unwrap();
+        assert_eq!(dev.calls(), [format!("hand {:?}", [200])]);
+        core.write(Writer::Platform, &[(200, live(1, 0x41, OTHER))])
+            .unwrap();
+        assert_eq!(dev.calls(), [format!("take {:?}", [200])]);
+        assert_eq!(core.lock().bound_entries(), 0);
+        // Naming needs a host of named entries.
+        core.name_entries(OTHER, &[(1, true)]).unwrap_err();
     }
 }
