@@ -618,6 +618,15 @@ fn remote_device(
         function.on_loss(move || {
             core.detach_host(rid);
         });
+    } else if let Some(host) = function.msix_host(core.clone(), d.requester_id()) {
+        // A device whose MSI-X table is ours: the entries its vectors name.
+        let rid = d.requester_id();
+        core.attach_named_host(rid, host)
+            .map_err(|e| failed(VfioUserError::Request(crate::report::error_chain(&e))))?;
+        let core = core.clone();
+        function.on_loss(move || {
+            core.detach_host(rid);
+        });
     }
     Ok((Model::VfioUser(Arc::new(Mutex::new(function))), relay))
 }

@@ -7,7 +7,9 @@
 //! even index (an odd-index memory BAR is not offered). The device's capability list is
 //! shown as the device has it, and the guest's writes to it (and to the command register)
 //! reach the device, which drives its own MSI-X table when it announces the entries'
-//! interrupt index ([`super::entries`]); MSI-X through VFIO's own index is not offered yet.
+//! interrupt index ([`super::entries`]); a device that uses VFIO's MSI-X index has its
+//! table and message control emulated here ([`super::msix`]), each vector backed by the
+//! host interrupt of the remapping entry it names.
 //! A request that fails (the device process died, hung or lied) reads as all ones, is
 //! dropped for writes, and is counted; the first failure that breaks the connection takes
 //! the device's host interrupts back from the core ([`VfioUserFunction::on_loss`]).
@@ -16,8 +18,10 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use irq::CoreHandle;
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -26,6 +30,7 @@ use devices::pci::config::{self, Bar, ConfigChange, ConfigSpace};
 use devices::pci::PciFunction;
 
 use super::entries::RemoteEntries;
+use super::msix::{MsixHost, MsixLayout, MsixTable};
 use super::{Client, VfioUserError};
 
 /// A vfio-user device on the root bus.
@@ -39,6 +44,10 @@ pub struct VfioUserFunction {
     on_loss: Option<Box<dyn FnOnce() + Send>>,
     /// The host of the device's entries' interrupts, when it is one.
     entries: Option<Arc<RemoteEntries>>,
+    /// The MSI-X table, when the device leaves it to us.
+    msix: Option<MsixTable>,
+    /// The host of the entries its vectors name.
+    msix_host: Option<Arc<MsixHost>>,
 }
 
 impl std::fmt::Debug for VfioUserFunction {
@@ -124,14 +133,50 @@ impl VfioUserFunction {
             config.set_bytes(0x34, &[raw[0x34] & !3]);
             config.set_bytes(CAPS.start, raw.get(CAPS).unwrap_or_default());
         }
+        // MSI-X the device leaves to us: its capability, VFIO's MSI-X index with eventfds,
+        // and no index of remapping entries (a device with one drives its own table).
+        let vfio_msix = client
+            .irqs()
+            .get(VFIO_PCI_MSIX_IRQ_INDEX as usize)
+            .is_some_and(|i| i.count > 0 && i.flags & VFIO_IRQ_INFO_EVENTFD != 0);
+        let own_entries = client
+            .irqs()
+            .get(super::server::ENTRY_IRQ_INDEX as usize)
+            .is_some_and(|i| i.count > 0);
+        let client = Arc::new(Mutex::new(client));
+        let msix = MsixLayout::find(&raw)
+            .filter(|l| capabilities && vfio_msix && !own_entries && l.table.0 < 6)
+            .map(|layout| {
+                let at = layout.cap + 2;
+                let byte = |i: usize| raw.get(i).copied().unwrap_or(0);
+                let control = u16::from_le_bytes([byte(at), byte(at + 1)]);
+                MsixTable::new(layout, control, client.clone())
+            });
         Ok(Self {
-            client: Arc::new(Mutex::new(client)),
+            client,
             config,
             failures: 0,
             capabilities,
             on_loss: None,
             entries: None,
+            msix,
+            msix_host: None,
         })
+    }
+
+    /// Whether the device's MSI-X table is emulated here (VFIO's MSI-X index).
+    #[must_use]
+    pub fn has_vfio_msix(&self) -> bool {
+        self.msix.is_some()
+    }
+
+    /// The host of the entries the device's MSI-X vectors name, to attach to `core` for
+    /// `requester` ([`irq::InterruptControl::attach_named_host`]); `None` without VFIO
+    /// MSI-X.
+    pub fn msix_host(&mut self, core: CoreHandle, requester: u16) -> Option<Arc<MsixHost>> {
+        let host = self.msix.as_mut()?.host(core, requester);
+        self.msix_host = Some(host.clone());
+        Some(host)
     }
 
     /// The connection, shared with the device's host of entries.
@@ -216,9 +261,13 @@ impl VfioUserFunction {
     #[must_use]
     pub fn report(&self) -> crate::pci::RemoteReport {
         crate::pci::RemoteReport {
-            failed: self.failures,
+            failed: self.failures + self.msix.as_ref().map_or(0, |m| m.refused),
             lost: self.lost(),
-            entry_messages: self.entries.as_ref().map(|e| e.messages()),
+            entry_messages: match (&self.entries, &self.msix_host) {
+                (Some(e), _) => Some(e.messages()),
+                (None, Some(m)) => Some(m.messages()),
+                (None, None) => None,
+            },
         }
     }
 
@@ -235,6 +284,26 @@ impl PciFunction for VfioUserFunction {
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) -> ConfigChange {
+        if let Some(msix) = self.msix.as_mut() {
+            let cap = msix.layout().cap;
+            if offset < cap + 12 && offset + data.len() > cap {
+                // Only message control is writable, and it is ours: VFIO's MSI-X is
+                // driven with SET_IRQS, not through the device's capability.
+                let mut control = msix.control().to_le_bytes();
+                for (k, byte) in data.iter().enumerate() {
+                    if let Some(c) = (offset + k)
+                        .checked_sub(cap + 2)
+                        .and_then(|i| control.get_mut(i))
+                    {
+                        *c = *byte;
+                    }
+                }
+                msix.set_control(u16::from_le_bytes(control));
+                let now = msix.control().to_le_bytes();
+                self.config.set_bytes(cap + 2, &now);
+                return ConfigChange::default();
+            }
+        }
         if self.capabilities && CAPS.contains(&offset) {
             // The device's capabilities are the device's: the write goes there, and what
             // the device then holds is what the guest reads.
@@ -271,6 +340,10 @@ impl PciFunction for VfioUserFunction {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if let Some(msix) = self.msix.as_ref().filter(|m| m.claims(bar, offset)) {
+            msix.read(bar, offset, data);
+            return;
+        }
         let index = u32::try_from(bar).unwrap_or(u32::MAX);
         if self.lock().region_read(index, offset, data).is_err() {
             data.fill(0xff);
@@ -279,6 +352,10 @@ impl PciFunction for VfioUserFunction {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if let Some(msix) = self.msix.as_mut().filter(|m| m.claims(bar, offset)) {
+            msix.write(bar, offset, data);
+            return;
+        }
         let index = u32::try_from(bar).unwrap_or(u32::MAX);
         if self.lock().region_write(index, offset, data).is_err() {
             self.failed();

@@ -14,6 +14,7 @@
 
 pub mod entries;
 pub mod function;
+pub mod msix;
 pub mod protocol;
 pub mod server;
 
