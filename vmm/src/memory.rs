@@ -145,6 +145,106 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// KVM memory slots for device memory mapped into the guest (a vfio-user device's
+/// mappable BAR areas): each mapping is the file mapped shared in this process and a
+/// slot from [`BarSlots::FIRST_SLOT`] on, beyond RAM's.
+pub struct BarSlots {
+    vm: std::sync::Arc<VmFd>,
+    /// Slot -> (host address, length) of its mapping.
+    maps: std::sync::Mutex<std::collections::BTreeMap<u32, (usize, usize)>>,
+}
+
+impl std::fmt::Debug for BarSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BarSlots").finish_non_exhaustive()
+    }
+}
+
+impl BarSlots {
+    /// The first slot used (RAM takes the first few).
+    pub const FIRST_SLOT: u32 = 256;
+    /// The most mappings at once.
+    pub const MAX_SLOTS: u32 = 128;
+
+    /// Slots of `vm`.
+    #[must_use]
+    pub fn new(vm: std::sync::Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            maps: std::sync::Mutex::default(),
+        }
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u32, (usize, usize)>> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl crate::vfio_user::function::BarMapper for BarSlots {
+    fn map(&self, gpa: u64, size: u64, file: &std::fs::File, offset: u64) -> std::io::Result<u32> {
+        use std::os::fd::AsRawFd;
+        let invalid =
+            |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string());
+        let len = usize::try_from(size).map_err(|_| invalid("size"))?;
+        let at = libc::off_t::try_from(offset).map_err(|_| invalid("offset"))?;
+        let mut maps = self.maps();
+        let slot = (Self::FIRST_SLOT..Self::FIRST_SLOT + Self::MAX_SLOTS)
+            .find(|s| !maps.contains_key(s))
+            .ok_or_else(|| invalid("no memory slot left for device memory"))?;
+        // SAFETY: a new shared mapping of a file the device sent; nothing else is at the
+        // address the kernel picks, and it is unmapped only in `unmap` (or never).
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                at,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping stays until `unmap` removes the slot first.
+        if let Err(e) = unsafe { self.vm.set_user_memory_region(region) } {
+            // SAFETY: the mapping made above, used by nothing.
+            unsafe { libc::munmap(host, len) };
+            return Err(std::io::Error::from_raw_os_error(e.errno()));
+        }
+        maps.insert(slot, (host as usize, len));
+        Ok(slot)
+    }
+
+    fn unmap(&self, slot: u32) {
+        let Some((host, len)) = self.maps().remove(&slot) else {
+            return;
+        };
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: 0,
+            flags: 0,
+        };
+        // SAFETY: deleting a slot this type made; KVM stops using the mapping.
+        let removed = unsafe { self.vm.set_user_memory_region(region) }.is_ok();
+        if removed {
+            // SAFETY: the mapping `map` made; KVM no longer refers to it.
+            unsafe { libc::munmap(host as *mut libc::c_void, len) };
+        }
+    }
+}
+
 /// The host's total memory in bytes, from `/proc/meminfo`.
 #[must_use]
 pub fn host_memory() -> Option<u64> {

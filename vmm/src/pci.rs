@@ -23,7 +23,7 @@ use crate::config::{DeviceConfig, DeviceKind};
 use crate::exit::Buses;
 use crate::vfio_user::entries::RemoteEntries;
 pub use crate::vfio_user::function::IntxSink;
-use crate::vfio_user::function::{IntxRelay, VfioUserFunction};
+use crate::vfio_user::function::{BarMapper, IntxRelay, VfioUserFunction};
 use crate::vfio_user::{Client, VfioUserError};
 
 /// How long the event loop waits before looking at the stop flag again.
@@ -215,9 +215,10 @@ impl PciDevices {
         core: &CoreHandle,
         mem: &DefaultMemory,
         intx: &IntxSink,
+        mapper: Option<&Arc<dyn BarMapper>>,
     ) -> Result<Self, PciError> {
         let origins = devices.iter().map(|d| (d.clone(), Origin::New)).collect();
-        Self::build(origins, None, core, mem, intx)
+        Self::build(origins, None, core, mem, (intx, mapper))
     }
 
     /// Creates `devices` in the states `snap` holds (one per device, same kinds, same
@@ -249,7 +250,7 @@ impl PciDevices {
             .zip(&snap.devices)
             .map(|(d, s)| (d.clone(), Origin::Restored(s, now)))
             .collect();
-        Self::build(origins, Some(&snap.root), core, mem, intx)
+        Self::build(origins, Some(&snap.root), core, mem, (intx, None))
     }
 
     fn build(
@@ -257,7 +258,7 @@ impl PciDevices {
         root_snap: Option<&RootSnapshot>,
         core: &CoreHandle,
         mem: &DefaultMemory,
-        intx: &IntxSink,
+        (intx, mapper): (&IntxSink, Option<&Arc<dyn BarMapper>>),
     ) -> Result<Self, PciError> {
         let path = core.path();
         let mut root = PciRoot::new(devices::pci::PciLayout::default());
@@ -273,7 +274,7 @@ impl PciDevices {
             let restored = matches!(origin, Origin::Restored(..));
             let model = match (d.kind.clone(), origin) {
                 (DeviceKind::VfioUser { socket }, Origin::New) => {
-                    let (model, relay) = remote_device(&d, &socket, mem, intx, core)?;
+                    let (model, relay) = remote_device(&d, &socket, mem, (intx, mapper), core)?;
                     if let Some(relay) = relay {
                         events.add_subscriber(Box::new(relay));
                     }
@@ -587,7 +588,7 @@ fn remote_device(
     d: &DeviceConfig,
     socket: &std::path::Path,
     mem: &DefaultMemory,
-    intx: &IntxSink,
+    (intx, mapper): (&IntxSink, Option<&Arc<dyn BarMapper>>),
     core: &CoreHandle,
 ) -> Result<(Model, Option<IntxRelay>), PciError> {
     let failed = |source| PciError::VfioUser {
@@ -627,6 +628,9 @@ fn remote_device(
         function.on_loss(move || {
             core.detach_host(rid);
         });
+    }
+    if let Some(mapper) = mapper {
+        function.set_mapper(mapper.clone());
     }
     Ok((Model::VfioUser(Arc::new(Mutex::new(function))), relay))
 }

@@ -391,12 +391,14 @@ fn pci_scan() -> ! {
                     );
                 }
             } else if value & 0b110 == 0b100 {
+                let base = crate::pci::read32(device, 0x14 + 4 * bar) as u64 * (1 << 32)
+                    + u64::from(value & !0xf);
                 println!(
-                    "pci: 00:{:02x}.0 BAR{} memory at {:#x}",
+                    "pci: 00:{:02x}.0 BAR{} memory at {:#x}, first word {:#x}",
                     device,
                     bar,
-                    crate::pci::read32(device, 0x14 + 4 * bar) as u64 * (1 << 32)
-                        + u64::from(value & !0xf)
+                    base,
+                    crate::pci::mmio_read(base)
                 );
             }
         }

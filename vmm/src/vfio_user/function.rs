@@ -48,7 +48,29 @@ pub struct VfioUserFunction {
     msix: Option<MsixTable>,
     /// The host of the entries its vectors name.
     msix_host: Option<Arc<MsixHost>>,
+    /// What maps the device's mappable BAR areas into the guest.
+    mapper: Option<Arc<dyn BarMapper>>,
+    /// What is mapped: (BAR, its base, the mappings' handles).
+    mapped: Vec<(usize, u64, Vec<u32>)>,
 }
+
+/// Maps guest-physical ranges onto a device's memory file, so that the guest's accesses
+/// to those parts of a BAR reach the device's memory without an exit (the VMM's KVM
+/// memory slots).
+pub trait BarMapper: Send + Sync {
+    /// Maps `size` bytes of `file` from `offset` at guest-physical `gpa`; returns a handle.
+    ///
+    /// # Errors
+    /// The mapping could not be made (the range is relayed instead).
+    fn map(&self, gpa: u64, size: u64, file: &std::fs::File, offset: u64) -> std::io::Result<u32>;
+    /// Removes the mapping `handle`.
+    fn unmap(&self, handle: u32);
+}
+
+/// `VFIO_REGION_INFO_FLAG_MMAP`.
+const REGION_MMAP: u32 = 1 << 2;
+/// Mappings are whole pages.
+const PAGE: u64 = 4096;
 
 impl std::fmt::Debug for VfioUserFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,7 +183,75 @@ impl VfioUserFunction {
             entries: None,
             msix,
             msix_host: None,
+            mapper: None,
+            mapped: Vec::new(),
         })
+    }
+
+    /// Maps the device's mappable BAR areas (a region's sparse mmap areas, with the file
+    /// the device sent) into the guest through `mapper` whenever the BAR is placed and
+    /// memory decoding is on; the rest of the BAR is relayed.
+    pub fn set_mapper(&mut self, mapper: Arc<dyn BarMapper>) {
+        self.mapper = Some(mapper);
+        self.remap_bars();
+    }
+
+    /// Guest-physical ranges mapped now: (address, size).
+    #[must_use]
+    pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
+        let client = self.lock();
+        self.mapped
+            .iter()
+            .flat_map(|(bar, base, _)| {
+                let areas = mappable(&client, *bar);
+                areas.into_iter().map(move |(off, len)| (base + off, len))
+            })
+            .collect()
+    }
+
+    /// Makes the mappings follow the BARs: unmaps those of a BAR that moved or stopped
+    /// decoding, maps those of a BAR newly placed.
+    fn remap_bars(&mut self) {
+        let Some(mapper) = self.mapper.clone() else {
+            return;
+        };
+        let client = self.client.clone();
+        let client = client.lock().unwrap_or_else(PoisonError::into_inner);
+        let want: Vec<(usize, u64)> = self
+            .config
+            .mapped_bars()
+            .into_iter()
+            .filter(|(bar, base, _)| base % PAGE == 0 && !mappable(&client, *bar).is_empty())
+            .map(|(bar, base, _)| (bar, base))
+            .collect();
+        self.mapped.retain(|(bar, base, handles)| {
+            let keep = want.contains(&(*bar, *base));
+            if !keep {
+                handles.iter().for_each(|h| mapper.unmap(*h));
+            }
+            keep
+        });
+        for (bar, base) in want {
+            if self
+                .mapped
+                .iter()
+                .any(|(b, at, _)| (*b, *at) == (bar, base))
+            {
+                continue;
+            }
+            let index = u32::try_from(bar).unwrap_or(u32::MAX);
+            let (Some(file), Some(region)) = (client.region_file(index), client.regions().get(bar))
+            else {
+                continue;
+            };
+            let handles = mappable(&client, bar)
+                .into_iter()
+                .filter_map(|(off, len)| {
+                    mapper.map(base + off, len, file, region.offset + off).ok()
+                })
+                .collect();
+            self.mapped.push((bar, base, handles));
+        }
     }
 
     /// Whether the device's MSI-X table is emulated here (VFIO's MSI-X index).
@@ -324,9 +414,13 @@ impl PciFunction for VfioUserFunction {
             return ConfigChange::default();
         }
         let change = self.config.write(offset, data);
+        let command = offset < 0x06 && offset + data.len() > 0x04;
+        if change.bars || command {
+            self.remap_bars();
+        }
         // The command register (decoding, bus mastering, INTx disable) is the device's
         // business too; BARs are ours.
-        if offset < 0x06 && offset + data.len() > 0x04 {
+        if command {
             let command = self.config.bytes(0x04, 2).to_vec();
             if self
                 .lock()
@@ -359,6 +453,30 @@ impl PciFunction for VfioUserFunction {
         let index = u32::try_from(bar).unwrap_or(u32::MAX);
         if self.lock().region_write(index, offset, data).is_err() {
             self.failed();
+        }
+    }
+}
+
+/// The page-whole areas of BAR `bar` the device lets us map: (offset, size).
+fn mappable(client: &Client, bar: usize) -> Vec<(u64, u64)> {
+    let index = u32::try_from(bar).unwrap_or(u32::MAX);
+    match client.regions().get(bar) {
+        Some(r) if r.flags & REGION_MMAP != 0 && client.region_file(index).is_some() => r
+            .sparse
+            .iter()
+            .copied()
+            .filter(|(off, len)| off % PAGE == 0 && len % PAGE == 0 && *len > 0)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Drop for VfioUserFunction {
+    fn drop(&mut self) {
+        if let Some(mapper) = &self.mapper {
+            for (_, _, handles) in self.mapped.drain(..) {
+                handles.iter().for_each(|h| mapper.unmap(*h));
+            }
         }
     }
 }

@@ -312,7 +312,7 @@ pub fn parse_device_info(payload: &[u8]) -> Result<DeviceInfo, ProtocolError> {
 }
 
 /// What `DEVICE_GET_REGION_INFO` says of one region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionInfo {
     /// `VFIO_REGION_INFO_FLAG_*` (read, write, mmap, caps).
     pub flags: u32,
@@ -322,13 +322,64 @@ pub struct RegionInfo {
     pub size: u64,
     /// The offset of an mmap'able region in the file descriptor sent with the reply.
     pub offset: u64,
+    /// The areas of the region that may be mapped (the sparse mmap capability):
+    /// (offset in the region, size), each within the region.
+    pub sparse: Vec<(u64, u64)>,
 }
 
-/// `DEVICE_GET_REGION_INFO`'s payload for region `index` (no capabilities asked for).
+/// The most sparse mmap areas taken of one region.
+pub const MAX_SPARSE_AREAS: u32 = 16;
+/// `VFIO_REGION_INFO_FLAG_CAPS`.
+const REGION_CAPS: u32 = 1 << 3;
+/// `VFIO_REGION_INFO_CAP_SPARSE_MMAP`.
+const CAP_SPARSE_MMAP: u16 = 1;
+
+/// `DEVICE_GET_REGION_INFO`'s payload for region `index`, with room for a sparse mmap
+/// capability of [`MAX_SPARSE_AREAS`] areas (a server sends its capabilities, and the
+/// file to map, only when they fit).
 #[must_use]
 pub fn region_info_payload(index: u32) -> Vec<u8> {
+    let argsz = 32 + 16 + 16 * MAX_SPARSE_AREAS;
     // argsz, flags, index, cap_offset, size (u64), offset (u64).
-    words(&[32, 0, index, 0, 0, 0, 0, 0])
+    words(&[argsz, 0, index, 0, 0, 0, 0, 0])
+}
+
+/// The sparse mmap areas in the capability chain of a region-info reply of a region of
+/// `size` bytes, starting at `at`.
+fn sparse_areas(
+    payload: &[u8],
+    mut at: usize,
+    size: u64,
+) -> Result<Vec<(u64, u64)>, ProtocolError> {
+    let mut areas = Vec::new();
+    for _ in 0..8 {
+        need(payload, at + 8)?;
+        let (id, next) = (u16_at(payload, at), u32_at(payload, at + 4) as usize);
+        if id == CAP_SPARSE_MMAP {
+            need(payload, at + 16)?;
+            let n = u32_at(payload, at + 8);
+            if n > MAX_SPARSE_AREAS {
+                return Err(ProtocolError::Field("more sparse mmap areas than taken"));
+            }
+            need(payload, at + 16 + 16 * n as usize)?;
+            for k in 0..n as usize {
+                let offset = u64_at(payload, at + 16 + 16 * k);
+                let len = u64_at(payload, at + 24 + 16 * k);
+                if offset.checked_add(len).is_none_or(|end| end > size) {
+                    return Err(ProtocolError::Field("a sparse mmap area beyond its region"));
+                }
+                areas.push((offset, len));
+            }
+        }
+        if next == 0 {
+            return Ok(areas);
+        }
+        if next <= at {
+            return Err(ProtocolError::Field("a capability chain that loops"));
+        }
+        at = next;
+    }
+    Err(ProtocolError::Field("a capability chain too long"))
 }
 
 /// Parses a `DEVICE_GET_REGION_INFO` reply for region `index`.
@@ -337,14 +388,22 @@ pub fn region_info_payload(index: u32) -> Vec<u8> {
 /// [`ProtocolError::Payload`] or [`ProtocolError::Field`] (another region's info).
 pub fn parse_region_info(payload: &[u8], index: u32) -> Result<RegionInfo, ProtocolError> {
     need(payload, 32)?;
-    let info = RegionInfo {
+    let mut info = RegionInfo {
         flags: u32_at(payload, 4),
         index: u32_at(payload, 8),
         size: u64_at(payload, 16),
         offset: u64_at(payload, 24),
+        sparse: Vec::new(),
     };
     if info.index != index {
         return Err(ProtocolError::Field("the info of another region"));
+    }
+    let cap_offset = u32_at(payload, 12) as usize;
+    if info.flags & REGION_CAPS != 0 && payload.len() > 32 {
+        if cap_offset < 32 {
+            return Err(ProtocolError::Field("capabilities inside the region info"));
+        }
+        info.sparse = sparse_areas(payload, cap_offset, info.size)?;
     }
     Ok(info)
 }
@@ -531,6 +590,30 @@ mod tests {
         assert_eq!(parse_region_info(&info, 2).unwrap().size, 4096);
         parse_region_info(&info, 3).unwrap_err();
         parse_region_info(&info[..20], 2).unwrap_err();
+        // A sparse mmap capability: areas within the region are taken; one beyond it, a
+        // chain that loops, too many areas, or a cut-off list are refused.
+        let sparse = |areas: &[(u64, u64)], n: u32, next: u32| {
+            let mut p = words(&[48 + 16 * n, REGION_CAPS, 2, 32]);
+            p.extend_from_slice(&4096u64.to_le_bytes());
+            p.extend_from_slice(&0u64.to_le_bytes());
+            p.extend_from_slice(&CAP_SPARSE_MMAP.to_le_bytes());
+            p.extend_from_slice(&1u16.to_le_bytes());
+            p.extend_from_slice(&next.to_le_bytes());
+            p.extend_from_slice(&n.to_le_bytes());
+            p.extend_from_slice(&0u32.to_le_bytes());
+            for (off, len) in areas {
+                p.extend_from_slice(&off.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+            }
+            p
+        };
+        let ok = parse_region_info(&sparse(&[(0, 2048), (2048, 2048)], 2, 0), 2).unwrap();
+        assert_eq!(ok.sparse, [(0, 2048), (2048, 2048)]);
+        parse_region_info(&sparse(&[(4096, 1)], 1, 0), 2).unwrap_err();
+        parse_region_info(&sparse(&[(u64::MAX, 2)], 1, 0), 2).unwrap_err();
+        parse_region_info(&sparse(&[(0, 16)], 1, 32), 2).unwrap_err();
+        parse_region_info(&sparse(&[], MAX_SPARSE_AREAS + 1, 0), 2).unwrap_err();
+        parse_region_info(&sparse(&[], 1, 0), 2).unwrap_err();
         let mut read = region_access_payload(7, 0x10, 4);
         read.extend_from_slice(&[1, 2, 3, 4]);
         assert_eq!(parse_region_read(&read, 7, 0x10, 4).unwrap(), &[1, 2, 3, 4]);

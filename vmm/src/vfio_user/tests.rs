@@ -383,7 +383,14 @@ fn on_the_pci_side_its_intx_pulses_an_ioapic_input_and_a_snapshot_is_refused() {
         counted.fetch_add(1, Ordering::SeqCst);
     });
     let handle: irq::CoreHandle = core.clone();
-    let pci = PciDevices::new(&[device], &handle, &GuestMemoryAtomic::new(ram), &intx).unwrap();
+    let pci = PciDevices::new(
+        &[device],
+        &handle,
+        &GuestMemoryAtomic::new(ram),
+        &intx,
+        None,
+    )
+    .unwrap();
     let mut line = [0u8; 1];
     pci.functions()[0]
         .1

@@ -191,6 +191,36 @@ fn load(
     })
 }
 
+/// The PCI devices, new or from the snapshot. Devices in other processes pulse an IOAPIC
+/// input for INTx, and map the parts of their BARs they let be mapped into KVM slots.
+fn build_pci(
+    config: &VmConfig,
+    core: &SharedBacking,
+    (vm, space): (&Arc<VmFd>, &DefaultMemory),
+    ioapic: &Arc<Mutex<IoApic>>,
+    saved: Option<&VmSnapshot>,
+) -> Result<PciDevices, VmError> {
+    let intx: crate::pci::IntxSink = {
+        let ioapic = ioapic.clone();
+        Arc::new(move |pin| {
+            ioapic
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pulse(pin);
+        })
+    };
+    let devices = &config.machine.devices;
+    let core = core.handle();
+    Ok(match saved {
+        None => {
+            let slots: Arc<dyn crate::vfio_user::function::BarMapper> =
+                Arc::new(crate::memory::BarSlots::new(vm.clone()));
+            PciDevices::new(devices, &core, space, &intx, Some(&slots))?
+        }
+        Some(s) => PciDevices::restore(devices, &s.pci, &core, space, &intx)?,
+    })
+}
+
 /// The interrupt core over KVM's routing (behind fault injection only with the test
 /// harness), new or restored; and the injection switches when there are any.
 fn build_core(
@@ -500,21 +530,7 @@ impl<'a> Vm<'a> {
         let (events, event_rx) = mpsc::channel();
         let serial = build_serial(config, &ioapic, console, &events, saved)?;
         let path = backing.path();
-        // PCI INTx of devices in other processes: a pulse of the IOAPIC input.
-        let intx: crate::pci::IntxSink = {
-            let ioapic = ioapic.clone();
-            Arc::new(move |pin| {
-                ioapic
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .pulse(pin);
-            })
-        };
-        let devices = &config.machine.devices;
-        let pci = match saved {
-            None => PciDevices::new(devices, &backing.handle(), &space, &intx)?,
-            Some(s) => PciDevices::restore(devices, &s.pci, &backing.handle(), &space, &intx)?,
-        };
+        let pci = build_pci(config, &backing, (&vm, &space), &ioapic, saved)?;
         let (rings, ring_rx) = mpsc::sync_channel(1);
         let buses = build_buses(config, (&serial, &vtd, &ioapic), &pci, &events, &rings)?;
         let vcpus = build_vcpus(&vm, host, config, table_size, &loaded, &mem)?;
