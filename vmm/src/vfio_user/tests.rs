@@ -707,3 +707,126 @@ mod vfio_msix {
         server.join().unwrap();
     }
 }
+
+/// A device whose BAR 0 (four pages) lets its middle page be mapped, from the file `fd`.
+fn serve_mappable(path: &Path, fd: RawFd, seen: Arc<Mutex<Seen>>) -> thread::JoinHandle<()> {
+    use vfio_bindings::bindings::vfio::{vfio_region_sparse_mmap_area, VFIO_REGION_INFO_FLAG_MMAP};
+    let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+    let regions = (0..VFIO_PCI_NUM_REGIONS)
+        .map(|index| {
+            let (size, flags, areas, fd) = match index {
+                // The middle page of four may be mapped.
+                VFIO_PCI_BAR0_REGION_INDEX => (
+                    0x4000,
+                    rw | VFIO_REGION_INFO_FLAG_MMAP,
+                    vec![vfio_user::SparseArea {
+                        area: vfio_region_sparse_mmap_area {
+                            offset: 0x1000,
+                            size: 0x1000,
+                        },
+                    }],
+                    Some(fd),
+                ),
+                VFIO_PCI_CONFIG_REGION_INDEX => (256, rw, Vec::new(), None),
+                _ => (0, 0, Vec::new(), None),
+            };
+            vfio_user::ServerRegion {
+                region_info: vfio_region_info {
+                    argsz: 32,
+                    flags,
+                    index,
+                    size,
+                    ..Default::default()
+                },
+                sparse_areas: areas,
+                mmap_fd: fd,
+            }
+        })
+        .collect();
+    let irqs = (0..VFIO_PCI_NUM_IRQS)
+        .map(|index| vfio_user::IrqInfo {
+            index,
+            flags: 0,
+            count: 0,
+        })
+        .collect();
+    let server = vfio_user::Server::new(path, true, irqs, regions).unwrap();
+    let backend = seen.clone();
+    thread::spawn(move || {
+        let _ = server.run(&mut Backend(backend));
+    })
+}
+
+/// A BAR's mappable areas follow the BAR: mapped when it is placed with decoding on,
+/// unmapped when decoding goes off or the BAR moves, mapped again at the new place.
+#[test]
+fn mappable_bar_areas_follow_the_bar() {
+    use std::io::Write as _;
+
+    use crate::vfio_user::function::{BarMapper, VfioUserFunction};
+    use devices::pci::PciFunction;
+
+    #[derive(Default)]
+    struct Mapper(Mutex<Vec<String>>);
+    impl BarMapper for Mapper {
+        fn map(&self, gpa: u64, size: u64, _: &std::fs::File, offset: u64) -> io::Result<u32> {
+            let mut log = self.0.lock().unwrap();
+            log.push(format!("map {gpa:#x} {size:#x} @{offset:#x}"));
+            Ok(u32::try_from(log.len()).unwrap())
+        }
+        fn unmap(&self, handle: u32) {
+            self.0.lock().unwrap().push(format!("unmap {handle}"));
+        }
+    }
+
+    let path = socket("mappable");
+    let file_path = path.with_extension("mem");
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&file_path)
+        .unwrap();
+    file.write_all(&[0; 16]).unwrap();
+    file.set_len(0x4000).unwrap();
+    let _ = std::fs::remove_file(&file_path);
+    let mut config = vec![0u8; 256];
+    config[0..4].copy_from_slice(&0x0001_1af4u32.to_le_bytes());
+    let seen = Arc::new(Mutex::new(Seen {
+        config,
+        bar: vec![0; 0x4000],
+        ..Seen::default()
+    }));
+    let serving = serve_mappable(&path, file.as_raw_fd(), seen);
+    let client = Client::connect(&path, DEFAULT_TIMEOUT).unwrap();
+    assert_eq!(client.regions()[0].sparse, [(0x1000, 0x1000)]);
+    let mut f = VfioUserFunction::new(client).unwrap();
+    let mapper = Arc::new(Mapper::default());
+    f.set_mapper(mapper.clone());
+    let log = || std::mem::take(&mut *mapper.0.lock().unwrap());
+    assert!(log().is_empty(), "no BAR placed yet");
+    f.config_write(0x10, &0xc000_0000u64.to_le_bytes());
+    f.config_write(0x04, &2u16.to_le_bytes()); // memory decoding on
+    assert_eq!(log(), ["map 0xc0001000 0x1000 @0x1000"]);
+    assert_eq!(f.mapped_ranges(), [(0xc000_1000, 0x1000)]);
+    f.config_write(0x04, &0u16.to_le_bytes());
+    assert_eq!(log(), ["unmap 1"]);
+    f.config_write(0x04, &2u16.to_le_bytes());
+    f.config_write(0x10, &0xd000_0000u64.to_le_bytes());
+    assert_eq!(
+        log(),
+        [
+            "map 0xc0001000 0x1000 @0x1000",
+            "unmap 1",
+            "map 0xd0001000 0x1000 @0x1000"
+        ]
+    );
+    drop(f);
+    assert_eq!(
+        log(),
+        ["unmap 3"],
+        "the last mapping goes with the function"
+    );
+    serving.join().unwrap();
+}
