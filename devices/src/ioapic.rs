@@ -142,7 +142,13 @@ pub struct IoApic {
     state: IoApicSnapshot,
     output: Arc<dyn IoApicOutput>,
     sent: u64,
+    /// Per pin: what to call after an end of interrupt of a level entry, the line lowered
+    /// first (a source that re-asserts if it still needs service, as VFIO INTx does).
+    resample: Vec<Option<Resample>>,
 }
+
+/// Called after an end of interrupt of a resampled level pin.
+pub type Resample = Arc<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for IoApic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -286,6 +292,7 @@ impl IoApic {
             },
             output,
             sent: 0,
+            resample: vec![None; PINS],
         }
     }
 
@@ -307,6 +314,7 @@ impl IoApic {
             state,
             output,
             sent: 0,
+            resample: vec![None; PINS],
         };
         for pin in 0..PINS {
             io.tell_level(pin);
@@ -356,6 +364,30 @@ impl IoApic {
         }
     }
 
+    /// Makes `pin` resampled (`Some`) or not: after an end of interrupt of its level
+    /// entry the line is lowered and `hook` called, and the source asserts it again if it
+    /// still needs service. Hooks are not part of a snapshot.
+    pub fn set_resample(&mut self, pin: usize, hook: Option<Resample>) {
+        if let Some(slot) = self.resample.get_mut(pin) {
+            *slot = hook;
+        }
+    }
+
+    /// A source asserts `pin`: a level entry's line goes high (until the end of
+    /// interrupt, for a resampled pin); an edge entry gets a pulse. Returns whether the
+    /// entry is edge-triggered (the source may assert again at once).
+    pub fn assert_line(&mut self, pin: usize) -> bool {
+        if self.entry(pin) & RTE_LEVEL != 0 {
+            self.set_level(pin, true);
+            false
+        } else {
+            // A line left high by a level entry before would hide the edge.
+            self.set_level(pin, false);
+            self.pulse(pin);
+            true
+        }
+    }
+
     /// A pulse on `pin` (an edge-triggered source's interrupt).
     pub fn pulse(&mut self, pin: usize) {
         self.set_level(pin, true);
@@ -365,14 +397,24 @@ impl IoApic {
     /// The end of interrupt `vector`: clears remote IRR of the level entries with that
     /// vector and sends again for those whose line is still high.
     pub fn eoi(&mut self, vector: u8) {
+        let mut resampled = Vec::new();
         for pin in 0..PINS {
             let entry = self.entry(pin);
             if entry & RTE_REMOTE_IRR != 0 && entry & RTE_VECTOR == u64::from(vector) {
                 if let Some(e) = self.state.entries.get_mut(pin) {
                     *e &= !RTE_REMOTE_IRR;
                 }
+                if let Some(hook) = self.resample.get(pin).cloned().flatten() {
+                    if let Some(line) = self.state.lines.get_mut(pin) {
+                        *line = false;
+                    }
+                    resampled.push(hook);
+                }
                 self.service(pin);
             }
+        }
+        for hook in resampled {
+            hook();
         }
     }
 
@@ -587,6 +629,40 @@ mod tests {
         io.eoi(0x41);
         assert_eq!(sent.0.lock().unwrap().len(), 2);
         assert_eq!(io.entry(9) & RTE_REMOTE_IRR, 0);
+    }
+
+    /// A resampled pin (VFIO INTx): level entries keep the line high until the EOI, which
+    /// lowers it and calls the hook (the source asserts again if it must); edge entries
+    /// get a pulse and say the source may assert again at once.
+    #[test]
+    fn a_resampled_level_pin_is_lowered_at_its_eoi_and_its_source_told() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (mut io, sent) = rig();
+        let told = Arc::new(AtomicUsize::new(0));
+        let hook = told.clone();
+        io.set_resample(
+            17,
+            Some(Arc::new(move || {
+                hook.fetch_add(1, Ordering::SeqCst);
+            })),
+        );
+        program(&mut io, 17, remappable(3, 0x50, true));
+        assert!(!io.assert_line(17), "level");
+        assert_eq!(sent.0.lock().unwrap().len(), 1);
+        assert!(!io.assert_line(17));
+        assert_eq!(sent.0.lock().unwrap().len(), 1, "already high");
+        io.eoi(0x50);
+        assert_eq!(told.load(Ordering::SeqCst), 1, "the source is told");
+        assert_eq!(
+            sent.0.lock().unwrap().len(),
+            1,
+            "the line was lowered first"
+        );
+        assert!(!io.assert_line(17));
+        assert_eq!(sent.0.lock().unwrap().len(), 2, "asserted again");
+        program(&mut io, 17, remappable(3, 0x50, false));
+        assert!(io.assert_line(17), "edge: a pulse");
+        assert_eq!(sent.0.lock().unwrap().len(), 3);
     }
 
     mod through_the_core {

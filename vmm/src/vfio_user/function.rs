@@ -295,10 +295,14 @@ impl VfioUserFunction {
         }
     }
 
-    /// Gives the device's INTx an eventfd and returns the relay that pulses IOAPIC input
+    /// Gives the device's INTx an eventfd and returns the relay that asserts IOAPIC input
     /// `ioapic_pin` through `sink` whenever the device writes it; the interrupt line
-    /// register says which input. `None` for a device without INTx (a pin other than 1 to
-    /// 4, or no INTx interrupt index with eventfds).
+    /// register says which input. VFIO's INTx is level-triggered and masked by each
+    /// assertion: when the guest made the input edge-triggered the device is unmasked at
+    /// once; when level-triggered, the line stays high until the guest's end of interrupt,
+    /// then is lowered and the device unmasked (`SET_IRQS` `ACTION_UNMASK`), and a device
+    /// that still needs service asserts again. `None` for a device without INTx (a pin
+    /// other than 1 to 4, or no INTx interrupt index with eventfds).
     ///
     /// # Errors
     /// The eventfd, or the device's refusal of it.
@@ -329,10 +333,14 @@ impl VfioUserFunction {
         self.lock()
             .set_irq_eventfds(VFIO_PCI_INTX_IRQ_INDEX, 0, &[fd.as_raw_fd()])?;
         self.config.set_bytes(0x3c, &[ioapic_pin]);
+        let pin = usize::from(ioapic_pin);
+        let unmask = unmask_intx(&self.client);
+        sink.resample(pin, unmask.clone());
         Ok(Some(IntxRelay {
             fd,
-            pin: usize::from(ioapic_pin),
+            pin,
             sink,
+            unmask,
         }))
     }
 
@@ -481,16 +489,42 @@ impl Drop for VfioUserFunction {
     }
 }
 
-/// What raises an IOAPIC input: pulses input `pin`.
-pub type IntxSink = Arc<dyn Fn(usize) + Send + Sync>;
+/// An IOAPIC input a device's INTx drives.
+pub trait IntxInput: Send + Sync {
+    /// The device asserted input `pin`; returns whether the input is edge-triggered now
+    /// (sent as a pulse: the device may be unmasked at once).
+    fn assert(&self, pin: usize) -> bool;
+    /// Calls `unmask` after each end of interrupt of input `pin` while its entry is
+    /// level-triggered, the line lowered first.
+    fn resample(&self, pin: usize, unmask: Arc<dyn Fn() + Send + Sync>);
+}
+
+/// What a device's INTx drives.
+pub type IntxSink = Arc<dyn IntxInput>;
+
+/// `SET_IRQS` `DATA_NONE | ACTION_UNMASK` of INTx, as a callback (a failure is the
+/// connection's, seen by the next request). It does not keep the connection open: once
+/// the function is gone, it does nothing.
+fn unmask_intx(client: &Arc<Mutex<Client>>) -> Arc<dyn Fn() + Send + Sync> {
+    let client = Arc::downgrade(client);
+    Arc::new(move || {
+        if let Some(client) = client.upgrade() {
+            let _ = client
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .unmask_irq(VFIO_PCI_INTX_IRQ_INDEX, 0);
+        }
+    })
+}
 
 /// A vfio-user device's INTx on the device event loop: each write the device process makes
-/// to the eventfd pulses the device's IOAPIC input (the IOAPIC is in user space, so this
+/// to the eventfd asserts the device's IOAPIC input (the IOAPIC is in user space, so this
 /// one hop is a VMM thread's; MSI-X goes to KVM directly).
 pub struct IntxRelay {
     fd: EventFd,
     pin: usize,
     sink: IntxSink,
+    unmask: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl std::fmt::Debug for IntxRelay {
@@ -503,8 +537,11 @@ impl std::fmt::Debug for IntxRelay {
 
 impl MutEventSubscriber for IntxRelay {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.event_set().contains(EventSet::IN) && self.fd.read().is_ok() {
-            (self.sink)(self.pin);
+        if events.event_set().contains(EventSet::IN)
+            && self.fd.read().is_ok()
+            && self.sink.assert(self.pin)
+        {
+            (self.unmask)();
         }
     }
 

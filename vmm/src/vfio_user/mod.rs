@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -403,6 +403,19 @@ impl Client {
             let payload = protocol::set_irqs_payload(flags, index, first, count);
             self.request(command::DEVICE_SET_IRQS, &payload, part)?;
         }
+        Ok(())
+    }
+
+    /// Unmasks vector `vector` of index `index` (`DATA_NONE | ACTION_UNMASK`): VFIO's INTx
+    /// after the guest's end of interrupt.
+    ///
+    /// # Errors
+    /// Any [`VfioUserError`].
+    pub fn unmask_irq(&mut self, index: u32, vector: u32) -> Result<(), VfioUserError> {
+        self.irq_range(index, vector, 1)?;
+        let flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK;
+        let payload = protocol::set_irqs_payload(flags, index, vector, 1);
+        self.request(command::DEVICE_SET_IRQS, &payload, &[])?;
         Ok(())
     }
 

@@ -360,12 +360,36 @@ fn a_device_becomes_a_function_on_our_root_with_its_ids_and_relayed_bars() {
     assert_eq!(f.failures(), 2);
 }
 
+/// An IOAPIC output that counts what it sends.
+#[derive(Default)]
+struct Sends(std::sync::atomic::AtomicUsize);
+
+impl devices::ioapic::IoApicOutput for Sends {
+    fn send(&self, _: &irq::MsiMessage) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The IOAPIC as a device's INTx input (as the VM assembles it).
+struct Input(Arc<Mutex<devices::ioapic::IoApic>>);
+
+impl crate::vfio_user::function::IntxInput for Input {
+    fn assert(&self, pin: usize) -> bool {
+        assert_eq!(pin, 17, "INTA of device 5: IOAPIC input 16 + 5 % 4");
+        self.0.lock().unwrap().assert_line(pin)
+    }
+    fn resample(&self, pin: usize, unmask: Arc<dyn Fn() + Send + Sync>) {
+        self.0.lock().unwrap().set_resample(pin, Some(unmask));
+    }
+}
+
 #[test]
-fn on_the_pci_side_its_intx_pulses_an_ioapic_input_and_a_snapshot_is_refused() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+fn on_the_pci_side_its_intx_asserts_a_level_ioapic_input_until_eoi_and_a_snapshot_is_refused() {
+    use std::sync::atomic::Ordering;
 
     use crate::config::{DeviceConfig, DeviceKind};
     use crate::pci::{IntxSink, PciDevices};
+    use devices::bus::BusDevice;
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
     let (path, seen, server) = device("pci-side");
@@ -376,12 +400,15 @@ fn on_the_pci_side_its_intx_pulses_an_ioapic_input_and_a_snapshot_is_refused() {
         kind: DeviceKind::VfioUser { socket: path },
         pci_slot: 5,
     };
-    let pulses = Arc::new(AtomicUsize::new(0));
-    let counted = pulses.clone();
-    let intx: IntxSink = Arc::new(move |pin| {
-        assert_eq!(pin, 17, "INTA of device 5: IOAPIC input 16 + 5 % 4");
-        counted.fetch_add(1, Ordering::SeqCst);
-    });
+    // The IOAPIC, its input 17 level-triggered (vector 0x30, unmasked), counting sends.
+    let sends = Arc::new(Sends::default());
+    let ioapic = Arc::new(Mutex::new(devices::ioapic::IoApic::new(sends.clone())));
+    {
+        let mut io = ioapic.lock().unwrap();
+        io.write(0, &(0x10u32 + 2 * 17).to_le_bytes());
+        io.write(0x10, &(0x30u32 | 1 << 15).to_le_bytes());
+    }
+    let intx: IntxSink = Arc::new(Input(ioapic.clone()));
     let handle: irq::CoreHandle = core.clone();
     let pci = PciDevices::new(
         &[device],
@@ -409,14 +436,35 @@ fn on_the_pci_side_its_intx_pulses_an_ioapic_input_and_a_snapshot_is_refused() {
         use std::io::Write as _;
         (&s.irq_files[0]).write_all(&1u64.to_le_bytes()).unwrap();
     }
-    let begin = std::time::Instant::now();
-    while pulses.load(Ordering::SeqCst) == 0 {
-        assert!(
-            begin.elapsed() < Duration::from_secs(10),
-            "the INTx write was not relayed"
-        );
-        thread::sleep(Duration::from_millis(1));
+    let wait_for = |n: usize| {
+        let begin = std::time::Instant::now();
+        while sends.0.load(Ordering::SeqCst) < n {
+            assert!(
+                begin.elapsed() < Duration::from_secs(10),
+                "the INTx write was not relayed"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    };
+    wait_for(1);
+    // Level-triggered: the line stays high, the device stays masked until the guest's
+    // end of interrupt; then the line is lowered and the device unmasked.
+    assert_eq!(seen.lock().unwrap().set_irqs.len(), 1, "not unmasked yet");
+    ioapic.lock().unwrap().write(0x40, &0x30u32.to_le_bytes());
+    assert_eq!(
+        seen.lock().unwrap().set_irqs[1],
+        (0, 0x11, 0, 1, 0),
+        "INTx unmasked after the EOI"
+    );
+    // The device still needs service: it asserts again, and the input sends again.
+    {
+        use std::io::Write as _;
+        let s = seen.lock().unwrap();
+        (&s.irq_files[0]).write_all(&1u64.to_le_bytes()).unwrap();
     }
+    wait_for(2);
+    assert_eq!(sends.0.load(Ordering::SeqCst), 2);
+    assert_eq!(pci.functions()[0].0, 5 << 3);
     let err = pci.snapshot().unwrap_err().to_string();
     assert!(
         err.contains("00:05.0 vfio-user") && err.contains("cannot be snapshotted"),

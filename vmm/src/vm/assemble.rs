@@ -191,6 +191,25 @@ fn load(
     })
 }
 
+/// The IOAPIC as the input of devices' INTx.
+struct IoApicInput(Arc<Mutex<IoApic>>);
+
+impl crate::vfio_user::function::IntxInput for IoApicInput {
+    fn assert(&self, pin: usize) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .assert_line(pin)
+    }
+
+    fn resample(&self, pin: usize, unmask: Arc<dyn Fn() + Send + Sync>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_resample(pin, Some(unmask));
+    }
+}
+
 /// The PCI devices, new or from the snapshot. Devices in other processes pulse an IOAPIC
 /// input for INTx, and map the parts of their BARs they let be mapped into KVM slots.
 fn build_pci(
@@ -200,15 +219,7 @@ fn build_pci(
     ioapic: &Arc<Mutex<IoApic>>,
     saved: Option<&VmSnapshot>,
 ) -> Result<PciDevices, VmError> {
-    let intx: crate::pci::IntxSink = {
-        let ioapic = ioapic.clone();
-        Arc::new(move |pin| {
-            ioapic
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pulse(pin);
-        })
-    };
+    let intx: crate::pci::IntxSink = Arc::new(IoApicInput(ioapic.clone()));
     let devices = &config.machine.devices;
     let core = core.handle();
     Ok(match saved {
