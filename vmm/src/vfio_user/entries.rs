@@ -54,14 +54,16 @@ impl RemoteEntries {
     pub fn messages(&self) -> u64 {
         self.messages.load(Ordering::Relaxed)
     }
+}
 
-    fn refusal(client: &Client, e: &VfioUserError) -> HostRefusal {
-        let reason = crate::report::error_chain(e);
-        if client.is_broken() {
-            HostRefusal::Gone(reason)
-        } else {
-            HostRefusal::Refused(reason)
-        }
+/// What a failed request means to the core: the device refused, or (the connection is
+/// broken) it is gone.
+pub(super) fn refusal(client: &Client, e: &VfioUserError) -> HostRefusal {
+    let reason = crate::report::error_chain(e);
+    if client.is_broken() {
+        HostRefusal::Gone(reason)
+    } else {
+        HostRefusal::Refused(reason)
     }
 }
 
@@ -82,7 +84,7 @@ impl HostInterrupts for RemoteEntries {
             // A run goes in several messages: a refusal may come after some were taken.
             sent.push((first, len));
             if let Err(e) = client.set_irq_eventfds(ENTRY_IRQ_INDEX, first, part) {
-                let refusal = Self::refusal(&client, &e);
+                let answer = refusal(&client, &e);
                 // All or none: whatever this call handed over comes back.
                 if !client.is_broken() {
                     for &(first, len) in &sent {
@@ -90,7 +92,7 @@ impl HostInterrupts for RemoteEntries {
                         let _ = client.clear_irqs(ENTRY_IRQ_INDEX, first, len);
                     }
                 }
-                return Err(refusal);
+                return Err(answer);
             }
         }
         Ok(())
@@ -104,7 +106,7 @@ impl HostInterrupts for RemoteEntries {
         for (first, len) in runs(sorted.into_iter()) {
             self.messages.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = client.clear_irqs(ENTRY_IRQ_INDEX, first, len) {
-                answer = Err(Self::refusal(&client, &e));
+                answer = Err(refusal(&client, &e));
                 if client.is_broken() {
                     break;
                 }

@@ -336,13 +336,14 @@ impl MsixHost {
         self.messages.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn answer(&self, client: &Client, e: &super::VfioUserError) -> HostRefusal {
-        let reason = crate::report::error_chain(e);
-        if client.is_broken() {
-            HostRefusal::Gone(reason)
-        } else {
-            HostRefusal::Refused(reason)
-        }
+    /// Gives the device what the vectors need now, counting the messages.
+    fn sync(&self, state: &mut State, client: &mut Client) -> Result<(), HostRefusal> {
+        let n = state
+            .sync(client)
+            .map_err(|e| super::entries::refusal(client, &e))?;
+        self.messages
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -356,22 +357,15 @@ impl HostInterrupts for MsixHost {
             state.held.insert(*index, copy);
         }
         let mut client = lock(&self.client);
-        match state.sync(&mut client) {
-            Ok(n) => {
-                self.messages
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                Ok(())
+        let answer = self.sync(&mut state, &mut client);
+        if answer.is_err() {
+            for (index, _) in entries {
+                state.held.remove(index);
             }
-            Err(e) => {
-                let refusal = self.answer(&client, &e);
-                for (index, _) in entries {
-                    state.held.remove(index);
-                }
-                // Back to what the device had before this call, as far as it listens.
-                let _ = state.sync(&mut client);
-                Err(refusal)
-            }
+            // Back to what the device had before this call, as far as it listens.
+            let _ = state.sync(&mut client);
         }
+        answer
     }
 
     fn take_back(&self, entries: &[u32]) -> Result<(), HostRefusal> {
@@ -380,13 +374,6 @@ impl HostInterrupts for MsixHost {
             state.held.remove(index);
         }
         let mut client = lock(&self.client);
-        match state.sync(&mut client) {
-            Ok(n) => {
-                self.messages
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => Err(self.answer(&client, &e)),
-        }
+        self.sync(&mut state, &mut client)
     }
 }

@@ -428,7 +428,6 @@ fn run_server<D>(
 where
     D: PciFunction + ImsEngine + 'static,
 {
-    let bar_size = bar0_size(&*device.lock().unwrap_or_else(PoisonError::into_inner));
     let engine = ImsBackend::new(device.clone()).map_err(ServeError::Device)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -446,6 +445,7 @@ where
             })
             .map_err(ServeError::Device)?
     };
+    let bar_size = bar0_size(&*device.lock().unwrap_or_else(PoisonError::into_inner));
     let mut backend = Backend {
         device,
         mem,
