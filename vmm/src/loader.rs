@@ -60,7 +60,7 @@ pub struct LoadedImage {
 const PT_LOAD: u32 = 1;
 
 /// The little-endian value of the `N` bytes at `at` (0 beyond `b`: callers check sizes).
-fn le_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+pub(crate) fn le_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     b.get(at..at.saturating_add(N))
         .and_then(|s| s.try_into().ok())
         .unwrap_or([0; N])

@@ -214,6 +214,24 @@ pub fn linux_sregs(base: kvm_sregs, area: u64, gdt: u64) -> kvm_sregs {
     s
 }
 
+/// The PVH entry state (xen/include/public/arch-x86/hvm/start_info.h): 32-bit protected
+/// mode with paging off, flat 4 GiB code (selector 0x10) and data (0x18) segments as
+/// [`write_linux_gdt`] describes them, the vCPU's TSS, `CR4` and `EFER` clear.
+#[must_use]
+pub fn pvh_sregs(base: kvm_sregs, area: u64, gdt: u64) -> kvm_sregs {
+    let mut s = linux_sregs(base, area, gdt);
+    s.cs.l = 0;
+    s.cs.db = 1;
+    for seg in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+        seg.db = 1;
+    }
+    s.cr0 = CR0_PE | CR0_ET;
+    s.cr3 = 0;
+    s.cr4 = 0;
+    s.efer = 0;
+    s
+}
+
 /// General registers at entry: `RIP` = entry, `RSP` 8 below the stack top (as after a
 /// call), `RDI` = boot information, `RSI` = vCPU index, interrupts off.
 #[must_use]

@@ -140,8 +140,15 @@ fn load(
 ) -> Result<Loaded, VmError> {
     let (saved, restored_from, entry, image_end) = match start {
         Start::Boot => match &config.machine.kernel {
-            Kernel::Elf(path) if crate::linux::is_bzimage(path) => {
-                let boot = crate::linux::load(
+            Kernel::Elf(path)
+                if crate::linux::is_bzimage(path) || crate::linux::has_pvh_note(path) =>
+            {
+                let load = if crate::linux::is_bzimage(path) {
+                    crate::linux::load
+                } else {
+                    crate::linux::load_pvh
+                };
+                let boot = load(
                     mem,
                     path,
                     config.machine.initrd.as_deref(),

@@ -184,7 +184,8 @@ pub(super) fn boot_vcpu(
     .map_err(fail("KVM_SET_MP_STATE"))
 }
 
-/// The BSP of a Linux boot in long mode at `startup_64` with `RSI` at the zero page,
+/// The BSP of a Linux boot in long mode at `startup_64` with `RSI` at the zero page, or
+/// (PVH) in 32-bit protected mode at the PVH entry with `RBX` at the start-info page;
 /// interrupts off; the other vCPUs keep KVM's reset state and wait for INIT/SIPI.
 pub(super) fn boot_linux_vcpu(
     vcpu: &VcpuFd,
@@ -204,11 +205,22 @@ pub(super) fn boot_linux_vcpu(
     };
     let sregs = vcpu.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
     let area = placement.cpu_area(0);
-    vcpu.set_sregs(&x86::linux_sregs(sregs, area, crate::linux::BOOT_GDT))
-        .map_err(fail("KVM_SET_SREGS"))?;
+    let sregs = if boot.pvh {
+        x86::pvh_sregs(sregs, area, crate::linux::BOOT_GDT)
+    } else {
+        x86::linux_sregs(sregs, area, crate::linux::BOOT_GDT)
+    };
+    vcpu.set_sregs(&sregs).map_err(fail("KVM_SET_SREGS"))?;
+    // The 64-bit boot protocol takes the zero page in RSI, PVH its start info in RBX.
+    let (rsi, rbx) = if boot.pvh {
+        (0, boot.zero_page)
+    } else {
+        (boot.zero_page, 0)
+    };
     let regs = kvm_bindings::kvm_regs {
         rip: boot.entry,
-        rsi: boot.zero_page,
+        rsi,
+        rbx,
         rsp: area + hypercall::boot::STACK_SIZE - 8,
         rflags: 0x2,
         ..Default::default()
