@@ -204,7 +204,7 @@ pub struct BenchArgs {
 /// Options of `vmm run`.
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
-    /// Image to boot: a 64-bit ELF (this VMM's boot protocol) or a Linux bzImage [default: the built-in test guest]
+    /// Image to boot: a 64-bit ELF (this VMM's boot protocol), a Linux bzImage, or a Linux vmlinux (through its PVH entry) [default: the built-in test guest]
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Number of vCPUs, 1 to 512 (above 255 the guest needs x2APIC) [default: 2]
@@ -236,7 +236,7 @@ pub struct RunArgs {
     /// [default: ims-slots with 2048 slots at 00:03.0, ims-queues with 64 contexts at 00:04.0]
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
-    /// Initial ramdisk for a Linux bzImage given with --kernel
+    /// Initial ramdisk for a Linux kernel (bzImage or vmlinux) given with --kernel
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// CPU features to hide from the guest, comma-separated: xsave, cx16, avx, avx2,
