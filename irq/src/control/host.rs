@@ -220,7 +220,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
                             let _ = host.source.take_back(entries);
                             host.handed.retain(|i| !entries.contains(i));
                         }
-                        self.unbind_all(*r, entries);
+                        self.unbind_all(entries);
                     }
                     return Err(e);
                 }
@@ -259,7 +259,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
             match bound {
                 Ok(copy) => copies.push((index, copy)),
                 Err(e) => {
-                    self.unbind_all(requester, entries.get(..k).unwrap_or_default());
+                    self.unbind_all(entries.get(..k).unwrap_or_default());
                     return Err(e);
                 }
             }
@@ -272,11 +272,11 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
                 Ok(true)
             }
             Err(HostRefusal::Refused(reason)) => {
-                self.unbind_all(requester, entries);
+                self.unbind_all(entries);
                 Err(BackingError::HostRefused { requester, reason })
             }
             Err(HostRefusal::Gone(_)) => {
-                self.unbind_all(requester, entries);
+                self.unbind_all(entries);
                 self.detach(hosts, requester);
                 Ok(false)
             }
@@ -296,7 +296,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
             host.handed.retain(|i| !entries.contains(i));
             let answer = host.source.take_back(&entries);
             if unbind {
-                self.unbind_all(requester, &entries);
+                self.unbind_all(&entries);
             }
             match answer {
                 Ok(()) => {}
@@ -308,9 +308,9 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
         }
     }
 
-    /// Unbinds `entries`, which the core bound for `requester`'s host (a freed entry's
-    /// binding is gone already).
-    fn unbind_all(&self, _requester: u16, entries: &[u32]) {
+    /// Unbinds `entries`, which the core bound for a host (a freed entry's binding is
+    /// gone already).
+    fn unbind_all(&self, entries: &[u32]) {
         let mut backing = self.lock();
         for &index in entries {
             backing.unbind_verified(index);
@@ -323,7 +323,7 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
             return 0;
         };
         let entries: Vec<u32> = host.handed.into_iter().collect();
-        self.unbind_all(requester, &entries);
+        self.unbind_all(&entries);
         hosts.gone += 1;
         entries.len()
     }

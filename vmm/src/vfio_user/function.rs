@@ -204,7 +204,9 @@ impl VfioUserFunction {
             .iter()
             .flat_map(|(bar, base, _)| {
                 let areas = mappable(&client, *bar);
-                areas.into_iter().map(move |(off, len)| (base + off, len))
+                areas
+                    .into_iter()
+                    .map(move |(off, len)| (base.saturating_add(off), len))
             })
             .collect()
     }
@@ -247,7 +249,10 @@ impl VfioUserFunction {
             let handles = mappable(&client, bar)
                 .into_iter()
                 .filter_map(|(off, len)| {
-                    mapper.map(base + off, len, file, region.offset + off).ok()
+                    // Offsets the device chose that overflow are not mapped (relayed).
+                    let gpa = base.checked_add(off)?;
+                    let at = region.offset.checked_add(off)?;
+                    mapper.map(gpa, len, file, at).ok()
                 })
                 .collect();
             self.mapped.push((bar, base, handles));
