@@ -56,10 +56,33 @@ pub fn fadt(dsdt: u64) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
-/// An empty DSDT (the devices Linux needs are found without AML).
+/// The DSDT: COM1 as an ACPI device (`PNP0501`) with its ports and its edge-triggered,
+/// active-high interrupt. There is no PIC, so legacy IRQs are not set up for an OS
+/// without being named: through this, Linux's ACPI PNP maps GSI 4 and its 8250 driver
+/// gets the interrupt it drives transmission with (printk's console polls instead, so
+/// without it a kernel prints but user space's console writes fail).
 #[must_use]
 pub fn dsdt() -> Vec<u8> {
-    header(*b"DSDT", 36, 2, *b"DSDT").as_slice().to_vec()
+    use acpi_tables::aml::{Device, EISAName, Interrupt, Name, ResourceTemplate, Scope, IO};
+    use acpi_tables::Aml;
+    use hypercall::platform::{COM1_IOAPIC_PIN, COM1_PORT};
+    let (hid, uid) = (EISAName::new("PNP0501"), 0u8);
+    let (io, irq) = (
+        IO::new(COM1_PORT, COM1_PORT, 1, 8),
+        Interrupt::new(true, true, false, false, COM1_IOAPIC_PIN),
+    );
+    let crs = ResourceTemplate::new(vec![&io, &irq]);
+    let names = [
+        Name::new("_HID".into(), &hid),
+        Name::new("_UID".into(), &uid),
+        Name::new("_CRS".into(), &crs),
+    ];
+    let com1 = Device::new("COM1".into(), names.iter().map(|n| n as &dyn Aml).collect());
+    let mut aml = Vec::new();
+    Scope::new("\\_SB_".into(), vec![&com1]).to_aml_bytes(&mut aml);
+    let mut t = header(*b"DSDT", 36, 2, *b"DSDT");
+    t.append_slice(&aml);
+    t.as_slice().to_vec()
 }
 
 /// The MADT: every vCPU's local APIC (x2APIC entries for IDs above 254), the IOAPIC, the
@@ -176,6 +199,15 @@ mod tests {
         let fadt = find(u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
         let dsdt = find(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(checksum_ok(dsdt));
+        // COM1's device, `PNP0501` in EISA encoding, its resources: I/O 0x3f8-0x3ff and
+        // an extended interrupt descriptor for GSI 4 (consumer, edge, active high).
+        let body = &dsdt[36..];
+        let has = |bytes: &[u8]| body.windows(bytes.len()).any(|w| w == bytes);
+        assert!(has(b"_SB_") && has(b"COM1") && has(b"_CRS") && has(b"_HID"));
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x05, 0x01]), "EISAID PNP0501");
+        assert!(has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]));
         let (last_at, last) = all.last().unwrap();
         assert!(last_at + last.len() as u64 <= TABLES_END);
     }
