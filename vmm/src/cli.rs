@@ -240,8 +240,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// CPU features to hide from the guest, comma-separated: xsave, cx16, avx, avx2,
-    /// avx512f, pcid, invpcid, tsc_deadline_timer, rdrand, rdseed, pdpe1gb, la57, umip
-    /// (a nested KVM may not emulate what some of them need) [default: none]
+    /// avx512f, pcid, invpcid, tsc_deadline_timer, rdrand, rdseed, pdpe1gb, la57, umip,
+    /// smap, popcnt, ssse3 (a nested KVM may not emulate what some of them need)
+    /// [default: none]
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub cpuid_hide: Vec<String>,
     /// The test harness (doorbell, mailbox, its requester IDs, fault injection): on or off

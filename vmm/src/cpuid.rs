@@ -50,6 +50,24 @@ pub const HIDEABLE: &[(&str, &[FeatureBit])] = &[
     ("pdpe1gb", &[(0x8000_0001, 3, 26)]),
     ("la57", &[(7, 2, 16)]),
     ("umip", &[(7, 2, 2)]),
+    // Without SMAP a kernel executes no `clac`/`stac`; without POPCNT it counts bits in
+    // software (both instructions the VMM can otherwise complete: `refused`).
+    ("smap", &[(7, 1, 20)]),
+    ("popcnt", &[(1, 2, 23)]),
+    // SSSE3 and what builds on it (SSE4.1, SSE4.2, AVX and up).
+    (
+        "ssse3",
+        &[
+            (1, 2, 9),
+            (1, 2, 19),
+            (1, 2, 20),
+            (1, 2, 28),
+            (1, 2, 12),
+            (1, 2, 29),
+            (7, 1, 5),
+            (7, 1, 16),
+        ],
+    ),
 ];
 
 /// The bits of a hideable feature, by name.
@@ -180,6 +198,25 @@ mod tests {
         assert_eq!(find(&entries, 7).ebx, 0, "AVX2 goes with XSAVE");
         assert!(entries.iter().all(|e| e.function != 0xd));
         assert!(hideable("xsave").is_some() && hideable("sse").is_none());
+    }
+
+    #[test]
+    fn smap_popcnt_and_ssse3_with_what_builds_on_it() {
+        let sse3 = 1;
+        let mut entries = vec![
+            leaf(
+                1,
+                0,
+                [0, (1 << 23) | (1 << 9) | (1 << 19) | (1 << 20) | sse3, 0],
+            ),
+            leaf(7, 0, [(1 << 20) | (1 << 7), 0, 0]),
+        ];
+        hide(
+            &mut entries,
+            &["smap".into(), "popcnt".into(), "ssse3".into()],
+        );
+        assert_eq!(find(&entries, 1).ecx, sse3);
+        assert_eq!(find(&entries, 7).ebx, 1 << 7, "SMEP stays");
     }
 
     #[test]

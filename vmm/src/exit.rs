@@ -55,6 +55,18 @@ pub enum Exit<'a> {
     InternalError,
     /// VM entry failed.
     FailEntry(u64),
+    /// A guest-debug exit (the `syscall` watch's breakpoint, `refused::syscall`).
+    Debug {
+        /// Guest RIP.
+        pc: u64,
+    },
+    /// A write of an MSR the VM's filter sends to user space (`IA32_LSTAR`).
+    WriteMsr {
+        /// MSR index.
+        index: u32,
+        /// The value written.
+        data: u64,
+    },
     /// Anything else.
     Other(String),
 }
@@ -73,6 +85,13 @@ impl<'a> From<VcpuExit<'a>> for Exit<'a> {
             VcpuExit::SystemEvent(kind, _) => Self::SystemEvent(kind),
             VcpuExit::InternalError => Self::InternalError,
             VcpuExit::FailEntry(reason, _) => Self::FailEntry(reason),
+            VcpuExit::Debug(arch) => Self::Debug { pc: arch.pc },
+            // KVM presets the exit's error to 0 (the write succeeds once the VMM has done
+            // it: `refused::syscall`).
+            VcpuExit::X86Wrmsr(exit) => Self::WriteMsr {
+                index: exit.index,
+                data: exit.data,
+            },
             other => Self::Other(format!("{other:?}")),
         }
     }
@@ -103,6 +122,21 @@ pub enum StopReason {
     Unhandled(String),
     /// `KVM_RUN` itself failed.
     RunFailed(String),
+}
+
+impl StopReason {
+    /// Whether KVM or the VMM could not go on with the vCPU (rather than the guest or the
+    /// VMM stopping it): such a stop ends the run at once.
+    #[must_use]
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::InternalError { .. }
+                | Self::FailEntry(_)
+                | Self::Unhandled(_)
+                | Self::RunFailed(_)
+        )
+    }
 }
 
 impl fmt::Display for StopReason {
@@ -139,6 +173,14 @@ pub enum Action {
     /// An `out` of 1 or 2 bytes to the hypercall doorbell: not a call. Complete the
     /// `out`, then answer `UNSUPPORTED` in RAX and change nothing else.
     NarrowHypercall,
+    /// KVM gave up (an internal error, often an instruction its emulator refused): the
+    /// vCPU loop sees whether the VMM completes the instruction (`refused`) and stops
+    /// the vCPU with [`StopReason::InternalError`] otherwise.
+    Refused,
+    /// A debug exit: the `syscall` watch decides whether it was its breakpoint.
+    Breakpoint(u64),
+    /// The guest wrote `IA32_LSTAR`: the VMM writes it and moves the `syscall` watch.
+    LstarWritten(u64),
     /// Stop this vCPU.
     Stop(StopReason),
 }
@@ -217,11 +259,13 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses, counters: &ExitCounters) -> Ac
         }
         Exit::Shutdown => return Action::Stop(StopReason::TripleFault { rip: None }),
         Exit::SystemEvent(kind) => return Action::Stop(StopReason::SystemEvent(kind)),
-        Exit::InternalError => {
-            return Action::Stop(StopReason::InternalError {
-                suberror: 0,
-                rip: None,
-            })
+        Exit::InternalError => return Action::Refused,
+        Exit::Debug { pc } => return Action::Breakpoint(pc),
+        Exit::WriteMsr { index, data } if index == crate::refused::syscall::MSR_LSTAR => {
+            return Action::LstarWritten(data)
+        }
+        Exit::WriteMsr { index, .. } => {
+            return Action::Stop(StopReason::Unhandled(format!("write of MSR {index:#x}")))
         }
         Exit::FailEntry(reason) => return Action::Stop(StopReason::FailEntry(reason)),
         Exit::Other(what) => return Action::Stop(StopReason::Unhandled(what)),
@@ -344,10 +388,10 @@ mod tests {
             handle_exit(Exit::SystemEvent(2), &buses, &c),
             Action::Stop(StopReason::SystemEvent(2))
         );
-        assert!(matches!(
+        assert_eq!(
             handle_exit(Exit::InternalError, &buses, &c),
-            Action::Stop(StopReason::InternalError { .. })
-        ));
+            Action::Refused
+        );
         assert_eq!(
             handle_exit(Exit::FailEntry(7), &buses, &c),
             Action::Stop(StopReason::FailEntry(7))

@@ -37,6 +37,7 @@ pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod pci;
+pub mod refused;
 pub mod report;
 pub mod routing;
 pub mod snapshot;

@@ -49,6 +49,15 @@ pub enum Outcome {
         /// Each vCPU and why it stopped.
         stopped: Vec<(u32, StopReason)>,
     },
+    /// A vCPU stopped because KVM or the VMM could not go on with it (an instruction KVM
+    /// could not emulate that the VMM does not complete, a failed entry, an exit the VMM
+    /// does not handle); the VM was stopped then, without waiting for the others.
+    VcpuFailed {
+        /// The vCPU.
+        index: u32,
+        /// Why it stopped.
+        reason: StopReason,
+    },
     /// The console showed the text the run was told to wait for (`--until`); the VM was
     /// stopped there. A success.
     ConsoleMatched {
@@ -113,6 +122,8 @@ pub struct RunReport {
     pub measurements: crate::harness::Measurements,
     /// Port and MMIO accesses that reached no device.
     pub unmapped_accesses: u64,
+    /// Instructions KVM gave up on that the VMM completed, by kind (`refused`).
+    pub completed_instructions: Vec<(crate::refused::Kind, u64)>,
     /// vCPUs that were still inside a device call when the VM stopped and did not leave
     /// it within the stop grace: the run ended without them (their threads finish on
     /// their own once the call returns).
@@ -139,7 +150,7 @@ impl RunReport {
                 .unwrap_or(EXIT_GUEST_MAX)
                 .min(EXIT_GUEST_MAX),
             Outcome::Watchdog { .. } => EXIT_WATCHDOG,
-            Outcome::VcpusStopped { .. } => EXIT_VCPUS_STOPPED,
+            Outcome::VcpusStopped { .. } | Outcome::VcpuFailed { .. } => EXIT_VCPUS_STOPPED,
             Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } => 0,
             Outcome::SnapshotFailed { .. } => EXIT_VMM_ERROR,
         }
@@ -173,6 +184,9 @@ impl RunReport {
             Outcome::VcpusStopped { stopped } => Some(format!(
                 "every vCPU stopped without a verdict: {}",
                 stops(stopped)
+            )),
+            Outcome::VcpuFailed { index, reason } => Some(format!(
+                "vCPU {index} stopped: {reason}; the VM was stopped"
             )),
             Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } => None,
             Outcome::SnapshotFailed { error } => Some(format!("cannot take the snapshot: {error}")),
@@ -366,6 +380,18 @@ impl RunReport {
                 self.unmapped_accesses
             )?;
         }
+        if !self.completed_instructions.is_empty() {
+            let kinds: Vec<String> = self
+                .completed_instructions
+                .iter()
+                .map(|(kind, n)| format!("{n} {kind}"))
+                .collect();
+            writeln!(
+                f,
+                "vmm: completed   {} (instructions KVM gave up on, completed by the VMM)",
+                kinds.join(", ")
+            )?;
+        }
         if self.stuck_vcpus > 0 {
             writeln!(
                 f,
@@ -386,6 +412,7 @@ impl RunReport {
             Outcome::GuestExit { code } => format!("FAIL (guest exit code {code})"),
             Outcome::Watchdog { .. } => "HUNG (stopped by the watchdog)".to_string(),
             Outcome::VcpusStopped { .. } => "CRASHED (every vCPU stopped)".to_string(),
+            Outcome::VcpuFailed { index, .. } => format!("CRASHED (vCPU {index} stopped)"),
             Outcome::Snapshotted { path } => {
                 format!("SNAPSHOT (written to {}; the VM stopped)", path.display())
             }
@@ -435,6 +462,7 @@ mod tests {
             measurements: crate::harness::Measurements::default(),
             storms: irq::storm::StormStats::default(),
             unmapped_accesses: 0,
+            completed_instructions: Vec::new(),
             stuck_vcpus: 0,
             console_errors: 0,
             elapsed: Duration::from_millis(420),

@@ -15,11 +15,13 @@ use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
 use kvm_ioctls::VcpuFd;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{handle_exit, Action, Buses, ExitCounters, StopReason};
+use crate::refused::syscall::{Hit, SyscallWatch};
+use crate::refused::{self, Completions};
 use devices::dispatch::HypercallHandler;
 
 /// What vCPU threads and devices tell the controller.
@@ -57,6 +59,10 @@ pub struct VcpuShared {
     pub hypercalls: Option<Arc<dyn HypercallHandler>>,
     /// Where hypercall times go while recording is on.
     pub hypercall_times: Arc<HypercallTimes>,
+    /// Guest RAM, to read an instruction KVM gave up on when its exit lacks the bytes.
+    pub memory: Option<GuestMemoryMmap>,
+    /// Instructions KVM gave up on that the VMM completed.
+    pub completions: Arc<Completions>,
 }
 
 /// The most samples [`HypercallTimes`] keeps between a start and a take.
@@ -152,6 +158,12 @@ pub fn spawn(vcpu: VcpuFd, index: u32, shared: VcpuShared) -> std::io::Result<Jo
 
 /// Runs until stopped (`Some(why)`) or paused (`None`).
 fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
+    let mut watch = SyscallWatch::default();
+    if let Err(e) = watch.resume(vcpu, shared.memory.as_ref()) {
+        return Some(StopReason::RunFailed(format!(
+            "arming the syscall watch: {e}"
+        )));
+    }
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return Some(StopReason::Requested);
@@ -181,6 +193,24 @@ fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
                     return Some(reason);
                 }
             }
+            Action::Refused => {
+                let done = refused::complete(vcpu, shared.memory.as_ref(), &shared.completions);
+                if let Err(suberror) = done {
+                    let rip = vcpu.get_regs().ok().map(|r| r.rip);
+                    return Some(StopReason::InternalError { suberror, rip });
+                }
+            }
+            Action::Breakpoint(pc) => match watch.hit(vcpu, shared.memory.as_ref(), pc) {
+                Ok(Some(Hit::Completed)) => shared.completions.count(refused::Kind::Syscall),
+                Ok(Some(Hit::Native | Hit::Passed)) => {}
+                Ok(None) => return Some(StopReason::Unhandled(format!("debug exit at {pc:#x}"))),
+                Err(e) => return Some(StopReason::RunFailed(format!("syscall watch: {e}"))),
+            },
+            Action::LstarWritten(value) => {
+                if let Err(e) = watch.lstar_written(vcpu, shared.memory.as_ref(), value) {
+                    return Some(StopReason::RunFailed(format!("IA32_LSTAR write: {e}")));
+                }
+            }
             Action::Stop(reason) => return Some(describe(vcpu, reason)),
         }
     }
@@ -204,22 +234,12 @@ fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared, call: bool) -> Result<u32, 
         .map_err(|e| StopReason::RunFailed(e.to_string()))
 }
 
-/// Adds what KVM can still tell about a stopped vCPU (RIP, internal-error detail).
+/// Adds what KVM can still tell about a stopped vCPU (its RIP).
 fn describe(vcpu: &mut VcpuFd, reason: StopReason) -> StopReason {
-    let rip = vcpu.get_regs().ok().map(|r| r.rip);
     match reason {
-        StopReason::TripleFault { .. } => StopReason::TripleFault { rip },
-        StopReason::InternalError { .. } => {
-            let run = vcpu.get_kvm_run();
-            let suberror = if run.exit_reason == KVM_EXIT_INTERNAL_ERROR {
-                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal`
-                // member of the exit union; it is plain data.
-                unsafe { run.__bindgen_anon_1.internal.suberror }
-            } else {
-                0
-            };
-            StopReason::InternalError { suberror, rip }
-        }
+        StopReason::TripleFault { .. } => StopReason::TripleFault {
+            rip: vcpu.get_regs().ok().map(|r| r.rip),
+        },
         other => other,
     }
 }

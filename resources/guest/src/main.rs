@@ -30,6 +30,7 @@ mod hostile;
 mod ims;
 mod mem;
 mod pci;
+mod refused;
 mod scenario;
 mod serial;
 mod vtd;
@@ -138,6 +139,11 @@ pub unsafe extern "C" fn isr_dispatch(vector: u64, frame: *const u64) {
     if vector < 32 {
         // SAFETY: the stub passes a pointer to the six words the CPU and stub pushed.
         let (error, rip) = unsafe { (*frame, *frame.add(1)) };
+        if vector == 3 {
+            // A trap: `rip` is past the int3; return there.
+            refused::on_breakpoint(rip);
+            return;
+        }
         serial::write_unlocked(format_args!(
             "\ncpu {}: exception {vector} (error code {error:#x}) at {rip:#x}\n",
             arch::cpu_index()

@@ -63,6 +63,8 @@ enum Scenario {
     Stuck,
     Harness,
     Pci,
+    Refused,
+    Unemulated,
     All,
     Fail,
     Hang,
@@ -144,6 +146,8 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "stuck" => Scenario::Stuck,
                     "harness" => Scenario::Harness,
                     "pci" => Scenario::Pci,
+                    "refused" => Scenario::Refused,
+                    "unemulated" => Scenario::Unemulated,
                         "all" => Scenario::All,
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
@@ -247,6 +251,7 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
         }
         Scenario::Harness => harness_presence(info),
         Scenario::Pci => pci_scan(),
+        Scenario::Unemulated => crate::refused::unemulated(),
         _ => {}
     }
     if info.mailbox().is_none() {
@@ -256,6 +261,9 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     let all = s == Scenario::All;
     if all || s == Scenario::Smoke {
         ok &= smoke(info);
+    }
+    if all || s == Scenario::Refused {
+        ok &= crate::refused::run();
     }
     let needs_harness = s != Scenario::Smoke;
     if needs_harness && arch::inl(HARNESS_PORT) != HARNESS_SIGNATURE {

@@ -6,6 +6,7 @@
 //! hypercall dispatcher.
 
 use super::*;
+use crate::refused::Completions;
 
 /// The UART as the bus and the VM share it.
 pub(super) type SharedSerial = Arc<Mutex<SerialConsole<Box<dyn Write + Send>>>>;
@@ -124,6 +125,9 @@ fn create_vm(kvm: &Kvm, config: &VmConfig) -> Result<Arc<VmFd>, VmError> {
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
     create_split_irqchip(&vm)?;
+    // Without it a kernel's `syscall` from user space is not watched; on a KVM that runs
+    // guest code natively nothing needs it.
+    crate::refused::syscall::install(&vm);
     if config.machine.cpus > X2APIC_ONLY_ABOVE {
         enable_x2apic_api(&vm)?;
     }
@@ -589,6 +593,8 @@ impl<'a> Vm<'a> {
             events,
             hypercalls: Some(dispatcher.clone()),
             hypercall_times,
+            memory: Some(mem.clone()),
+            completions: Arc::new(Completions::default()),
         };
         let vm = Self {
             config,

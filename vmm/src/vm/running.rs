@@ -89,6 +89,7 @@ impl Vm<'_> {
             stuck_vcpus,
             unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
                 + counters.unmapped_mmio.load(Ordering::Relaxed),
+            completed_instructions: self.shared.completions.counts(),
             console_errors: serial.errors() + flush_failed,
             elapsed: started.elapsed(),
         })
@@ -156,6 +157,9 @@ impl Vm<'_> {
                     }
                 }
                 Ok(VmEvent::VcpuStopped { index, reason }) => {
+                    if reason.is_failure() {
+                        return Outcome::VcpuFailed { index, reason };
+                    }
                     if !stopped.iter().any(|(i, _)| *i == index) {
                         stopped.push((index, reason));
                     }
