@@ -18,57 +18,41 @@ use vmm::{Kernel, MachineConfig, Outcome, RunConfig, VmConfig};
 
 const ENABLED: &str = "DMAR-IR: Enabled IRQ remapping in x2apic mode";
 
-/// The bzImage of Debian's `flavour` kernel (`cloud` or `generic`).
-fn debian_kernel(flavour: &str) -> PathBuf {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../resources/linux/fetch-kernel"
-    );
-    let out = Command::new(script)
-        .env("FLAVOUR", flavour)
+/// Runs `resources/linux/NAME` (with `args` and `env`) and returns the path it prints;
+/// fails the test, saying `failing` and the script's error output, when it fails.
+fn script(name: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)], failing: &str) -> PathBuf {
+    let path = format!("{}/../resources/linux/{name}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(&path)
+        .args(args)
+        .envs(env.iter().copied())
         .output()
-        .expect("resources/linux/fetch-kernel runs");
+        .unwrap_or_else(|e| panic!("resources/linux/{name} does not run: {e}"));
     assert!(
         out.status.success(),
-        "fetching Debian's {flavour} kernel failed (this test needs Debian's archive):\n{}",
+        "{failing}:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The bzImage of Debian's `flavour` kernel (`cloud` or `generic`).
+fn debian_kernel(flavour: &str) -> PathBuf {
+    let failing =
+        format!("fetching Debian's {flavour} kernel failed (this test needs Debian's archive)");
+    script("fetch-kernel", &[], &[("FLAVOUR", flavour)], &failing)
 }
 
 /// The `vmlinux` inside that bzImage.
 fn debian_vmlinux(flavour: &str) -> PathBuf {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../resources/linux/extract-vmlinux"
-    );
-    let out = Command::new(script)
-        .arg(debian_kernel(flavour))
-        .output()
-        .expect("resources/linux/extract-vmlinux runs");
-    assert!(
-        out.status.success(),
-        "extracting the {flavour} vmlinux failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    let bzimage = debian_kernel(flavour);
+    let failing = format!("extracting the {flavour} vmlinux failed");
+    script("extract-vmlinux", &[bzimage.as_os_str()], &[], &failing)
 }
 
 /// The initramfs with the reporting `/init`.
 fn initramfs() -> PathBuf {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../resources/linux/make-initramfs"
-    );
-    let out = Command::new(script)
-        .output()
-        .expect("resources/linux/make-initramfs runs");
-    assert!(
-        out.status.success(),
-        "building the initramfs failed (it needs gcc, Debian's static glibc and python3):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    let failing = "building the initramfs failed (it needs gcc, Debian's static glibc and python3)";
+    script("make-initramfs", &[], &[], failing)
 }
 
 /// Boots `kernel` until interrupt remapping is enabled and checks what the kernel said of
