@@ -144,6 +144,11 @@ pub unsafe extern "C" fn isr_dispatch(vector: u64, frame: *const u64) {
             refused::on_breakpoint(rip);
             return;
         }
+        if let (13, Some(resume)) = (vector, refused::on_general_protection()) {
+            // SAFETY: the frame's RIP word (the stub's pointer + 1) is where IRETQ returns.
+            unsafe { *(frame.add(1) as *mut u64) = resume };
+            return;
+        }
         serial::write_unlocked(format_args!(
             "\ncpu {}: exception {vector} (error code {error:#x}) at {rip:#x}\n",
             arch::cpu_index()

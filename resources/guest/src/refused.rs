@@ -17,6 +17,61 @@ pub fn on_breakpoint(rip: u64) {
     BREAKPOINT_RIP.store(rip, Ordering::Release);
 }
 
+/// Where a `#GP` the scenario provokes on purpose resumes (0: none expected).
+static GP_RESUME: AtomicU64 = AtomicU64::new(0);
+
+/// Called for vector 13: the RIP to return to instead of the faulting one, when the
+/// scenario expected this fault.
+pub fn on_general_protection() -> Option<u64> {
+    match GP_RESUME.swap(0, Ordering::AcqRel) {
+        0 => None,
+        resume => Some(resume),
+    }
+}
+
+const IA32_LSTAR: u32 = 0xc000_0082;
+
+/// `wrmsr IA32_LSTAR` (which a VMM may intercept): a canonical value reads back; a
+/// non-canonical one faults with `#GP` and changes nothing.
+fn lstar() -> bool {
+    let before = arch::rdmsr(IA32_LSTAR);
+    arch::wrmsr(IA32_LSTAR, 0xffff_ffff_8123_4560);
+    let written = arch::rdmsr(IA32_LSTAR);
+    let completed: u32;
+    // SAFETY: the #GP handler resumes at label 2 when GP_RESUME names it, skipping the
+    // `mov`; EDX:EAX = 0x0080_0000_0000_0000 is not canonical.
+    unsafe {
+        asm!(
+            "lea {r}, [rip + 2f]",
+            "mov [{resume}], {r}",
+            "xor eax, eax",
+            "wrmsr",
+            "mov eax, 1",
+            "2:",
+            r = out(reg) _,
+            resume = in(reg) GP_RESUME.as_ptr(),
+            in("ecx") IA32_LSTAR,
+            in("edx") 0x0080_0000u32,
+            out("eax") completed,
+            options(nostack)
+        );
+    }
+    GP_RESUME.store(0, Ordering::Release);
+    let after = arch::rdmsr(IA32_LSTAR);
+    arch::wrmsr(IA32_LSTAR, before);
+    println!(
+        "refused: wrmsr IA32_LSTAR read back {:#x}; a non-canonical value {} and left {:#x}",
+        written,
+        if completed == 0 {
+            "raised #GP"
+        } else {
+            "did not fault"
+        },
+        after
+    );
+    written == 0xffff_ffff_8123_4560 && completed == 0 && after == written
+}
+
 const AC: u64 = 1 << 18;
 const ZF: u64 = 1 << 6;
 
@@ -109,7 +164,7 @@ fn fwait() -> bool {
 
 /// The `refused` scenario (part of `all`).
 pub fn run() -> bool {
-    let ok = int3() & clac_stac() & popcnt() & fwait() & (rflags() & AC == 0);
+    let ok = int3() & clac_stac() & popcnt() & fwait() & lstar() & (rflags() & AC == 0);
     if !ok {
         println!("FAIL: refused: an instruction's result is wrong");
     }

@@ -147,25 +147,29 @@ impl SyscallWatch {
         vcpu: &VcpuFd,
         mem: Option<&GuestMemoryMmap>,
     ) -> Result<(), kvm_ioctls::Error> {
-        match read_msr(vcpu, MSR_LSTAR)? {
-            0 => Ok(()),
-            entry => self.arm(vcpu, mem, entry),
-        }
+        let entry = read_msr(vcpu, MSR_LSTAR)?;
+        self.arm(vcpu, mem, entry)
     }
 
     /// The guest wrote `IA32_LSTAR` (the filter stopped the write): writes it and moves
-    /// the watch there.
+    /// the watch there. A value KVM refuses (a non-canonical address) makes the guest's
+    /// `wrmsr` fault with `#GP`, as the CPU's would, and changes nothing.
     ///
     /// # Errors
     /// KVM's, writing the MSR or setting the breakpoints.
     pub fn lstar_written(
         &mut self,
-        vcpu: &VcpuFd,
+        vcpu: &mut VcpuFd,
         mem: Option<&GuestMemoryMmap>,
         value: u64,
     ) -> Result<(), kvm_ioctls::Error> {
         if vcpu.set_msrs(&msr(MSR_LSTAR, value)?)? != 1 {
-            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+            let run = vcpu.get_kvm_run();
+            if run.exit_reason == kvm_bindings::KVM_EXIT_X86_WRMSR {
+                // The exit's `msr` member: an `error` makes KVM inject #GP on the next entry.
+                run.__bindgen_anon_1.msr.error = 1;
+            }
+            return Ok(());
         }
         self.arm(vcpu, mem, value)
     }
@@ -176,8 +180,12 @@ impl SyscallWatch {
         mem: Option<&GuestMemoryMmap>,
         entry: u64,
     ) -> Result<(), kvm_ioctls::Error> {
-        self.entry = Some(entry);
-        self.fault_handler = mem.and_then(|mem| idt_handler(vcpu, mem, PF));
+        // LSTAR 0 is "no entry point" (a kernel clearing it, a guest without `syscall`).
+        self.entry = (entry != 0).then_some(entry);
+        self.fault_handler = self
+            .entry
+            .and(mem)
+            .and_then(|mem| idt_handler(vcpu, mem, PF));
         self.program(vcpu)
     }
 
