@@ -101,6 +101,8 @@ pub struct SyscallWatch {
     fault_handler: Option<u64>,
     verdict: Verdict,
     stepping: bool,
+    /// Whether the vCPU's debug state may hold breakpoints of the watch.
+    programmed: bool,
 }
 
 fn msr(index: u32, data: u64) -> Result<Msrs, kvm_ioctls::Error> {
@@ -141,14 +143,15 @@ impl SyscallWatch {
     /// pause), if any.
     ///
     /// # Errors
-    /// KVM's, reading the MSR or setting the breakpoints.
+    /// KVM's, reading the MSR. Where KVM cannot set breakpoints there is no watch.
     pub fn resume(
         &mut self,
         vcpu: &VcpuFd,
         mem: Option<&GuestMemoryMmap>,
     ) -> Result<(), kvm_ioctls::Error> {
         let entry = read_msr(vcpu, MSR_LSTAR)?;
-        self.arm(vcpu, mem, entry)
+        self.arm(vcpu, mem, entry);
+        Ok(())
     }
 
     /// The guest wrote `IA32_LSTAR` (the filter stopped the write): writes it and moves
@@ -156,7 +159,7 @@ impl SyscallWatch {
     /// `wrmsr` fault with `#GP`, as the CPU's would, and changes nothing.
     ///
     /// # Errors
-    /// KVM's, writing the MSR or setting the breakpoints.
+    /// KVM's, writing the MSR.
     pub fn lstar_written(
         &mut self,
         vcpu: &mut VcpuFd,
@@ -171,29 +174,32 @@ impl SyscallWatch {
             }
             return Ok(());
         }
-        self.arm(vcpu, mem, value)
+        self.arm(vcpu, mem, value);
+        Ok(())
     }
 
-    fn arm(
-        &mut self,
-        vcpu: &VcpuFd,
-        mem: Option<&GuestMemoryMmap>,
-        entry: u64,
-    ) -> Result<(), kvm_ioctls::Error> {
+    fn arm(&mut self, vcpu: &VcpuFd, mem: Option<&GuestMemoryMmap>, entry: u64) {
         // LSTAR 0 is "no entry point" (a kernel clearing it, a guest without `syscall`).
         self.entry = (entry != 0).then_some(entry);
         self.fault_handler = self
             .entry
             .and(mem)
             .and_then(|mem| idt_handler(vcpu, mem, PF));
-        self.program(vcpu)
+        if self.program(vcpu).is_err() {
+            // A KVM without guest debugging: no watch (its `syscall` is then the guest's
+            // and KVM's business, as without this module).
+            self.verdict = Verdict::Native;
+            self.programmed = false;
+        }
     }
 
-    /// Sets the vCPU's debug state for the watch's state.
-    fn program(&self, vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    /// Sets the vCPU's debug state for the watch's state (no ioctl when there is nothing
+    /// to set or clear).
+    fn program(&mut self, vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
         let mut debug = kvm_guest_debug::default();
         if self.stepping {
             debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+            self.programmed = true;
             return vcpu.set_guest_debug(&debug);
         }
         let mut dr7 = 0;
@@ -207,10 +213,14 @@ impl SyscallWatch {
             debug.arch.debugreg[1] = handler;
             dr7 |= DR7_BP1;
         }
+        if dr7 == 0 && !self.programmed {
+            return Ok(());
+        }
         if dr7 != 0 {
             debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
             debug.arch.debugreg[7] = dr7;
         }
+        self.programmed = dr7 != 0;
         vcpu.set_guest_debug(&debug)
     }
 
