@@ -276,8 +276,11 @@ impl SyscallWatch {
         vcpu: &VcpuFd,
         mem: &GuestMemoryMmap,
     ) -> Result<Option<Frame>, kvm_ioctls::Error> {
-        let (regs, sregs) = (vcpu.get_regs()?, vcpu.get_sregs()?);
-        let words = read_virtual(vcpu, mem, regs.rsp, 48);
+        // Most page faults are not at the entry: CR2 tells without reading the frame.
+        if self.entry != Some(vcpu.get_sregs()?.cr2) {
+            return Ok(None);
+        }
+        let words = read_virtual(vcpu, mem, vcpu.get_regs()?.rsp, 48);
         // [error code, RIP, CS, RFLAGS, RSP, SS]
         let (Some(rip), Some(cs), Some(rflags), Some(rsp)) = (
             u64_at(&words, 8),
@@ -287,7 +290,7 @@ impl SyscallWatch {
         ) else {
             return Ok(None);
         };
-        let ours = self.entry == Some(rip) && sregs.cr2 == rip && cs & 3 == 3;
+        let ours = self.entry == Some(rip) && cs & 3 == 3;
         Ok(ours.then_some(Frame { rsp, rflags }))
     }
 
