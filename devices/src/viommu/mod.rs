@@ -29,9 +29,11 @@
 //! table takes effect when it invalidates the entry.
 
 pub mod descriptor;
+pub mod dma;
 pub mod dmar;
 mod queue;
 pub mod regs;
+pub mod walk;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
@@ -48,7 +50,10 @@ use vm_memory::GuestAddress;
 use crate::memory::{write_obj, SharedRam};
 
 use crate::bus::BusDevice;
+use descriptor::{ContextScope, IotlbScope};
+use dma::{DmaFaultSink, DmaUnit};
 use regs::{event, fsts, global};
+use walk::DmaFault;
 
 /// Where the unit's registers are (QEMU's intel-iommu uses the same base).
 pub const DEFAULT_BASE: u64 = 0xfed9_0000;
@@ -58,8 +63,21 @@ pub const DEFAULT_BASE: u64 = 0xfed9_0000;
 pub struct VtdSnapshot {
     /// Global status.
     pub gsts: u32,
-    /// Root table address (stored only).
+    /// Root table address as last written.
     pub rtaddr: u64,
+    /// The root table address latched by `GCMD.SRTP` (translation uses it while
+    /// `GSTS.TES` is set).
+    #[serde(default)]
+    pub root: u64,
+    /// The context command register (CAIG of the last invalidation).
+    #[serde(default)]
+    pub ccmd: u64,
+    /// The invalidate address register (IVA).
+    #[serde(default)]
+    pub iva: u64,
+    /// The IOTLB invalidate register (IAIG of the last invalidation).
+    #[serde(default)]
+    pub iotlb: u64,
     /// IRTA as last written.
     pub irta: u64,
     /// The latched table: base, entries, EIM.
@@ -149,8 +167,10 @@ pub struct VtdCounters {
     pub events: u64,
     /// Register accesses of a wrong size or offset, and writes to read-only fields.
     pub bad_accesses: u64,
-    /// Commands this model does not offer (GCMD.TE).
+    /// Commands this model does not offer (GCMD.SFL, GCMD.WBF).
     pub unsupported: u64,
+    /// DMA faults recorded in a fault recording register (also in `faults_recorded`).
+    pub dma_faults_recorded: u64,
 }
 
 /// The remapping unit.
@@ -162,6 +182,7 @@ pub struct Vtd {
     core_size: u32,
     mem: SharedRam,
     events: Arc<dyn MsiInjector>,
+    dma: Arc<DmaUnit>,
 }
 
 impl std::fmt::Debug for Vtd {
@@ -213,9 +234,18 @@ impl Vtd {
             counters: VtdCounters::default(),
             core_size: core.capacity(0).table_size,
             core,
+            dma: DmaUnit::new(mem.clone()),
             mem,
             events,
         }
+    }
+
+    /// The unit's DMA remapping: devices' memory is made from it
+    /// ([`DmaUnit::memory`]), and its faults come back through [`WeakVtd`]
+    /// ([`DmaUnit::set_fault_sink`]).
+    #[must_use]
+    pub fn dma(&self) -> Arc<DmaUnit> {
+        self.dma.clone()
     }
 
     /// The unit's state, for a snapshot ([`Vtd::restore`] takes it back).
@@ -236,11 +266,15 @@ impl Vtd {
         state: VtdSnapshot,
     ) -> Result<Self, VtdRestoreError> {
         state.validate()?;
+        let dma = DmaUnit::new(mem.clone());
+        dma.set_root(state.root);
+        dma.set_enabled(state.gsts & global::TE != 0);
         Ok(Self {
             state,
             counters: VtdCounters::default(),
             core_size: core.capacity(0).table_size,
             core,
+            dma,
             mem,
             events,
         })
@@ -283,12 +317,13 @@ impl Vtd {
             regs::CAP => regs::CAP_VALUE,
             regs::ECAP => regs::ECAP_VALUE,
             regs::RTADDR => s.rtaddr,
-            regs::CCMD => 0,
+            regs::CCMD => s.ccmd,
             regs::IQH => s.iqh,
             regs::IQT => s.iqt,
             regs::IQA => s.iqa,
             regs::IRTA => s.irta,
-            o if (regs::IOTLB..regs::IOTLB + 16).contains(&o) => 0,
+            regs::IOTLB => s.iva,
+            regs::IOTLB_REG => s.iotlb,
             o if (regs::FRCD..regs::FRCD + 16 * regs::NFR as u64).contains(&o) => {
                 let record = ((o - regs::FRCD) / 16) as usize;
                 let half = ((o - regs::FRCD) % 16 / 8) as usize;
@@ -389,7 +424,9 @@ impl Vtd {
         let s = &mut self.state;
         match offset {
             regs::RTADDR => s.rtaddr = value & !0x3ff,
-            regs::CCMD | regs::IOTLB | 0x308 => {}
+            regs::CCMD => self.context_command(value),
+            regs::IOTLB => s.iva = value & !(0x3f << 6),
+            regs::IOTLB_REG => self.iotlb_command(value),
             regs::IQT => {
                 s.iqt = value & 0x7_fff0;
                 self.process_queue();
@@ -423,11 +460,18 @@ impl Vtd {
     /// GCMD: one command at a time, the other bits restating the current state.
     fn command(&mut self, value: u32) {
         let s = &mut self.state;
-        if value & global::TE != 0 {
+        if value & (global::SFL | global::WBF) != 0 {
             self.counters.unsupported += 1;
         }
         if value & global::SRTP != 0 {
+            s.root = s.rtaddr;
             s.gsts |= global::SRTP;
+            self.dma.set_root(s.root);
+        }
+        let te = value & global::TE != 0;
+        if te != (s.gsts & global::TE != 0) {
+            s.gsts ^= global::TE;
+            self.dma.set_enabled(te);
         }
         if value & global::SIRTP != 0 {
             let entries = 2u32 << (s.irta & regs::irta::S_MASK);
@@ -499,31 +543,109 @@ impl Vtd {
         if self.state.gsts & global::IRE == 0 {
             return;
         }
+        let index = u64::from(fault.index.unwrap_or(0) & 0xffff);
+        self.record(
+            index << 48,
+            u64::from(fault.source_id) | (u64::from(fault.reason.code()) << 32),
+        );
+    }
+
+    /// Records a DMA fault: the page address, the requester, the reason and the kind of
+    /// request (T: 1 for a read).
+    pub fn record_dma_fault(&mut self, fault: &DmaFault) {
+        let read = if fault.write { 0 } else { 1 << 62 };
+        if self.record(
+            fault.address & !0xfff,
+            u64::from(fault.source_id) | (u64::from(fault.reason.code()) << 32) | read,
+        ) {
+            self.counters.dma_faults_recorded += 1;
+        }
+    }
+
+    /// Records a fault (`high` without F) in the next free fault recording register;
+    /// false if every one was full (PFO).
+    fn record(&mut self, low: u64, high: u64) -> bool {
         let was = self.anything_pending();
         let s = &mut self.state;
         let free = (0..regs::NFR)
             .map(|k| (s.next_frcd + k) % regs::NFR)
             .find(|&i| s.frcd.get(i).is_some_and(|r| r[1] >> 63 == 0));
-        match free.and_then(|i| s.frcd.get_mut(i).map(|r| (i, r))) {
+        let recorded = match free.and_then(|i| s.frcd.get_mut(i).map(|r| (i, r))) {
             Some((i, record)) => {
-                let index = u64::from(fault.index.unwrap_or(0) & 0xffff);
-                *record = [
-                    index << 48,
-                    u64::from(fault.source_id) | (u64::from(fault.reason.code()) << 32) | (1 << 63),
-                ];
+                *record = [low, high | (1 << 63)];
                 if !was {
                     s.fsts = (s.fsts & !(0xff << fsts::FRI_SHIFT))
                         | (u32::try_from(i).unwrap_or(0) << fsts::FRI_SHIFT);
                 }
                 s.next_frcd = (i + 1) % regs::NFR;
                 self.counters.faults_recorded += 1;
+                true
             }
             None => {
                 s.fsts |= fsts::PFO;
                 self.counters.faults_overflowed += 1;
+                false
             }
-        }
+        };
         self.fault_event(was);
+        recorded
+    }
+
+    /// CCMD: with ICC set, invalidates the context cache at the requested granularity
+    /// and reports it in CAIG (0 for a granularity of 0: nothing done).
+    fn context_command(&mut self, value: u64) {
+        use regs::ccmd;
+        if value & ccmd::ICC == 0 {
+            self.state.ccmd = value;
+            return;
+        }
+        let did = u16::try_from(value & 0xffff).unwrap_or(0);
+        let scope = match (value >> ccmd::CIRG_SHIFT) & 3 {
+            1 => Some(ContextScope::Global),
+            2 => Some(ContextScope::Domain(did)),
+            3 => Some(ContextScope::Device {
+                did,
+                sid: u16::try_from((value >> ccmd::SID_SHIFT) & 0xffff).unwrap_or(0),
+                fm: u8::try_from((value >> ccmd::FM_SHIFT) & 3).unwrap_or(0),
+            }),
+            _ => None,
+        };
+        let actual = scope.map_or(0, |s| {
+            self.dma.invalidate_context(s);
+            s.code()
+        });
+        self.state.ccmd = (value & !ccmd::ICC & !(3 << ccmd::CAIG_SHIFT)) | (actual << ccmd::CAIG_SHIFT);
+    }
+
+    /// The IOTLB invalidate register: with IVT set, invalidates at the requested
+    /// granularity (page-selective takes IVA's address and mask) and reports it in IAIG
+    /// (0: a granularity of 0 or a mask beyond MAMV, nothing done).
+    fn iotlb_command(&mut self, value: u64) {
+        use regs::iotlb;
+        if value & iotlb::IVT == 0 {
+            self.state.iotlb = value;
+            return;
+        }
+        let did = u16::try_from((value >> iotlb::DID_SHIFT) & 0xffff).unwrap_or(0);
+        let iva = self.state.iva;
+        let am = iva & iotlb::AM_MASK;
+        let scope = match (value >> iotlb::IIRG_SHIFT) & 3 {
+            1 => Some(IotlbScope::Global),
+            2 => Some(IotlbScope::Domain(did)),
+            3 if am <= regs::cap::MAMV => Some(IotlbScope::Page {
+                did,
+                address: iva & !0xfff,
+                am: u8::try_from(am).unwrap_or(0),
+                hint: iva & (1 << 6) != 0,
+            }),
+            _ => None,
+        };
+        let actual = scope.map_or(0, |s| {
+            self.dma.invalidate_iotlb(s);
+            s.code()
+        });
+        self.state.iotlb =
+            (value & !iotlb::IVT & !(3 << iotlb::IAIG_SHIFT)) | (actual << iotlb::IAIG_SHIFT);
     }
 
     /// Writes an entry the core received from another front end (the IRTE hypercall) into
@@ -630,6 +752,12 @@ impl WeakVtd {
 impl FaultSink for WeakVtd {
     fn fault(&self, fault: &Fault) {
         self.with(|unit| unit.record_fault(fault));
+    }
+}
+
+impl DmaFaultSink for WeakVtd {
+    fn dma_fault(&self, fault: &DmaFault) {
+        self.with(|unit| unit.record_dma_fault(fault));
     }
 }
 

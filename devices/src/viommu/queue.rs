@@ -59,7 +59,15 @@ impl Vtd {
             return false;
         };
         match descriptor {
-            Descriptor::ContextCache | Descriptor::Iotlb | Descriptor::DeviceTlb => true,
+            Descriptor::ContextCache(scope) => {
+                self.dma.invalidate_context(scope);
+                true
+            }
+            Descriptor::Iotlb(scope) => {
+                self.dma.invalidate_iotlb(scope);
+                true
+            }
+            Descriptor::DeviceTlb => true,
             Descriptor::InterruptEntryCache(scope) => {
                 let Some((_, entries, _)) = self.state.table else {
                     return true;

@@ -1,5 +1,5 @@
-//! VT-d register offsets and bits (VT-d spec, chapter 11), for the interrupt-remapping
-//! subset this model implements.
+//! VT-d register offsets and bits (VT-d spec, chapter 11), for the subset this model
+//! implements: interrupt remapping and legacy-mode DMA remapping.
 
 /// Version (32): major in bits 7:4, minor in 3:0.
 pub const VER: u64 = 0x000;
@@ -11,9 +11,9 @@ pub const ECAP: u64 = 0x010;
 pub const GCMD: u64 = 0x018;
 /// Global status (32, read-only).
 pub const GSTS: u64 = 0x01c;
-/// Root table address (64): stored, not used (no DMA translation).
+/// Root table address (64): latched by `GCMD.SRTP`.
 pub const RTADDR: u64 = 0x020;
-/// Context command (64): accepted, no effect.
+/// Context command (64): register-based context-cache invalidation.
 pub const CCMD: u64 = 0x028;
 /// Fault status (32).
 pub const FSTS: u64 = 0x034;
@@ -47,14 +47,17 @@ pub const IRTA: u64 = 0x0b8;
 pub const FRCD: u64 = 0x200;
 /// Number of fault recording registers.
 pub const NFR: usize = 8;
-/// IOTLB registers (ECAP.IRO): read as zero, writes ignored.
+/// IOTLB registers (ECAP.IRO): the invalidate address register (IVA) here, the IOTLB
+/// invalidate register at `IOTLB + 8`.
 pub const IOTLB: u64 = 0x300;
+/// The IOTLB invalidate register.
+pub const IOTLB_REG: u64 = IOTLB + 8;
 /// Size of the register page.
 pub const SIZE: u64 = 0x1000;
 
 /// GCMD / GSTS bits (command bit in GCMD, status bit at the same position in GSTS).
 pub mod global {
-    /// Translation enable (DMA remapping: not offered, never set).
+    /// Translation enable (DMA remapping).
     pub const TE: u32 = 1 << 31;
     /// Set root table pointer.
     pub const SRTP: u32 = 1 << 30;
@@ -104,22 +107,83 @@ pub mod ecap {
     pub const IR: u64 = 1 << 3;
     /// Extended interrupt mode (x2APIC destinations).
     pub const EIM: u64 = 1 << 4;
+    /// Page-walk coherency: the unit snoops the paging structures (no cache flushes).
+    pub const C: u64 = 1 << 0;
+    /// Pass-through (context entries with TT = 2).
+    pub const PT: u64 = 1 << 6;
     /// IOTLB register offset, in 16-byte units, bits 17:8.
     pub const IRO_SHIFT: u32 = 8;
     /// Maximum handle mask value, bits 23:20.
     pub const MHMV_SHIFT: u32 = 20;
 }
 
-/// The capability register: 256 domains (ND 2), 48-bit 4-level SAGAW and MGAW 47 (values
-/// Linux requires of every remapping unit even when it uses it only for interrupt
-/// remapping; GCMD.TE is not honoured), fault records at [`FRCD`], [`NFR`] of them.
-pub const CAP_VALUE: u64 =
-    2 | (1 << (8 + 2)) | (47 << 16) | ((FRCD / 16) << 24) | (((NFR as u64) - 1) << 40);
+/// CAP fields.
+pub mod cap {
+    /// Number of domains: 2 = 256 (8-bit domain IDs).
+    pub const ND: u64 = 2;
+    /// Supported adjusted guest address widths, bits 12:8: 39-bit 3-level (bit 1) and
+    /// 48-bit 4-level (bit 2).
+    pub const SAGAW: u64 = (1 << 1) | (1 << 2);
+    /// Maximum guest address width minus one, bits 21:16.
+    pub const MGAW: u64 = 47;
+    /// Second-level large pages, bits 37:34: 2 MiB (bit 0) and 1 GiB (bit 1).
+    pub const SLLPS: u64 = 0b11;
+    /// Page-selective invalidation (bit 39).
+    pub const PSI: u64 = 1 << 39;
+    /// Maximum address mask value of a page-selective invalidation, bits 53:48.
+    pub const MAMV: u64 = 18;
+}
 
-/// The extended capability register: QI, IR, EIM, IOTLB registers at [`IOTLB`], handle
-/// masks up to 15.
-pub const ECAP_VALUE: u64 =
-    ecap::QI | ecap::IR | ecap::EIM | ((IOTLB / 16) << ecap::IRO_SHIFT) | (0xf << ecap::MHMV_SHIFT);
+/// The capability register: 256 domains, 39-bit 3-level and 48-bit 4-level second-level
+/// tables (SAGAW), 48-bit guest addresses (MGAW 47), 2 MiB and 1 GiB pages, page-selective
+/// IOTLB invalidation up to 2^18 pages, fault records at [`FRCD`], [`NFR`] of them.
+/// Caching mode is clear: non-present entries are never cached.
+pub const CAP_VALUE: u64 = cap::ND
+    | (cap::SAGAW << 8)
+    | (cap::MGAW << 16)
+    | ((FRCD / 16) << 24)
+    | (cap::SLLPS << 34)
+    | cap::PSI
+    | (((NFR as u64) - 1) << 40)
+    | (cap::MAMV << 48);
+
+/// The extended capability register: coherent page walks, QI, IR, EIM, pass-through,
+/// IOTLB registers at [`IOTLB`], handle masks up to 15.
+pub const ECAP_VALUE: u64 = ecap::C
+    | ecap::QI
+    | ecap::IR
+    | ecap::EIM
+    | ecap::PT
+    | ((IOTLB / 16) << ecap::IRO_SHIFT)
+    | (0xf << ecap::MHMV_SHIFT);
+
+/// CCMD fields.
+pub mod ccmd {
+    /// Invalidate context cache (set by software, cleared when done).
+    pub const ICC: u64 = 1 << 63;
+    /// Requested granularity, bits 62:61 (1 global, 2 domain, 3 device).
+    pub const CIRG_SHIFT: u32 = 61;
+    /// Actual granularity, bits 60:59.
+    pub const CAIG_SHIFT: u32 = 59;
+    /// Function mask, bits 33:32.
+    pub const FM_SHIFT: u32 = 32;
+    /// Source ID, bits 31:16.
+    pub const SID_SHIFT: u32 = 16;
+}
+
+/// IOTLB invalidate register fields (and IVA's).
+pub mod iotlb {
+    /// Invalidate IOTLB (set by software, cleared when done).
+    pub const IVT: u64 = 1 << 63;
+    /// Requested granularity, bits 61:60 (1 global, 2 domain, 3 page).
+    pub const IIRG_SHIFT: u32 = 60;
+    /// Actual granularity, bits 58:57.
+    pub const IAIG_SHIFT: u32 = 57;
+    /// Domain ID, bits 47:32.
+    pub const DID_SHIFT: u32 = 32;
+    /// IVA: address mask, bits 5:0.
+    pub const AM_MASK: u64 = 0x3f;
+}
 
 /// Version 1.0.
 pub const VER_VALUE: u32 = 0x10;
@@ -149,12 +213,20 @@ pub mod iqa {
 /// Invalidation descriptor types (bits 3:0 of the first quadword; 11:9 hold type bits
 /// 6:4 and must be 0 for these).
 pub mod desc {
-    /// Context-cache invalidate (accepted, no effect).
+    /// Context-cache invalidate: bits 5:4 G (1 global, 2 domain, 3 device), 31:16 DID,
+    /// 47:32 SID, 49:48 FM.
     pub const CONTEXT: u64 = 0x1;
-    /// IOTLB invalidate (accepted, no effect).
+    /// IOTLB invalidate: bits 5:4 G (1 global, 2 domain, 3 page), 6 DW, 7 DR, 31:16 DID;
+    /// second quadword: 5:0 AM, 6 IH, 63:12 ADDR.
     pub const IOTLB: u64 = 0x2;
-    /// Device-TLB invalidate (accepted, no effect).
+    /// Device-TLB invalidate (accepted, no effect: the unit offers no device TLBs).
     pub const DEVICE_TLB: u64 = 0x3;
+    /// Context-cache reserved bits of the first quadword (8:6, 15:12, 63:50).
+    pub const CONTEXT_RESERVED: u64 = (0x7 << 6) | (0xf << 12) | (0x3fff << 50);
+    /// IOTLB reserved bits of the first quadword (8, 15:12, 63:32).
+    pub const IOTLB_RESERVED: u64 = (1 << 8) | (0xf << 12) | (0xffff_ffff << 32);
+    /// IOTLB reserved bits of the second quadword (11:7).
+    pub const IOTLB_HIGH_RESERVED: u64 = 0x1f << 7;
     /// Interrupt entry cache invalidate: bit 4 G (1 index-selective), 31:27 IM (index
     /// mask), 47:32 IIDX (index).
     pub const IEC: u64 = 0x4;

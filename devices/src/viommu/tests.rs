@@ -14,6 +14,8 @@ use irq::remap::FaultReason;
 use irq::Irqchip;
 use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
 
+mod dma;
+
 use super::regs::desc;
 use super::testing::FakeDriver;
 use super::*;
@@ -56,6 +58,7 @@ impl Rig {
         )));
         path.set_fault_sink(WeakVtd::to(&unit));
         core.set_mirror(WeakVtd::to(&unit));
+        unit.lock().unwrap().dma().set_fault_sink(WeakVtd::to(&unit));
         path.set_compat_injector(injected.clone());
         let driver = FakeDriver::new(VtdDevice(unit.clone()), mem, TABLE, QUEUE, STATUS);
         Self {
