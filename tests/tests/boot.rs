@@ -94,12 +94,13 @@ fn every_scenario_in_xapic_mode() {
     // smoke 4 + msi 4 x 20 + remap 256 + retarget 2 x 300 + external source 2 x (300 + 1)
     // + sid 1 + hypercall 5 + 5 + 4 + 1
     // + ims 4096 + 1 + 96 slot completions, 28 queue completions and 23 admin interrupts
+    // + dma 6 completions and 2 fault events
     // + vtd (remapped, fault events and the IOAPIC's pins).
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
     let vtd = vtd_interrupts(&console);
     assert_eq!(
         total,
-        4 + 80 + 256 + 600 + 602 + 1 + 15 + 4244 + vtd,
+        4 + 80 + 256 + 600 + 602 + 1 + 15 + 4244 + 8 + vtd,
         "{report}"
     );
     assert!(
@@ -115,18 +116,20 @@ fn default_scenario_runs_every_scenario() {
     // smoke 2 + msi 2 x 50 + remap 256 + retarget 2 x 300 + external source 2 x (300 + 1)
     // + sid 1 + hypercall 5 + 5 + 2 + 1
     // + ims 4096 + 1 + 96 slot completions, 28 queue completions and 23 admin interrupts
+    // + dma 6 completions and 2 fault events
     // + vtd (remapped, fault events and the IOAPIC's pins).
     let total: u64 = report.interrupts.as_ref().unwrap().iter().sum();
     let vtd = vtd_interrupts(&console);
     assert_eq!(
         total,
-        2 + 100 + 256 + 600 + 602 + 1 + 13 + 4244 + vtd,
+        2 + 100 + 256 + 600 + 602 + 1 + 13 + 4244 + 8 + vtd,
         "{report}"
     );
     // Two of the not-present faults are an external source's writes while its entry was
     // absent.
     let faults = vec![(0x21, 1), (0x22, 6), (0x24, 1), (0x25, 2), (0x26, 13)];
     assert_eq!(report.remap_faults, faults, "{report}");
+    assert_eq!(report.dma_faults, vec![(0x5, 1), (0x6, 1)], "{report}");
     for line in [
         "smoke:",
         "msi:",
@@ -139,6 +142,7 @@ fn default_scenario_runs_every_scenario() {
         "hypercall: PASS",
         "ims-slots: 2048 slots over 2 vCPUs",
         "ims-queues: 28 completions, all counted",
+        "dma: 6 completions, 2 DMA faults, translation off; PASS",
         "vtd: a malformed descriptor stopped the queue (IQE) until repaired; PASS",
     ] {
         assert!(console.contains(line), "{line} missing:\n{console}");

@@ -9,11 +9,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::ims::queues::{ImsQueues, QueuesSnapshot};
-use devices::ims::slots::{ImsSlots, SlotsSnapshot};
+use devices::ims::slots::{ImsSlots, RaiseSlot, SlotsSnapshot};
 use devices::ims::snapshot::RestoreError;
 use devices::ims::{ImsBackend, ImsEngine};
 use devices::memory::DefaultMemory;
 use devices::pci::{self, ConfigIo, Ecam, IoWindow, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
+use devices::viommu::dma::{DmaMemory, DmaUnit};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use irq::CoreHandle;
 use serde::{Deserialize, Serialize};
@@ -31,18 +32,18 @@ const LOOP_TIMEOUT_MS: i32 = 50;
 
 #[derive(Debug)]
 enum Model {
-    Slots(Arc<Mutex<ImsSlots>>),
-    Queues(Arc<Mutex<ImsQueues>>),
+    Slots(Arc<Mutex<ImsSlots<DmaMemory>>>),
+    Queues(Arc<Mutex<ImsQueues<DmaMemory>>>),
     /// A device another process serves (no backend here: its work is there).
     VfioUser(Arc<Mutex<VfioUserFunction>>),
 }
 
 impl Model {
-    fn slots(dev: ImsSlots) -> Self {
+    fn slots(dev: ImsSlots<DmaMemory>) -> Self {
         Self::Slots(Arc::new(Mutex::new(dev)))
     }
 
-    fn queues(dev: ImsQueues) -> Self {
+    fn queues(dev: ImsQueues<DmaMemory>) -> Self {
         Self::Queues(Arc::new(Mutex::new(dev)))
     }
 
@@ -213,7 +214,7 @@ impl PciDevices {
     pub fn new(
         devices: &[DeviceConfig],
         core: &CoreHandle,
-        mem: &DefaultMemory,
+        mem: (&DefaultMemory, &Arc<DmaUnit>),
         intx: &IntxSink,
         mapper: Option<&Arc<dyn BarMapper>>,
     ) -> Result<Self, PciError> {
@@ -231,7 +232,7 @@ impl PciDevices {
         devices: &[DeviceConfig],
         snap: &PciSnapshot,
         core: &CoreHandle,
-        mem: &DefaultMemory,
+        mem: (&DefaultMemory, &Arc<DmaUnit>),
         intx: &IntxSink,
     ) -> Result<Self, PciError> {
         let refuse = |device: String, why: &'static str| PciError::Restore {
@@ -257,16 +258,19 @@ impl PciDevices {
         devices: Vec<(DeviceConfig, Origin<'_>)>,
         root_snap: Option<&RootSnapshot>,
         core: &CoreHandle,
-        mem: &DefaultMemory,
+        (mem, dma): (&DefaultMemory, &Arc<DmaUnit>),
         (intx, mapper): (&IntxSink, Option<&Arc<dyn BarMapper>>),
     ) -> Result<Self, PciError> {
         let path = core.path();
+        let ram: vm_memory::GuestMemoryMmap = (*vm_memory::GuestAddressSpace::memory(mem)).clone();
         let mut root = PciRoot::new(devices::pci::PciLayout::default());
         let mut events: Loop = EventManager::new().map_err(other)?;
         let mut models = Vec::with_capacity(devices.len());
         let mut kicks = Vec::new();
         for (d, origin) in devices {
             let rid = d.requester_id();
+            // The device's DMA, translated as the VT-d unit's tables say for its requester.
+            let dev_mem = || dma.memory(rid, ram.clone());
             let refused = |why| PciError::Restore {
                 device: d.to_string(),
                 source: RestoreError(why),
@@ -280,14 +284,14 @@ impl PciDevices {
                     }
                     model
                 }
-                (DeviceKind::ImsSlots { slots, queues }, Origin::New) => Model::slots(
-                    ImsSlots::new(slots, queues, rid, path.clone(), mem.clone())?,
-                ),
+                (DeviceKind::ImsSlots { slots, queues }, Origin::New) => {
+                    Model::slots(ImsSlots::new(slots, queues, rid, path.clone(), dev_mem())?)
+                }
                 (
                     DeviceKind::ImsSlots { slots, queues },
                     Origin::Restored(DeviceSnapshot::ImsSlots(s), now),
                 ) => {
-                    let dev = ImsSlots::restore(rid, path.clone(), mem.clone(), s, now).map_err(
+                    let dev = ImsSlots::restore(rid, path.clone(), dev_mem(), s, now).map_err(
                         |source| PciError::Restore {
                             device: d.to_string(),
                             source,
@@ -305,7 +309,7 @@ impl PciDevices {
                     },
                     Origin::New,
                 ) => {
-                    let mut q = ImsQueues::new(contexts, rid, path.clone(), mem.clone())?;
+                    let mut q = ImsQueues::new(contexts, rid, path.clone(), dev_mem())?;
                     q.set_timeout(Duration::from_millis(u64::from(command_timeout_ms)));
                     Model::queues(q)
                 }
@@ -313,7 +317,7 @@ impl PciDevices {
                     DeviceKind::ImsQueues { contexts, .. },
                     Origin::Restored(DeviceSnapshot::ImsQueues(s), now),
                 ) => {
-                    let dev = ImsQueues::restore(rid, path.clone(), mem.clone(), s, now).map_err(
+                    let dev = ImsQueues::restore(rid, path.clone(), dev_mem(), s, now).map_err(
                         |source| PciError::Restore {
                             device: d.to_string(),
                             source,
@@ -447,11 +451,11 @@ impl PciDevices {
     /// The slot-array devices, by requester ID (what the harness's benchmark requests
     /// raise).
     #[must_use]
-    pub fn slot_devices(&self) -> Vec<(u16, Arc<Mutex<ImsSlots>>)> {
+    pub fn slot_devices(&self) -> Vec<(u16, Arc<dyn RaiseSlot>)> {
         self.models
             .iter()
             .filter_map(|(d, model)| match model {
-                Model::Slots(dev) => Some((d.requester_id(), dev.clone())),
+                Model::Slots(dev) => Some((d.requester_id(), dev.clone() as Arc<dyn RaiseSlot>)),
                 Model::Queues(_) | Model::VfioUser(_) => None,
             })
             .collect()
@@ -461,13 +465,12 @@ impl PciDevices {
     /// (`vmm bench`'s), by requester ID: the harness raises their slots as it does an
     /// in-process device's, and their interrupts take the out-of-process path.
     #[must_use]
-    pub fn remote_slot_devices(&self) -> Vec<(u16, Arc<Mutex<ImsSlots>>)> {
+    pub fn remote_slot_devices(&self) -> Vec<(u16, Arc<dyn RaiseSlot>)> {
         self.models
             .iter()
             .filter_map(|(d, _)| match &d.kind {
-                DeviceKind::VfioUser { socket } => {
-                    crate::vfio_user::server::served_here(socket).map(|dev| (d.requester_id(), dev))
-                }
+                DeviceKind::VfioUser { socket } => crate::vfio_user::server::served_here(socket)
+                    .map(|dev| (d.requester_id(), dev as Arc<dyn RaiseSlot>)),
                 _ => None,
             })
             .collect()

@@ -110,6 +110,9 @@ pub struct RunReport {
     pub harness_fired: Vec<u64>,
     /// Interrupt-remapping faults recorded, by VT-d fault reason code.
     pub remap_faults: Vec<(u8, u64)>,
+    /// DMA-remapping faults (a device's access the guest's tables refused), by VT-d
+    /// fault reason code (0x1-0xD), recorded or not (FPD).
+    pub dma_faults: Vec<(u8, u64)>,
     /// The interrupt core's control-path counters at the end of the run.
     pub remap_stats: irq::backing::BackingStats,
     /// What the hypercall dispatcher handled.
@@ -373,6 +376,18 @@ impl RunReport {
                 faults.join(", ")
             )?;
         }
+        if !self.dma_faults.is_empty() {
+            let faults: Vec<String> = self
+                .dma_faults
+                .iter()
+                .map(|(code, n)| format!("{n} x {code:#x}"))
+                .collect();
+            writeln!(
+                f,
+                "vmm: DMA faults  {} (VT-d fault reasons)",
+                faults.join(", ")
+            )?;
+        }
         if self.unmapped_accesses > 0 {
             writeln!(
                 f,
@@ -448,6 +463,7 @@ mod tests {
             interrupts: Some(vec![51, 51]),
             harness_fired: vec![50, 50],
             remap_faults: vec![],
+            dma_faults: vec![],
             remap_stats: irq::backing::BackingStats::default(),
             hypercalls: devices::dispatch::HypercallStats::default(),
             devices: vec![crate::pci::DeviceReport {

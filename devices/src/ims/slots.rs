@@ -417,6 +417,21 @@ impl<M: AddressSpace> ImsSlots<M> {
     }
 }
 
+/// A slot-array device whose slots can be raised from outside (a test harness or a
+/// benchmark), whatever memory it was made over.
+pub trait RaiseSlot: Send + Sync + std::fmt::Debug {
+    /// Raises slot `slot` ([`ImsSlots::raise`]).
+    fn raise_slot(&self, slot: usize);
+}
+
+impl<M: AddressSpace> RaiseSlot for std::sync::Mutex<ImsSlots<M>> {
+    fn raise_slot(&self, slot: usize) {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .raise(slot);
+    }
+}
+
 impl<M: AddressSpace> super::ImsEngine for ImsSlots<M> {
     fn kick_fd(&self) -> std::io::Result<EventFd> {
         self.kick.try_clone()

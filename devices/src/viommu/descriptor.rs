@@ -309,7 +309,10 @@ mod tests {
                 }),
             ),
             ([0x12, 0], Descriptor::Iotlb(IotlbScope::Global)),
-            ([0x22 | (9 << 16), 0], Descriptor::Iotlb(IotlbScope::Domain(9))),
+            (
+                [0x22 | (9 << 16), 0],
+                Descriptor::Iotlb(IotlbScope::Domain(9)),
+            ),
             (
                 [0x32 | (9 << 16), 0x1234_5000 | 0x40 | 3],
                 Descriptor::Iotlb(IotlbScope::Page {

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{
-    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    Iommu, IommuMemory, Iotlb, Permissions,
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, Iommu,
+    IommuMemory, Iotlb, Permissions,
 };
 
 use super::descriptor::{ContextScope, IotlbScope};
@@ -61,6 +61,8 @@ pub struct DmaCounters {
 
 #[derive(Debug, Default)]
 struct Counters {
+    /// Faults by reason code (index = code, 0x1-0xD).
+    by_reason: [AtomicU64; 14],
     walks: AtomicU64,
     faults: AtomicU64,
     context_invalidations: AtomicU64,
@@ -233,8 +235,27 @@ impl DmaUnit {
         }
     }
 
+    /// Faults so far (recorded or not), by reason code, the reasons that occurred only.
+    #[must_use]
+    pub fn faults_by_reason(&self) -> Vec<(u8, u64)> {
+        (1u8..=0xd)
+            .filter_map(|code| {
+                let n = self.counters.by_reason.get(usize::from(code))?;
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then_some((code, n))
+            })
+            .collect()
+    }
+
     fn record(&self, fault: &DmaFault, recorded: bool) {
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self
+            .counters
+            .by_reason
+            .get(usize::from(fault.reason.code()))
+        {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
         if !recorded {
             return;
         }

@@ -33,9 +33,9 @@ pub mod dma;
 pub mod dmar;
 mod queue;
 pub mod regs;
-pub mod walk;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod walk;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -614,7 +614,8 @@ impl Vtd {
             self.dma.invalidate_context(s);
             s.code()
         });
-        self.state.ccmd = (value & !ccmd::ICC & !(3 << ccmd::CAIG_SHIFT)) | (actual << ccmd::CAIG_SHIFT);
+        self.state.ccmd =
+            (value & !ccmd::ICC & !(3 << ccmd::CAIG_SHIFT)) | (actual << ccmd::CAIG_SHIFT);
     }
 
     /// The IOTLB invalidate register: with IVT set, invalidates at the requested

@@ -58,7 +58,10 @@ impl Rig {
         )));
         path.set_fault_sink(WeakVtd::to(&unit));
         core.set_mirror(WeakVtd::to(&unit));
-        unit.lock().unwrap().dma().set_fault_sink(WeakVtd::to(&unit));
+        unit.lock()
+            .unwrap()
+            .dma()
+            .set_fault_sink(WeakVtd::to(&unit));
         path.set_compat_injector(injected.clone());
         let driver = FakeDriver::new(VtdDevice(unit.clone()), mem, TABLE, QUEUE, STATUS);
         Self {

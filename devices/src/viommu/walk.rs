@@ -9,7 +9,8 @@ use super::regs;
 use crate::memory::{read_obj, GuestRam};
 
 /// Host address width: bits of a table pointer or page address (MGAW + 1).
-pub const HAW: u32 = regs::cap::MGAW as u32 + 1;
+pub const HAW: u32 = 48;
+const _: () = assert!(HAW as u64 == regs::cap::MGAW + 1);
 /// Bits 63:HAW of an address field are reserved.
 const ABOVE_HAW: u64 = !((1u64 << HAW) - 1);
 /// Bits 51:HAW of a paging entry are reserved (62:52 are ignored, 63 is TM).
@@ -344,7 +345,12 @@ mod tests {
             (SL | 1 | (1 << 2), 2, DmaFaultReason::ContextInvalid, false),
             (SL | 1 | (3 << 2), 2, DmaFaultReason::ContextInvalid, false),
             (SL | 1 | (1 << 4), 2, DmaFaultReason::ContextReserved, false),
-            (SL | 1, 2 | (0x100 << 8), DmaFaultReason::ContextReserved, false),
+            (
+                SL | 1,
+                2 | (0x100 << 8),
+                DmaFaultReason::ContextReserved,
+                false,
+            ),
         ];
         for (lo, hi, reason, fpd) in cases {
             set_context(&mem, lo, hi);
@@ -391,7 +397,10 @@ mod tests {
             }
         );
         let large = walk(&*ram, SL, 4, 0x7f_f000, true).unwrap();
-        assert_eq!((large.iova, large.phys, large.size), (0x60_0000, 0x20_0000, 2 << 20));
+        assert_eq!(
+            (large.iova, large.phys, large.size),
+            (0x60_0000, 0x20_0000, 2 << 20)
+        );
         assert!(large.read && large.write);
         assert_eq!(
             walk(&*ram, SL, 4, 0x40_1000, false),

@@ -24,6 +24,7 @@
 
 mod arch;
 mod bench;
+mod dma;
 mod faults;
 mod hc;
 mod hostile;

@@ -55,6 +55,7 @@ enum Scenario {
     Hypercall,
     Ims,
     Vtd,
+    Dma,
     Bench,
     Storm,
     Faults,
@@ -137,6 +138,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                         "sid" => Scenario::Sid,
                     "hypercall" => Scenario::Hypercall,
                     "vtd" => Scenario::Vtd,
+                    "dma" => Scenario::Dma,
                     "ims" => Scenario::Ims,
                     "bench" => Scenario::Bench,
                     "storm" => Scenario::Storm,
@@ -152,7 +154,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, bench, storm, faults, snapshot, hostile, stuck, harness, pci, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, dma, bench, storm, faults, snapshot, hostile, stuck, harness, pci, all, fail, hang)",
                         ),
                     }
             }
@@ -310,6 +312,10 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if s == Scenario::Bench {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
         ok &= crate::bench::run(cpus, apic, &o.bench);
+    }
+    // Before `vtd`: it turns DMA remapping on and off again.
+    if all || s == Scenario::Dma {
+        ok &= crate::dma::run(info.apic_id(0).unwrap_or(0), s == Scenario::Dma);
     }
     // Last: it turns interrupt remapping on for good.
     if all || s == Scenario::Vtd {

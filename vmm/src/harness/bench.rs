@@ -8,10 +8,10 @@
 //! every figure up to the timer's granularity), so a request keeps one host CPU busy.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use devices::ims::slots::ImsSlots;
+use devices::ims::slots::RaiseSlot;
 use hypercall::harness::{status, BENCH_RUNS};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -54,7 +54,7 @@ pub struct Measurements {
 /// Where one benchmark interrupt comes from.
 enum Source<'a> {
     /// Slot `first + k` of an IMS device.
-    Slots(&'a Mutex<ImsSlots>, usize),
+    Slots(&'a dyn RaiseSlot, usize),
     /// Raw irqfd `k`.
     Raw(&'a [(irq::Gsi, EventFd)]),
 }
@@ -64,9 +64,7 @@ impl Source<'_> {
     fn raise(&self, k: usize) -> bool {
         match self {
             Self::Slots(dev, first) => {
-                dev.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .raise(first + k);
+                dev.raise_slot(first + k);
                 true
             }
             Self::Raw(lines) => lines.get(k).is_some_and(|(_, fd)| fd.write(1).is_ok()),
@@ -75,7 +73,7 @@ impl Source<'_> {
 }
 
 impl Harness {
-    fn slot_device(&self, sid: u16) -> Option<Arc<Mutex<ImsSlots>>> {
+    fn slot_device(&self, sid: u16) -> Option<Arc<dyn RaiseSlot>> {
         self.slot_devices
             .iter()
             .find(|(rid, _)| *rid == sid)
@@ -175,7 +173,7 @@ impl Harness {
         let Ok(lines) = self.attach(&[(apic, vector)]) else {
             return status::HOST_ERROR;
         };
-        let ours = Source::Slots(&dev, slot as usize);
+        let ours = Source::Slots(&*dev, slot as usize);
         let raw = Source::Raw(&lines);
         let mut times = (Vec::new(), Vec::new());
         let mut outcome = status::OK;
@@ -235,7 +233,7 @@ impl Harness {
         let Ok(lines) = self.attach(&targets) else {
             return status::HOST_ERROR;
         };
-        let ours = Source::Slots(&dev, first_slot as usize);
+        let ours = Source::Slots(&*dev, first_slot as usize);
         let raw = Source::Raw(&lines);
         let mut outcome = status::OK;
         for run in 0..2 * BENCH_RUNS {

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::harness::DoorbellSink;
-use devices::ims::slots::ImsSlots;
+use devices::ims::slots::RaiseSlot;
 use devices::ioapic::{self, IoApic};
 use devices::pci::SharedFunction;
 
@@ -82,7 +82,7 @@ pub struct Harness {
     stop: Arc<AtomicBool>,
     fired: Arc<Vec<AtomicU64>>,
     /// Slot-array IMS devices by requester ID, for the benchmark requests.
-    slot_devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>,
+    slot_devices: Vec<(u16, Arc<dyn RaiseSlot>)>,
     /// Which of them are in another process.
     remote_sids: Vec<u16>,
     hypercall_times: Option<Arc<HypercallTimes>>,
@@ -151,7 +151,7 @@ impl Harness {
 
     /// The slot-array IMS devices the benchmark requests may raise, by requester ID.
     #[must_use]
-    pub fn with_slot_devices(mut self, devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>) -> Self {
+    pub fn with_slot_devices(mut self, devices: Vec<(u16, Arc<dyn RaiseSlot>)>) -> Self {
         self.slot_devices = devices;
         self
     }
@@ -159,7 +159,7 @@ impl Harness {
     /// Slot-array IMS devices in another process (served by this process on a thread)
     /// that the benchmark requests may raise: their delivery is measured apart.
     #[must_use]
-    pub fn with_remote_slot_devices(mut self, devices: Vec<(u16, Arc<Mutex<ImsSlots>>)>) -> Self {
+    pub fn with_remote_slot_devices(mut self, devices: Vec<(u16, Arc<dyn RaiseSlot>)>) -> Self {
         self.remote_sids = devices.iter().map(|(sid, _)| *sid).collect();
         self.slot_devices.extend(devices);
         self

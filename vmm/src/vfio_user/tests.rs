@@ -410,14 +410,9 @@ fn on_the_pci_side_its_intx_asserts_a_level_ioapic_input_until_eoi_and_a_snapsho
     }
     let intx: IntxSink = Arc::new(Input(ioapic.clone()));
     let handle: irq::CoreHandle = core.clone();
-    let pci = PciDevices::new(
-        &[device],
-        &handle,
-        &GuestMemoryAtomic::new(ram),
-        &intx,
-        None,
-    )
-    .unwrap();
+    let space = GuestMemoryAtomic::new(ram);
+    let dma = devices::viommu::dma::DmaUnit::new(Arc::new(space.clone()));
+    let pci = PciDevices::new(&[device], &handle, (&space, &dma), &intx, None).unwrap();
     let mut line = [0u8; 1];
     pci.functions()[0]
         .1

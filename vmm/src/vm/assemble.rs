@@ -226,20 +226,25 @@ impl crate::vfio_user::function::IntxInput for IoApicInput {
 fn build_pci(
     config: &VmConfig,
     core: &SharedBacking,
-    (vm, space): (&Arc<VmFd>, &DefaultMemory),
+    (vm, space, vtd): (&Arc<VmFd>, &DefaultMemory, &Arc<Mutex<Vtd>>),
     ioapic: &Arc<Mutex<IoApic>>,
     saved: Option<&VmSnapshot>,
 ) -> Result<PciDevices, VmError> {
     let intx: crate::pci::IntxSink = Arc::new(IoApicInput(ioapic.clone()));
     let devices = &config.machine.devices;
     let core = core.handle();
+    let dma = vtd
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .dma();
+    let mem = (space, &dma);
     Ok(match saved {
         None => {
             let slots: Arc<dyn crate::vfio_user::function::BarMapper> =
                 Arc::new(crate::memory::BarSlots::new(vm.clone()));
-            PciDevices::new(devices, &core, space, &intx, Some(&slots))?
+            PciDevices::new(devices, &core, mem, &intx, Some(&slots))?
         }
-        Some(s) => PciDevices::restore(devices, &s.pci, &core, space, &intx)?,
+        Some(s) => PciDevices::restore(devices, &s.pci, &core, mem, &intx)?,
     })
 }
 
@@ -295,6 +300,10 @@ fn build_vtd(
     let path = core.path();
     path.set_fault_sink(WeakVtd::to(&vtd));
     core.set_mirror(WeakVtd::to(&vtd));
+    vtd.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .dma()
+        .set_fault_sink(WeakVtd::to(&vtd));
     path.set_compat_injector(injector);
     path.set_storm_rate(config.machine.irq_rate);
     Ok(vtd)
@@ -552,7 +561,7 @@ impl<'a> Vm<'a> {
         let (events, event_rx) = mpsc::channel();
         let serial = build_serial(config, &ioapic, console, &events, saved)?;
         let path = backing.path();
-        let pci = build_pci(config, &backing, (&vm, &space), &ioapic, saved)?;
+        let pci = build_pci(config, &backing, (&vm, &space, &vtd), &ioapic, saved)?;
         let (rings, ring_rx) = mpsc::sync_channel(1);
         let buses = build_buses(config, (&serial, &vtd, &ioapic), &pci, &events, &rings)?;
         let vcpus = build_vcpus(&vm, host, config, table_size, &loaded, &mem)?;

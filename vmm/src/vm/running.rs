@@ -81,6 +81,12 @@ impl Vm<'_> {
                 .map(|n| n.load(Ordering::Relaxed))
                 .collect(),
             remap_faults: remap_faults(&self.backing),
+            dma_faults: self
+                .vtd
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .dma()
+                .faults_by_reason(),
             remap_stats,
             hypercalls: self.dispatcher.stats(),
             storms: self.path.storm_stats(),

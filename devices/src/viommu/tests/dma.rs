@@ -4,9 +4,9 @@
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
 use super::descriptor::{ContextScope, Descriptor, IotlbScope};
-use crate::viommu::dma::DmaMemory;
 use super::regs::{self, global};
 use super::Rig;
+use crate::viommu::dma::DmaMemory;
 
 const SID: u16 = 0x0018;
 const ROOT: u64 = 0x10_0000;
@@ -88,10 +88,17 @@ fn translated_dma_lands_where_the_tables_map_it() {
     let dma = Dma::new();
     assert!(dma.write(IOVA + 0x10, 0xabcd));
     assert_eq!(dma.phys(PAGE_A + 0x10), 0xabcd);
-    dma.rig.driver.mem.write_obj(0x1234u32, GuestAddress(PAGE_B + 8)).unwrap();
+    dma.rig
+        .driver
+        .mem
+        .write_obj(0x1234u32, GuestAddress(PAGE_B + 8))
+        .unwrap();
     assert_eq!(dma.read(IOVA + 0x1008), Some(0x1234));
     // An access across the two pages.
-    assert!(dma.dev.memory().read_obj::<u64>(GuestAddress(IOVA + 0xffc)).is_ok());
+    dma.dev
+        .memory()
+        .read_obj::<u64>(GuestAddress(IOVA + 0xffc))
+        .unwrap();
     assert_eq!(dma.dma_faults(), 0);
     // Translation off: the same address is guest-physical again.
     let mut dma = dma;
@@ -131,15 +138,23 @@ fn unmapped_and_read_only_accesses_fault_with_their_reasons() {
     assert_eq!(dma.dma_faults(), 3);
     // Another requester with no context entry: 0x2.
     let other = dma.rig.unit.lock().unwrap().dma().memory(0x0020, mem);
-    assert!(other.memory().read_obj::<u32>(GuestAddress(0)).is_err());
+    other.memory().read_obj::<u32>(GuestAddress(0)).unwrap_err();
     assert_eq!(dma.record(3), (0, 0x20, 0x2, true, true));
 }
 
 #[test]
 fn a_remap_is_seen_only_after_its_invalidation() {
     let mut dma = Dma::new();
-    dma.rig.driver.mem.write_obj(1u32, GuestAddress(PAGE_A)).unwrap();
-    dma.rig.driver.mem.write_obj(2u32, GuestAddress(PAGE_B)).unwrap();
+    dma.rig
+        .driver
+        .mem
+        .write_obj(1u32, GuestAddress(PAGE_A))
+        .unwrap();
+    dma.rig
+        .driver
+        .mem
+        .write_obj(2u32, GuestAddress(PAGE_B))
+        .unwrap();
     assert_eq!(dma.read(IOVA), Some(1));
     // Point IOVA at PAGE_B: the cached translation stays until invalidated.
     put(&dma.rig.driver.mem, SL + 0x3000, PAGE_B | 3);
@@ -174,15 +189,27 @@ fn a_remap_is_seen_only_after_its_invalidation() {
 #[test]
 fn pass_through_and_context_invalidation() {
     let mut dma = Dma::new();
-    dma.rig.driver.mem.write_obj(9u32, GuestAddress(PAGE_B)).unwrap();
+    dma.rig
+        .driver
+        .mem
+        .write_obj(9u32, GuestAddress(PAGE_B))
+        .unwrap();
     assert_eq!(dma.read(PAGE_B), None, "not mapped at its own address");
     // Pass-through (TT 2), visible after a device-selective context invalidation.
-    put(&dma.rig.driver.mem, CTX + 16 * u64::from(SID & 0xff), 1 | (2 << 2));
+    put(
+        &dma.rig.driver.mem,
+        CTX + 16 * u64::from(SID & 0xff),
+        1 | (2 << 2),
+    );
     let d = &mut dma.rig.driver;
     let ccmd = regs::ccmd::ICC | (3 << 61) | (u64::from(SID) << 16) | 3;
     d.write64(regs::CCMD, ccmd);
     let reg = d.read64(regs::CCMD);
-    assert_eq!((reg >> 63, (reg >> 59) & 3), (0, 3), "done, device-selective");
+    assert_eq!(
+        (reg >> 63, (reg >> 59) & 3),
+        (0, 3),
+        "done, device-selective"
+    );
     assert_eq!(dma.read(PAGE_B), Some(9));
     // IOVA is now a guest-physical address beyond RAM: an error, not a DMA fault.
     assert_eq!(dma.read(IOVA), None);
@@ -197,12 +224,21 @@ fn translation_state_survives_a_snapshot() {
     assert_ne!(state.gsts & global::TE, 0);
     let restored = super::Vtd::restore(
         dma.rig.core.handle(),
-        std::sync::Arc::new(vm_memory::GuestMemoryAtomic::new(dma.rig.driver.mem.clone())),
+        std::sync::Arc::new(vm_memory::GuestMemoryAtomic::new(
+            dma.rig.driver.mem.clone(),
+        )),
         dma.rig.injected.clone(),
         state,
     )
     .unwrap();
     let dev = restored.dma().memory(SID, dma.rig.driver.mem.clone());
-    dma.rig.driver.mem.write_obj(4u32, GuestAddress(PAGE_A)).unwrap();
-    assert_eq!(dev.memory().read_obj::<u32>(GuestAddress(IOVA)).ok(), Some(4));
+    dma.rig
+        .driver
+        .mem
+        .write_obj(4u32, GuestAddress(PAGE_A))
+        .unwrap();
+    assert_eq!(
+        dev.memory().read_obj::<u32>(GuestAddress(IOVA)).ok(),
+        Some(4)
+    );
 }
