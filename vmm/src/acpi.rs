@@ -61,9 +61,17 @@ pub fn fadt(dsdt: u64) -> Vec<u8> {
 /// without being named: through this, Linux's ACPI PNP maps GSI 4 and its 8250 driver
 /// gets the interrupt it drives transmission with (printk's console polls instead, so
 /// without it a kernel prints but user space's console writes fail).
+///
+/// And the PCI host bridge (`PNP0A08`, compatible `PNP0A03`): segment 0, bus 0, the
+/// configuration ports, the I/O and MMIO windows the BARs are placed in. Without it an
+/// ACPI kernel scans no PCI bus, and so finds neither our devices nor their requester
+/// IDs under the DMAR unit.
 #[must_use]
 pub fn dsdt() -> Vec<u8> {
-    use acpi_tables::aml::{Device, EISAName, Interrupt, Name, ResourceTemplate, Scope, IO};
+    use acpi_tables::aml::{
+        AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, ResourceTemplate,
+        Scope, IO,
+    };
     use acpi_tables::Aml;
     use hypercall::platform::{COM1_IOAPIC_PIN, COM1_PORT};
     let (hid, uid) = (EISAName::new("PNP0501"), 0u8);
@@ -78,8 +86,40 @@ pub fn dsdt() -> Vec<u8> {
         Name::new("_CRS".into(), &crs),
     ];
     let com1 = Device::new("COM1".into(), names.iter().map(|n| n as &dyn Aml).collect());
+
+    let layout = devices::pci::PciLayout::default();
+    let (bridge, compatible, zero) = (EISAName::new("PNP0A08"), EISAName::new("PNP0A03"), 0u8);
+    let buses = AddressSpace::<u16>::new_bus_number(0, 0);
+    let config = IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_last = layout.io_base + layout.io_size - 1;
+    let io = AddressSpace::<u16>::new_io(
+        u16::try_from(layout.io_base).unwrap_or(0),
+        u16::try_from(io_last).unwrap_or(u16::MAX),
+        None,
+    );
+    let window_last = layout.window_base + layout.window_size - 1;
+    let mmio = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        u32::try_from(layout.window_base).unwrap_or(0),
+        u32::try_from(window_last).unwrap_or(u32::MAX),
+        None,
+    );
+    let pci_crs = ResourceTemplate::new(vec![&buses, &config, &io, &mmio]);
+    let pci_names = [
+        Name::new("_HID".into(), &bridge),
+        Name::new("_CID".into(), &compatible),
+        Name::new("_SEG".into(), &zero),
+        Name::new("_BBN".into(), &zero),
+        Name::new("_UID".into(), &zero),
+        Name::new("_CRS".into(), &pci_crs),
+    ];
+    let pci0 = Device::new(
+        "PCI0".into(),
+        pci_names.iter().map(|n| n as &dyn Aml).collect(),
+    );
     let mut aml = Vec::new();
-    Scope::new("\\_SB_".into(), vec![&com1]).to_aml_bytes(&mut aml);
+    Scope::new("\\_SB_".into(), vec![&com1, &pci0]).to_aml_bytes(&mut aml);
     let mut t = header(*b"DSDT", 36, 2, *b"DSDT");
     t.append_slice(&aml);
     t.as_slice().to_vec()

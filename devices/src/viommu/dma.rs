@@ -4,32 +4,36 @@
 //! The unit's translation state ([`DmaUnit`]: translation on or off, the latched root
 //! table) is shared by the VT-d registers, which change it, and by one [`RequesterDma`]
 //! per requester ID, which a device's memory goes through. A device takes its memory as
-//! a [`DmaMemory`]: vm-memory's `IommuMemory` over the guest's RAM with the requester as
-//! its IOMMU, so `virtio-queue` and every other vm-memory access is translated without
-//! the device knowing.
+//! a [`DmaMemory`]: a vm-memory `GuestMemory` ([`DmaView`]) over the guest's RAM that
+//! translates every access by its requester, so `virtio-queue` and every other vm-memory
+//! access is translated without the device knowing. What the device writes is marked in
+//! the guest-physical pages' dirty bitmap, where live migration looks.
 //!
-//! Each requester caches what it found (vm-memory's `Iotlb`: IOVA ranges to guest
-//! addresses with their permissions, filled page by page from the guest's tables on a
-//! miss, plus the requester's context entry), and keeps it until the guest invalidates it
-//! (context-cache and IOTLB invalidations, by register or queue), as the hardware's caches
-//! do: a change to a present mapping takes effect for the device only after the guest
-//! invalidates it. Nothing not present is cached (caching mode is clear), so a mapping
-//! the guest adds is seen at once. Steady-state DMA costs one cache lookup per access.
+//! Each requester caches what it found (the pages it translated, with their guest
+//! addresses and permissions, filled page by page from the guest's tables on a miss, and
+//! its context entry) and keeps it until the guest invalidates it (context-cache and
+//! IOTLB invalidations, by register or queue), as the hardware's caches do: a change to a
+//! present mapping takes effect for the device only after the guest invalidates it.
+//! Nothing not present is cached (caching mode is clear), so a mapping the guest adds is
+//! seen at once. With translation off an access costs one atomic load more than plain
+//! memory; with it on, a steady-state access costs one cache lookup.
 //!
-//! A request the tables refuse faults: the access fails (the device sees a memory error
-//! and handles it), and the fault is recorded in the unit's fault recording registers
-//! unless the context entry's FPD says not to.
+//! A request the tables refuse faults: the access fails as a whole before any byte moves
+//! (the device sees a memory error and handles it), and the fault is recorded in the
+//! unit's fault recording registers unless the context entry's FPD says not to.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
+use std::collections::BTreeMap;
+
+use vm_memory::iommu::{Error as IommuError, IovaRange};
 use vm_memory::{
-    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, Iommu,
-    IommuMemory, Iotlb, Permissions,
+    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, Permissions,
 };
 
 use super::descriptor::{ContextScope, IotlbScope};
+use super::view::{DmaView, Pieces};
 use super::walk::{self, Context, DmaFault, DmaFaultReason, Leaf, HAW};
 use crate::memory::SharedRam;
 
@@ -40,7 +44,7 @@ pub trait DmaFaultSink: Send + Sync {
 }
 
 /// A device's memory behind the unit: its requester's translation over guest RAM `B`.
-pub type DmaMemory<B = GuestMemoryMmap> = GuestMemoryAtomic<IommuMemory<B, RequesterDma>>;
+pub type DmaMemory<B = GuestMemoryMmap> = GuestMemoryAtomic<DmaView<B>>;
 
 /// Pages one access may fill from the tables at most (an access spans a few pages; this
 /// bounds the work a guest-chosen length can cause).
@@ -74,7 +78,6 @@ pub struct DmaUnit {
     enabled: AtomicBool,
     root: AtomicU64,
     mem: SharedRam,
-    identity: Arc<Iotlb>,
     sink: Mutex<Option<Arc<dyn DmaFaultSink>>>,
     requesters: Mutex<Vec<Weak<Requester>>>,
     counters: Counters,
@@ -98,19 +101,10 @@ impl DmaUnit {
     /// A unit reading the guest's tables from `mem`, with translation off.
     #[must_use]
     pub fn new(mem: SharedRam) -> Arc<Self> {
-        let mut identity = Iotlb::new();
-        // The whole address space, as is: what a request sees with translation off.
-        let _ = identity.set_mapping(
-            GuestAddress(0),
-            GuestAddress(0),
-            usize::try_from(u64::MAX).unwrap_or(usize::MAX),
-            Permissions::ReadWrite,
-        );
         Arc::new(Self {
             enabled: AtomicBool::new(false),
             root: AtomicU64::new(0),
             mem,
-            identity: Arc::new(identity),
             sink: Mutex::new(None),
             requesters: Mutex::new(Vec::new()),
             counters: Counters::default(),
@@ -129,6 +123,7 @@ impl DmaUnit {
             sid,
             unit: self.clone(),
             cache: Mutex::new(Cache::default()),
+            hot: Hot::default(),
         });
         let mut all = lock(&self.requesters);
         all.retain(|r| r.strong_count() > 0);
@@ -138,17 +133,8 @@ impl DmaUnit {
 
     /// Requester `sid`'s memory: guest RAM `backend` seen through the unit.
     #[must_use]
-    pub fn memory<B>(self: &Arc<Self>, sid: u16, backend: B) -> DmaMemory<B>
-    where
-        B: GuestMemoryBackend,
-        <B::R as GuestMemoryRegion>::B: Default,
-    {
-        GuestMemoryAtomic::new(IommuMemory::new(
-            backend,
-            self.requester(sid),
-            true,
-            Default::default(),
-        ))
+    pub fn memory<B: GuestMemoryBackend>(self: &Arc<Self>, sid: u16, backend: B) -> DmaMemory<B> {
+        GuestMemoryAtomic::new(DmaView::new(backend, self.requester(sid)))
     }
 
     /// Whether translation is on.
@@ -231,7 +217,12 @@ impl DmaUnit {
             .filter_map(Weak::upgrade)
             .collect();
         for r in all {
-            f(r.sid, &mut lock(&r.cache));
+            let mut cache = lock(&r.cache);
+            let generation = cache.generation;
+            f(r.sid, &mut cache);
+            if cache.generation != generation {
+                r.hot.clear();
+            }
         }
     }
 
@@ -266,17 +257,100 @@ impl DmaUnit {
     }
 }
 
-/// One cached page: where it is and what it allows.
+/// One cached page: its guest address, size and permissions.
 type Page = (u64, u64, Permissions);
+
+/// Pages in a requester's lock-free hot set.
+const HOT: usize = 4;
+/// A hot slot's metadata word: size (a power of two of at least 4 KiB) | valid | perm.
+const HOT_VALID: u64 = 1 << 2;
+
+fn perm_bits(p: Permissions) -> u64 {
+    match p {
+        Permissions::No => 0,
+        Permissions::Read => 1,
+        Permissions::Write => 2,
+        Permissions::ReadWrite => 3,
+    }
+}
+
+fn perm_of(bits: u64) -> Permissions {
+    match bits & 3 {
+        1 => Permissions::Read,
+        2 => Permissions::Write,
+        3 => Permissions::ReadWrite,
+        _ => Permissions::No,
+    }
+}
+
+/// The last pages a requester used, read without a lock: a sequence lock whose writers
+/// hold the requester's cache mutex (and keep it a subset of the cache), so a steady
+/// stream of accesses to a few pages costs a few atomic loads each.
+#[derive(Debug, Default)]
+struct Hot {
+    seq: AtomicU64,
+    /// IOVA, guest address, metadata.
+    slots: [[AtomicU64; 3]; HOT],
+}
+
+impl Hot {
+    fn lookup(&self, iova: u64, access: Permissions) -> Option<(u64, Page)> {
+        let before = self.seq.load(Ordering::Acquire);
+        if before & 1 != 0 {
+            return None;
+        }
+        let mut found = None;
+        for [first, phys, meta] in &self.slots {
+            let meta = meta.load(Ordering::Relaxed);
+            let first = first.load(Ordering::Relaxed);
+            let size = meta & !0xfff;
+            if meta & HOT_VALID != 0 && iova.wrapping_sub(first) < size {
+                found = Some((first, (phys.load(Ordering::Relaxed), size, perm_of(meta))));
+                break;
+            }
+        }
+        fence(Ordering::Acquire);
+        if self.seq.load(Ordering::Relaxed) != before {
+            return None;
+        }
+        found.filter(|(_, (_, _, perm))| perm.allow(access))
+    }
+
+    /// Writers hold the cache mutex.
+    fn write(&self, f: impl FnOnce(&[[AtomicU64; 3]; HOT])) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        f(&self.slots);
+        self.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    fn install(&self, index: usize, first: u64, (phys, size, perm): Page) {
+        self.write(|slots| {
+            if let Some([f, p, m]) = slots.get(index % HOT) {
+                f.store(first, Ordering::Relaxed);
+                p.store(phys, Ordering::Relaxed);
+                m.store(size | HOT_VALID | perm_bits(perm), Ordering::Relaxed);
+            }
+        });
+    }
+
+    fn clear(&self) {
+        self.write(|slots| {
+            for [_, _, m] in slots {
+                m.store(0, Ordering::Relaxed);
+            }
+        });
+    }
+}
 
 /// What one requester has cached.
 #[derive(Debug, Default)]
 struct Cache {
-    /// Translations (IOVA ranges), shared with accesses in progress; replaced rather than
-    /// changed while one holds it.
-    iotlb: Arc<Iotlb>,
-    /// The same translations as whole pages, by IOVA: (guest address, size, permissions).
-    pages: std::collections::BTreeMap<u64, Page>,
+    /// The hot slot the next page goes to.
+    hot_next: usize,
+    /// Translated pages, by IOVA.
+    pages: BTreeMap<u64, Page>,
     /// The context entry.
     context: Option<Context>,
     /// Bumped at every invalidation: a walk that raced one does not fill the cache.
@@ -290,60 +364,36 @@ impl Cache {
     }
 
     fn drop_translations(&mut self) {
-        self.iotlb = Arc::new(Iotlb::new());
         self.pages.clear();
         self.generation += 1;
     }
 
-    /// Changes the translations with `f`; rebuilt from the pages first if an access
-    /// holds them (the pages are changed before `f` runs).
-    fn with_iotlb(&mut self, f: impl FnOnce(&mut Iotlb)) {
-        if let Some(tlb) = Arc::get_mut(&mut self.iotlb) {
-            f(tlb);
-            return;
-        }
-        let mut fresh = Iotlb::new();
-        for (&iova, &(phys, size, perm)) in &self.pages {
-            let _ = fresh.set_mapping(GuestAddress(iova), GuestAddress(phys), len(size), perm);
-        }
-        f(&mut fresh);
-        self.iotlb = Arc::new(fresh);
+    /// The cached page holding `iova`: (its IOVA, guest address, size, permissions).
+    fn lookup(&self, iova: u64) -> Option<(u64, Page)> {
+        let (&first, &page) = self.pages.range(..=iova).next_back()?;
+        (iova - first < page.1).then_some((first, page))
     }
 
-    /// The cached pages overlapping `[first, end)`.
-    fn overlapping(&self, first: u64, end: u64) -> Vec<u64> {
+    /// Drops every cached page overlapping `[first, end)`, whole.
+    fn remove(&mut self, first: u64, end: u64) {
         let before = self
             .pages
             .range(..first)
             .next_back()
             .filter(|(iova, (_, size, _))| iova.saturating_add(*size) > first)
             .map(|(iova, _)| *iova);
-        before
+        let gone: Vec<u64> = before
             .into_iter()
             .chain(self.pages.range(first..end).map(|(iova, _)| *iova))
-            .collect()
-    }
-
-    fn remove(&mut self, first: u64, end: u64) {
-        for iova in self.overlapping(first, end) {
-            if let Some((_, size, _)) = self.pages.remove(&iova) {
-                self.with_iotlb(|t| t.invalidate_mapping(GuestAddress(iova), len(size)));
-            }
+            .collect();
+        for iova in gone {
+            self.pages.remove(&iova);
         }
     }
 
     fn insert(&mut self, leaf: &Leaf, perm: Permissions) {
-        let end = leaf.iova.saturating_add(leaf.size);
-        self.remove(leaf.iova, end);
+        self.remove(leaf.iova, leaf.iova.saturating_add(leaf.size));
         self.pages.insert(leaf.iova, (leaf.phys, leaf.size, perm));
-        self.with_iotlb(|t| {
-            let _ = t.set_mapping(
-                GuestAddress(leaf.iova),
-                GuestAddress(leaf.phys),
-                len(leaf.size),
-                perm,
-            );
-        });
     }
 
     /// A page-selective invalidation: every cached page overlapping the `2^am` pages at
@@ -356,18 +406,15 @@ impl Cache {
     }
 }
 
-fn len(size: u64) -> usize {
-    usize::try_from(size).unwrap_or(usize::MAX)
-}
-
 #[derive(Debug)]
 struct Requester {
     sid: u16,
     unit: Arc<DmaUnit>,
     cache: Mutex<Cache>,
+    hot: Hot,
 }
 
-/// One requester's translation: vm-memory's `Iommu` for a [`DmaMemory`].
+/// One requester's translation, as a [`DmaView`] uses it.
 #[derive(Debug, Clone)]
 pub struct RequesterDma(Arc<Requester>);
 
@@ -388,21 +435,27 @@ impl RequesterDma {
         self.0.sid
     }
 
+    /// Whether the unit translates (else accesses go to guest memory as they are).
+    #[must_use]
+    pub fn translating(&self) -> bool {
+        self.0.unit.enabled()
+    }
+
     /// The context, from the cache or the tables.
-    fn context(&self, iova: u64, write: bool) -> Result<Context, ()> {
+    fn context(&self, iova: u64, write: bool) -> Option<Context> {
         let r = &self.0;
         if let Some(c) = lock(&r.cache).context {
-            return Ok(c);
+            return Some(c);
         }
         let root = r.unit.root.load(Ordering::Acquire);
         match walk::context(&*r.unit.mem, root, r.sid) {
             Ok(c) => {
                 lock(&r.cache).context = Some(c);
-                Ok(c)
+                Some(c)
             }
             Err(f) => {
                 self.fault(f.reason, iova, write, !f.fpd);
-                Err(())
+                None
             }
         }
     }
@@ -417,12 +470,25 @@ impl RequesterDma {
         self.0.unit.record(&fault, recorded);
     }
 
-    /// Resolves the page holding `iova` for `access` and caches it; false if refused.
-    fn fill(&self, iova: u64, access: Permissions) -> Option<u64> {
+    /// The cached page holding `iova` if it allows `access`, made hot.
+    fn cached(&self, iova: u64, access: Permissions) -> Option<(u64, Page)> {
+        let mut cache = lock(&self.0.cache);
+        let hit = cache
+            .lookup(iova)
+            .filter(|(_, (_, _, perm))| perm.allow(access))?;
+        let index = cache.hot_next;
+        cache.hot_next = cache.hot_next.wrapping_add(1);
+        self.0.hot.install(index, hit.0, hit.1);
+        Some(hit)
+    }
+
+    /// Walks the tables for the page holding `iova` and caches it; `None` (after
+    /// recording the fault) if the request is refused.
+    fn fill(&self, iova: u64, access: Permissions) -> Option<(u64, Page)> {
         let r = &self.0;
         let write = access.has_write();
         let generation = lock(&r.cache).generation;
-        let context = self.context(iova, write).ok()?;
+        let context = self.context(iova, write)?;
         r.unit.counters.walks.fetch_add(1, Ordering::Relaxed);
         let leaf = match context {
             Context::PassThrough { .. } => Leaf {
@@ -452,6 +518,8 @@ impl RequesterDma {
             let mut cache = lock(&r.cache);
             if cache.generation == generation && perm != Permissions::No {
                 cache.insert(&leaf, perm);
+                // The insert may have dropped pages the hot set holds.
+                r.hot.clear();
             }
         }
         if !perm.allow(access) {
@@ -463,52 +531,50 @@ impl RequesterDma {
             self.fault(reason, iova, write, context.records_faults());
             return None;
         }
-        Some(leaf.iova + leaf.size)
+        Some((leaf.iova, (leaf.phys, leaf.size, perm)))
     }
-}
 
-impl Iommu for RequesterDma {
-    type IotlbGuard<'a> = Arc<Iotlb>;
-
-    fn translate(
+    /// The guest-physical pieces `length` bytes at `iova` are, for `access`: the whole
+    /// range is translated (and every page checked) before anything is accessed, so a
+    /// refused request moves no byte.
+    ///
+    /// # Errors
+    /// The range wraps, spans too many pages, or a page of it faulted (recorded).
+    pub(super) fn resolve(
         &self,
-        iova: GuestAddress,
+        iova: u64,
         length: usize,
         access: Permissions,
-    ) -> Result<IotlbIterator<Arc<Iotlb>>, IommuError> {
-        let r = &self.0;
+    ) -> Result<Pieces, IommuError> {
+        if !self.translating() {
+            return Ok(Pieces::one(iova, length));
+        }
         let end = iova
-            .0
             .checked_add(u64::try_from(length).unwrap_or(u64::MAX))
-            .ok_or_else(|| refused(iova.0, length, "the range wraps"))?;
-        if !r.unit.enabled() {
-            return Iotlb::lookup(r.unit.identity.clone(), iova, length, access)
-                .map_err(|_| refused(iova.0, length, "beyond the address space"));
-        }
-        let cached = lock(&r.cache).iotlb.clone();
-        let fails = match Iotlb::lookup(cached, iova, length, access) {
-            Ok(found) => return Ok(found),
-            Err(fails) => fails,
-        };
+            .ok_or_else(|| refused(iova, length, "the range wraps"))?;
+        let mut pieces = Pieces::default();
+        let mut at = iova;
         let mut pages = 0;
-        for range in fails.misses.iter().chain(&fails.access_fails) {
-            let mut at = range.base.0;
-            let stop = at
-                .saturating_add(u64::try_from(range.length).unwrap_or(u64::MAX))
-                .min(end);
-            while at < stop {
-                pages += 1;
-                if pages > MAX_FILL_PAGES {
-                    return Err(refused(iova.0, length, "too long"));
-                }
-                match self.fill(at, access) {
-                    Some(next) => at = next,
-                    None => return Err(refused(at, length, "DMA remapping fault")),
-                }
+        while at < end {
+            pages += 1;
+            if pages > MAX_FILL_PAGES {
+                return Err(refused(iova, length, "too long"));
             }
+            let hit = self
+                .0
+                .hot
+                .lookup(at, access)
+                .or_else(|| self.cached(at, access));
+            let (first, (phys, size, _)) = match hit {
+                Some(hit) => hit,
+                None => self
+                    .fill(at, access)
+                    .ok_or_else(|| refused(at, length, "DMA remapping fault"))?,
+            };
+            let stop = first.saturating_add(size).min(end);
+            pieces.push(phys + (at - first), stop - at);
+            at = stop;
         }
-        let cached = lock(&r.cache).iotlb.clone();
-        Iotlb::lookup(cached, iova, length, access)
-            .map_err(|_| refused(iova.0, length, "invalidated during the access"))
+        Ok(pieces)
     }
 }

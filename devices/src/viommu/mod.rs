@@ -35,6 +35,7 @@ mod queue;
 pub mod regs;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod view;
 pub mod walk;
 
 use std::sync::{Arc, Mutex, PoisonError};

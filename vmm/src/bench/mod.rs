@@ -34,7 +34,10 @@
 //! - **bulk activation**: one `BATCH` hypercall activating 2,048 entries, beside one
 //!   2,048-entry `KVM_SET_GSI_ROUTING`;
 //! - **host interrupts to a device in another process**: 2,048 entries' eventfds handed
-//!   over per entry (the server's descriptor limit) beside all at once in messages of 16.
+//!   over per entry (the server's descriptor limit) beside all at once in messages of 16;
+//! - **IMS-device DMA through the vIOMMU**: the slot-array device's ring work per item
+//!   with its rings at IOVAs the VT-d unit translates, beside translation off and plain
+//!   memory.
 //!
 //! Each figure is the median and 99th percentile of many samples. Nothing here is a
 //! pass/fail check: the report says where a target is met and where it is not.
@@ -47,11 +50,13 @@ use kvm_ioctls::Kvm;
 
 use crate::vm::VmError;
 
+mod dma;
 mod guest;
 mod host;
 mod remote;
 mod report;
 
+pub use dma::DmaFigures;
 use guest::guest_figures;
 use host::{irqchip_vm, new_rig, signal_cost, spread, time_set_routes};
 pub use report::{BenchReport, Figure, GuestFigures, RetargetRow};
@@ -162,7 +167,9 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
     let bulk_raw = time_set_routes(&irqchip_vm(&kvm)?, BULK_ENTRIES, samples)?;
     let (signal_ours, signal_raw) = signal_cost(&kvm, samples)?;
     let (handover_per_entry, handover_eager) = remote::handover(BULK_ENTRIES, HANDOVER_SAMPLES)?;
+    let dma = dma::dma_figures(&kvm, samples)?;
     Ok(BenchReport {
+        dma,
         handover_per_entry,
         handover_eager,
         retarget,
@@ -217,6 +224,11 @@ mod tests {
             signal_raw: fig(1),
             handover_per_entry: fig(300),
             handover_eager: fig(100),
+            dma: DmaFigures {
+                translated: fig(2),
+                untranslated: fig(2),
+                plain: fig(1),
+            },
             guest: GuestFigures {
                 delivery_ours: fig(110),
                 delivery_raw: fig(100),

@@ -98,6 +98,8 @@ pub struct BenchReport {
     pub handover_eager: Figure,
     /// The in-guest figures.
     pub guest: GuestFigures,
+    /// IMS-device work per item with DMA translation on, off, and on plain memory.
+    pub dma: super::dma::DmaFigures,
 }
 
 /// Interrupts per second at `per_interrupt`.
@@ -148,6 +150,12 @@ impl BenchReport {
         ratio(self.handover_per_entry.median, self.handover_eager.median)
     }
 
+    /// The device's work per item with translation on over the same with it off.
+    #[must_use]
+    pub fn dma_translation_ratio(&self) -> Option<f64> {
+        ratio(self.dma.translated.median, self.dma.untranslated.median)
+    }
+
     /// Our median throughput over the raw irqfds'.
     #[must_use]
     pub fn throughput_ratio(&self) -> Option<f64> {
@@ -186,6 +194,19 @@ impl BenchReport {
             num(self.remote_delivery_ratio())
         );
         let _ = writeln!(out, "  \"handover_ratio\": {},", num(self.handover_ratio()));
+        let _ = writeln!(
+            out,
+            "  \"dma_translation_ratio\": {},",
+            num(self.dma_translation_ratio())
+        );
+        let _ = writeln!(
+            out,
+            "  \"ims_device_dma\": {{\"items_per_sample\": {}, \"translated_per_item\": {}, \"untranslated_per_item\": {}, \"plain_memory_per_item\": {}}},",
+            super::dma::ITEMS,
+            fig(&self.dma.translated),
+            fig(&self.dma.untranslated),
+            fig(&self.dma.plain)
+        );
         let g = &self.guest;
         let _ = writeln!(
             out,
@@ -413,6 +434,22 @@ impl BenchReport {
             times(self.handover_ratio())
         )?;
         writeln!(f)?;
+        let ns = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e9);
+        writeln!(
+            f,
+            "IMS device work per item, ring DMA only (ns), {} items per sample, {} samples: translation on p50 {} p99 {} | off p50 {} p99 {} | plain memory p50 {} p99 {} | on/off {} (target <= 1.1x), on/plain {}",
+            super::dma::ITEMS,
+            self.dma.translated.samples,
+            ns(self.dma.translated.median),
+            ns(self.dma.translated.p99),
+            ns(self.dma.untranslated.median),
+            ns(self.dma.untranslated.p99),
+            ns(self.dma.plain.median),
+            ns(self.dma.plain.p99),
+            times(self.dma_translation_ratio()),
+            times(ratio(self.dma.translated.median, self.dma.plain.median))
+        )?;
+        writeln!(f)?;
         writeln!(
             f,
             "headline: retarget_speedup_at_4096 {} (target >= 20), delivery_ratio {} (target <= 1.1), max_live_interrupts {} (target 65536), bulk_ratio {} (target <= 3)",
@@ -421,6 +458,12 @@ impl BenchReport {
             self.delivery_ratio().map_or("-".into(), |x| format!("{x:.3}")),
             g.max_live,
             self.bulk_ratio().map_or("-".into(), |x| format!("{x:.2}"))
+        )?;
+        writeln!(
+            f,
+            "          dma_translation_ratio {} (target <= 1.1)",
+            self.dma_translation_ratio()
+                .map_or("-".into(), |x| format!("{x:.3}"))
         )
     }
 }
