@@ -122,6 +122,11 @@ impl Rig {
     }
 
     /// Activates `live` entries spread over the targets; returns the first.
+    /// The data path the rig's entries deliver through.
+    pub(super) fn path(&self) -> Arc<InterruptPath> {
+        self.path.clone()
+    }
+
     pub(super) fn populate(&self, live: u32) -> Result<u64, VmError> {
         let first = self
             .checked("allocate", call::ALLOCATE, u64::from(live), 0)?

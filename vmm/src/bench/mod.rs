@@ -56,7 +56,7 @@ mod host;
 mod remote;
 mod report;
 
-pub use dma::DmaFigures;
+pub use dma::{DevicePaths, DmaFigures};
 use guest::guest_figures;
 use host::{irqchip_vm, new_rig, signal_cost, spread, time_set_routes};
 pub use report::{BenchReport, Figure, GuestFigures, RetargetRow};
@@ -225,9 +225,16 @@ mod tests {
             handover_per_entry: fig(300),
             handover_eager: fig(100),
             dma: DmaFigures {
-                translated: fig(2),
-                untranslated: fig(2),
-                plain: fig(1),
+                delivered: DevicePaths {
+                    translated: fig(2),
+                    untranslated: fig(2),
+                    plain: fig(1),
+                },
+                ring_only: DevicePaths {
+                    translated: fig(2),
+                    untranslated: fig(1),
+                    plain: fig(1),
+                },
             },
             guest: GuestFigures {
                 delivery_ours: fig(110),
