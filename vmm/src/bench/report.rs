@@ -150,6 +150,24 @@ impl BenchReport {
         ratio(self.handover_per_entry.median, self.handover_eager.median)
     }
 
+    /// The `ims_device_dma` line of the JSON.
+    fn dma_json(&self, fig: &dyn Fn(&Figure) -> String) -> String {
+        let paths = |p: &super::dma::DevicePaths| {
+            format!(
+                "{{\"translated\": {}, \"untranslated\": {}, \"plain_memory\": {}}}",
+                fig(&p.translated),
+                fig(&p.untranslated),
+                fig(&p.plain)
+            )
+        };
+        format!(
+            "  \"ims_device_dma\": {{\"items_per_sample\": {}, \"per_item_with_interrupt\": {}, \"per_item_ring_only\": {}}},\n",
+            super::dma::ITEMS,
+            paths(&self.dma.delivered),
+            paths(&self.dma.ring_only)
+        )
+    }
+
     /// The device's work per item with translation on over the same with it off.
     #[must_use]
     pub fn dma_translation_ratio(&self) -> Option<f64> {
@@ -200,21 +218,7 @@ impl BenchReport {
             "  \"dma_translation_ratio\": {},",
             num(self.dma_translation_ratio())
         );
-        let paths = |p: &super::dma::DevicePaths| {
-            format!(
-                "{{\"translated\": {}, \"untranslated\": {}, \"plain_memory\": {}}}",
-                fig(&p.translated),
-                fig(&p.untranslated),
-                fig(&p.plain)
-            )
-        };
-        let _ = writeln!(
-            out,
-            "  \"ims_device_dma\": {{\"items_per_sample\": {}, \"per_item_with_interrupt\": {}, \"per_item_ring_only\": {}}},",
-            super::dma::ITEMS,
-            paths(&self.dma.delivered),
-            paths(&self.dma.ring_only)
-        );
+        out.push_str(&self.dma_json(&fig));
         let g = &self.guest;
         let _ = writeln!(
             out,
