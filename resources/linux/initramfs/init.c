@@ -3,7 +3,9 @@
  * as PID 1 of a stock kernel under irvm, reports the interrupt-remapping state the kernel
  * shows user space, and ends the run with a verdict on irvm's debug-exit port (0x501,
  * docs/boot-protocol.md): 0 when every IOAPIC interrupt in use is remapped, the DMAR
- * unit's fault interrupt is there and the ACPI DMAR table is visible; 1 otherwise.
+ * unit's fault interrupt is there and the ACPI DMAR table is visible, and (when the kernel
+ * was booted with intel_iommu=on) every PCI device is in an IOMMU group behind dmar0 with
+ * a translated (DMA) default domain; 1 otherwise.
  *
  * Every line it prints starts with "init: "; the last is "init: verdict PASS" or
  * "init: verdict FAIL (why)". It waits for the console to drain (tcdrain) before the
@@ -81,6 +83,52 @@ static void finish(int verdict, const char *why)
 		pause();
 }
 
+/*
+ * DMA remapping as the kernel shows it: each PCI device's IOMMU group and that group's
+ * default domain type. Returns how many devices are behind dmar0 in a translated domain;
+ * *devices gets how many PCI devices there are.
+ */
+static int dma_remapping(int *devices)
+{
+	char path[600], link[256], type[64], *group;
+	struct dirent *d;
+	DIR *pci = opendir("/sys/bus/pci/devices");
+	int translated = 0;
+	ssize_t n;
+
+	*devices = 0;
+	say("DMA remapping unit: %s",
+	    access("/sys/class/iommu/dmar0", F_OK) == 0 ? "dmar0 registered" : "none registered");
+	while (pci && (d = readdir(pci))) {
+		if (d->d_name[0] == '.')
+			continue;
+		(*devices)++;
+		snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", d->d_name);
+		n = readlink(path, link, sizeof(link) - 1);
+		if (n <= 0) {
+			say("pci %s: no IOMMU group", d->d_name);
+			continue;
+		}
+		link[n] = 0;
+		group = strrchr(link, '/');
+		group = group ? group + 1 : link;
+		snprintf(path, sizeof(path), "/sys/kernel/iommu_groups/%s/type", group);
+		if (slurp(path, type, sizeof(type)) < 0)
+			strcpy(type, "?");
+		chomp(type);
+		snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu", d->d_name);
+		n = readlink(path, link, sizeof(link) - 1);
+		link[n > 0 ? n : 0] = 0;
+		say("pci %s: IOMMU group %s, default domain %s, unit %s", d->d_name, group, type,
+		    n > 0 && strstr(link, "dmar0") ? "dmar0" : "?");
+		if (!strncmp(type, "DMA", 3) && n > 0 && strstr(link, "dmar0"))
+			translated++;
+	}
+	if (pci)
+		closedir(pci);
+	return translated;
+}
+
 int main(void)
 {
 	static char buf[65536];
@@ -138,6 +186,14 @@ int main(void)
 
 	if (n < 4 || memcmp(buf, "DMAR", 4))
 		finish(1, "no ACPI DMAR table");
+	if (slurp("/proc/cmdline", buf, sizeof(buf)) > 0 && strstr(buf, "intel_iommu=on")) {
+		int devices, translated = dma_remapping(&devices);
+
+		say("DMA remapping: %d of %d PCI devices in translated domains behind dmar0",
+		    translated, devices);
+		if (!devices || translated != devices)
+			finish(1, "a PCI device is not behind DMA remapping");
+	}
 	if (!remapped)
 		finish(1, "no remapped IOAPIC interrupt");
 	if (plain)
