@@ -28,6 +28,38 @@ fn dma(cpus: u32) {
     assert!(report.remap_faults.is_empty(), "{report}");
 }
 
+/// A snapshot taken while translation is on (the used ring remapped, the caches warm)
+/// restores into a VM whose unit translates the same way: the rest of the scenario (the
+/// faults, recovery, pass-through) passes there, with the same fault counts.
+#[test]
+fn a_snapshot_with_translation_on_restores_and_the_scenario_finishes() {
+    let file = std::env::temp_dir().join(format!("vmm-test-{}-dma.snap", std::process::id()));
+    let mut cfg = config(2, "scenario=dma dma_snapshot=1");
+    cfg.run.snapshot = Some(vmm::config::SnapshotPlan {
+        path: file.clone(),
+        after: None,
+        then: vmm::config::AfterSnapshot::Stop,
+    });
+    let (before, console) = boot(&cfg);
+    assert!(
+        matches!(before.outcome, vmm::Outcome::Snapshotted { .. }),
+        "{before}\n{console}"
+    );
+    assert!(before.dma_faults.is_empty(), "{before}");
+    let settings = vmm::Settings {
+        watchdog: Some(120),
+        ..vmm::Settings::default()
+    };
+    let restored = integration_tests::restore(&file, &settings);
+    let _ = std::fs::remove_file(&file);
+    let (after, console) = restored.unwrap();
+    assert!(after.passed(), "{after}\n{console}");
+    for line in &LINES[2..] {
+        assert!(console.contains(line), "{line:?} missing:\n{console}");
+    }
+    assert_eq!(after.dma_faults, vec![(0x5, 1), (0x6, 1)], "{after}");
+}
+
 #[test]
 fn dma_remapping_on_one_vcpu() {
     dma(1);

@@ -143,6 +143,15 @@ impl VtdSnapshot {
         if self.next_frcd >= regs::NFR {
             return bad("the next fault record is beyond the registers");
         }
+        if self.rtaddr & 0x3ff != 0 || self.root & 0x3ff != 0 {
+            return bad("a root table address has bits 9:0 set");
+        }
+        if self.iva & (0x3f << 6) != 0 {
+            return bad("IVA has bits 11:6 set");
+        }
+        if (self.ccmd >> 63) | (self.iotlb >> 63) != 0 {
+            return bad("an invalidation is still in progress (ICC or IVT set)");
+        }
         Ok(())
     }
 }

@@ -13,6 +13,10 @@
 //! - a pass-through context entry lets the device use guest-physical addresses;
 //! - translation off again.
 //!
+//! With `dma_snapshot=1` it asks for a snapshot (harness `SNAPSHOT`) while translation is
+//! on with the used ring remapped, so a restored VM must carry the unit's DMA-remapping
+//! state for the rest to pass.
+//!
 //! The entry encoders here are this guest's own (from the spec), not the VMM's.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -274,7 +278,7 @@ fn program_queue(d: &Dma, q: u32, desc: u64, avail: u64, used: u64) {
 }
 
 /// Runs the scenario; an absent slot device fails it only if `required`.
-pub fn run(apic0: u32, required: bool) -> bool {
+pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
     let Some(dev) = pci::find(sd::VENDOR_ID, sd::DEVICE_ID) else {
         println!("dma: no slot-array IMS device; skipped");
         return !required;
@@ -388,6 +392,18 @@ pub fn run(apic0: u32, required: bool) -> bool {
         4,
     );
     println!("dma: a remap of the used ring took effect at its IOTLB invalidation, not before");
+    if snapshot {
+        let (host, _) =
+            crate::scenario::harness_request(hypercall::harness::request::SNAPSHOT, 0, 0, 0);
+        d.check("SNAPSHOT request status", u64::from(host), 0);
+        // The host pauses the VM just after completing the request: idle on register
+        // reads (an exit each, a few hundred milliseconds) so that the snapshot finds
+        // the scenario here, not further on.
+        for _ in 0..50_000 {
+            let _ = r32(GSTS);
+        }
+        println!("dma: snapshot taken with translation on");
+    }
 
     // The used ring read-only: the device's write faults (0x5) and does not happen.
     set(addr_of_mut!(PT), 2, page(addr_of!(USED_B)) | R);

@@ -86,6 +86,8 @@ struct Options {
     storm_bystanders: u32,
     /// `apic=xapic` keeps the LAPIC in xAPIC (MMIO) mode even when x2APIC is offered.
     xapic: bool,
+    /// `dma_snapshot=1`: the `dma` scenario asks for a snapshot while translation is on.
+    dma_snapshot: bool,
 }
 
 fn number(text: &str) -> Result<u32, &'static str> {
@@ -122,6 +124,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
         storm_count: 20_000,
         storm_bystanders: 20,
         xapic: false,
+        dma_snapshot: false,
     };
     for word in text.split_ascii_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
@@ -165,6 +168,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     _ => return Err("unknown apic mode (xapic, auto)"),
                 }
             }
+            "dma_snapshot" => o.dma_snapshot = number(value)? != 0,
             "msi_count" => o.msi_count = number(value)?,
             "remap_entries" => o.remap_entries = number(value)?,
             "remap_vectors" => o.remap_vectors = number(value)?.clamp(1, 64),
@@ -315,7 +319,11 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     }
     // Before `vtd`: it turns DMA remapping on and off again.
     if all || s == Scenario::Dma {
-        ok &= crate::dma::run(info.apic_id(0).unwrap_or(0), s == Scenario::Dma);
+        ok &= crate::dma::run(
+            info.apic_id(0).unwrap_or(0),
+            s == Scenario::Dma,
+            o.dma_snapshot,
+        );
     }
     // Last: it turns interrupt remapping on for good.
     if all || s == Scenario::Vtd {
