@@ -30,6 +30,7 @@ use irvm_devices::bus::{BusDevice, ConcurrentBusDevice};
 use irvm_devices::dispatch::{answer_doorbell, Dispatcher, HypercallStats};
 use irvm_devices::ims::slots::ImsSlots;
 use irvm_devices::pci::{MmioWindow, PciFunction, PciLayout, PciRoot};
+use irvm_devices::viommu::dma::DmaMemory;
 use irvm_devices::viommu::{Vtd, VtdDevice, WeakVtd};
 use irvm_hypercall::platform::HYPERCALL_PORT;
 use irvm_irq::backing::{Backing, Limits};
@@ -134,14 +135,19 @@ pub fn run(count: u32) -> Result<Report, Error> {
     path.set_fault_sink(WeakVtd::to(&vtd));
     core.set_mirror(WeakVtd::to(&vtd));
     path.set_compat_injector(Arc::new(routing));
+    // Its DMA remapping: devices' memory goes through it, its faults come back to it.
+    let dma = vtd.lock().unwrap_or_else(PoisonError::into_inner).dma();
+    dma.set_fault_sink(WeakVtd::to(&vtd));
 
-    // 4. PCI: one slot-array IMS device, its BAR placed in our window.
+    // 4. PCI: one slot-array IMS device, its BAR placed in our window, its DMA
+    //    translated by the VT-d unit for its requester ID (while the guest turns
+    //    translation on; this guest does not, so the device sees RAM as it is).
     let ims = Arc::new(Mutex::new(ImsSlots::new(
         8,
         1,
         IMS_REQUESTER,
         path,
-        space.clone(),
+        dma.memory(IMS_REQUESTER, mem.clone()),
     )?));
     let mut root = PciRoot::new(LAYOUT);
     root.add(3, 0, ims.clone()).ok_or("00:03.0 is taken")?;
@@ -213,7 +219,7 @@ struct Parts {
     window: MmioWindow,
     dispatcher: Arc<Dispatcher>,
     group: Arc<RemappedMsiGroup>,
-    ims: Arc<Mutex<ImsSlots>>,
+    ims: Arc<Mutex<ImsSlots<DmaMemory>>>,
     mem: GuestMemoryMmap,
     late: Arc<AtomicBool>,
 }
@@ -318,7 +324,7 @@ fn counted(mem: &GuestMemoryMmap, at: u64, n: u32) -> Result<(), Error> {
 /// device process would). Each waits until the guest counted its last interrupt.
 fn start_sources(
     count: u32,
-    ims: &Arc<Mutex<ImsSlots>>,
+    ims: &Arc<Mutex<ImsSlots<DmaMemory>>>,
     group: &Arc<RemappedMsiGroup>,
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<thread::JoinHandle<Result<(), Error>>>, Error> {
