@@ -63,9 +63,8 @@ fn boots_to_interrupt_remapping(kernel: PathBuf) -> String {
             kernel: Kernel::Elf(kernel),
             cpus: 2,
             memory: 512 << 20,
-            cmdline:
-                "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr noxsave intel_iommu=off"
-                    .into(),
+            cmdline: "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr noxsave intel_iommu=on"
+                .into(),
             cpuid_hide: vec!["cx16".into()],
             ..MachineConfig::default()
         },
@@ -120,18 +119,21 @@ fn the_generic_vmlinux_boots_through_pvh_to_interrupt_remapping() {
     boots_to_interrupt_remapping(debian_vmlinux("generic"));
 }
 
-/// The README's command line for user space on a KVM that emulates guest ring 0: no DMA
-/// remapping (our unit does interrupt remapping only), no XSAVE (the emulator refuses it),
-/// no SMAP (a `clac` the VMM would complete at every interrupt and exception entry), and
-/// the initcalls that cost minutes here and nothing the test needs left out (the BTF parse
-/// behind `cubictcp_register` alone is over two minutes).
-const USER_SPACE_CMDLINE: &str = "console=ttyS0 nokaslr noxsave clearcpuid=smap intel_iommu=off \
+/// The README's command line for user space on a KVM that emulates guest ring 0: DMA
+/// remapping on, no XSAVE (the emulator refuses it), no SMAP (a `clac` the VMM would
+/// complete at every interrupt and exception entry), and the initcalls that cost minutes
+/// here and nothing the test needs left out (the BTF parse behind `cubictcp_register`
+/// alone is over two minutes).
+const USER_SPACE_CMDLINE: &str = "console=ttyS0 nokaslr noxsave clearcpuid=smap intel_iommu=on \
     cryptomgr.notests initcall_blacklist=blake2s_mod_init,ftrace_check_for_weak_functions,\
     tracer_init_tracefs,cubictcp_register,init_blk_tracer,load_system_certificate_list";
 
-/// A stock kernel reaches user space; its `/init` finds every IOAPIC interrupt in use
-/// remapped (`IR-IO-APIC`, the console's among them), the DMAR unit's fault interrupt and
-/// the ACPI DMAR table, and reports PASS on the debug-exit port from ring 3.
+/// A stock kernel with `intel_iommu=on` turns DMA translation on (TE, then TES: no "DMAR
+/// hardware is malfunctioning" panic) and puts our PCI devices in translated IOMMU
+/// domains; it reaches user space, where its `/init` finds every IOAPIC interrupt in use
+/// remapped (`IR-IO-APIC`, the console's among them), the DMAR unit's fault interrupt, the
+/// ACPI DMAR table and every PCI device behind `dmar0`, and reports PASS on the
+/// debug-exit port from ring 3.
 #[test]
 fn the_cloud_kernel_reaches_user_space_and_its_init_sees_remapped_interrupts() {
     let config = VmConfig {
@@ -152,9 +154,15 @@ fn the_cloud_kernel_reaches_user_space_and_its_init_sees_remapped_interrupts() {
     let (report, console) = boot(&config);
     assert!(report.passed(), "{report}\n{console}");
     for line in [
+        "iommu: Default domain type: Translated",
+        "pci 0000:00:03.0: Adding to iommu group",
+        "pci 0000:00:04.0: Adding to iommu group",
+        "DMAR: Intel(R) Virtualization Technology for Directed I/O",
         "Run /init as init process",
         "init: stock kernel reached user space",
         "init: ACPI DMAR table: present",
+        "init: DMA remapping unit: dmar0 registered",
+        "init: DMA remapping: 3 of 3 PCI devices in translated domains behind dmar0",
         "init: verdict PASS",
     ] {
         assert!(console.contains(line), "`{line}` missing:\n{console}");

@@ -114,6 +114,9 @@ fn capabilities_and_linux_enable_sequence() {
         0x1a
     );
     assert_eq!((d.read64(regs::CAP) >> 24) & 0x3ff, regs::FRCD / 16, "FRO");
+    // The values docs/viommu.md gives (and Linux prints: "cap 12078c202f0602 ecap f0305b").
+    assert_eq!(d.read64(regs::CAP), 0x0012_078c_202f_0602);
+    assert_eq!(ecap, 0x00f0_305b);
     let gsts = d.read32(regs::GSTS);
     assert_eq!(
         gsts & (global::SIRTP | global::QIE | global::IRE),
