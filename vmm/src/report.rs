@@ -364,29 +364,18 @@ impl RunReport {
             }
             writeln!(f, "{line}")?;
         }
-        if !self.remap_faults.is_empty() {
-            let faults: Vec<String> = self
-                .remap_faults
+        for (what, faults) in [
+            ("IR faults  ", &self.remap_faults),
+            ("DMA faults ", &self.dma_faults),
+        ] {
+            if faults.is_empty() {
+                continue;
+            }
+            let counts: Vec<String> = faults
                 .iter()
                 .map(|(code, n)| format!("{n} x {code:#x}"))
                 .collect();
-            writeln!(
-                f,
-                "vmm: IR faults   {} (VT-d fault reasons)",
-                faults.join(", ")
-            )?;
-        }
-        if !self.dma_faults.is_empty() {
-            let faults: Vec<String> = self
-                .dma_faults
-                .iter()
-                .map(|(code, n)| format!("{n} x {code:#x}"))
-                .collect();
-            writeln!(
-                f,
-                "vmm: DMA faults  {} (VT-d fault reasons)",
-                faults.join(", ")
-            )?;
+            writeln!(f, "vmm: {what} {} (VT-d fault reasons)", counts.join(", "))?;
         }
         if self.unmapped_accesses > 0 {
             writeln!(

@@ -24,10 +24,10 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use hypercall::abi::{call, status, target};
 use hypercall::ims::slots as sd;
-use hypercall::platform::VTD_BASE;
 
 use crate::pci::{self, mmio_read, mmio_write};
 use crate::scenario::expect;
+use crate::vtd::{r32, r64, w32, w64};
 use crate::{count, println};
 
 /// Vector of the device's completions (through an IRTE from the hypercall); the `ims`
@@ -87,26 +87,6 @@ fn set(t: *mut Page, i: usize, v: u64) {
     // SAFETY: a page of ours; `i` < 512 by construction of the callers.
     unsafe { write_volatile(addr_of_mut!((*t).0[i % 512]), v) };
     compiler_fence(Ordering::SeqCst);
-}
-
-fn r32(offset: u64) -> u32 {
-    // SAFETY: the unit's register page is identity-mapped MMIO.
-    unsafe { read_volatile((VTD_BASE + offset) as *const u32) }
-}
-
-fn w32(offset: u64, value: u32) {
-    // SAFETY: as in `r32`.
-    unsafe { write_volatile((VTD_BASE + offset) as *mut u32, value) }
-}
-
-fn r64(offset: u64) -> u64 {
-    // SAFETY: as in `r32`; 64-bit registers are 8-byte aligned.
-    unsafe { read_volatile((VTD_BASE + offset) as *const u64) }
-}
-
-fn w64(offset: u64, value: u64) {
-    // SAFETY: as in `r64`.
-    unsafe { write_volatile((VTD_BASE + offset) as *mut u64, value) }
 }
 
 fn spin_until(mut done: impl FnMut() -> bool) -> bool {

@@ -114,22 +114,22 @@ fn reg(offset: u64) -> u64 {
     VTD_BASE + offset
 }
 
-fn r32(offset: u64) -> u32 {
+pub(crate) fn r32(offset: u64) -> u32 {
     // SAFETY: the unit's register page is identity-mapped (uncached) MMIO.
     unsafe { core::ptr::read_volatile(reg(offset) as *const u32) }
 }
 
-fn w32(offset: u64, value: u32) {
+pub(crate) fn w32(offset: u64, value: u32) {
     // SAFETY: as in `r32`.
     unsafe { core::ptr::write_volatile(reg(offset) as *mut u32, value) }
 }
 
-fn r64(offset: u64) -> u64 {
+pub(crate) fn r64(offset: u64) -> u64 {
     // SAFETY: as in `r32`; 64-bit registers are 8-byte aligned.
     unsafe { core::ptr::read_volatile(reg(offset) as *const u64) }
 }
 
-fn w64(offset: u64, value: u64) {
+pub(crate) fn w64(offset: u64, value: u64) {
     // SAFETY: as in `r64`.
     unsafe { core::ptr::write_volatile(reg(offset) as *mut u64, value) }
 }
