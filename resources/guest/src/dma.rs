@@ -19,8 +19,8 @@
 //!
 //! The entry encoders here are this guest's own (from the spec), not the VMM's.
 
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use core::sync::atomic::{compiler_fence, Ordering};
+use core::ptr::{addr_of, read_volatile, write_volatile};
+use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 
 use hypercall::abi::{call, status, target};
 use hypercall::ims::slots as sd;
@@ -63,29 +63,33 @@ const PERSISTENT: u32 = TE | (1 << 26) | (1 << 25) | (1 << 23);
 const R: u64 = 1;
 const W: u64 = 2;
 
-#[repr(C, align(4096))]
-struct Page([u64; 512]);
-
-static mut ROOT: Page = Page([0; 512]);
-static mut CONTEXT: Page = Page([0; 512]);
-static mut PML4: Page = Page([0; 512]);
-static mut PDPT: Page = Page([0; 512]);
-static mut PD: Page = Page([0; 512]);
-static mut PT: Page = Page([0; 512]);
-static mut DESC: Page = Page([0; 512]);
-static mut AVAIL: Page = Page([0; 512]);
-static mut USED_A: Page = Page([0; 512]);
-static mut USED_B: Page = Page([0; 512]);
+/// The pages the scenario uses, from the start of free RAM (boot information): the
+/// tables, then the rings. Indices into them:
+const ROOT: u64 = 0;
+const CONTEXT: u64 = 1;
+const PML4: u64 = 2;
+const PDPT: u64 = 3;
+const PD: u64 = 4;
+const PT: u64 = 5;
+const DESC: u64 = 6;
+const AVAIL: u64 = 7;
+const USED_A: u64 = 8;
+const USED_B: u64 = 9;
+const PAGES: u64 = 10;
+/// Where they start (set once by `run`).
+static BASE: AtomicU64 = AtomicU64::new(0);
 static WORK: [u8; 64] = [0; 64];
 
-fn page(p: *const Page) -> u64 {
-    p as u64
+/// Guest-physical (identity-mapped) address of page `k`.
+fn page(k: u64) -> u64 {
+    BASE.load(Ordering::Relaxed) + 4096 * k
 }
 
-/// Writes quadword `i` of table `t`.
-fn set(t: *mut Page, i: usize, v: u64) {
-    // SAFETY: a page of ours; `i` < 512 by construction of the callers.
-    unsafe { write_volatile(addr_of_mut!((*t).0[i % 512]), v) };
+/// Writes quadword `i` (< 512) of page `k`.
+fn set(k: u64, i: usize, v: u64) {
+    // SAFETY: one of the scenario's pages in free RAM, identity-mapped; `i % 512` keeps
+    // the write inside it.
+    unsafe { write_volatile((page(k) as *mut u64).add(i % 512), v) };
     compiler_fence(Ordering::SeqCst);
 }
 
@@ -99,15 +103,15 @@ fn spin_until(mut done: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// The used index the device wrote in a used-ring page.
-fn used_idx(p: *const Page) -> u16 {
-    // SAFETY: a page of ours; the device writes the index (bytes 2-3) by DMA.
-    unsafe { read_volatile((addr_of!((*p).0) as *const u16).add(1)) }
+/// The used index the device wrote in used-ring page `k`.
+fn used_idx(k: u64) -> u16 {
+    // SAFETY: one of our pages; the device writes the index (bytes 2-3) by DMA.
+    unsafe { read_volatile((page(k) as *const u16).add(1)) }
 }
 
-fn set_used_idx(p: *mut Page, v: u16) {
+fn set_used_idx(k: u64, v: u16) {
     // SAFETY: as in `used_idx`.
-    unsafe { write_volatile((addr_of_mut!((*p).0) as *mut u16).add(1), v) };
+    unsafe { write_volatile((page(k) as *mut u16).add(1), v) };
 }
 
 /// Makes one work item available (descriptor `idx % QSIZE`, pointing at `WORK`).
@@ -115,10 +119,10 @@ fn post() {
     // SAFETY: our descriptor table and available ring; the device reads them after the
     // new available index, written last.
     unsafe {
-        let avail = addr_of_mut!(AVAIL.0) as *mut u16;
+        let avail = page(AVAIL) as *mut u16;
         let idx = read_volatile(avail.add(1));
         let slot = usize::from(idx) % QSIZE;
-        let desc = (addr_of_mut!(DESC.0) as *mut u64).add(2 * slot);
+        let desc = (page(DESC) as *mut u64).add(2 * slot);
         write_volatile(desc, addr_of!(WORK) as u64);
         write_volatile(desc.add(1), 64);
         write_volatile(avail.add(2 + slot), slot as u16);
@@ -129,7 +133,7 @@ fn post() {
 
 fn avail_idx() -> u16 {
     // SAFETY: our available ring.
-    unsafe { read_volatile((addr_of!(AVAIL.0) as *const u16).add(1)) }
+    unsafe { read_volatile((page(AVAIL) as *const u16).add(1)) }
 }
 
 struct Dma {
@@ -227,19 +231,15 @@ impl Dma {
 /// IOVA_DESC, IOVA_AVAIL, IOVA_USED (-> USED_A), all read-write.
 fn build_tables(rid: u16) {
     let devfn = usize::from(rid & 0xff);
-    set(
-        addr_of_mut!(ROOT),
-        2 * usize::from(rid >> 8),
-        page(addr_of!(CONTEXT)) | 1,
-    );
-    set(addr_of_mut!(CONTEXT), 2 * devfn, page(addr_of!(PML4)) | 1);
-    set(addr_of_mut!(CONTEXT), 2 * devfn + 1, 2 | (DOMAIN << 8));
-    set(addr_of_mut!(PML4), 0, page(addr_of!(PDPT)) | R | W);
-    set(addr_of_mut!(PDPT), 2, page(addr_of!(PD)) | R | W);
-    set(addr_of_mut!(PD), 0, page(addr_of!(PT)) | R | W);
-    set(addr_of_mut!(PT), 0, page(addr_of!(DESC)) | R | W);
-    set(addr_of_mut!(PT), 1, page(addr_of!(AVAIL)) | R | W);
-    set(addr_of_mut!(PT), 2, page(addr_of!(USED_A)) | R | W);
+    set(ROOT, 2 * usize::from(rid >> 8), page(CONTEXT) | 1);
+    set(CONTEXT, 2 * devfn, page(PML4) | 1);
+    set(CONTEXT, 2 * devfn + 1, 2 | (DOMAIN << 8));
+    set(PML4, 0, page(PDPT) | R | W);
+    set(PDPT, 2, page(PD) | R | W);
+    set(PD, 0, page(PT) | R | W);
+    set(PT, 0, page(DESC) | R | W);
+    set(PT, 1, page(AVAIL) | R | W);
+    set(PT, 2, page(USED_A) | R | W);
 }
 
 fn program_queue(d: &Dma, q: u32, desc: u64, avail: u64, used: u64) {
@@ -257,8 +257,9 @@ fn program_queue(d: &Dma, q: u32, desc: u64, avail: u64, used: u64) {
     d.set_dev(sd::reg::QUEUE_READY, 1);
 }
 
-/// Runs the scenario; an absent slot device fails it only if `required`.
-pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
+/// Runs the scenario with its pages at `free` (4-KiB aligned free RAM); an absent slot
+/// device fails it only if `required`.
+pub fn run(apic0: u32, free: u64, required: bool, snapshot: bool) -> bool {
     let Some(dev) = pci::find(sd::VENDOR_ID, sd::DEVICE_ID) else {
         println!("dma: no slot-array IMS device; skipped");
         return !required;
@@ -275,6 +276,12 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
         completions: 0,
         faults: 0,
     };
+    BASE.store(free, Ordering::Relaxed);
+    for k in 0..PAGES {
+        for i in 0..512 {
+            set(k, i, 0);
+        }
+    }
     let cap = r64(CAP);
     if (cap >> 8) & 0b100 == 0 || r64(ECAP) & (1 << 6) == 0 {
         println!(
@@ -307,7 +314,7 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
 
     // Linux's order: root pointer, global context and IOTLB invalidations, TE.
     build_tables(d.rid);
-    w64(RTADDR, page(addr_of!(ROOT)));
+    w64(RTADDR, page(ROOT));
     d.command(RTPS, 0);
     if !spin_until(|| r32(GSTS) & RTPS != 0) {
         d.fail("root table pointer status");
@@ -338,23 +345,23 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
     }
     d.check(
         "used index at the mapped page",
-        u64::from(used_idx(addr_of!(USED_A))),
+        u64::from(used_idx(USED_A)),
         2,
     );
 
     // Remap the used ring to USED_B: seen only after the page's invalidation.
-    set(addr_of_mut!(PT), 2, page(addr_of!(USED_B)) | R | W);
+    set(PT, 2, page(USED_B) | R | W);
     if !d.work() {
         d.fail("a completion before the invalidation");
     }
     d.check(
         "before invalidation: old page",
-        u64::from(used_idx(addr_of!(USED_A))),
+        u64::from(used_idx(USED_A)),
         3,
     );
     d.check(
         "before invalidation: new page",
-        u64::from(used_idx(addr_of!(USED_B))),
+        u64::from(used_idx(USED_B)),
         0,
     );
     d.invalidate_iotlb(3, IOVA_USED);
@@ -363,12 +370,12 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
     }
     d.check(
         "after invalidation: old page",
-        u64::from(used_idx(addr_of!(USED_A))),
+        u64::from(used_idx(USED_A)),
         3,
     );
     d.check(
         "after invalidation: new page",
-        u64::from(used_idx(addr_of!(USED_B))),
+        u64::from(used_idx(USED_B)),
         4,
     );
     println!("dma: a remap of the used ring took effect at its IOTLB invalidation, not before");
@@ -386,7 +393,7 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
     }
 
     // The used ring read-only: the device's write faults (0x5) and does not happen.
-    set(addr_of_mut!(PT), 2, page(addr_of!(USED_B)) | R);
+    set(PT, 2, page(USED_B) | R);
     d.invalidate_iotlb(3, IOVA_USED);
     let events = count(0, DMA_FAULT_VECTOR);
     let slot_before = count(0, DMA_VECTOR);
@@ -401,7 +408,7 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
     );
     d.check(
         "used index after the faulting write",
-        u64::from(used_idx(addr_of!(USED_B))),
+        u64::from(used_idx(USED_B)),
         4,
     );
     d.check(
@@ -417,16 +424,12 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
     );
     d.set_dev(sd::reg::STATUS, st);
     // The device goes on once the page is writable again.
-    set(addr_of_mut!(PT), 2, page(addr_of!(USED_B)) | R | W);
+    set(PT, 2, page(USED_B) | R | W);
     d.invalidate_iotlb(3, IOVA_USED);
     if !d.work() {
         d.fail("the device after a fault");
     }
-    d.check(
-        "used index after recovery",
-        u64::from(used_idx(addr_of!(USED_B))),
-        5,
-    );
+    d.check("used index after recovery", u64::from(used_idx(USED_B)), 5);
 
     // An unmapped IOVA: queue 1's descriptor table; the read faults (0x6), the queue is
     // refused.
@@ -454,26 +457,20 @@ pub fn run(apic0: u32, required: bool, snapshot: bool) -> bool {
     // Pass-through: guest-physical addresses after a device-selective context
     // invalidation (and the IOTLB's, as the spec asks).
     let devfn = usize::from(d.rid & 0xff);
-    set(addr_of_mut!(CONTEXT), 2 * devfn, 1 | (2 << 2));
+    set(CONTEXT, 2 * devfn, 1 | (2 << 2));
     d.invalidate_context(3);
     d.invalidate_iotlb(1, 0);
     d.set_dev(sd::reg::QUEUE_SELECT, 0);
     d.set_dev(sd::reg::QUEUE_READY, 0);
-    set_used_idx(addr_of_mut!(USED_A), avail_idx());
-    program_queue(
-        &d,
-        0,
-        page(addr_of!(DESC)),
-        page(addr_of!(AVAIL)),
-        page(addr_of!(USED_A)),
-    );
+    set_used_idx(USED_A, avail_idx());
+    program_queue(&d, 0, page(DESC), page(AVAIL), page(USED_A));
     let want = avail_idx().wrapping_add(1);
     if !d.work() {
         d.fail("a completion through a pass-through context");
     }
     d.check(
         "used index through pass-through",
-        u64::from(used_idx(addr_of!(USED_A))),
+        u64::from(used_idx(USED_A)),
         u64::from(want),
     );
     println!("dma: pass-through context: the device used guest-physical addresses");

@@ -321,6 +321,7 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if all || s == Scenario::Dma {
         ok &= crate::dma::run(
             info.apic_id(0).unwrap_or(0),
+            info.free_start().unwrap_or(0x40_0000),
             s == Scenario::Dma,
             o.dma_snapshot,
         );
