@@ -93,14 +93,9 @@ fn set(k: u64, i: usize, v: u64) {
     compiler_fence(Ordering::SeqCst);
 }
 
-fn spin_until(mut done: impl FnMut() -> bool) -> bool {
-    for _ in 0..3_000_000 {
-        if done() {
-            return true;
-        }
-        core::hint::spin_loop();
-    }
-    false
+/// Polls `done` (a device completes on another thread: up to a few seconds).
+fn spin_until(done: impl FnMut() -> bool) -> bool {
+    crate::vtd::spin_at_most(3_000_000, done)
 }
 
 /// The used index the device wrote in used-ring page `k`.

@@ -134,9 +134,14 @@ pub(crate) fn w64(offset: u64, value: u64) {
     unsafe { core::ptr::write_volatile(reg(offset) as *mut u64, value) }
 }
 
-fn spin_until(mut done: impl FnMut() -> bool) -> bool {
+fn spin_until(done: impl FnMut() -> bool) -> bool {
     // Each poll of a register is an exit: a few seconds at most.
-    for _ in 0..300_000 {
+    spin_at_most(300_000, done)
+}
+
+/// Polls `done` up to `polls` times; whether it came true.
+pub(crate) fn spin_at_most(polls: u32, mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..polls {
         if done() {
             return true;
         }
