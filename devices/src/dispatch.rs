@@ -498,6 +498,7 @@ impl HypercallHandler for Dispatcher {
             .take()
         {
             self.throttled.fetch_add(1, Ordering::Relaxed);
+            irq::warn_limited!("hypercalls over their rate: answered BUSY");
             regs.rax = status::BUSY;
             return;
         }

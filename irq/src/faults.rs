@@ -27,6 +27,13 @@ impl FaultLog {
         if let Some(n) = self.by_reason.get(reason_slot(fault.reason)) {
             n.fetch_add(1, Ordering::Relaxed);
         }
+        crate::warn_limited!(
+            "interrupt remapping fault {:#x} ({:?}): requester {:04x}, index {}; not delivered",
+            fault.reason.code(),
+            fault.reason,
+            fault.source_id,
+            fault.index.map_or("none".to_string(), |i| i.to_string())
+        );
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.len() >= FAULT_QUEUE_LEN {
             queue.pop_front();

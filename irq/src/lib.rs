@@ -60,6 +60,7 @@ pub mod fdlimit;
 pub mod irte;
 #[cfg(feature = "kvm")]
 pub mod kvm;
+pub mod logging;
 pub mod msi;
 pub mod path;
 pub mod port;

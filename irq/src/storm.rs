@@ -97,6 +97,9 @@ impl Storms {
             }
         }
         self.throttled.fetch_add(1, Ordering::Relaxed);
+        crate::warn_limited!(
+            "interrupt storm: entry {index} is over its rate; its signals are coalesced"
+        );
         if self
             .ever
             .get(index as usize)

@@ -51,6 +51,14 @@ fn finish(result: Result<vmm::RunReport, vmm::VmError>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // The libraries log through the `log` facade; RUST_LOG picks what reaches stderr.
+    // Unset: errors only, and not virtio-queue's, which are all about queues a guest set
+    // up wrongly (the device reports those itself). `RUST_LOG=warn` shows faults, storms,
+    // throttling, refused commits and device resets, each call site at most 10 a second.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("error,virtio_queue=off"),
+    )
+    .init();
     let cli = Cli::parse();
     match &cli.command {
         Command::Run(args) => run(args),

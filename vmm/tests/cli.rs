@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn vmm(args: &[&str]) -> Output {
+    // The default log filter, whatever the caller's environment says.
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(args)
+        .env_remove("RUST_LOG")
         .output()
         .expect("the vmm binary runs")
 }
@@ -25,6 +27,30 @@ fn fails_with(args: &[&str], code: i32, message: &str) {
     assert!(
         stderr.contains(message),
         "{args:?}: expected {message:?} in {stderr}"
+    );
+}
+
+/// `RUST_LOG=warn` shows what the guest caused, one warning per event (rate limited),
+/// through the libraries' `log` facade; without it stderr stays empty (the test above).
+#[test]
+fn rust_log_warn_shows_the_faults_a_guest_caused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["run", "--cmdline", "scenario=dma"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the vmm binary runs");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("[WARN")).collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings[0]
+            .contains("DMA remapping fault 0x5 (Write): requester 0018, write at 0x80002024"),
+        "{stderr}"
+    );
+    assert!(
+        warnings[1].contains("DMA remapping fault 0x6 (Read): requester 0018, read at 0x80010000"),
+        "{stderr}"
     );
 }
 

@@ -238,6 +238,12 @@ impl<M: AddressSpace> ImsQueues<M> {
         self.delay = Duration::ZERO;
         self.stats.resets += 1;
         if notify {
+            // The device reset itself (a command timed out, or the reset was injected);
+            // a driver's own RESET write is routine.
+            irq::warn_limited!(
+                "ims-queues {:04x}: the device reset itself; STATUS.RESET tells the driver",
+                self.requester
+            );
             self.status |= STATUS_RESET;
             self.notify_admin();
         }

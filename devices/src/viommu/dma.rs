@@ -240,6 +240,15 @@ impl DmaUnit {
 
     fn record(&self, fault: &DmaFault, recorded: bool) {
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        irq::warn_limited!(
+            "DMA remapping fault {:#x} ({:?}): requester {:04x}, {} at {:#x}; the access did not happen{}",
+            fault.reason.code(),
+            fault.reason,
+            fault.source_id,
+            if fault.write { "write" } else { "read" },
+            fault.address,
+            if recorded { "" } else { " (FPD: not recorded)" }
+        );
         if let Some(n) = self
             .counters
             .by_reason

@@ -541,6 +541,10 @@ impl Vtd {
 
     fn queue_error(&mut self) {
         self.counters.queue_errors += 1;
+        irq::warn_limited!(
+            "VT-d invalidation queue error at IQH {:#x}: the queue stops until FSTS.IQE is cleared",
+            self.state.iqh
+        );
         let was = self.anything_pending();
         self.state.fsts |= fsts::IQE;
         self.fault_event(was);

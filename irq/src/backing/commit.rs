@@ -467,9 +467,14 @@ impl<B: RoutingBackend> Transaction<'_, B> {
     /// Any [`BackingError`]; the previous state is then intact and still delivering.
     pub fn commit(self) -> Result<(), BackingError> {
         let result = self.backing.apply(self.staged);
-        match result {
+        match &result {
             Ok(()) => self.backing.stats.transactions += 1,
-            Err(_) => self.backing.stats.rollbacks += 1,
+            Err(e) => {
+                self.backing.stats.rollbacks += 1;
+                crate::warn_limited!(
+                    "remapping transaction refused ({e}); the previous state stays in force"
+                );
+            }
         }
         result
     }
