@@ -34,7 +34,7 @@ use vm_memory::{
 
 use super::descriptor::{ContextScope, IotlbScope};
 use super::view::{DmaView, Pieces};
-use super::walk::{self, Context, DmaFault, DmaFaultReason, Leaf, HAW};
+use super::walk::{self, Context, DmaFault, DmaFaultReason, Leaf};
 use crate::memory::SharedRam;
 
 /// Where a requester's DMA faults go (the unit's fault recording registers).
@@ -46,9 +46,12 @@ pub trait DmaFaultSink: Send + Sync {
 /// A device's memory behind the unit: its requester's translation over guest RAM `B`.
 pub type DmaMemory<B = GuestMemoryMmap> = GuestMemoryAtomic<DmaView<B>>;
 
-/// Pages one access may fill from the tables at most (an access spans a few pages; this
-/// bounds the work a guest-chosen length can cause).
+/// Pages one access may span at most (an access spans a few pages; this bounds the work a
+/// guest-chosen length can cause).
 const MAX_FILL_PAGES: u64 = 4096;
+
+/// What a pass-through context maps, as one page: the lower half of the address space.
+const PASS_THROUGH_SIZE: u64 = 1 << 63;
 
 /// What the unit's DMA remapping did, for statistics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -500,10 +503,11 @@ impl RequesterDma {
         let context = self.context(iova, write)?;
         r.unit.counters.walks.fetch_add(1, Ordering::Relaxed);
         let leaf = match context {
+            // Every address as it is (beyond the guest's RAM the access fails there).
             Context::PassThrough { .. } => Leaf {
                 iova: 0,
                 phys: 0,
-                size: 1 << HAW,
+                size: PASS_THROUGH_SIZE,
                 read: true,
                 write: true,
             },
@@ -580,8 +584,14 @@ impl RequesterDma {
                     .fill(at, access)
                     .ok_or_else(|| refused(at, length, "DMA remapping fault"))?,
             };
+            // A page always holds `at`; an address no page can hold (pass-through's
+            // covers the lower half of the address space) is refused, not wrapped.
+            let offset = at.wrapping_sub(first);
+            if offset >= size {
+                return Err(refused(at, length, "beyond what a page can map"));
+            }
             let stop = first.saturating_add(size).min(end);
-            pieces.push(phys + (at - first), stop - at);
+            pieces.push(phys.saturating_add(offset), stop - at);
             at = stop;
         }
         Ok(pieces)

@@ -214,6 +214,11 @@ fn pass_through_and_context_invalidation() {
     // IOVA is now a guest-physical address beyond RAM: an error, not a DMA fault.
     assert_eq!(dma.read(IOVA), None);
     assert_eq!(dma.dma_faults(), 1, "only the read before pass-through");
+    // Addresses far beyond RAM, up to the top: errors, never a wrap or a panic.
+    for at in [1 << 48, (1 << 63) - 8, 1 << 63, u64::MAX - 3] {
+        assert_eq!(dma.read(at), None, "{at:#x}");
+        assert!(!dma.write(at, 1), "{at:#x}");
+    }
 }
 
 #[test]
