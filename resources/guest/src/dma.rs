@@ -27,7 +27,9 @@ use hypercall::ims::slots as sd;
 
 use crate::pci::{self, mmio_read, mmio_write};
 use crate::scenario::expect;
-use crate::vtd::{r32, r64, w32, w64};
+use crate::vtd::{
+    r32, r64, w32, w64, CFI, ECAP, FEADDR, FECTL, FEDATA, FEUADDR, FSTS, GCMD, GSTS, IRE, QIE, TE,
+};
 use crate::{count, println};
 
 /// Vector of the device's completions (through an IRTE from the hypercall); the `ims`
@@ -46,20 +48,13 @@ const IOVA_USED: u64 = IOVA_BASE + 0x2000;
 const IOVA_UNMAPPED: u64 = IOVA_BASE + 0x10_000;
 const QSIZE: usize = 8;
 
-const GCMD: u64 = 0x18;
-const GSTS: u64 = 0x1c;
+// The registers `vtd` does not use; the rest are its.
 const RTADDR: u64 = 0x20;
 const CCMD: u64 = 0x28;
-const FSTS: u64 = 0x34;
-const FECTL: u64 = 0x38;
-const FEDATA: u64 = 0x3c;
-const FEADDR: u64 = 0x40;
-const FEUADDR: u64 = 0x44;
 const CAP: u64 = 0x08;
-const ECAP: u64 = 0x10;
-const TE: u32 = 1 << 31;
 const RTPS: u32 = 1 << 30;
-const PERSISTENT: u32 = TE | (1 << 26) | (1 << 25) | (1 << 23);
+/// GCMD bits a command restates (as `vtd`'s driver does).
+const PERSISTENT: u32 = TE | QIE | IRE | CFI;
 const R: u64 = 1;
 const W: u64 = 2;
 
