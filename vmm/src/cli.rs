@@ -68,6 +68,33 @@ Examples:
   vmm device ims-slots --socket /tmp/slots.sock &
   vmm run --device vfio-user,socket=/tmp/slots.sock --device ims-queues --cmdline scenario=ims")]
     Device(DeviceArgs),
+    /// Send one request to a running VM's control API (`--api-socket`) and print the
+    /// answer, for people without `curl --unix-socket`.
+    #[command(after_help = "\
+Without JSON the request is a GET, with JSON a PUT; -X chooses. The answer's body goes to
+stdout; the exit status is 0 for a 2xx answer and 1 otherwise (125 if the socket cannot be
+reached). docs/api.md lists the endpoints.
+
+Examples:
+  vmm api /tmp/vm.sock /api/v1/vm.info
+  vmm api /tmp/vm.sock /api/v1/interrupts/table?requester=00:03.0&present=true
+  vmm api /tmp/vm.sock /api/v1/vm.pause -X PUT
+  vmm api /tmp/vm.sock /api/v1/vm.snapshot '{\"path\": \"/tmp/vm.snap\"}'")]
+    Api(ApiArgs),
+}
+
+/// Options of `vmm api`.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The VM's API socket
+    pub socket: PathBuf,
+    /// The endpoint, e.g. /api/v1/vm.info
+    pub path: String,
+    /// A JSON body (makes the request a PUT)
+    pub json: Option<String>,
+    /// The method [default: GET, or PUT with a body]
+    #[arg(short = 'X', long, value_name = "METHOD")]
+    pub method: Option<String>,
 }
 
 /// Options of `vmm device`.
@@ -176,6 +203,7 @@ impl RestoreArgs {
             snapshot: self.snapshots.snapshot.clone(),
             snapshot_after_ms: self.snapshots.snapshot_after_ms,
             snapshot_then: self.snapshots.snapshot_then.clone(),
+            api_socket: self.run.api_socket.clone(),
             ..Settings::default()
         }
     }
@@ -216,7 +244,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, api_socket, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -269,6 +297,10 @@ pub struct RunOptions {
     /// reports a verdict, e.g. a stock kernel)
     #[arg(long, value_name = "TEXT")]
     pub until: Option<String>,
+    /// Serve the control API (HTTP/1.1, JSON; docs/api.md) on this Unix socket, which must
+    /// not exist; it is made owner-only and removed when the run ends
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// When a running VM snapshots itself.
@@ -325,6 +357,7 @@ impl RunArgs {
             cpuid_hide: (!self.cpuid_hide.is_empty()).then(|| self.cpuid_hide.clone()),
             initrd: self.initrd.clone(),
             harness: self.harness.clone(),
+            api_socket: self.run.api_socket.clone(),
         };
         Ok(file.overridden_by(flags))
     }

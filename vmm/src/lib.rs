@@ -25,6 +25,7 @@
 )]
 
 pub mod acpi;
+pub mod api;
 pub mod bench;
 pub mod bus;
 pub mod cli;

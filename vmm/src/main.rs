@@ -4,7 +4,7 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{BenchArgs, Cli, Command, DeviceArgs, RestoreArgs, RunArgs};
+use vmm::cli::{ApiArgs, BenchArgs, Cli, Command, DeviceArgs, RestoreArgs, RunArgs};
 use vmm::report::EXIT_VMM_ERROR;
 
 /// Prints an error and its causes on one line.
@@ -65,6 +65,32 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Restore(args) => restore(args),
         Command::Device(args) => device(args),
+        Command::Api(args) => api(args),
+    }
+}
+
+fn api(args: &ApiArgs) -> ExitCode {
+    let method = args
+        .method
+        .clone()
+        .unwrap_or_else(|| if args.json.is_some() { "PUT" } else { "GET" }.into());
+    match vmm::api::client::request(&args.socket, &method, &args.path, args.json.as_deref()) {
+        Ok((status, body)) => {
+            if !body.is_empty() {
+                use std::io::Write;
+                let _ = std::io::stdout().lock().write_all(body.as_bytes());
+            }
+            if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: HTTP {status}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach {}: {e}", args.socket.display());
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
     }
 }
 

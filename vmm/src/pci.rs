@@ -527,52 +527,69 @@ impl PciDevices {
         }
         self.models
             .iter()
-            .map(|(device, model)| {
-                let busy = DeviceReport {
-                    device: device.clone(),
-                    completions: 0,
-                    faults: 0,
-                    resets: 0,
-                    dropped: 0,
-                    busy: true,
-                    remote: None,
-                };
-                match model {
-                    Model::Slots(d) => lock_by(d, deadline).map_or(busy, |d| DeviceReport {
-                        device: device.clone(),
-                        completions: d.completions(),
-                        faults: d.faults(),
-                        resets: 0,
-                        dropped: 0,
-                        busy: false,
-                        remote: None,
-                    }),
-                    Model::Queues(d) => lock_by(d, deadline).map_or(busy, |d| {
-                        let s = d.stats();
-                        DeviceReport {
-                            device: device.clone(),
-                            completions: s.completions,
-                            faults: s.faults,
-                            resets: s.resets,
-                            dropped: s.dropped,
-                            busy: false,
-                            remote: None,
-                        }
-                    }),
-                    Model::VfioUser(d) => {
-                        lock_by(d, deadline).map_or(busy.clone(), |d| DeviceReport {
-                            device: device.clone(),
-                            completions: 0,
-                            faults: 0,
-                            resets: 0,
-                            dropped: 0,
-                            busy: false,
-                            remote: Some(d.report()),
-                        })
-                    }
-                }
-            })
+            .map(|(device, model)| status_of(device, model, deadline).report)
             .collect()
+    }
+
+    /// Each device's counters and what of it is in use, as of now, while it runs (a
+    /// device held longer than [`STATUS_PATIENCE`] by a vCPU or its loop is reported
+    /// busy).
+    #[must_use]
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        let deadline = Instant::now() + STATUS_PATIENCE;
+        self.models
+            .iter()
+            .map(|(device, model)| status_of(device, model, deadline))
+            .collect()
+    }
+}
+
+/// How long [`PciDevices::status`] waits for a device that is busy.
+pub const STATUS_PATIENCE: Duration = Duration::from_millis(100);
+
+/// A device's counters and use while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatus {
+    /// Its counters.
+    pub report: DeviceReport,
+    /// Message slots unmasked (slot-array) or contexts started (queue-memory), and how
+    /// many it has; `None` for a device in another process.
+    pub in_use: Option<(u32, u32)>,
+}
+
+fn status_of(device: &DeviceConfig, model: &Model, deadline: Instant) -> DeviceStatus {
+    let report = |completions, faults, resets, dropped, remote| DeviceReport {
+        device: device.clone(),
+        completions,
+        faults,
+        resets,
+        dropped,
+        busy: false,
+        remote,
+    };
+    let busy = DeviceStatus {
+        report: DeviceReport {
+            busy: true,
+            ..report(0, 0, 0, 0, None)
+        },
+        in_use: None,
+    };
+    match model {
+        Model::Slots(d) => lock_by(d, deadline).map_or(busy, |d| DeviceStatus {
+            report: report(d.completions(), d.faults(), 0, 0, None),
+            in_use: Some((d.slots_in_use(), d.slot_count())),
+        }),
+        Model::Queues(d) => lock_by(d, deadline).map_or(busy, |d| {
+            let s = d.stats();
+            DeviceStatus {
+                report: report(s.completions, s.faults, s.resets, s.dropped, None),
+                in_use: Some((d.contexts_in_use(), d.context_count())),
+            }
+        }),
+        Model::VfioUser(d) => lock_by(d, deadline).map_or(busy, |d| DeviceStatus {
+            report: report(0, 0, 0, 0, Some(d.report())),
+            in_use: None,
+        }),
     }
 }
 

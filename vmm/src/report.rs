@@ -69,6 +69,9 @@ pub enum Outcome {
         /// The file.
         path: std::path::PathBuf,
     },
+    /// The control API asked the VM to shut down (`PUT /api/v1/vm.shutdown`). Not a
+    /// failure.
+    Shutdown,
     /// A snapshot was due but could not be taken; the VM stopped.
     SnapshotFailed {
         /// Why, with its causes.
@@ -154,7 +157,7 @@ impl RunReport {
                 .min(EXIT_GUEST_MAX),
             Outcome::Watchdog { .. } => EXIT_WATCHDOG,
             Outcome::VcpusStopped { .. } | Outcome::VcpuFailed { .. } => EXIT_VCPUS_STOPPED,
-            Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } => 0,
+            Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } | Outcome::Shutdown => 0,
             Outcome::SnapshotFailed { .. } => EXIT_VMM_ERROR,
         }
     }
@@ -191,7 +194,9 @@ impl RunReport {
             Outcome::VcpuFailed { index, reason } => Some(format!(
                 "vCPU {index} stopped: {reason}; the VM was stopped"
             )),
-            Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } => None,
+            Outcome::Snapshotted { .. } | Outcome::ConsoleMatched { .. } | Outcome::Shutdown => {
+                None
+            }
             Outcome::SnapshotFailed { error } => Some(format!("cannot take the snapshot: {error}")),
         }
     }
@@ -421,6 +426,7 @@ impl RunReport {
                 format!("SNAPSHOT (written to {}; the VM stopped)", path.display())
             }
             Outcome::SnapshotFailed { .. } => "SNAPSHOT FAILED (the VM stopped)".to_string(),
+            Outcome::Shutdown => "SHUT DOWN (through the control API)".to_string(),
             Outcome::ConsoleMatched { text } => {
                 format!("PASS (the console showed \"{text}\"; the VM was stopped there)")
             }

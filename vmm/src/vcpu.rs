@@ -40,6 +40,8 @@ pub enum VmEvent {
         /// Why.
         reason: StopReason,
     },
+    /// A control-API request, to be answered.
+    Api(crate::api::ApiCall),
 }
 
 /// Everything a vCPU thread shares with the rest of the VM.

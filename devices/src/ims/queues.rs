@@ -183,6 +183,13 @@ impl<M: AddressSpace> ImsQueues<M> {
         u32::try_from(self.contexts.len()).unwrap_or(u32::MAX)
     }
 
+    /// Contexts the driver has started (in use).
+    #[must_use]
+    pub fn contexts_in_use(&self) -> u32 {
+        let n = self.contexts.iter().filter(|c| c.is_some()).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     /// The device's counters.
     #[must_use]
     pub fn stats(&self) -> QueueStats {

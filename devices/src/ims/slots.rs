@@ -149,6 +149,17 @@ impl<M: AddressSpace> ImsSlots<M> {
         u32::try_from(self.slots.len()).unwrap_or(u32::MAX)
     }
 
+    /// Slots the driver has unmasked (in use).
+    #[must_use]
+    pub fn slots_in_use(&self) -> u32 {
+        let n = self
+            .slots
+            .iter()
+            .filter(|s| s.control & SLOT_MASK == 0)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     /// Work queues.
     #[must_use]
     pub fn queue_count(&self) -> u32 {

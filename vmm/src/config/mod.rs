@@ -103,6 +103,9 @@ pub struct Settings {
     /// The test harness: `on` or `off` (default: on for the built-in test guest only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub harness: Option<String>,
+    /// The control API's Unix socket (`docs/api.md`); it must not exist.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// A size as a string with a unit or a number of MiB.
@@ -170,6 +173,9 @@ pub enum ConfigError {
     /// An empty `until` text.
     #[error("invalid until: the text to wait for is empty")]
     Until,
+    /// An empty `api_socket` path.
+    #[error("invalid api_socket: the path is empty")]
+    ApiSocket,
     /// A harness setting other than on or off.
     #[error("invalid harness `{0}`: expected on or off")]
     Harness(String),
@@ -269,6 +275,7 @@ impl Settings {
                 snapshot: over_run.snapshot.or(run.snapshot),
                 snapshot_after_ms: over_run.snapshot_after_ms.or(run.snapshot_after_ms),
                 snapshot_then: over_run.snapshot_then.or(run.snapshot_then),
+                api_socket: over_run.api_socket.or(run.api_socket),
             },
         )
     }
@@ -298,6 +305,7 @@ impl Settings {
             snapshot: self.snapshot,
             snapshot_after_ms: self.snapshot_after_ms,
             snapshot_then: self.snapshot_then,
+            api_socket: self.api_socket,
         };
         (machine, run)
     }
@@ -323,6 +331,7 @@ impl Settings {
             snapshot: run.snapshot,
             snapshot_after_ms: run.snapshot_after_ms,
             snapshot_then: run.snapshot_then,
+            api_socket: run.api_socket,
         }
     }
 

@@ -84,6 +84,8 @@ pub struct RunConfig {
     /// Text on the console at which the run stops with success (for guests that never
     /// report a verdict, such as a stock kernel).
     pub until: Option<String>,
+    /// Where the control API listens (`docs/api.md`), if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -94,6 +96,7 @@ impl Default for RunConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             snapshot: None,
             until: None,
+            api_socket: None,
         }
     }
 }
@@ -115,6 +118,8 @@ pub struct RunSettings {
     pub snapshot_after_ms: Option<u64>,
     /// What the VM does after its snapshot: `stop` (the default) or `continue`.
     pub snapshot_then: Option<String>,
+    /// The control API's socket.
+    pub api_socket: Option<PathBuf>,
 }
 
 impl RunSettings {
@@ -138,6 +143,10 @@ impl RunSettings {
             snapshot: resolve_snapshot(self.snapshot, self.snapshot_after_ms, self.snapshot_then)?,
             until: match self.until {
                 Some(text) if text.is_empty() => return Err(ConfigError::Until),
+                other => other,
+            },
+            api_socket: match self.api_socket {
+                Some(path) if path.as_os_str().is_empty() => return Err(ConfigError::ApiSocket),
                 other => other,
             },
         })

@@ -53,13 +53,15 @@ impl Host {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
-        let msr_list = match &config.run.snapshot {
-            Some(_) => kvm
+        // Snapshots are taken when the run plans one or the control API asks.
+        let snapshots = config.run.snapshot.is_some() || config.run.api_socket.is_some();
+        let msr_list = match snapshots {
+            true => kvm
                 .get_msr_index_list()
                 .map_err(|e| VmError::Kvm("read the MSRs KVM saves", e))?
                 .as_slice()
                 .to_vec(),
-            None => Vec::new(),
+            false => Vec::new(),
         };
         Ok(Self {
             kvm,
@@ -103,6 +105,8 @@ pub(super) struct Vm<'a> {
     pub(super) path: Arc<InterruptPath>,
     pub(super) backing: SharedBacking,
     pub(super) taken: Option<SnapshotTaken>,
+    /// The routing path's fault-injection switches (a VM with the test harness).
+    pub(super) injected_faults: Option<Arc<irq::port::InjectedFaults>>,
     pub(super) vm: Arc<VmFd>,
     pub(super) mem: GuestMemoryMmap,
 }
@@ -577,7 +581,7 @@ impl<'a> Vm<'a> {
             &stop,
             &hypercall_times,
             &events,
-            injected_faults,
+            injected_faults.clone(),
             (rings, ring_rx),
             saved.is_some(),
         )?;
@@ -625,6 +629,7 @@ impl<'a> Vm<'a> {
             path,
             backing,
             taken: None,
+            injected_faults,
             vm,
             mem,
         };

@@ -53,6 +53,7 @@ pub static TEST_GUEST_ELF: &[u8] = include_bytes!(env!("VMM_TEST_GUEST_ELF"));
 mod assemble;
 mod boot;
 mod console;
+mod control;
 mod kvm;
 mod running;
 mod stop;
@@ -187,6 +188,9 @@ pub enum VmError {
     /// The PCI devices could not be set up or restored.
     #[error(transparent)]
     Pci(#[from] crate::pci::PciError),
+    /// The control API could not be served.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// An OS resource (thread, eventfd, signal handler) could not be had.
     #[error("cannot {0}")]
     Os(&'static str, #[source] io::Error),

@@ -2,6 +2,31 @@
 //! snapshot), stopped on time, and its report read back.
 
 use super::*;
+use crate::api::http::Refusal;
+use crate::api::{ApiCall, ApiRequest, Body};
+
+/// Where the VM stands after a control-API request.
+enum Action {
+    /// Running, as before.
+    Running,
+    /// Paused, then resumed: how long it was paused and the events held meanwhile.
+    Resumed {
+        paused_for: Duration,
+        held: Vec<VmEvent>,
+    },
+    /// The run ends.
+    Ended(Outcome),
+}
+
+/// A snapshot the API asked for that failed, as the client sees it.
+fn snapshot_refusal(e: &VmError) -> Refusal {
+    let status = match e {
+        VmError::Pci(crate::pci::PciError::NotSnapshottable(_)) => 409,
+        VmError::Snapshot(SnapshotError::Write { .. }) => 400,
+        _ => 500,
+    };
+    Refusal::new(status, crate::report::error_chain(e))
+}
 
 impl Vm<'_> {
     /// Runs the VM until its verdict, every vCPU stopping or the watchdog (taking the
@@ -12,6 +37,10 @@ impl Vm<'_> {
         started: Instant,
     ) -> Result<RunReport, VmError> {
         let config = self.config;
+        let mut api = match &config.run.api_socket {
+            Some(path) => Some(crate::api::ApiServer::start(path, self.shared.events.clone())?),
+            None => None,
+        };
         let storm_ticker = spawn_storm_ticker(
             &self.path,
             config.machine.irq_rate,
@@ -35,6 +64,10 @@ impl Vm<'_> {
                 stopped: Vec::new(),
             },
         };
+        // No request is taken from here on; its socket goes away.
+        if let Some(server) = api.as_mut() {
+            server.stop();
+        }
 
         self.stop.store(true, Ordering::Release);
         // Every thread gets until the same moment to leave: one inside a device call (a
@@ -104,11 +137,11 @@ impl Vm<'_> {
 
 impl Vm<'_> {
     /// Waits for a verdict, for every vCPU to stop, or for the watchdog; takes the
-    /// snapshot when it is due.
+    /// snapshot when it is due; answers the control API.
     fn supervise(&mut self, events: &mpsc::Receiver<VmEvent>) -> Outcome {
         let config = self.config;
         let begin = Instant::now();
-        let deadline = config.run.watchdog.map(|w| begin + w);
+        let mut deadline = config.run.watchdog.map(|w| begin + w);
         let mut snapshot_at = config
             .run
             .snapshot
@@ -116,14 +149,19 @@ impl Vm<'_> {
             .and_then(|p| p.after)
             .map(|a| begin + a);
         let mut stopped: Vec<(u32, StopReason)> = Vec::new();
+        // Events that arrived while the VM was paused, handled once it runs again.
+        let mut backlog: std::collections::VecDeque<VmEvent> = std::collections::VecDeque::new();
         loop {
             let wake = match (deadline, snapshot_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let event = match wake {
-                Some(d) => events.recv_timeout(d.saturating_duration_since(Instant::now())),
-                None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            let event = match (backlog.pop_front(), wake) {
+                (Some(e), _) => Ok(e),
+                (None, Some(d)) => {
+                    events.recv_timeout(d.saturating_duration_since(Instant::now()))
+                }
+                (None, None) => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             let snapshot_due = match &event {
                 Ok(VmEvent::SnapshotRequested) => true,
@@ -173,6 +211,22 @@ impl Vm<'_> {
                         return Outcome::VcpusStopped { stopped };
                     }
                 }
+                Ok(VmEvent::Api(call)) => {
+                    let run = control::RunState {
+                        began: begin,
+                        paused: false,
+                    };
+                    match self.api_action(&call, run, events) {
+                        Action::Running => {}
+                        Action::Resumed { paused_for, held } => {
+                            // The watchdog and a planned snapshot do not count a pause.
+                            deadline = deadline.map(|d| d + paused_for);
+                            snapshot_at = snapshot_at.map(|d| d + paused_for);
+                            backlog.extend(held);
+                        }
+                        Action::Ended(outcome) => return outcome,
+                    }
+                }
                 Ok(VmEvent::SnapshotRequested) => {}
                 Err(RecvTimeoutError::Timeout) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -185,44 +239,186 @@ impl Vm<'_> {
         }
     }
 
-    /// Pauses the VM, writes its snapshot to `plan.path`, and (to go on) resumes it.
-    fn snapshot(&mut self, plan: &SnapshotPlan) -> Result<(), VmError> {
-        let began = Instant::now();
-        // The harness between requests, the devices' loop and storm control stopped,
-        // then the vCPUs out of KVM_RUN with nothing pending.
+    /// Carries out a control-API request on the running VM.
+    fn api_action(
+        &mut self,
+        call: &ApiCall,
+        run: control::RunState,
+        events: &mpsc::Receiver<VmEvent>,
+    ) -> Action {
+        match &call.request {
+            ApiRequest::Pause => self.paused(call, run, events),
+            ApiRequest::Resume => {
+                call.answer(Err(Refusal::new(409, "the VM is not paused")));
+                Action::Running
+            }
+            ApiRequest::Shutdown => {
+                call.answer(Ok(Body::Empty));
+                Action::Ended(Outcome::Shutdown)
+            }
+            ApiRequest::Snapshot { path } => {
+                let plan = SnapshotPlan {
+                    path: path.clone(),
+                    after: None,
+                    then: AfterSnapshot::Continue,
+                };
+                let result = self.snapshot(&plan);
+                match result {
+                    Ok(()) => call.answer(Ok(Body::Json(self.snapshot_json()))),
+                    Err(VmError::Os(what, e)) => {
+                        // The VM could not be resumed: it ends here.
+                        let error = format!("cannot {what}: {e}");
+                        call.answer(Err(Refusal::new(500, error.clone())));
+                        return Action::Ended(Outcome::SnapshotFailed { error });
+                    }
+                    Err(e) => call.answer(Err(snapshot_refusal(&e))),
+                }
+                Action::Running
+            }
+            request => {
+                call.answer(self.query(request, run));
+                Action::Running
+            }
+        }
+    }
+
+    /// Pauses the VM (answering `call`) and serves the API until a resume or a shutdown.
+    fn paused(
+        &mut self,
+        call: &ApiCall,
+        run: control::RunState,
+        events: &mpsc::Receiver<VmEvent>,
+    ) -> Action {
+        let since = Instant::now();
         let harness_idle = self.harness.idle.clone();
         let _harness = harness_idle.lock().unwrap_or_else(PoisonError::into_inner);
         let storm_gate = self.storm_gate.clone();
         let _storms = storm_gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let vcpus = self.pause_machine();
+        call.answer(Ok(Body::Empty));
+        let run = control::RunState {
+            paused: true,
+            ..run
+        };
+        let mut held = Vec::new();
+        // The vCPU threads' sender lives in `self.shared`: the channel cannot close here.
+        while let Ok(event) = events.recv() {
+            let VmEvent::Api(call) = event else {
+                held.push(event);
+                continue;
+            };
+            match &call.request {
+                ApiRequest::Resume => {
+                    return match self.resume_machine(vcpus) {
+                        Ok(()) => {
+                            call.answer(Ok(Body::Empty));
+                            Action::Resumed {
+                                paused_for: since.elapsed(),
+                                held,
+                            }
+                        }
+                        Err(e) => {
+                            let error = crate::report::error_chain(&e);
+                            call.answer(Err(Refusal::new(500, error.clone())));
+                            log::error!("the VM cannot resume: {error}");
+                            Action::Ended(Outcome::VcpusStopped {
+                                stopped: Vec::new(),
+                            })
+                        }
+                    };
+                }
+                ApiRequest::Pause => call.answer(Err(Refusal::new(409, "the VM is paused already"))),
+                ApiRequest::Shutdown => {
+                    call.answer(Ok(Body::Empty));
+                    return Action::Ended(Outcome::Shutdown);
+                }
+                ApiRequest::Snapshot { path } => {
+                    let began = Instant::now();
+                    match self.write_snapshot(path, &vcpus, began, Duration::ZERO) {
+                        Ok(()) => call.answer(Ok(Body::Json(self.snapshot_json()))),
+                        Err(e) => call.answer(Err(snapshot_refusal(&e))),
+                    }
+                }
+                request => call.answer(self.query(request, run)),
+            }
+        }
+        Action::Ended(Outcome::VcpusStopped {
+            stopped: Vec::new(),
+        })
+    }
+
+    /// The last snapshot taken, for the API's answer.
+    fn snapshot_json(&self) -> serde_json::Value {
+        match &self.taken {
+            Some(t) => serde_json::json!({
+                "path": t.path.display().to_string(),
+                "bytes": t.bytes,
+                "pause_ms": t.pause.as_secs_f64() * 1e3,
+            }),
+            None => serde_json::Value::Null,
+        }
+    }
+
+    /// Pauses the VM and, unless the plan stops it, resumes it, with its snapshot written
+    /// to `plan.path` in between.
+    fn snapshot(&mut self, plan: &SnapshotPlan) -> Result<(), VmError> {
+        let began = Instant::now();
+        let harness_idle = self.harness.idle.clone();
+        let _harness = harness_idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let storm_gate = self.storm_gate.clone();
+        let _storms = storm_gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let vcpus = self.pause_machine();
+        let paused = began.elapsed();
+        let written = self.write_snapshot(&plan.path, &vcpus, began, paused);
+        if plan.then == AfterSnapshot::Continue {
+            self.resume_machine(vcpus)?;
+        }
+        written
+    }
+
+    /// Stops the VM's work (the caller holds the harness's and storm control's locks):
+    /// the devices' loop, then the vCPUs out of `KVM_RUN` with nothing pending; returns
+    /// the vCPUs.
+    fn pause_machine(&mut self) -> Vec<VcpuFd> {
         self.pci.pause();
-        // Interrupts storm control holds back go to the LAPICs, where the snapshot
-        // finds them.
+        // Interrupts storm control holds back go to the LAPICs, where a snapshot finds
+        // them.
         self.path.flush_throttled();
         self.shared.pause.store(true, Ordering::Release);
         let vcpus = pause_vcpus(std::mem::take(&mut self.threads));
         self.shared.pause.store(false, Ordering::Release);
-        let paused = began.elapsed();
-        let written = self.capture(&vcpus).and_then(|snap| {
-            snapshot::write(&plan.path, &snap, &self.mem, self.config.machine.memory)
-                .map_err(VmError::from)
-        });
-        let bytes = written?;
+        vcpus
+    }
+
+    /// Starts the devices' loop and the vCPU threads again.
+    fn resume_machine(&mut self, vcpus: Vec<VcpuFd>) -> Result<(), VmError> {
+        self.pci
+            .resume()
+            .map_err(|e| VmError::Os("resume the PCI devices", e))?;
+        for (index, vcpu) in (0..).zip(vcpus) {
+            let handle = vcpu::spawn(vcpu, index, self.shared.clone())
+                .map_err(|e| VmError::Os("resume a vCPU thread", e))?;
+            self.threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Writes the paused VM's snapshot to `path`; records it as the run's snapshot.
+    fn write_snapshot(
+        &mut self,
+        path: &Path,
+        vcpus: &[VcpuFd],
+        began: Instant,
+        pausing: Duration,
+    ) -> Result<(), VmError> {
+        let snap = self.capture(vcpus)?;
+        let bytes = snapshot::write(path, &snap, &self.mem, self.config.machine.memory)?;
         self.taken = Some(SnapshotTaken {
-            path: plan.path.clone(),
+            path: path.to_path_buf(),
             bytes,
             pause: began.elapsed(),
-            pausing: paused,
+            pausing,
         });
-        if plan.then == AfterSnapshot::Continue {
-            self.pci
-                .resume()
-                .map_err(|e| VmError::Os("resume the PCI devices", e))?;
-            for (index, vcpu) in (0..).zip(vcpus) {
-                let handle = vcpu::spawn(vcpu, index, self.shared.clone())
-                    .map_err(|e| VmError::Os("resume a vCPU thread", e))?;
-                self.threads.push(handle);
-            }
-        }
         Ok(())
     }
 
