@@ -19,11 +19,13 @@ use crate::pci::{self, mmio_read, mmio_write};
 use crate::scenario::expect;
 use crate::{arch, count, println};
 
+mod api;
 mod queues;
 mod snapshot;
 
 pub(crate) use queues::command_status;
 use queues::queue_device;
+pub use api::api;
 pub use snapshot::snapshot;
 
 /// Vectors of the slot device's queues: queue `q` uses `SLOT_VECTOR + q % SLOT_VECTORS`,

@@ -54,6 +54,7 @@ enum Scenario {
     Sid,
     Hypercall,
     Ims,
+    Api,
     Vtd,
     Dma,
     Bench,
@@ -143,6 +144,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "vtd" => Scenario::Vtd,
                     "dma" => Scenario::Dma,
                     "ims" => Scenario::Ims,
+                    "api" => Scenario::Api,
                     "bench" => Scenario::Bench,
                     "storm" => Scenario::Storm,
                     "faults" => Scenario::Faults,
@@ -157,7 +159,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, vtd, dma, bench, storm, faults, snapshot, hostile, stuck, harness, pci, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, api, vtd, dma, bench, storm, faults, snapshot, hostile, stuck, harness, pci, all, fail, hang)",
                         ),
                     }
             }
@@ -292,6 +294,10 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     if all || s == Scenario::Hypercall {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
         ok &= crate::hc::run(cpus, apic, info.mem_size(), o.hammer);
+    }
+    if s == Scenario::Api {
+        let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
+        ok &= crate::ims::api(cpus, apic);
     }
     if all || s == Scenario::Ims {
         let apic = |cpu| info.apic_id(cpu).unwrap_or(0);
