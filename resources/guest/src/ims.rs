@@ -23,9 +23,9 @@ mod api;
 mod queues;
 mod snapshot;
 
+pub use api::api;
 pub(crate) use queues::command_status;
 use queues::queue_device;
-pub use api::api;
 pub use snapshot::snapshot;
 
 /// Vectors of the slot device's queues: queue `q` uses `SLOT_VECTOR + q % SLOT_VECTORS`,

@@ -55,7 +55,8 @@ mod tests {
 
     #[test]
     fn responses_are_split_into_status_and_body() {
-        let (s, b) = parse_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+        let (s, b) =
+            parse_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}").unwrap();
         assert_eq!((s, b.as_str()), (404, "{}"));
         assert!(parse_response(b"HTTP/1.1 200").is_err());
         assert!(parse_response(b"garbage\r\n\r\n").is_err());

@@ -279,7 +279,10 @@ mod tests {
             status(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             411
         );
-        let big = format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", BODY_LIMIT + 1);
+        let big = format!(
+            "PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            BODY_LIMIT + 1
+        );
         assert_eq!(status(big.as_bytes()), 413);
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..=MAX_HEADERS {

@@ -257,11 +257,16 @@ fn serve_connection(mut stream: UnixStream, busy: &Arc<AtomicUsize>, events: &Se
     if setup.is_err() {
         return;
     }
-    if peer_uid(&stream) != Some(
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() },
-    ) {
-        respond(&mut stream, Err(Refusal::new(403, "only the VMM's own user may connect")));
+    if peer_uid(&stream)
+        != Some(
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            unsafe { libc::geteuid() },
+        )
+    {
+        respond(
+            &mut stream,
+            Err(Refusal::new(403, "only the VMM's own user may connect")),
+        );
         return;
     }
     if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
@@ -310,7 +315,10 @@ fn ask(request: ApiRequest, events: &Sender<VmEvent>) -> ApiReply {
         Ok(reply) => reply,
         Err(mpsc::RecvTimeoutError::Timeout) => Err(Refusal::new(
             503,
-            format!("the VM did not answer within {} s", ANSWER_TIMEOUT.as_secs()),
+            format!(
+                "the VM did not answer within {} s",
+                ANSWER_TIMEOUT.as_secs()
+            ),
         )),
         Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
     }
@@ -389,7 +397,10 @@ mod tests {
         let (status, body) = client::request(&path, "GET", "/api/v1/nope", None).unwrap();
         assert_eq!(status, 404);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert!(v["error"].as_str().unwrap().contains("no endpoint"), "{body}");
+        assert!(
+            v["error"].as_str().unwrap().contains("no endpoint"),
+            "{body}"
+        );
         let (status, _) = client::request(&path, "PUT", "/api/v1/vm.snapshot", Some("{")).unwrap();
         assert_eq!(status, 400);
         drop(server);

@@ -366,20 +366,32 @@ mod tests {
         assert_eq!(ok("PUT", "/api/v1/vm.pause", ""), ApiRequest::Pause);
         assert_eq!(ok("GET", "/metrics", ""), ApiRequest::Prometheus);
         assert_eq!(
-            ok("PUT", "/api/v1/vm.snapshot", r#"{"destination_url":"file:///tmp/a"}"#),
+            ok(
+                "PUT",
+                "/api/v1/vm.snapshot",
+                r#"{"destination_url":"file:///tmp/a"}"#
+            ),
             ApiRequest::Snapshot {
                 path: "/tmp/a".into()
             }
         );
         assert_eq!(
-            ok("PUT", "/api/v1/test/raise", r#"{"requester":"00:03.0","slot":7}"#),
+            ok(
+                "PUT",
+                "/api/v1/test/raise",
+                r#"{"requester":"00:03.0","slot":7}"#
+            ),
             ApiRequest::Raise {
                 requester: 0x18,
                 slot: 7
             }
         );
         assert_eq!(
-            ok("PUT", "/api/v1/test/inject", r#"{"failure":"route_commit"}"#),
+            ok(
+                "PUT",
+                "/api/v1/test/inject",
+                r#"{"failure":"route_commit"}"#
+            ),
             ApiRequest::Inject {
                 failure: Injection::RouteCommit,
                 count: 1
@@ -410,13 +422,26 @@ mod tests {
         assert_eq!(status("PUT", "/api/v1/vm.info", ""), 405);
         assert_eq!(status("GET", "/api/v1/vm.info?x=1", ""), 400);
         assert_eq!(status("GET", "/api/v1/interrupts/table?limit=0", ""), 400);
-        assert_eq!(status("GET", "/api/v1/interrupts/table?from=9&to=3", ""), 400);
-        assert_eq!(status("GET", "/api/v1/interrupts/table?requester=1:99.0", ""), 400);
+        assert_eq!(
+            status("GET", "/api/v1/interrupts/table?from=9&to=3", ""),
+            400
+        );
+        assert_eq!(
+            status("GET", "/api/v1/interrupts/table?requester=1:99.0", ""),
+            400
+        );
         assert_eq!(status("PUT", "/api/v1/vm.snapshot", "{"), 400);
         assert_eq!(status("PUT", "/api/v1/vm.snapshot", r#"{"path":""}"#), 400);
-        assert_eq!(status("PUT", "/api/v1/test/inject", r#"{"failure":"disk"}"#), 400);
         assert_eq!(
-            status("PUT", "/api/v1/test/inject", r#"{"failure":"irqfd","count":0}"#),
+            status("PUT", "/api/v1/test/inject", r#"{"failure":"disk"}"#),
+            400
+        );
+        assert_eq!(
+            status(
+                "PUT",
+                "/api/v1/test/inject",
+                r#"{"failure":"irqfd","count":0}"#
+            ),
             400
         );
         assert_eq!(status("PUT", "/api/v1/test/raise", r#"{"slot":1}"#), 400);

@@ -6,9 +6,9 @@
 use serde_json::{json, Map, Value};
 
 use super::*;
+use crate::api::http::Refusal;
 use crate::api::route::{Injection, LineLevel, TableQuery};
 use crate::api::{ApiReply, ApiRequest, Body};
-use crate::api::http::Refusal;
 
 /// What the supervisor knows of the run that the VM's parts do not.
 #[derive(Debug, Clone, Copy)]
@@ -424,10 +424,7 @@ pub(crate) fn prometheus(metrics: &Value) -> String {
         if labels.is_empty() {
             out.push_str(&format!("{name} {value}\n"));
         } else {
-            let labels: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{v}\""))
-                .collect();
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
             out.push_str(&format!("{name}{{{}}} {value}\n", labels.join(",")));
         }
     }
@@ -476,7 +473,10 @@ mod tests {
         }));
         assert!(text.contains("vmm_remapping_live_entries 3\n"), "{text}");
         assert!(text.contains("vmm_remapping_vtd_on 1\n"), "{text}");
-        assert!(text.contains("vmm_harness_fired{index=\"1\"} 2\n"), "{text}");
+        assert!(
+            text.contains("vmm_harness_fired{index=\"1\"} 2\n"),
+            "{text}"
+        );
         assert!(!text.contains("skipped"));
         assert_eq!(text.matches("# TYPE vmm_harness_fired gauge").count(), 1);
         assert_eq!(text.matches("# TYPE vmm_devices_faults gauge").count(), 1);

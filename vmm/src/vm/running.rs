@@ -38,7 +38,10 @@ impl Vm<'_> {
     ) -> Result<RunReport, VmError> {
         let config = self.config;
         let mut api = match &config.run.api_socket {
-            Some(path) => Some(crate::api::ApiServer::start(path, self.shared.events.clone())?),
+            Some(path) => Some(crate::api::ApiServer::start(
+                path,
+                self.shared.events.clone(),
+            )?),
             None => None,
         };
         let storm_ticker = spawn_storm_ticker(
@@ -158,9 +161,7 @@ impl Vm<'_> {
             };
             let event = match (backlog.pop_front(), wake) {
                 (Some(e), _) => Ok(e),
-                (None, Some(d)) => {
-                    events.recv_timeout(d.saturating_duration_since(Instant::now()))
-                }
+                (None, Some(d)) => events.recv_timeout(d.saturating_duration_since(Instant::now())),
                 (None, None) => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             let snapshot_due = match &event {
@@ -327,7 +328,9 @@ impl Vm<'_> {
                         }
                     };
                 }
-                ApiRequest::Pause => call.answer(Err(Refusal::new(409, "the VM is paused already"))),
+                ApiRequest::Pause => {
+                    call.answer(Err(Refusal::new(409, "the VM is paused already")))
+                }
                 ApiRequest::Shutdown => {
                     call.answer(Ok(Body::Empty));
                     return Action::Ended(Outcome::Shutdown);

@@ -62,7 +62,9 @@ pub fn api(cpus: usize, apic: impl Fn(usize) -> u32 + Copy) -> bool {
     let counted = slot_vector_total(cpus) - before;
 
     // The go entry, on the slot below the queues' slots.
-    let go = hc.call("allocate the go entry", call::ALLOCATE, rid, 1, 0).rsi;
+    let go = hc
+        .call("allocate the go entry", call::ALLOCATE, rid, 1, 0)
+        .rsi;
     hc.call(
         "aim the go entry",
         call::UPDATE,
@@ -91,7 +93,10 @@ pub fn api(cpus: usize, apic: impl Fn(usize) -> u32 + Copy) -> bool {
     let word = target::fixed(apic(last), RETARGET_VECTOR);
     let mut r = hc.guest.call(call::UPDATE, u64::from(rid), first, word);
     if r.rax == status::NO_SPACE {
-        println!("api: retarget: status {} (NO_SPACE, the host could not route it); retrying", r.rax);
+        println!(
+            "api: retarget: status {} (NO_SPACE, the host could not route it); retrying",
+            r.rax
+        );
         r = hc.guest.call(call::UPDATE, u64::from(rid), first, word);
     }
     let name = if r.rax == status::OK { "OK" } else { "FAIL" };
