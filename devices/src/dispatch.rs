@@ -488,6 +488,7 @@ fn write_of(entry: Option<Irte>) -> EntryWrite {
 impl HypercallHandler for Dispatcher {
     fn refused(&self) {
         self.unknown.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target: "irvm::hypercall", kind = "refused", reason = "a doorbell access that is not a call");
     }
 
     fn call(&self, regs: &mut Registers) {
@@ -499,10 +500,12 @@ impl HypercallHandler for Dispatcher {
         {
             self.throttled.fetch_add(1, Ordering::Relaxed);
             irq::warn_limited!("hypercalls over their rate: answered BUSY");
+            tracing::info!(target: "irvm::hypercall", kind = "busy", number = regs.rax, requester = regs.rcx);
             regs.rax = status::BUSY;
             return;
         }
         let number = regs.rax & 0xffff_ffff;
+        let args = *regs;
         let begin = Instant::now();
         let outcome = match u32::try_from(number).unwrap_or(u32::MAX) {
             call::QUERY => self.query(regs),
@@ -514,6 +517,14 @@ impl HypercallHandler for Dispatcher {
             _ => {
                 self.unknown.fetch_add(1, Ordering::Relaxed);
                 regs.rax = status::UNSUPPORTED;
+                tracing::info!(
+                    target: "irvm::hypercall",
+                    kind = "call",
+                    name = "unknown",
+                    number,
+                    requester = args.rcx,
+                    status = regs.rax,
+                );
                 return;
             }
         };
@@ -530,6 +541,17 @@ impl HypercallHandler for Dispatcher {
             Ok(()) => status::OK,
             Err(e) => e,
         };
+        tracing::info!(
+            target: "irvm::hypercall",
+            kind = "call",
+            name = CALL_NAMES.get(number as usize).copied().unwrap_or("unknown"),
+            number,
+            requester = %format_args!("{:#06x}", args.rcx),
+            args = %format_args!("[{:#x}, {:#x}, {:#x}]", args.rsi, args.rdi, args.r8),
+            status = regs.rax,
+            results = %format_args!("[{:#x}, {:#x}, {:#x}, {:#x}]", regs.rsi, regs.rdi, regs.r8, regs.r9),
+            duration_ns = nanos,
+        );
     }
 }
 

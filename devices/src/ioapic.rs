@@ -105,7 +105,8 @@ impl RemappingOutput {
 impl IoApicOutput for RemappingOutput {
     fn send(&self, msg: &MsiMessage) {
         // A refusal is a remapping fault, recorded by the data path for the guest to read.
-        let _ = self.path.signal_msi(msg, self.source_id);
+        let sent = self.path.signal_msi(msg, self.source_id);
+        tracing::info!(target: "irvm::ioapic", kind = "send", message = ?msg, ok = sent.is_ok());
     }
 
     fn level_message(&self, pin: usize, msg: Option<&MsiMessage>) {
@@ -117,7 +118,15 @@ impl IoApicOutput for RemappingOutput {
             message: msg.copied(),
             source_id: self.source_id,
         };
-        if self.core.configure(setting).is_err() {
+        let configured = self.core.configure(setting);
+        tracing::info!(
+            target: "irvm::ioapic",
+            kind = "level_pin",
+            pin,
+            message = ?msg,
+            ok = configured.is_ok(),
+        );
+        if configured.is_err() {
             self.route_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -485,6 +494,15 @@ impl IoApic {
                 if let Some(e) = self.state.entries.get_mut(pin) {
                     *e = new;
                 }
+                tracing::info!(
+                    target: "irvm::ioapic",
+                    kind = "rte_write",
+                    pin,
+                    old = %format_args!("{old:#018x}"),
+                    new = %format_args!("{new:#018x}"),
+                    masked = new & RTE_MASKED != 0,
+                    level = new & RTE_LEVEL != 0,
+                );
                 // A level entry's message (or its being level) changed.
                 let message_changed = (old ^ new) & !(RTE_MASKED | RTE_READ_ONLY) != 0;
                 if message_changed && (old | new) & RTE_LEVEL != 0 {

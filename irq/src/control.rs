@@ -339,6 +339,14 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
                     owned(&backing, *index, requester)?;
                 }
             }
+            // The entries before, only for a trace that wants them.
+            let before: Option<Vec<[u64; 2]>> =
+                tracing::enabled!(target: "irvm::ir", tracing::Level::INFO).then(|| {
+                    writes
+                        .iter()
+                        .map(|(i, _)| backing.table().raw(*i).unwrap_or([0, 0]))
+                        .collect()
+                });
             let mut txn = backing.transaction();
             for (index, write) in writes {
                 match write {
@@ -347,7 +355,11 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
                     EntryWrite::Absent => txn.clear(*index)?,
                 }
             }
-            txn.commit()?;
+            let committed = txn.commit();
+            if let Some(before) = before {
+                trace_writes(&backing, writer, writes, &before, committed.as_ref().err());
+            }
+            committed?;
         }
         if matches!(writer, Writer::Requester(_)) {
             self.reflect(writes.iter().map(|(index, _)| *index));
@@ -357,13 +369,23 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
 
     /// Frees entries (the free without hosts).
     fn free_entries(&self, requester: u16, first: u32, count: u32) -> Result<(), BackingError> {
-        self.lock().free(first, count, requester)?;
+        let freed = self.lock().free(first, count, requester);
+        tracing::info!(
+            target: "irvm::ir",
+            kind = "free",
+            requester = %format_args!("{requester:#06x}"),
+            first,
+            count,
+            error = freed.as_ref().err().map(tracing::field::display),
+        );
+        freed?;
         self.reflect(first..first.saturating_add(count));
         Ok(())
     }
 
     /// Installs a new, empty table of `entries` entries (without hosts).
     fn new_table(&self, entries: u32) -> Result<(), BackingError> {
+        tracing::info!(target: "irvm::ir", kind = "new_table", entries);
         let mut backing = self.lock();
         backing.set_active_size(entries);
         let size = backing.limits().table_size;
@@ -395,6 +417,38 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
     }
 }
 
+/// Traces each entry a write changed (or, refused, each it would have), with the entry
+/// before and after and who wrote it.
+fn trace_writes<B: RoutingBackend>(
+    backing: &Backing<B>,
+    writer: Writer,
+    writes: &[(u32, EntryWrite)],
+    before: &[[u64; 2]],
+    refused: Option<&BackingError>,
+) {
+    let by = match writer {
+        Writer::Requester(r) => format!("requester {r:#06x}"),
+        Writer::Platform => "platform".to_string(),
+    };
+    for ((index, _), old) in writes.iter().zip(before) {
+        let new = backing.table().raw(*index).unwrap_or([0, 0]);
+        if refused.is_none() && new == *old {
+            continue;
+        }
+        tracing::info!(
+            target: "irvm::ir",
+            kind = "irte_write",
+            index = *index,
+            by = by.as_str(),
+            old = %format_args!("{:#018x}_{:016x}", old[1], old[0]),
+            new = %format_args!("{:#018x}_{:016x}", new[1], new[0]),
+            present = new[0] & 1 == 1,
+            ok = refused.is_none(),
+            error = refused.map(tracing::field::display),
+        );
+    }
+}
+
 /// Checks that `index` is allocated to `requester`.
 fn owned<B: RoutingBackend>(
     backing: &Backing<B>,
@@ -413,7 +467,17 @@ fn owned<B: RoutingBackend>(
 
 impl<B: RoutingBackend + 'static> InterruptControl for InterruptCore<B> {
     fn allocate(&self, requester: u16, count: u32, flags: AllocFlags) -> Result<u32, BackingError> {
-        self.lock().allocate(count, requester, flags)
+        let result = self.lock().allocate(count, requester, flags);
+        tracing::info!(
+            target: "irvm::ir",
+            kind = "allocate",
+            requester = %format_args!("{requester:#06x}"),
+            count,
+            managed = flags.managed,
+            first = result.as_ref().ok().copied(),
+            error = result.as_ref().err().map(tracing::field::display),
+        );
+        result
     }
 
     fn free(&self, requester: u16, first: u32, count: u32) -> Result<(), BackingError> {

@@ -34,6 +34,14 @@ impl FaultLog {
             fault.source_id,
             fault.index.map_or("none".to_string(), |i| i.to_string())
         );
+        tracing::info!(
+            target: "irvm::faults",
+            kind = "ir",
+            reason = %format_args!("{:#x}", fault.reason.code()),
+            name = ?fault.reason,
+            requester = %format_args!("{:#06x}", fault.source_id),
+            index = fault.index,
+        );
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.len() >= FAULT_QUEUE_LEN {
             queue.pop_front();

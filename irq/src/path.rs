@@ -236,6 +236,7 @@ impl InterruptPath {
                 if let Some(n) = self.delivered.get(index as usize) {
                     n.fetch_add(1, Ordering::Relaxed);
                 }
+                tracing::info!(target: "irvm::ir", kind = "signal", index, requester = source_id);
                 Ok(())
             }
         }

@@ -32,6 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -574,6 +575,15 @@ impl<B: RoutingBackend> RouteTable<B> {
         let result = self.backend.set_routes(&routes);
         self.last_commit_time = begin.elapsed();
         self.commit_time += self.last_commit_time;
+        tracing::info!(
+            target: "irvm::routes",
+            kind = "commit",
+            routes = routes.len(),
+            msi_routes = msis.len(),
+            duration_ns = u64::try_from(self.last_commit_time.as_nanos()).unwrap_or(u64::MAX),
+            ok = result.is_ok(),
+            error = result.as_ref().err().map(tracing::field::display),
+        );
         result.map_err(RouteError::Commit)?;
         self.commits += 1;
         Ok(())
@@ -591,9 +601,15 @@ impl<B: RoutingBackend> RouteTable<B> {
         if !routed && !self.committed.contains_key(&gsi) {
             return Err(RouteError::NotCommitted(gsi));
         }
-        self.backend
-            .assign_irqfd(fd, gsi)
-            .map_err(|source| RouteError::Assign { gsi, source })?;
+        let assigned = self.backend.assign_irqfd(fd, gsi);
+        tracing::info!(
+            target: "irvm::routes",
+            kind = "irqfd_attach",
+            gsi,
+            fd = fd.as_raw_fd(),
+            ok = assigned.is_ok(),
+        );
+        assigned.map_err(|source| RouteError::Assign { gsi, source })?;
         *self.irqfds.entry(gsi).or_insert(0) += 1;
         Ok(())
     }
@@ -603,9 +619,15 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// # Errors
     /// [`RouteError::Deassign`].
     pub fn detach_irqfd(&mut self, fd: &EventFd, gsi: Gsi) -> Result<(), RouteError> {
-        self.backend
-            .deassign_irqfd(fd, gsi)
-            .map_err(|source| RouteError::Deassign { gsi, source })?;
+        let deassigned = self.backend.deassign_irqfd(fd, gsi);
+        tracing::info!(
+            target: "irvm::routes",
+            kind = "irqfd_detach",
+            gsi,
+            fd = fd.as_raw_fd(),
+            ok = deassigned.is_ok(),
+        );
+        deassigned.map_err(|source| RouteError::Deassign { gsi, source })?;
         if let Some(n) = self.irqfds.get_mut(&gsi) {
             *n = n.saturating_sub(1);
             if *n == 0 {

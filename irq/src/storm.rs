@@ -100,6 +100,7 @@ impl Storms {
         crate::warn_limited!(
             "interrupt storm: entry {index} is over its rate; its signals are coalesced"
         );
+        tracing::info!(target: "irvm::ir", kind = "coalesced", index);
         if self
             .ever
             .get(index as usize)

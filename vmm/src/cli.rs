@@ -204,6 +204,9 @@ impl RestoreArgs {
             snapshot_after_ms: self.snapshots.snapshot_after_ms,
             snapshot_then: self.snapshots.snapshot_then.clone(),
             api_socket: self.run.api_socket.clone(),
+            trace: self.run.trace.clone(),
+            trace_categories: self.run.trace_categories.clone(),
+            trace_limit: self.run.trace_limit,
             ..Settings::default()
         }
     }
@@ -244,7 +247,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, api_socket, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, api_socket, trace, trace_categories, trace_limit, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -301,6 +304,17 @@ pub struct RunOptions {
     /// not exist; it is made owner-only and removed when the run ends
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Write the interrupt event trace (one JSON object per line; docs/api.md "Trace") to
+    /// this file, or to stdout with -
+    #[arg(long, value_name = "PATH")]
+    pub trace: Option<String>,
+    /// Trace categories, comma-separated: ir, hypercall, vtd, ioapic, ims, routes, faults,
+    /// or all [default: all]
+    #[arg(long, value_name = "LIST", requires = "trace")]
+    pub trace_categories: Option<String>,
+    /// Trace events per category per second; beyond, a `dropped` record counts them [default: 5000]
+    #[arg(long, value_name = "N", requires = "trace")]
+    pub trace_limit: Option<u32>,
 }
 
 /// When a running VM snapshots itself.
@@ -358,6 +372,9 @@ impl RunArgs {
             initrd: self.initrd.clone(),
             harness: self.harness.clone(),
             api_socket: self.run.api_socket.clone(),
+            trace: self.run.trace.clone(),
+            trace_categories: self.run.trace_categories.clone(),
+            trace_limit: self.run.trace_limit,
         };
         Ok(file.overridden_by(flags))
     }

@@ -43,6 +43,7 @@ pub mod report;
 pub mod routing;
 pub mod snapshot;
 pub mod threads;
+pub mod trace;
 pub mod vcpu;
 pub mod vfio_user;
 pub mod vm;

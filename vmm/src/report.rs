@@ -136,6 +136,8 @@ pub struct RunReport {
     pub stuck_vcpus: u32,
     /// Console output errors.
     pub console_errors: u64,
+    /// What the interrupt event trace held (a run with `--trace`).
+    pub trace: Option<crate::trace::TraceTotals>,
     /// Wall-clock time from set-up to stop.
     pub elapsed: Duration,
 }
@@ -411,6 +413,13 @@ impl RunReport {
         if self.console_errors > 0 {
             writeln!(f, "vmm: console     {} output errors", self.console_errors)?;
         }
+        if let Some(t) = self.trace {
+            writeln!(
+                f,
+                "vmm: trace       {} events written, {} left out by the per-category limit",
+                t.written, t.dropped
+            )?;
+        }
         Ok(())
     }
 
@@ -476,6 +485,7 @@ mod tests {
             completed_instructions: Vec::new(),
             stuck_vcpus: 0,
             console_errors: 0,
+            trace: None,
             elapsed: Duration::from_millis(420),
         }
     }

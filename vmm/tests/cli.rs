@@ -235,7 +235,7 @@ fn memory_too_large() {
 #[test]
 fn memory_too_small_for_the_vcpus() {
     fails_with(
-        &["run", "--memory", "4M", "--cpus", "255"],
+        &["run", "--memory", "5M", "--cpus", "255"],
         125,
         "is too small for the image and 255 vCPUs",
     );
@@ -507,4 +507,66 @@ fn snapshot_settings_without_a_file_or_with_a_bad_follow_up_are_refused() {
     let out = vmm(&["run", "--snapshot-after-ms", "5"]);
     assert_eq!(out.status.code(), Some(2), "clap refuses it");
     assert!(text(&out.stderr).contains("--snapshot <FILE>"));
+}
+
+/// `--trace -` writes the chosen categories as JSON lines on stdout, before the summary.
+#[test]
+fn trace_to_stdout_has_one_json_object_per_event() {
+    let out = vmm(&[
+        "run",
+        "--console",
+        "off",
+        "--cmdline",
+        "scenario=hypercall",
+        "--trace",
+        "-",
+        "--trace-categories",
+        "hypercall,faults",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e["kind"] == "call"), "{stdout}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["cat"] == "hypercall" || e["cat"] == "faults"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("vmm: trace       "), "{stdout}");
+}
+
+#[test]
+fn bad_trace_and_api_settings_are_refused() {
+    fails_with(
+        &["run", "--trace", "t.jsonl", "--trace-categories", "ir,disk"],
+        125,
+        "unknown trace category `disk`",
+    );
+    fails_with(
+        &["run", "--trace", "t.jsonl", "--trace-limit", "0"],
+        125,
+        "the trace limit must be at least 1",
+    );
+    let taken = scratch("taken.sock");
+    std::fs::write(&taken, b"not a socket").unwrap();
+    fails_with(
+        &["run", "--api-socket", taken.to_str().unwrap()],
+        125,
+        "exists; remove it or choose another path",
+    );
+    assert_eq!(std::fs::read(&taken).unwrap(), b"not a socket");
+    fails_with(
+        &[
+            "api",
+            scratch("nobody.sock").to_str().unwrap(),
+            "/api/v1/vm.info",
+        ],
+        125,
+        "cannot reach",
+    );
 }

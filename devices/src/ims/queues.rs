@@ -244,6 +244,12 @@ impl<M: AddressSpace> ImsQueues<M> {
         self.stall = 0;
         self.delay = Duration::ZERO;
         self.stats.resets += 1;
+        tracing::info!(
+            target: "irvm::ims",
+            kind = "reset",
+            device = %format_args!("{:#06x}", self.requester),
+            by_device = notify,
+        );
         if notify {
             // The device reset itself (a command timed out, or the reset was injected);
             // a driver's own RESET write is routine.
@@ -457,6 +463,14 @@ impl<M: AddressSpace> ImsQueues<M> {
                 }
                 _ => command::BAD_OPCODE,
             };
+            tracing::info!(
+                target: "irvm::ims",
+                kind = "command",
+                device = %format_args!("{:#06x}", self.requester),
+                opcode,
+                context = id,
+                status,
+            );
             self.finish_command(entry, status);
         }
     }

@@ -193,6 +193,7 @@ impl<M: AddressSpace> ImsSlots<M> {
         };
         if s.control & SLOT_MASK != 0 {
             s.control |= SLOT_PENDING;
+            tracing::info!(target: "irvm::ims", kind = "latched", device = self.requester, slot);
             return;
         }
         if let Some(msg) = self.message(slot) {
@@ -212,9 +213,23 @@ impl<M: AddressSpace> ImsSlots<M> {
                 if value != 0 && value & 0x10 == 0 {
                     self.status |= STATUS_FORMAT_ERROR;
                     self.error_slot = u32::try_from(slot).unwrap_or(u32::MAX);
+                    tracing::info!(
+                        target: "irvm::ims",
+                        kind = "slot_refused",
+                        device = %format_args!("{:#06x}", self.requester),
+                        slot,
+                        address = %format_args!("{value:#010x}"),
+                    );
                     return;
                 }
                 s.message[0] = value;
+                tracing::info!(
+                    target: "irvm::ims",
+                    kind = "slot_message",
+                    device = %format_args!("{:#06x}", self.requester),
+                    slot,
+                    address = %format_args!("{value:#010x}"),
+                );
             }
             1 | 2 => {
                 if let Some(m) = s.message.get_mut(word) {

@@ -252,6 +252,16 @@ impl DmaUnit {
             fault.address,
             if recorded { "" } else { " (FPD: not recorded)" }
         );
+        tracing::info!(
+            target: "irvm::faults",
+            kind = "dma",
+            reason = %format_args!("{:#x}", fault.reason.code()),
+            name = ?fault.reason,
+            requester = %format_args!("{:#06x}", fault.source_id),
+            address = %format_args!("{:#x}", fault.address),
+            write = fault.write,
+            recorded,
+        );
         if let Some(n) = self
             .counters
             .by_reason

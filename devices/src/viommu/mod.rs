@@ -505,6 +505,13 @@ impl Vtd {
         let block = ire && value & global::CFI == 0;
         // Setting a flag cannot fail.
         let _ = self.core.configure(Setting::BlockCompatibility(block));
+        tracing::info!(
+            target: "irvm::vtd",
+            kind = "gcmd",
+            value = %format_args!("{value:#010x}"),
+            gsts = %format_args!("{:#010x}", s.gsts),
+            table = ?s.table,
+        );
     }
 
     /// Makes every core entry absent and limits the core to `entries` (a new table).
@@ -545,6 +552,7 @@ impl Vtd {
             "VT-d invalidation queue error at IQH {:#x}: the queue stops until FSTS.IQE is cleared",
             self.state.iqh
         );
+        tracing::info!(target: "irvm::vtd", kind = "queue_error", iqh = self.state.iqh);
         let was = self.anything_pending();
         self.state.fsts |= fsts::IQE;
         self.fault_event(was);
@@ -579,6 +587,13 @@ impl Vtd {
     /// Records a fault (`high` without F) in the next free fault recording register;
     /// false if every one was full (PFO).
     fn record(&mut self, low: u64, high: u64) -> bool {
+        tracing::info!(
+            target: "irvm::vtd",
+            kind = "fault_record",
+            reason = %format_args!("{:#x}", (high >> 32) & 0xff),
+            source_id = %format_args!("{:#06x}", high & 0xffff),
+            info = %format_args!("{low:#x}"),
+        );
         let was = self.anything_pending();
         let s = &mut self.state;
         let free = (0..regs::NFR)

@@ -56,8 +56,17 @@ impl Vtd {
         loaded: &mut Loaded,
     ) -> bool {
         let Ok(descriptor) = Descriptor::decode(d) else {
+            tracing::info!(
+                target: "irvm::vtd",
+                kind = "descriptor",
+                raw = %format_args!("{:#018x}_{:016x}", d[1], d[0]),
+                ok = false,
+            );
             return false;
         };
+        if !matches!(descriptor, Descriptor::InterruptEntryCache(_)) {
+            tracing::info!(target: "irvm::vtd", kind = "descriptor", descriptor = ?descriptor, ok = true);
+        }
         match descriptor {
             Descriptor::ContextCache(scope) => {
                 self.dma.invalidate_context(scope);
@@ -83,12 +92,22 @@ impl Vtd {
                     return true;
                 }
                 let end = first.saturating_add(1u32 << mask).min(entries);
+                let mut count = 0u32;
                 for index in first..end {
                     if loaded.entry(index) {
                         let raw = self.load_entry(index);
                         staged.insert(index, raw);
+                        count += 1;
                     }
                 }
+                tracing::info!(
+                    target: "irvm::vtd",
+                    kind = "iec_invalidation",
+                    scope = if matches!(scope, IecScope::Global) { "global" } else { "index" },
+                    first,
+                    mask,
+                    loaded = count,
+                );
                 true
             }
             Descriptor::Wait {

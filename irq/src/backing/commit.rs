@@ -466,13 +466,24 @@ impl<B: RoutingBackend> Transaction<'_, B> {
     /// # Errors
     /// Any [`BackingError`]; the previous state is then intact and still delivering.
     pub fn commit(self) -> Result<(), BackingError> {
+        let entries = self.staged.len();
         let result = self.backing.apply(self.staged);
         match &result {
-            Ok(()) => self.backing.stats.transactions += 1,
+            Ok(()) => {
+                self.backing.stats.transactions += 1;
+                tracing::info!(target: "irvm::routes", kind = "transaction", entries, ok = true);
+            }
             Err(e) => {
                 self.backing.stats.rollbacks += 1;
                 crate::warn_limited!(
                     "remapping transaction refused ({e}); the previous state stays in force"
+                );
+                tracing::info!(
+                    target: "irvm::routes",
+                    kind = "transaction",
+                    entries,
+                    ok = false,
+                    error = %e,
                 );
             }
         }

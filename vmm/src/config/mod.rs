@@ -106,6 +106,16 @@ pub struct Settings {
     /// The control API's Unix socket (`docs/api.md`); it must not exist.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    /// Where the interrupt event trace goes (a file, or `-` for stdout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
+    /// Trace categories, comma-separated (`ir,hypercall,vtd,ioapic,ims,routes,faults` or
+    /// `all`, the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_categories: Option<String>,
+    /// Trace events per category per second before the rest are counted as dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_limit: Option<u32>,
 }
 
 /// A size as a string with a unit or a number of MiB.
@@ -173,6 +183,9 @@ pub enum ConfigError {
     /// An empty `until` text.
     #[error("invalid until: the text to wait for is empty")]
     Until,
+    /// A trace setting is wrong.
+    #[error("invalid trace: {0}")]
+    Trace(String),
     /// An empty `api_socket` path.
     #[error("invalid api_socket: the path is empty")]
     ApiSocket,
@@ -276,6 +289,9 @@ impl Settings {
                 snapshot_after_ms: over_run.snapshot_after_ms.or(run.snapshot_after_ms),
                 snapshot_then: over_run.snapshot_then.or(run.snapshot_then),
                 api_socket: over_run.api_socket.or(run.api_socket),
+                trace: over_run.trace.or(run.trace),
+                trace_categories: over_run.trace_categories.or(run.trace_categories),
+                trace_limit: over_run.trace_limit.or(run.trace_limit),
             },
         )
     }
@@ -306,6 +322,9 @@ impl Settings {
             snapshot_after_ms: self.snapshot_after_ms,
             snapshot_then: self.snapshot_then,
             api_socket: self.api_socket,
+            trace: self.trace,
+            trace_categories: self.trace_categories,
+            trace_limit: self.trace_limit,
         };
         (machine, run)
     }
@@ -332,6 +351,9 @@ impl Settings {
             snapshot_after_ms: run.snapshot_after_ms,
             snapshot_then: run.snapshot_then,
             api_socket: run.api_socket,
+            trace: run.trace,
+            trace_categories: run.trace_categories,
+            trace_limit: run.trace_limit,
         }
     }
 

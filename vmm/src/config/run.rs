@@ -86,6 +86,8 @@ pub struct RunConfig {
     pub until: Option<String>,
     /// Where the control API listens (`docs/api.md`), if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// The interrupt event trace, if any.
+    pub trace: Option<crate::trace::TracePlan>,
 }
 
 impl Default for RunConfig {
@@ -97,6 +99,7 @@ impl Default for RunConfig {
             snapshot: None,
             until: None,
             api_socket: None,
+            trace: None,
         }
     }
 }
@@ -120,6 +123,12 @@ pub struct RunSettings {
     pub snapshot_then: Option<String>,
     /// The control API's socket.
     pub api_socket: Option<PathBuf>,
+    /// The trace's output (`-`: stdout).
+    pub trace: Option<String>,
+    /// Its categories.
+    pub trace_categories: Option<String>,
+    /// Its events per category per second.
+    pub trace_limit: Option<u32>,
 }
 
 impl RunSettings {
@@ -148,6 +157,23 @@ impl RunSettings {
             api_socket: match self.api_socket {
                 Some(path) if path.as_os_str().is_empty() => return Err(ConfigError::ApiSocket),
                 other => other,
+            },
+            trace: match self.trace {
+                Some(output) => Some(
+                    crate::trace::TracePlan::new(
+                        &output,
+                        self.trace_categories.as_deref(),
+                        self.trace_limit,
+                    )
+                    .map_err(ConfigError::Trace)?,
+                ),
+                None if self.trace_categories.is_some() || self.trace_limit.is_some() => {
+                    return Err(ConfigError::Trace(
+                        "trace_categories and trace_limit need a trace output (--trace PATH)"
+                            .into(),
+                    ))
+                }
+                None => None,
             },
         })
     }

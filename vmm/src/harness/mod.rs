@@ -237,22 +237,20 @@ impl Harness {
     /// # Errors
     /// The error of spawning the thread.
     pub fn spawn(self, rings: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("harness".into())
-            .spawn(move || loop {
-                match rings.recv_timeout(STOP_POLL) {
-                    Ok(()) => {}
-                    Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Acquire) => {
-                        continue;
-                    }
-                    Err(_) => return,
+        crate::trace::spawn("harness".into(), move || loop {
+            match rings.recv_timeout(STOP_POLL) {
+                Ok(()) => {}
+                Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Acquire) => {
+                    continue;
                 }
-                let idle = self.idle.clone();
-                let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(seq) = self.unserved() {
-                    self.serve(seq);
-                }
-            })
+                Err(_) => return,
+            }
+            let idle = self.idle.clone();
+            let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(seq) = self.unserved() {
+                self.serve(seq);
+            }
+        })
     }
 
     fn read(&self, at: usize) -> u32 {

@@ -272,9 +272,21 @@ fn run_vm(
     console: Box<dyn Write + Send>,
 ) -> Result<RunReport, VmError> {
     let started = Instant::now();
+    // The trace is this thread's, and every thread the VM starts inherits it.
+    let trace = match &config.run.trace {
+        Some(plan) => Some(
+            crate::trace::Trace::open(plan).map_err(|e| VmError::Os("create the trace file", e))?,
+        ),
+        None => None,
+    };
+    let _traced = trace
+        .as_ref()
+        .map(|t| tracing::dispatcher::set_default(&t.dispatch()));
     let host = Host::open(config)?;
     let (vm, events) = Vm::assemble(config, &host, start, console)?;
-    vm.run(&events, started)
+    let mut report = vm.run(&events, started)?;
+    report.trace = trace.map(|t| t.finish());
+    Ok(report)
 }
 
 #[cfg(test)]

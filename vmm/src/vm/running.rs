@@ -133,6 +133,7 @@ impl Vm<'_> {
                 + counters.unmapped_mmio.load(Ordering::Relaxed),
             completed_instructions: self.shared.completions.counts(),
             console_errors: serial.errors() + flush_failed,
+            trace: None,
             elapsed: started.elapsed(),
         })
     }

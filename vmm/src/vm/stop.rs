@@ -27,17 +27,15 @@ pub(super) fn spawn_storm_ticker(
         return Ok(None);
     }
     let path = path.clone();
-    std::thread::Builder::new()
-        .name("irq-storms".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(irq::storm::WINDOW);
-                // A snapshot holds the gate while the VM is paused.
-                let _open = gate.lock().unwrap_or_else(PoisonError::into_inner);
-                path.flush_throttled();
-            }
-        })
-        .map(Some)
+    crate::trace::spawn("irq-storms".into(), move || {
+        while !stop.load(Ordering::Acquire) {
+            std::thread::sleep(irq::storm::WINDOW);
+            // A snapshot holds the gate while the VM is paused.
+            let _open = gate.lock().unwrap_or_else(PoisonError::into_inner);
+            path.flush_throttled();
+        }
+    })
+    .map(Some)
 }
 
 /// Kicks every vCPU thread until it has left `KVM_RUN`, then joins it; a thread still
