@@ -499,8 +499,8 @@ mod tests {
         assert!(TracePlan::new("t.jsonl", Some("ir,disk"), None)
             .unwrap_err()
             .contains("disk"));
-        assert!(TracePlan::new("t.jsonl", None, Some(0)).is_err());
-        assert!(TracePlan::new("", None, None).is_err());
+        TracePlan::new("t.jsonl", None, Some(0)).unwrap_err();
+        TracePlan::new("", None, None).unwrap_err();
         assert_eq!(
             TracePlan::new("-", Some("all"), None)
                 .unwrap()

@@ -58,7 +58,7 @@ mod tests {
         let (s, b) =
             parse_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}").unwrap();
         assert_eq!((s, b.as_str()), (404, "{}"));
-        assert!(parse_response(b"HTTP/1.1 200").is_err());
-        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+        parse_response(b"HTTP/1.1 200").unwrap_err();
+        parse_response(b"garbage\r\n\r\n").unwrap_err();
     }
 }

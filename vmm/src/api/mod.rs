@@ -377,7 +377,7 @@ mod tests {
         let leftovers = fs::read_dir(path.parent().unwrap()).unwrap().count();
         assert_eq!(leftovers, 1, "only the socket, no temporary name");
         server.stop();
-        assert!(path.symlink_metadata().is_err());
+        path.symlink_metadata().unwrap_err();
     }
 
     #[test]

@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(requester("0x18"), Ok(0x18));
         assert_eq!(requester("24"), Ok(24));
         assert_eq!(requester("ff:1f.7"), Ok(0xffff));
-        assert!(requester("70000").is_err());
-        assert!(requester("00:20.0").is_err());
+        requester("70000").unwrap_err();
+        requester("00:20.0").unwrap_err();
     }
 }

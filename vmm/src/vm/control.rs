@@ -286,7 +286,7 @@ impl Vm<'_> {
                 "events": vtd.events,
                 "bad_accesses": vtd.bad_accesses,
             },
-            "devices": self.devices()["devices"].clone(),
+            "devices": self.devices().get("devices").cloned().unwrap_or_default(),
             "exits": {
                 "unmapped_pio": counters.unmapped_pio.load(Ordering::Relaxed),
                 "unmapped_mmio": counters.unmapped_mmio.load(Ordering::Relaxed),
