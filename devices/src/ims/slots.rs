@@ -193,7 +193,12 @@ impl<M: AddressSpace> ImsSlots<M> {
         };
         if s.control & SLOT_MASK != 0 {
             s.control |= SLOT_PENDING;
-            tracing::info!(target: "irvm::ims", kind = "latched", device = self.requester, slot);
+            tracing::info!(
+                target: "irvm::ims",
+                kind = "latched",
+                device = %format_args!("{:#06x}", self.requester),
+                slot,
+            );
             return;
         }
         if let Some(msg) = self.message(slot) {
