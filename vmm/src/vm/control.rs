@@ -139,7 +139,6 @@ impl Vm<'_> {
             "committed_msi_routes": routes.committed_msi_routes(),
             "staged_msi_routes": routes.staged_msi_routes(),
             "best_effort_routes_left": backing.best_effort_routes_left(),
-            "remap_routes": backing.route_info().len(),
             "lines": stats.lines,
             "live_entries": stats.live,
             "bound_entries": stats.bound,
