@@ -153,6 +153,7 @@ impl Vm<'_> {
             .and_then(|p| p.after)
             .map(|a| begin + a);
         let mut stopped: Vec<(u32, StopReason)> = Vec::new();
+        let mut planned_taken = false;
         // Events that arrived while the VM was paused, handled once it runs again.
         let mut backlog: std::collections::VecDeque<VmEvent> = std::collections::VecDeque::new();
         loop {
@@ -177,10 +178,12 @@ impl Vm<'_> {
                 let Some(plan) = config.run.snapshot.as_ref() else {
                     continue;
                 };
-                if self.taken.is_some() {
-                    // One snapshot per run; a second request is answered but not taken.
+                if planned_taken {
+                    // One planned snapshot per run; a second request is answered but not
+                    // taken (snapshots the control API asks for are its own).
                     continue;
                 }
+                planned_taken = true;
                 match self.snapshot(plan) {
                     Ok(()) if plan.then == AfterSnapshot::Stop => {
                         return Outcome::Snapshotted {
