@@ -14,16 +14,17 @@
 //! Calls are counted, timed, and rate-limited per VM: a guest hammering the port gets
 //! `BUSY`, and the throttling is counted, never logged per call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use hypercall::abi::{alloc, batch, call, status, BatchEntry, Registers, TargetWord};
+use hypercall::abi::{alloc, batch, call, features, status, BatchEntry, Registers, TargetWord};
 use irq::backing::{AllocFlags, BackingError};
 use irq::control::{CoreHandle, EntryWrite, Writer};
 use irq::irte::{Irte, SourceValidation};
 use irq::msi::{DeliveryMode, MsiMessage, Target};
 use irq::port::DoorbellVcpu;
+use irq::RouteError;
 use vm_memory::GuestAddress;
 
 use crate::memory::SharedRam;
@@ -84,8 +85,16 @@ impl std::fmt::Debug for dyn HypercallHandler {
     }
 }
 
-const CALLS: usize = 6;
-const CALL_NAMES: [&str; CALLS] = ["query", "allocate", "update", "free", "batch", "compose"];
+const CALLS: usize = 7;
+const CALL_NAMES: [&str; CALLS] = [
+    "query",
+    "allocate",
+    "update",
+    "free",
+    "batch",
+    "compose",
+    "set_features",
+];
 
 /// Counters of one call number.
 #[derive(Debug, Default)]
@@ -158,6 +167,18 @@ impl RateLimit {
 }
 
 /// Maps an interrupt-core error to the status the guest sees.
+/// Whether `e` is the host failing (a KVM call, an eventfd) rather than a limit: the
+/// status `HOST_ERROR` names, for a driver that accepted it.
+fn host_failure(e: &BackingError) -> bool {
+    matches!(
+        e,
+        BackingError::EventFd(_)
+            | BackingError::Route(
+                RouteError::Commit(_) | RouteError::Assign { .. } | RouteError::Deassign { .. }
+            )
+    )
+}
+
 fn status_of(e: &BackingError) -> u64 {
     match e {
         BackingError::BadCount(_)
@@ -191,6 +212,9 @@ pub struct Dispatcher {
     counters: [CallCounters; CALLS],
     unknown: AtomicU64,
     throttled: AtomicU64,
+    /// The negotiable features each requester's driver accepted (`SET_FEATURES`), in the
+    /// order of `requesters`.
+    accepted: Vec<AtomicU32>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -222,6 +246,7 @@ impl Dispatcher {
             core,
             mem,
             apic_ids,
+            accepted: requesters.iter().map(|_| AtomicU32::new(0)).collect(),
             requesters,
             limit: Mutex::new(RateLimit::new(rate)),
             counters: Default::default(),
@@ -254,6 +279,71 @@ impl Dispatcher {
             unknown: self.unknown.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
         }
+    }
+
+    /// The negotiable features each requester's driver accepted (for a snapshot); only
+    /// requesters with some.
+    #[must_use]
+    pub fn accepted_features(&self) -> Vec<(u16, u32)> {
+        self.requesters
+            .iter()
+            .zip(&self.accepted)
+            .map(|(r, a)| (*r, a.load(Ordering::Relaxed)))
+            .filter(|(_, a)| *a != 0)
+            .collect()
+    }
+
+    /// Restores what [`Self::accepted_features`] saved.
+    ///
+    /// # Errors
+    /// A requester that is not a device of this VM, or a feature that is not negotiable;
+    /// nothing is changed then.
+    pub fn restore_accepted_features(&self, saved: &[(u16, u32)]) -> Result<(), String> {
+        for (requester, features) in saved {
+            if !self.requesters.contains(requester) || features & !features::NEGOTIABLE != 0 {
+                return Err(format!(
+                    "requester {requester:#06x} with features {features:#x} cannot be restored"
+                ));
+            }
+        }
+        for (requester, features) in saved {
+            if let Some(a) = self.slot_of(*requester) {
+                a.store(*features, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn slot_of(&self, requester: u16) -> Option<&AtomicU32> {
+        let at = self.requesters.iter().position(|r| *r == requester)?;
+        self.accepted.get(at)
+    }
+
+    /// The status of a refused change for `requester`: a host failure is `HOST_ERROR` to
+    /// a driver that accepted it and `NO_SPACE` (ABI 1.0) to any other.
+    fn status_for(&self, requester: u16, e: &BackingError) -> u64 {
+        let accepted = self
+            .slot_of(requester)
+            .is_some_and(|a| a.load(Ordering::Relaxed) & features::HOST_ERROR != 0);
+        if accepted && host_failure(e) {
+            status::HOST_ERROR
+        } else {
+            status_of(e)
+        }
+    }
+
+    fn set_features(&self, regs: &mut Registers) -> Outcome {
+        let requester = self.requester(regs)?;
+        let wanted = u32::try_from(regs.rsi)
+            .ok()
+            .filter(|f| f & !features::NEGOTIABLE == 0)
+            .ok_or(status::INVALID_ARGUMENT)?;
+        if let Some(a) = self.slot_of(requester) {
+            a.store(wanted, Ordering::Relaxed);
+        }
+        regs.rsi = u64::from(wanted);
+        regs.rdi = u64::from(hypercall::abi::MINOR_VERSION);
+        Ok(())
     }
 
     fn requester(&self, regs: &Registers) -> Result<u16, u64> {
@@ -333,7 +423,7 @@ impl Dispatcher {
         let first = self
             .core
             .allocate(requester, count, flags)
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| self.status_for(requester, &e))?;
         regs.rsi = u64::from(first);
         Ok(())
     }
@@ -345,7 +435,7 @@ impl Dispatcher {
         // The core checks the entry is the requester's, then applies it (or nothing).
         self.core
             .write(Writer::Requester(requester), &[(index, write_of(entry))])
-            .map_err(|e| status_of(&e))
+            .map_err(|e| self.status_for(requester, &e))
     }
 
     fn free(&self, regs: &mut Registers) -> Outcome {
@@ -357,7 +447,7 @@ impl Dispatcher {
         }
         self.core
             .free(requester, first, count)
-            .map_err(|e| status_of(&e))
+            .map_err(|e| self.status_for(requester, &e))
     }
 
     fn compose(&self, regs: &mut Registers) -> Outcome {
@@ -454,9 +544,9 @@ impl Dispatcher {
                 Err(e @ (BackingError::NotOwner { .. } | BackingError::NotAllocated(_))) => {
                     let (owned, checked) = self.check_batch(&entries_read, requester, true);
                     statuses = owned;
-                    checked.and(Err(status_of(&e)))
+                    checked.and(Err(self.status_for(requester, &e)))
                 }
-                Err(e) => Err(status_of(&e)),
+                Err(e) => Err(self.status_for(requester, &e)),
             };
         }
         let result = result.map(|_| ());
@@ -514,6 +604,7 @@ impl HypercallHandler for Dispatcher {
             call::FREE => self.free(regs),
             call::BATCH => self.batch(regs),
             call::COMPOSE => self.compose(regs),
+            call::SET_FEATURES => self.set_features(regs),
             _ => {
                 self.unknown.fetch_add(1, Ordering::Relaxed);
                 regs.rax = status::UNSUPPORTED;
@@ -764,6 +855,83 @@ mod tests {
         assert_eq!(r.rax, status::NO_SPACE);
         assert_eq!((0..4).map(status_of).collect::<Vec<_>>(), vec![9; 4]);
         assert_eq!(kvm.irqfds(), 2);
+    }
+
+    /// ABI 1.1: a KVM failure is `HOST_ERROR` only to a driver that accepted it, and
+    /// `NO_SPACE` (1.0) to every other; a full table stays `NO_SPACE` for both.
+    #[test]
+    fn host_failures_are_host_error_only_for_drivers_that_accept_it() {
+        let (d, kvm, _) = dispatcher(4096, 1_000_000);
+        let e = call(&d, call::ALLOCATE, ME, 1, 0).rsi;
+        let theirs = call(&d, call::ALLOCATE, OTHER, 1, 0).rsi;
+        let r = call(
+            &d,
+            call::SET_FEATURES,
+            ME,
+            u64::from(features::HOST_ERROR),
+            0,
+        );
+        assert_eq!(
+            (r.rax, r.rsi, r.rdi),
+            (status::OK, u64::from(features::HOST_ERROR), 1)
+        );
+        for (who, entry, want) in [
+            (ME, e, status::HOST_ERROR),
+            (OTHER, theirs, status::NO_SPACE),
+        ] {
+            kvm.fail(Failures {
+                set_routes: 1,
+                ..Failures::default()
+            });
+            let r = call(
+                &d,
+                call::UPDATE,
+                who,
+                entry,
+                target::fixed(1, 0x60 + entry as u8),
+            );
+            assert_eq!(r.rax, want, "requester {who:#x}");
+            assert!(status::retryable(r.rax) == (want == status::HOST_ERROR));
+            let again = call(
+                &d,
+                call::UPDATE,
+                who,
+                entry,
+                target::fixed(1, 0x60 + entry as u8),
+            );
+            assert_eq!(again.rax, status::OK, "the retry");
+        }
+        kvm.fail(Failures {
+            assign: 1,
+            ..Failures::default()
+        });
+        let fresh = call(&d, call::ALLOCATE, ME, 1, 0).rsi;
+        let r = call(&d, call::UPDATE, ME, fresh, target::fixed(0, 0x70));
+        assert_eq!(r.rax, status::HOST_ERROR, "an irqfd refused");
+        // A full table is not the host failing.
+        let r = call(&d, call::ALLOCATE, ME, 256, 0);
+        assert_eq!(r.rax, status::NO_SPACE);
+        // Withdrawn, and refused when out of range or for a stranger.
+        assert_eq!(call(&d, call::SET_FEATURES, ME, 0, 0).rsi, 0);
+        kvm.fail(Failures {
+            set_routes: 1,
+            ..Failures::default()
+        });
+        let r = call(&d, call::UPDATE, ME, e, target::fixed(1, 0x71));
+        assert_eq!(r.rax, status::NO_SPACE);
+        let r = call(&d, call::SET_FEATURES, ME, 1 << 5, 9);
+        assert_eq!((r.rax, r.rsi, r.rdi), (status::INVALID_ARGUMENT, 1 << 5, 9));
+        let r = call(&d, call::SET_FEATURES, 0x1234, 0, 0);
+        assert_eq!(r.rax, status::SOURCE_ID_NOT_PERMITTED);
+        assert!(d.accepted_features().is_empty());
+        d.restore_accepted_features(&[(0x00f8, features::HOST_ERROR)])
+            .unwrap();
+        assert_eq!(d.accepted_features(), vec![(0x00f8, features::HOST_ERROR)]);
+        d.restore_accepted_features(&[(0x1234, features::HOST_ERROR)])
+            .unwrap_err();
+        d.restore_accepted_features(&[(0x00f8, 1 << 7)])
+            .unwrap_err();
+        assert_eq!(d.accepted_features(), vec![(0x00f8, features::HOST_ERROR)]);
     }
 
     /// An entry of another requester or not allocated: each entry's own status, the first

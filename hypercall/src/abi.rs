@@ -38,6 +38,10 @@ pub mod call {
     /// The remappable-format MSI a device slot must hold for entry RSI: RSI = address,
     /// RDI = data. The message never changes while the entry is allocated.
     pub const COMPOSE: u32 = 5;
+    /// ABI 1.1: the requester's driver accepts the negotiable features in RSI
+    /// ([`super::features::NEGOTIABLE`]; 0 withdraws them). RSI = the features now in
+    /// force for the requester, RDI = [`super::MINOR_VERSION`].
+    pub const SET_FEATURES: u32 = 6;
 }
 
 /// Status codes in RAX.
@@ -63,6 +67,18 @@ pub mod status {
     pub const UNSUPPORTED: u64 = 8;
     /// Batch entries only: this entry was valid but the batch was not applied.
     pub const NOT_APPLIED: u64 = 9;
+    /// ABI 1.1, only to a requester whose driver accepted
+    /// [`super::features::HOST_ERROR`]: the host failed to carry out the change (a KVM
+    /// call or a host resource failed); nothing was applied and the previous state is in
+    /// force. Retrying, now or later, may succeed. Without the feature this is
+    /// [`NO_SPACE`].
+    pub const HOST_ERROR: u64 = 10;
+
+    /// Whether a call that failed with `status` may succeed if repeated unchanged.
+    #[must_use]
+    pub const fn retryable(status: u64) -> bool {
+        matches!(status, BUSY | HOST_ERROR)
+    }
 }
 
 /// Allocation flags (RDI of [`call::ALLOCATE`]).
@@ -153,10 +169,21 @@ pub mod features {
     pub const X2APIC_DEST: u32 = 1 << 3;
     /// Everything version 1 offers.
     pub const V1: u32 = BATCH | MANAGED | COMPOSE | X2APIC_DEST;
+    /// ABI 1.1: [`super::call::SET_FEATURES`] is offered, and a driver that accepts this
+    /// feature gets [`super::status::HOST_ERROR`] for a host failure instead of
+    /// `NO_SPACE`.
+    pub const HOST_ERROR: u32 = 1 << 4;
+    /// The features a driver must accept before the host uses them.
+    pub const NEGOTIABLE: u32 = HOST_ERROR;
+    /// Everything version 1.1 offers (what this VMM reports).
+    pub const V1_1: u32 = V1 | HOST_ERROR;
 }
 
-/// The ABI version this crate describes.
+/// The ABI version this crate describes (CPUID reports the major version).
 pub const VERSION: u32 = 1;
+/// Its minor version ([`call::SET_FEATURES`] reports it); feature
+/// [`features::HOST_ERROR`] marks it in CPUID.
+pub const MINOR_VERSION: u32 = 1;
 
 const fn flag(on: bool, bit: u64) -> u64 {
     if on {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use irvm_hypercall::abi::{alloc, batch, call, features, status, target, VERSION};
+use irvm_hypercall::abi::{alloc, batch, call, features, status, target, MINOR_VERSION, VERSION};
 use irvm_hypercall::{cpuid, platform};
 
 fn header() -> BTreeMap<String, u64> {
@@ -21,10 +21,15 @@ fn header() -> BTreeMap<String, u64> {
             continue;
         };
         let value = line_value(rest, name);
-        if value.is_empty() {
-            continue; // the include guard
+        if value.is_empty() || name.contains('(') {
+            continue; // the include guard; IRQ_HC_RETRYABLE, checked by the C compiler
         }
-        defines.insert(name.to_string(), evaluate(&value));
+        // A name defined as another (an alias) has that one's value.
+        let number = match defines.get(value.as_str()) {
+            Some(aliased) => *aliased,
+            None => evaluate(&value),
+        };
+        defines.insert(name.to_string(), number);
     }
     defines
 }
@@ -61,17 +66,21 @@ fn the_c_header_matches_the_rust_abi() {
         ("IRQ_HC_SIGNATURE_ECX", sig[1].into()),
         ("IRQ_HC_SIGNATURE_EDX", sig[2].into()),
         ("IRQ_HC_ABI_VERSION", VERSION.into()),
+        ("IRQ_HC_ABI_MINOR_VERSION", MINOR_VERSION.into()),
         ("IRQ_HC_PORT", platform::HYPERCALL_PORT.into()),
         ("IRQ_HC_FEATURE_BATCH", features::BATCH.into()),
         ("IRQ_HC_FEATURE_MANAGED", features::MANAGED.into()),
         ("IRQ_HC_FEATURE_COMPOSE", features::COMPOSE.into()),
         ("IRQ_HC_FEATURE_X2APIC_DEST", features::X2APIC_DEST.into()),
+        ("IRQ_HC_FEATURE_HOST_ERROR", features::HOST_ERROR.into()),
+        ("IRQ_HC_FEATURES_NEGOTIABLE", features::NEGOTIABLE.into()),
         ("IRQ_HC_QUERY", call::QUERY.into()),
         ("IRQ_HC_ALLOCATE", call::ALLOCATE.into()),
         ("IRQ_HC_UPDATE", call::UPDATE.into()),
         ("IRQ_HC_FREE", call::FREE.into()),
         ("IRQ_HC_BATCH", call::BATCH.into()),
         ("IRQ_HC_COMPOSE", call::COMPOSE.into()),
+        ("IRQ_HC_SET_FEATURES", call::SET_FEATURES.into()),
         ("IRQ_HC_OK", status::OK),
         ("IRQ_HC_INVALID_ARGUMENT", status::INVALID_ARGUMENT),
         ("IRQ_HC_NO_SPACE", status::NO_SPACE),
@@ -85,6 +94,7 @@ fn the_c_header_matches_the_rust_abi() {
         ("IRQ_HC_BAD_GUEST_ADDRESS", status::BAD_GUEST_ADDRESS),
         ("IRQ_HC_UNSUPPORTED", status::UNSUPPORTED),
         ("IRQ_HC_NOT_APPLIED", status::NOT_APPLIED),
+        ("IRQ_HC_HOST_ERROR", status::HOST_ERROR),
         ("IRQ_HC_ALLOC_MANAGED", alloc::MANAGED),
         ("IRQ_HC_ALLOC_ALIGNED", alloc::ALIGNED),
         ("IRQ_HC_TARGET_VECTOR", target::VECTOR),
@@ -108,6 +118,11 @@ fn the_c_header_matches_the_rust_abi() {
     for (name, value) in &rust {
         assert_eq!(c.get(*name), Some(value), "{name} in the C header");
     }
+    // The same statuses are worth a retry in both (the C macro is checked by the compiler).
+    let retry: Vec<u64> = (0..=status::HOST_ERROR)
+        .filter(|s| status::retryable(*s))
+        .collect();
+    assert_eq!(retry, vec![status::BUSY, status::HOST_ERROR]);
     let known: Vec<&str> = rust.iter().map(|(n, _)| *n).collect();
     for name in c.keys() {
         assert!(
@@ -129,6 +144,8 @@ fn the_c_header_compiles_and_has_the_batch_layout() {
          _Static_assert(sizeof(struct irq_hc_batch_entry) == IRQ_HC_BATCH_ENTRY_SIZE, \"size\");\n\
          _Static_assert(offsetof(struct irq_hc_batch_entry, status) == 4, \"status\");\n\
          _Static_assert(offsetof(struct irq_hc_batch_entry, target) == 8, \"target\");\n\
+         _Static_assert(IRQ_HC_RETRYABLE(IRQ_HC_BUSY) && IRQ_HC_RETRYABLE(IRQ_HC_HOST_ERROR), \"retry\");\n\
+         _Static_assert(!IRQ_HC_RETRYABLE(IRQ_HC_NO_SPACE) && !IRQ_HC_RETRYABLE(IRQ_HC_OK), \"final\");\n\
          int main(void) { return 0; }\n",
     )
     .unwrap();

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * The IRTE hypercall ABI, version 1, for guest kernels written in C.
+ * The IRTE hypercall ABI, version 1.1, for guest kernels written in C.
  *
  * The contract is docs/hypercall.md; the Rust definitions are the `hypercall` crate
  * (hypercall/src/abi.rs). A test (hypercall/tests/c_header.rs) keeps every value below
@@ -25,6 +25,7 @@
 #define IRQ_HC_SIGNATURE_ECX          0x50414d45u /* "EMAP" */
 #define IRQ_HC_SIGNATURE_EDX          0x56505948u /* "HYPV" */
 #define IRQ_HC_ABI_VERSION            1u
+#define IRQ_HC_ABI_MINOR_VERSION      1u  /* reported by IRQ_HC_SET_FEATURES */
 #define IRQ_HC_PORT                   0x510u
 
 /* Feature bits (EBX of IRQ_HC_CPUID_INTERFACE). */
@@ -32,6 +33,8 @@
 #define IRQ_HC_FEATURE_MANAGED        (1u << 1)
 #define IRQ_HC_FEATURE_COMPOSE        (1u << 2)
 #define IRQ_HC_FEATURE_X2APIC_DEST    (1u << 3)
+#define IRQ_HC_FEATURE_HOST_ERROR     (1u << 4) /* 1.1: IRQ_HC_SET_FEATURES, IRQ_HC_HOST_ERROR */
+#define IRQ_HC_FEATURES_NEGOTIABLE    IRQ_HC_FEATURE_HOST_ERROR
 
 /* Call numbers (EAX). */
 #define IRQ_HC_QUERY                  0u
@@ -40,6 +43,7 @@
 #define IRQ_HC_FREE                   3u
 #define IRQ_HC_BATCH                  4u
 #define IRQ_HC_COMPOSE                5u
+#define IRQ_HC_SET_FEATURES           6u  /* RSI: features accepted; out RSI in force, RDI minor */
 
 /* Status codes (RAX). */
 #define IRQ_HC_OK                     0u
@@ -52,6 +56,10 @@
 #define IRQ_HC_BAD_GUEST_ADDRESS      7u
 #define IRQ_HC_UNSUPPORTED            8u
 #define IRQ_HC_NOT_APPLIED            9u
+#define IRQ_HC_HOST_ERROR             10u /* only after IRQ_HC_FEATURE_HOST_ERROR is accepted */
+
+/* Statuses worth repeating the same call for (the others need a change first). */
+#define IRQ_HC_RETRYABLE(status)      ((status) == IRQ_HC_BUSY || (status) == IRQ_HC_HOST_ERROR)
 
 /* Allocation flags (RDI of IRQ_HC_ALLOCATE). */
 #define IRQ_HC_ALLOC_MANAGED          (1u << 0)

@@ -25,7 +25,7 @@ fn hypercall(
 fn the_abi_works_end_to_end() {
     let (report, console) = hypercall(2, "scenario=hypercall", Some(16), None);
     for line in [
-        "hypercall: ABI v1 at port 0x510, features 0xf, 65536 entries",
+        "hypercall: ABI v1 at port 0x510, features 0x1f, 65536 entries",
         "hypercall: allocate, activate, retarget, deactivate, compose, free: done",
         "hypercall: batch of 16 applied in one call; a batch with a bad entry applied nothing",
         "hypercall: 15 bad inputs refused with their documented errors",

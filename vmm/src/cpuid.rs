@@ -133,7 +133,7 @@ pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u32, cpus: u32, table_siz
         !(hypercall::cpuid::BASE..hypercall::cpuid::BASE + 0x100).contains(&e.function)
     });
     let leaves = hypercall::cpuid::discovery_leaves(
-        hypercall::abi::features::V1,
+        hypercall::abi::features::V1_1,
         hypercall::platform::HYPERCALL_PORT,
         table_size,
     );
@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(sig, b"IRQREMAPHYPV");
         let iface = find(&entries, hypercall::cpuid::INTERFACE_LEAF);
         assert_eq!((iface.eax, iface.ecx, iface.edx), (1, 0x510, 65536));
-        assert_eq!(iface.ebx, hypercall::abi::features::V1);
+        assert_eq!(iface.ebx, hypercall::abi::features::V1_1);
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub struct VmSnapshot {
     pub vtd: VtdSnapshot,
     /// The PCI root bus and devices.
     pub pci: PciSnapshot,
+    /// The negotiable hypercall features each requester's driver accepted (ABI 1.1
+    /// `SET_FEATURES`), absent in older snapshots (none accepted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hypercall_features: Vec<(u16, u32)>,
 }
 
 impl std::fmt::Debug for VmState {

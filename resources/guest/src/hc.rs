@@ -44,7 +44,7 @@ fn batch_status(i: usize) -> u64 {
 /// What CPUID says about the interface.
 pub struct Interface {
     version: u32,
-    features: u32,
+    pub features: u32,
     pub port: u16,
     table: u32,
 }

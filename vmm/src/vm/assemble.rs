@@ -598,6 +598,11 @@ impl<'a> Vm<'a> {
             requesters,
             config.machine.hypercall_rate,
         ));
+        if let Some(saved) = saved {
+            dispatcher
+                .restore_accepted_features(&saved.hypercall_features)
+                .map_err(|why| VmError::Snapshot(SnapshotError::Invalid(why)))?;
+        }
         let shared = VcpuShared {
             buses: Arc::new(buses),
             counters: Arc::new(ExitCounters::default()),

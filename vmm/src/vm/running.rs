@@ -461,6 +461,7 @@ impl Vm<'_> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .snapshot(),
             pci: self.pci.snapshot()?,
+            hypercall_features: self.dispatcher.accepted_features(),
         })
     }
 }

@@ -2,8 +2,9 @@
 //! the slot-array device's queues as `ims` does, runs one round of work, prints what it
 //! programmed and counted, then waits, for as long as it takes, for an interrupt only the
 //! host can send: slot `go` of the device, raised through the API's `test/raise`. Then it
-//! retargets one entry with the hypercall, reporting the status (an injected routing
-//! failure answers `NO_SPACE`, and the retry succeeds), and runs one more item on it.
+//! retargets one entry with the hypercall, reporting the status (the driver accepts ABI
+//! 1.1's `HOST_ERROR`: an injected routing failure answers it, and the retry succeeds),
+//! and runs one more item on it.
 //!
 //! The lines the tests read:
 //!
@@ -30,12 +31,22 @@ pub fn api(cpus: usize, apic: impl Fn(usize) -> u32 + Copy) -> bool {
         guest: crate::hc::Guest::new(iface.port),
         ok: true,
     };
+    // An ABI 1.1 driver: a host failure is HOST_ERROR, which it retries.
+    let accept = u64::from(hypercall::abi::features::HOST_ERROR);
     CPUS.store(cpus as u32, Ordering::Relaxed);
     let Some(dev) = pci::find(sd::VENDOR_ID, sd::DEVICE_ID) else {
         println!("api: FAIL: no slot-array IMS device (1b36:1100)");
         return false;
     };
     let mut ok = true;
+    let r = hc.call(
+        "accept HOST_ERROR",
+        call::SET_FEATURES,
+        pci::requester_id(dev),
+        accept,
+        0,
+    );
+    check(&mut ok, "features in force", r.rsi, accept);
     let Some(SlotSetup {
         bar,
         rid,
@@ -92,9 +103,9 @@ pub fn api(cpus: usize, apic: impl Fn(usize) -> u32 + Copy) -> bool {
     let last = cpus - 1;
     let word = target::fixed(apic(last), RETARGET_VECTOR);
     let mut r = hc.guest.call(call::UPDATE, u64::from(rid), first, word);
-    if r.rax == status::NO_SPACE {
+    if status::retryable(r.rax) {
         println!(
-            "api: retarget: status {} (NO_SPACE, the host could not route it); retrying",
+            "api: retarget: status {} (HOST_ERROR, the host failed; the driver retries)",
             r.rax
         );
         r = hc.guest.call(call::UPDATE, u64::from(rid), first, word);
