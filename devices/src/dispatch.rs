@@ -888,7 +888,7 @@ mod tests {
                 call::UPDATE,
                 who,
                 entry,
-                target::fixed(1, 0x60 + entry as u8),
+                target::fixed(1, 0x60 + u8::try_from(entry).unwrap()),
             );
             assert_eq!(r.rax, want, "requester {who:#x}");
             assert!(status::retryable(r.rax) == (want == status::HOST_ERROR));
@@ -897,7 +897,7 @@ mod tests {
                 call::UPDATE,
                 who,
                 entry,
-                target::fixed(1, 0x60 + entry as u8),
+                target::fixed(1, 0x60 + u8::try_from(entry).unwrap()),
             );
             assert_eq!(again.rax, status::OK, "the retry");
         }
