@@ -570,3 +570,61 @@ fn bad_trace_and_api_settings_are_refused() {
         "cannot reach",
     );
 }
+
+/// The VMM needs nothing as root: given a KVM device node it may open, an unprivileged
+/// user runs the default machine (both IMS devices, 65,536-entry table), writes a trace
+/// and serves nothing it should not. Run as root, the test makes such a node (same device
+/// numbers as /dev/kvm) owned by `nobody` and drops to that user for the run; run as
+/// anyone else, it is already that user.
+#[test]
+fn an_unprivileged_user_with_access_to_kvm_runs_the_vmm() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+
+    const NOBODY: u32 = 65534;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dir = scratch("unprivileged");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("trace.jsonl");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.env_remove("RUST_LOG");
+    let node = if root {
+        let kvm = std::fs::metadata("/dev/kvm").expect("/dev/kvm exists");
+        let node = dir.join("kvm");
+        let path = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; makes a character device node with /dev/kvm's numbers.
+        let made = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, kvm.rdev()) };
+        assert_eq!(
+            made,
+            0,
+            "this machine does not let root make a device node ({}); check by hand as README \"Privileges\" says",
+            std::io::Error::last_os_error()
+        );
+        for p in [&dir, &node] {
+            std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // From root, std also drops the supplementary groups (setgroups(0)).
+        cmd.uid(NOBODY).gid(NOBODY);
+        node
+    } else {
+        PathBuf::from("/dev/kvm")
+    };
+    let out = cmd
+        .args(["run", "--console", "off", "--kvm-device"])
+        .arg(&node)
+        .arg("--trace")
+        .arg(&trace)
+        .output()
+        .expect("the vmm binary runs (as nobody: every directory up to it must be world-readable)");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("vmm: verdict     PASS"), "{stdout}");
+    let meta = std::fs::metadata(&trace).unwrap();
+    if root {
+        assert_eq!(meta.uid(), NOBODY, "the run was nobody's");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
