@@ -207,6 +207,7 @@ impl RestoreArgs {
             trace: self.run.trace.clone(),
             trace_categories: self.run.trace_categories.clone(),
             trace_limit: self.run.trace_limit,
+            seccomp: self.run.seccomp.clone(),
             ..Settings::default()
         }
     }
@@ -247,7 +248,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, api_socket, trace, trace_categories, trace_limit, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, api_socket, trace, trace_categories, trace_limit, seccomp, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -315,6 +316,10 @@ pub struct RunOptions {
     /// Trace events per category per second; beyond, a `dropped` record counts them [default: 5000]
     #[arg(long, value_name = "N", requires = "trace")]
     pub trace_limit: Option<u32>,
+    /// Seccomp filters on every VMM thread: on (a call outside its thread's filter stops
+    /// the VMM, naming the thread and the call), log (the kernel logs it) or off [default: on]
+    #[arg(long, value_name = "on|log|off")]
+    pub seccomp: Option<String>,
 }
 
 /// When a running VM snapshots itself.
@@ -375,6 +380,7 @@ impl RunArgs {
             trace: self.run.trace.clone(),
             trace_categories: self.run.trace_categories.clone(),
             trace_limit: self.run.trace_limit,
+            seccomp: self.run.seccomp.clone(),
         };
         Ok(file.overridden_by(flags))
     }

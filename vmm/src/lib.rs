@@ -41,6 +41,7 @@ pub mod pci;
 pub mod refused;
 pub mod report;
 pub mod routing;
+pub mod seccomp;
 pub mod snapshot;
 pub mod threads;
 pub mod trace;

@@ -19,6 +19,8 @@ fn out(text: std::fmt::Arguments<'_>) {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
+    // This thread supervises the VM and then only reports: it runs filtered too.
+    vmm::seccomp::confine_main_thread();
     let config = match args.settings().and_then(vmm::Settings::resolve) {
         Ok(config) => config,
         Err(e) => {
@@ -30,6 +32,7 @@ fn run(args: &RunArgs) -> ExitCode {
 }
 
 fn restore(args: &RestoreArgs) -> ExitCode {
+    vmm::seccomp::confine_main_thread();
     finish(vmm::restore(&args.file, &args.settings()))
 }
 

@@ -387,13 +387,17 @@ impl PciDevices {
         };
         self.stop.store(false, Ordering::Release);
         let stopped = self.stop.clone();
-        self.thread = Some(crate::trace::spawn("ims-devices".into(), move || {
-            while !stopped.load(Ordering::Acquire) {
-                // An error here is an interrupted wait; the loop tries again.
-                let _ = events.run_with_timeout(LOOP_TIMEOUT_MS);
-            }
-            events
-        })?);
+        self.thread = Some(crate::threads::spawn(
+            crate::seccomp::ThreadKind::Devices,
+            "ims-devices".into(),
+            move || {
+                while !stopped.load(Ordering::Acquire) {
+                    // An error here is an interrupted wait; the loop tries again.
+                    let _ = events.run_with_timeout(LOOP_TIMEOUT_MS);
+                }
+                events
+            },
+        )?);
         Ok(())
     }
 

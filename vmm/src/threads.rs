@@ -1,6 +1,8 @@
-//! Waiting for a thread with a deadline (the VM's threads, the device loop), without
-//! waiting for ever on one stuck inside a device.
+//! Starting a VM's threads (each with the VM's trace and its seccomp filter), and waiting
+//! for one with a deadline (the VM's threads, the device loop), without waiting for ever
+//! on one stuck inside a device.
 
+use std::io;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,4 +17,35 @@ pub fn join_by<T>(thread: JoinHandle<T>, deadline: Instant) -> Option<T> {
     } else {
         None
     }
+}
+
+/// Starts a thread of `kind` named `name` running `f`. It gets the calling thread's trace
+/// (if it has one) and seccomp mode, so every thread a VM starts traces to that VM's trace
+/// and runs filtered as that VM says; its filter is in place before `f` runs.
+///
+/// # Errors
+/// The error of spawning the thread.
+///
+/// # Panics
+/// Never in `f`'s place: a filter the kernel refuses aborts the process (a VMM thread
+/// must not run unfiltered when filters are on), after saying why on stderr.
+pub fn spawn<T: Send + 'static>(
+    kind: crate::seccomp::ThreadKind,
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<JoinHandle<T>> {
+    let dispatch =
+        tracing::dispatcher::get_default(|d| d.is::<crate::trace::Trace>().then(|| d.clone()));
+    let mode = crate::seccomp::current_mode();
+    std::thread::Builder::new().name(name).spawn(move || {
+        let _mode = crate::seccomp::scope(mode);
+        if let Err(e) = crate::seccomp::install(kind, mode) {
+            eprintln!("error: {e}");
+            std::process::abort();
+        }
+        match dispatch {
+            Some(d) => tracing::dispatcher::with_default(&d, f),
+            None => f(),
+        }
+    })
 }

@@ -24,7 +24,6 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use serde_json::{Map, Value};
@@ -370,24 +369,6 @@ impl Subscriber for Trace {
     fn exit(&self, _: &Id) {}
 }
 
-/// Starts a thread named `name` running `f`, with the calling thread's trace (if it has
-/// one) as its own: every thread a VM starts traces to that VM's trace.
-///
-/// # Errors
-/// The error of spawning the thread.
-pub fn spawn<T: Send + 'static>(
-    name: String,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<JoinHandle<T>> {
-    let dispatch = tracing::dispatcher::get_default(|d| d.is::<Trace>().then(|| d.clone()));
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || match dispatch {
-            Some(d) => tracing::dispatcher::with_default(&d, f),
-            None => f(),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,7 +455,7 @@ mod tests {
         let plan = TracePlan::new("-", None, None).unwrap();
         let trace = Trace::to_writer(&plan, Box::new(out.clone()));
         tracing::dispatcher::with_default(&trace.dispatch(), || {
-            spawn("child".into(), || {
+            crate::threads::spawn(crate::seccomp::ThreadKind::Storms, "child".into(), || {
                 tracing::info!(target: "irvm::routes", kind = "commit");
             })
             .unwrap()
@@ -482,9 +463,13 @@ mod tests {
             .unwrap();
         });
         // Not traced: this thread has no trace of its own.
-        spawn("stranger".into(), || {
-            tracing::info!(target: "irvm::routes", kind = "commit");
-        })
+        crate::threads::spawn(
+            crate::seccomp::ThreadKind::Storms,
+            "stranger".into(),
+            || {
+                tracing::info!(target: "irvm::routes", kind = "commit");
+            },
+        )
         .unwrap()
         .join()
         .unwrap();

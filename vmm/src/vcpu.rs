@@ -146,14 +146,18 @@ pub fn kick<T>(handle: &JoinHandle<T>) {
 /// # Errors
 /// The error of spawning the thread.
 pub fn spawn(vcpu: VcpuFd, index: u32, shared: VcpuShared) -> std::io::Result<JoinHandle<VcpuFd>> {
-    crate::trace::spawn(format!("vcpu{index}"), move || {
-        let mut vcpu = vcpu;
-        if let Some(reason) = run(&mut vcpu, &shared) {
-            // The controller may already be gone; then nobody needs the report.
-            let _ = shared.events.send(VmEvent::VcpuStopped { index, reason });
-        }
-        vcpu
-    })
+    crate::threads::spawn(
+        crate::seccomp::ThreadKind::Vcpu,
+        format!("vcpu{index}"),
+        move || {
+            let mut vcpu = vcpu;
+            if let Some(reason) = run(&mut vcpu, &shared) {
+                // The controller may already be gone; then nobody needs the report.
+                let _ = shared.events.send(VmEvent::VcpuStopped { index, reason });
+            }
+            vcpu
+        },
+    )
 }
 
 /// Runs until stopped (`Some(why)`) or paused (`None`).

@@ -628,3 +628,139 @@ fn an_unprivileged_user_with_access_to_kvm_runs_the_vmm() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `VMM_SECCOMP_PROBE=KIND` (debug builds only) makes a thread of that kind call
+/// `getppid`, which no filter allows, right after its filter is in place.
+fn probe(kind: &str, seccomp: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["run", "--console", "off", "--seccomp", seccomp])
+        .env_remove("RUST_LOG")
+        .env("VMM_SECCOMP_PROBE", kind)
+        .output()
+        .expect("the vmm binary runs")
+}
+
+#[test]
+fn a_call_outside_a_threads_filter_stops_the_vmm_naming_the_thread_and_the_call() {
+    for (kind, thread) in [
+        ("vcpu", "vcpu"),
+        ("devices", "ims-devices"),
+        ("storms", "irq-storms"),
+        ("harness", "harness"),
+        ("main", "main"),
+    ] {
+        let out = probe(kind, "on");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{kind}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: seccomp: thread {thread}"))
+                && stderr.contains(
+                    "made system call getppid (110), which its seccomp filter does not allow; the VMM stops"
+                ),
+            "{kind}: {stderr}"
+        );
+    }
+    // Off: no filter, the call is made, the run passes.
+    let out = probe("vcpu", "off");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// In log mode the call goes through and the kernel logs it (audit record type 1326,
+/// in the kernel log).
+#[test]
+fn in_log_mode_the_call_is_made_and_the_kernel_logs_it() {
+    let logged = || {
+        let out = Command::new("dmesg").output().expect("dmesg runs");
+        text(&out.stdout)
+            .lines()
+            .filter(|l| {
+                l.contains("type=1326")
+                    && l.contains("comm=\"ims-devices\"")
+                    && l.contains("syscall=110")
+            })
+            .count()
+    };
+    let before = logged();
+    let out = probe("devices", "log");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("vmm: verdict     PASS"));
+    assert!(
+        logged() > before,
+        "no audit record of the call in the kernel log"
+    );
+}
+
+/// While a VM runs, every thread of the process runs filtered (`Seccomp: 2` in
+/// /proc/PID/task/*/status): the main thread, the vCPUs, the device loop, storm control,
+/// the harness and the API's thread.
+#[test]
+fn every_thread_of_a_running_vmm_is_filtered() {
+    let socket = scratch("filtered.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "run",
+            "--console",
+            "off",
+            "--cmdline",
+            "scenario=api",
+            "--api-socket",
+        ])
+        .arg(&socket)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let begin = std::time::Instant::now();
+    let ask = |path: &str| {
+        Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["api", socket.to_str().unwrap(), path])
+            .output()
+            .unwrap()
+    };
+    while !ask("/api/v1/vmm.ping").status.success() {
+        assert!(begin.elapsed().as_secs() < 60, "no API socket");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(str::trim)
+            .unwrap_or("?")
+            .to_string();
+        threads.push((name.trim().to_string(), mode));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "api",
+            socket.to_str().unwrap(),
+            "/api/v1/vm.shutdown",
+            "-X",
+            "PUT",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(child.wait().unwrap().success());
+    for name in [
+        "vmm",
+        "vcpu0",
+        "vcpu1",
+        "ims-devices",
+        "irq-storms",
+        "harness",
+        "vmm-api",
+    ] {
+        assert!(
+            threads.iter().any(|(n, _)| n == name),
+            "no thread {name}: {threads:?}"
+        );
+    }
+    assert!(threads.iter().all(|(_, mode)| mode == "2"), "{threads:?}");
+}

@@ -177,9 +177,11 @@ impl ApiServer {
             listener.set_nonblocking(true)?;
             let wake = EventFd::new(EFD_NONBLOCK)?;
             let stop = wake.try_clone()?;
-            let thread = std::thread::Builder::new()
-                .name("vmm-api".into())
-                .spawn(move || accept_loop(&listener, &stop, &events))?;
+            let thread = crate::threads::spawn(
+                crate::seccomp::ThreadKind::Api,
+                "vmm-api".into(),
+                move || accept_loop(&listener, &stop, &events),
+            )?;
             Ok(Self {
                 path: path.to_path_buf(),
                 inode: (meta.dev(), meta.ino()),
@@ -280,19 +282,23 @@ fn serve_connection(mut stream: UnixStream, busy: &Arc<AtomicUsize>, events: &Se
         );
         return;
     }
+    let held = busy.clone();
     let busy = busy.clone();
     let events = events.clone();
-    let spawned = std::thread::Builder::new()
-        .name("vmm-api-conn".into())
-        .spawn(move || {
+    let spawned = crate::threads::spawn(
+        crate::seccomp::ThreadKind::ApiConnection,
+        "vmm-api-conn".into(),
+        move || {
             let reply = http::read_request(&mut stream)
                 .and_then(|r| route::route(&r.method, &r.target, &r.body))
                 .and_then(|request| ask(request, &events));
             respond(&mut stream, reply);
             busy.fetch_sub(1, Ordering::AcqRel);
-        });
+        },
+    );
     if spawned.is_err() {
         // The closure (and its stream) is gone; the client sees the connection close.
+        held.fetch_sub(1, Ordering::AcqRel);
         log::warn!("API socket: cannot start a thread for a connection");
     }
 }

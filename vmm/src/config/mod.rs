@@ -116,6 +116,9 @@ pub struct Settings {
     /// Trace events per category per second before the rest are counted as dropped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_limit: Option<u32>,
+    /// Seccomp filters: `on` (the default), `log` or `off`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<String>,
 }
 
 /// A size as a string with a unit or a number of MiB.
@@ -183,6 +186,9 @@ pub enum ConfigError {
     /// An empty `until` text.
     #[error("invalid until: the text to wait for is empty")]
     Until,
+    /// A seccomp setting is wrong.
+    #[error("{0}")]
+    Seccomp(String),
     /// A trace setting is wrong.
     #[error("invalid trace: {0}")]
     Trace(String),
@@ -292,6 +298,7 @@ impl Settings {
                 trace: over_run.trace.or(run.trace),
                 trace_categories: over_run.trace_categories.or(run.trace_categories),
                 trace_limit: over_run.trace_limit.or(run.trace_limit),
+                seccomp: over_run.seccomp.or(run.seccomp),
             },
         )
     }
@@ -325,6 +332,7 @@ impl Settings {
             trace: self.trace,
             trace_categories: self.trace_categories,
             trace_limit: self.trace_limit,
+            seccomp: self.seccomp,
         };
         (machine, run)
     }
@@ -354,6 +362,7 @@ impl Settings {
             trace: run.trace,
             trace_categories: run.trace_categories,
             trace_limit: run.trace_limit,
+            seccomp: run.seccomp,
         }
     }
 

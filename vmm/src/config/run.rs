@@ -88,6 +88,8 @@ pub struct RunConfig {
     pub api_socket: Option<PathBuf>,
     /// The interrupt event trace, if any.
     pub trace: Option<crate::trace::TracePlan>,
+    /// The seccomp filters of the VM's threads.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl Default for RunConfig {
@@ -100,6 +102,7 @@ impl Default for RunConfig {
             until: None,
             api_socket: None,
             trace: None,
+            seccomp: crate::seccomp::SeccompMode::On,
         }
     }
 }
@@ -129,6 +132,8 @@ pub struct RunSettings {
     pub trace_categories: Option<String>,
     /// Its events per category per second.
     pub trace_limit: Option<u32>,
+    /// `on`, `log` or `off`.
+    pub seccomp: Option<String>,
 }
 
 impl RunSettings {
@@ -174,6 +179,10 @@ impl RunSettings {
                     ))
                 }
                 None => None,
+            },
+            seccomp: match self.seccomp {
+                Some(text) => text.parse().map_err(ConfigError::Seccomp)?,
+                None => defaults.seccomp,
             },
         })
     }

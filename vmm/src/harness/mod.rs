@@ -237,20 +237,24 @@ impl Harness {
     /// # Errors
     /// The error of spawning the thread.
     pub fn spawn(self, rings: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
-        crate::trace::spawn("harness".into(), move || loop {
-            match rings.recv_timeout(STOP_POLL) {
-                Ok(()) => {}
-                Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Acquire) => {
-                    continue;
+        crate::threads::spawn(
+            crate::seccomp::ThreadKind::Harness,
+            "harness".into(),
+            move || loop {
+                match rings.recv_timeout(STOP_POLL) {
+                    Ok(()) => {}
+                    Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Acquire) => {
+                        continue;
+                    }
+                    Err(_) => return,
                 }
-                Err(_) => return,
-            }
-            let idle = self.idle.clone();
-            let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(seq) = self.unserved() {
-                self.serve(seq);
-            }
-        })
+                let idle = self.idle.clone();
+                let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(seq) = self.unserved() {
+                    self.serve(seq);
+                }
+            },
+        )
     }
 
     fn read(&self, at: usize) -> u32 {

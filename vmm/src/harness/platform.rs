@@ -15,11 +15,15 @@ impl Harness {
             return status::BAD_ARGUMENT;
         };
         let (held, is_held) = std::sync::mpsc::channel();
-        let spawned = crate::trace::spawn("harness-hold".into(), move || {
-            let _device = function.lock().unwrap_or_else(PoisonError::into_inner);
-            let _ = held.send(());
-            std::thread::sleep(Duration::from_millis(u64::from(ms)));
-        });
+        let spawned = crate::threads::spawn(
+            crate::seccomp::ThreadKind::HarnessHold,
+            "harness-hold".into(),
+            move || {
+                let _device = function.lock().unwrap_or_else(PoisonError::into_inner);
+                let _ = held.send(());
+                std::thread::sleep(Duration::from_millis(u64::from(ms)));
+            },
+        );
         match spawned.map(|_| is_held.recv()) {
             Ok(Ok(())) => status::OK,
             _ => status::HOST_ERROR,

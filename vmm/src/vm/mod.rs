@@ -282,6 +282,8 @@ fn run_vm(
     let _traced = trace
         .as_ref()
         .map(|t| tracing::dispatcher::set_default(&t.dispatch()));
+    // Every thread the VM starts installs its filter in this mode.
+    let _filters = crate::seccomp::scope(config.run.seccomp);
     let host = Host::open(config)?;
     let (vm, events) = Vm::assemble(config, &host, start, console)?;
     let mut report = vm.run(&events, started)?;

@@ -61,6 +61,17 @@ impl Vm<'_> {
                 }
             }
         }
+        if spawn_error.is_none() && crate::seccomp::main_thread_confined() {
+            // A failure stops the VM (its threads are stopped below) and is the run's error.
+            if let Err(e) =
+                crate::seccomp::install(crate::seccomp::ThreadKind::Main, config.run.seccomp)
+            {
+                spawn_error = Some(VmError::Os(
+                    "filter the main thread",
+                    std::io::Error::other(e),
+                ));
+            }
+        }
         let outcome = match spawn_error {
             None => self.supervise(events),
             Some(_) => Outcome::VcpusStopped {

@@ -27,14 +27,18 @@ pub(super) fn spawn_storm_ticker(
         return Ok(None);
     }
     let path = path.clone();
-    crate::trace::spawn("irq-storms".into(), move || {
-        while !stop.load(Ordering::Acquire) {
-            std::thread::sleep(irq::storm::WINDOW);
-            // A snapshot holds the gate while the VM is paused.
-            let _open = gate.lock().unwrap_or_else(PoisonError::into_inner);
-            path.flush_throttled();
-        }
-    })
+    crate::threads::spawn(
+        crate::seccomp::ThreadKind::Storms,
+        "irq-storms".into(),
+        move || {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(irq::storm::WINDOW);
+                // A snapshot holds the gate while the VM is paused.
+                let _open = gate.lock().unwrap_or_else(PoisonError::into_inner);
+                path.flush_throttled();
+            }
+        },
+    )
     .map(Some)
 }
 
