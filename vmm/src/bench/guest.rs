@@ -4,15 +4,21 @@ use std::time::Duration;
 
 use super::{
     BenchConfig, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG, REMOTE_PCI_SLOT,
-    REMOTE_SLOTS, RETARGET_SIZES, WINDOW,
+    REMOTE_SLOTS, WINDOW,
 };
 use crate::config::{
     Console, DeviceConfig, DeviceKind, Kernel, MachineConfig, RunConfig, VmConfig,
 };
 use crate::vm::{CapturedConsole, VmError};
 
-/// Boots the test guest's `bench` scenario and collects what the harness measured.
-pub(super) fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmError> {
+/// Boots the test guest's `bench` scenario with the VM's threads filtered as `seccomp`
+/// says and its retarget timings up to `retarget_max` live interrupts, and collects what
+/// the harness measured.
+pub(super) fn guest_figures(
+    config: &BenchConfig,
+    seccomp: crate::seccomp::SeccompMode,
+    retarget_max: u32,
+) -> Result<GuestFigures, VmError> {
     let mut slots: Vec<DeviceConfig> = DeviceConfig::defaults()
         .into_iter()
         .filter(|d| matches!(d.kind, DeviceKind::ImsSlots { .. }))
@@ -42,7 +48,7 @@ pub(super) fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmErro
             kernel: Kernel::BuiltIn,
             cmdline: format!(
                 "scenario=bench bench_samples={samples} bench_interrupts={} bench_window={WINDOW} bench_live={} bench_retarget_max={}",
-                config.interrupts, config.live, RETARGET_SIZES.iter().max().unwrap_or(&0)
+                config.interrupts, config.live, retarget_max
             ),
             devices: slots,
             ..MachineConfig::default()
@@ -51,6 +57,7 @@ pub(super) fn guest_figures(config: &BenchConfig) -> Result<GuestFigures, VmErro
             console: Console::Off,
             watchdog: Some(GUEST_WATCHDOG),
             kvm_device: config.kvm_device.clone(),
+            seccomp,
             ..RunConfig::default()
         },
     };

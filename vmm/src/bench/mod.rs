@@ -63,6 +63,8 @@ pub use report::{BenchReport, Figure, GuestFigures, RetargetRow};
 
 /// Live-interrupt counts the retarget cost is measured at.
 pub const RETARGET_SIZES: [u32; 4] = [1, 512, 4096, 65_536];
+/// Live interrupts at which the seccomp comparison times the `UPDATE` exit.
+pub const SECCOMP_LIVE: u32 = 512;
 /// Entries activated by one batch in the bulk figure.
 pub const BULK_ENTRIES: u32 = 2048;
 /// KVM's routing-table limit (one MSI route per GSI).
@@ -111,7 +113,15 @@ pub struct BenchConfig {
 /// KVM could not be opened or a VM set up, the test guest's bench scenario failed, or a
 /// call the benchmark relies on failed.
 pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
-    let guest = guest_figures(config)?;
+    let max = RETARGET_SIZES.iter().copied().max().unwrap_or(0);
+    let guest = guest_figures(config, crate::seccomp::SeccompMode::On, max)?;
+    // The same guest without seccomp filters, for their cost: delivery and the UPDATE
+    // exit up to 512 live (a shorter run: fewer live interrupts asked for).
+    let shorter = BenchConfig {
+        live: config.live.min(SECCOMP_LIVE),
+        ..config.clone()
+    };
+    let unfiltered = guest_figures(&shorter, crate::seccomp::SeccompMode::Off, SECCOMP_LIVE)?;
     let open_error = |source| VmError::OpenKvm {
         path: config.kvm_device.clone(),
         source,
@@ -178,6 +188,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
         signal_ours,
         signal_raw,
         guest,
+        unfiltered,
     })
 }
 
@@ -246,7 +257,12 @@ mod tests {
                 interrupts_per_run: 2000,
                 live_asked: 65_536,
                 max_live: 32_768,
-                retarget: vec![],
+                retarget: vec![(512, fig(20))],
+            },
+            unfiltered: GuestFigures {
+                delivery_ours: fig(100),
+                retarget: vec![(512, fig(16))],
+                ..GuestFigures::default()
             },
         };
         let near = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() < 1e-9);
@@ -256,6 +272,8 @@ mod tests {
         assert!(near(report.throughput_ratio(), 0.8));
         assert!(near(report.remote_delivery_ratio(), 1.1));
         assert!(near(report.handover_ratio(), 3.0));
+        assert!(near(report.seccomp_delivery_ratio(), 1.1));
+        assert!(near(report.seccomp_update_ratio(), 1.25));
         let json = report.to_json();
         let keys: Vec<&str> = json.lines().skip(1).take(6).collect();
         assert_eq!(

@@ -7,7 +7,7 @@ use super::{BULK_ENTRIES, KVM_MAX_ROUTES, WINDOW};
 use hypercall::harness::BENCH_RUNS;
 
 /// Median and 99th percentile of one figure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Figure {
     /// Median.
     pub median: Duration,
@@ -51,7 +51,7 @@ pub struct RetargetRow {
 }
 
 /// What the test guest's `bench` scenario measured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GuestFigures {
     /// Delivery latency through an IMS slot and the remapping core.
     pub delivery_ours: Figure,
@@ -96,8 +96,11 @@ pub struct BenchReport {
     /// Sending the same eventfds all at once in messages of 16 (cloud-hypervisor's MSI-X
     /// enable), to the same server.
     pub handover_eager: Figure,
-    /// The in-guest figures.
+    /// The in-guest figures (the VM's threads filtered, as by default).
     pub guest: GuestFigures,
+    /// The same guest with seccomp filters off (a shorter run: delivery, and the `UPDATE`
+    /// exit up to [`super::SECCOMP_LIVE`] live).
+    pub unfiltered: GuestFigures,
     /// IMS-device work per item with DMA translation on, off, and on plain memory.
     pub dma: super::dma::DmaFigures,
 }
@@ -112,6 +115,27 @@ fn ratio(a: Duration, b: Duration) -> Option<f64> {
 }
 
 impl BenchReport {
+    /// Delivery through an IMS slot with seccomp filters on, over the same with them off.
+    #[must_use]
+    pub fn seccomp_delivery_ratio(&self) -> Option<f64> {
+        ratio(
+            self.guest.delivery_ours.median,
+            self.unfiltered.delivery_ours.median,
+        )
+    }
+
+    /// The `UPDATE` exit at [`super::SECCOMP_LIVE`] live with filters on, over off.
+    #[must_use]
+    pub fn seccomp_update_ratio(&self) -> Option<f64> {
+        let at = |g: &GuestFigures| {
+            g.retarget
+                .iter()
+                .find(|(n, _)| *n == super::SECCOMP_LIVE)
+                .map(|(_, f)| f.median)
+        };
+        ratio(at(&self.guest)?, at(&self.unfiltered)?)
+    }
+
     /// Whole-table rebuild cost over our retarget cost, both at 4,096 live.
     #[must_use]
     pub fn retarget_speedup_at_4096(&self) -> Option<f64> {
@@ -217,6 +241,16 @@ impl BenchReport {
             out,
             "  \"dma_translation_ratio\": {},",
             num(self.dma_translation_ratio())
+        );
+        let _ = writeln!(
+            out,
+            "  \"seccomp_delivery_ratio\": {},",
+            num(self.seccomp_delivery_ratio())
+        );
+        let _ = writeln!(
+            out,
+            "  \"seccomp_update_ratio\": {},",
+            num(self.seccomp_update_ratio())
         );
         out.push_str(&self.dma_json(&fig));
         let g = &self.guest;
@@ -498,12 +532,36 @@ impl BenchReport {
                 .map_or("-".into(), |x| format!("{x:.3}"))
         )
     }
+
+    /// The cost of the seccomp filters: the same figures from a run without them.
+    fn write_seccomp(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = |g: &GuestFigures| {
+            g.retarget
+                .iter()
+                .find(|(n, _)| *n == super::SECCOMP_LIVE)
+                .map(|(_, f)| *f)
+        };
+        let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+        writeln!(
+            f,
+            "Seccomp filters (on in every VM above) vs off, p50 (us): delivery {} on / {} off ({}); UPDATE exit at {} live {} on / {} off ({})",
+            us(self.guest.delivery_ours.median),
+            us(self.unfiltered.delivery_ours.median),
+            self.seccomp_delivery_ratio().map_or("-".into(), |x| format!("{x:.3}x")),
+            super::SECCOMP_LIVE,
+            at(&self.guest).map_or("-".into(), |x| us(x.median)),
+            at(&self.unfiltered).map_or("-".into(), |x| us(x.median)),
+            self.seccomp_update_ratio().map_or("-".into(), |x| format!("{x:.3}x")),
+        )?;
+        writeln!(f)
+    }
 }
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.write_guest_figures(f)?;
         self.write_retarget(f)?;
+        self.write_seccomp(f)?;
         self.write_bulk_and_headline(f)
     }
 }
