@@ -248,7 +248,7 @@ pub struct RunArgs {
     /// Command line handed to the guest (the test guest reads scenario=smoke|msi|remap|ims|all|..., see the README)
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
-    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, api_socket, trace, trace_categories, trace_limit, seccomp, [[device]])
+    /// TOML file with the same settings (cpus, memory, kernel, cmdline, console, watchdog, kvm_device, max_routes, max_entries_per_device, hypercall_rate, irq_rate, cpuid_hide, initrd, until, snapshot, snapshot_after_ms, snapshot_then, harness, api_socket, trace, trace_categories, trace_limit, seccomp, [[device]])
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -256,6 +256,10 @@ pub struct RunArgs {
     /// Cap on the KVM MSI routes for remapped interrupt targets [default: KVM's limit]
     #[arg(long, value_name = "N")]
     pub max_routes: Option<u32>,
+    /// Remapping entries one requester (device) may hold; beyond, ALLOCATE answers
+    /// QUOTA_EXCEEDED [default: 65536 shared evenly among the VM's requesters]
+    #[arg(long, value_name = "N")]
+    pub max_entries_per_device: Option<u32>,
     /// Hypercalls per second before the guest is answered BUSY [default: 200000]
     #[arg(long, value_name = "N")]
     pub hypercall_rate: Option<u32>,
@@ -367,6 +371,7 @@ impl RunArgs {
             kvm_device: self.run.kvm_device.clone(),
             until: self.run.until.clone(),
             max_routes: self.max_routes,
+            max_entries_per_device: self.max_entries_per_device,
             hypercall_rate: self.hypercall_rate,
             irq_rate: self.irq_rate,
             device,

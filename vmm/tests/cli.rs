@@ -764,3 +764,14 @@ fn every_thread_of_a_running_vmm_is_filtered() {
     }
     assert!(threads.iter().all(|(_, mode)| mode == "2"), "{threads:?}");
 }
+
+#[test]
+fn a_quota_outside_the_table_is_refused() {
+    for bad in ["0", "65537"] {
+        fails_with(
+            &["run", "--max-entries-per-device", bad],
+            125,
+            &format!("invalid max_entries_per_device {bad}: 1 to 65536"),
+        );
+    }
+}

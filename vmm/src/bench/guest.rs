@@ -51,6 +51,8 @@ pub(super) fn guest_figures(
                 config.interrupts, config.live, retarget_max
             ),
             devices: slots,
+            // One requester makes the whole table live.
+            max_entries_per_device: Some(irq::backing::snapshot::MAX_TABLE_SIZE),
             ..MachineConfig::default()
         },
         run: RunConfig {

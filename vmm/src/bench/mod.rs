@@ -107,6 +107,41 @@ pub struct BenchConfig {
     pub live: u32,
 }
 
+/// The time of one allowed system call (`gettid`, 1,000 per sample) on a thread under the
+/// vCPU filter, and on a thread without one.
+fn syscall_cost(samples: usize) -> Result<(Figure, Figure), VmError> {
+    let time = |mode: crate::seccomp::SeccompMode| {
+        let _scope = crate::seccomp::scope(mode);
+        crate::threads::spawn(
+            crate::seccomp::ThreadKind::Vcpu,
+            "seccomp-cost".into(),
+            move || {
+                (0..samples)
+                    .map(|_| {
+                        let begin = Instant::now();
+                        for _ in 0..1000 {
+                            // SAFETY: gettid takes no arguments and cannot fail.
+                            unsafe { libc::syscall(libc::SYS_gettid) };
+                        }
+                        begin.elapsed() / 1000
+                    })
+                    .collect::<Vec<_>>()
+            },
+        )
+        .map_err(|e| VmError::Os("start the seccomp timing thread", e))?
+        .join()
+        .map_err(|_| {
+            VmError::Os(
+                "time system calls",
+                std::io::Error::other("the thread panicked"),
+            )
+        })
+    };
+    let on = time(crate::seccomp::SeccompMode::On)?;
+    let off = time(crate::seccomp::SeccompMode::Off)?;
+    Ok((Figure::of(on), Figure::of(off)))
+}
+
 /// Runs every benchmark: the in-guest ones first, then the host-side ones.
 ///
 /// # Errors
@@ -122,6 +157,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
         ..config.clone()
     };
     let unfiltered = guest_figures(&shorter, crate::seccomp::SeccompMode::Off, SECCOMP_LIVE)?;
+    let (syscall_filtered, syscall_unfiltered) = syscall_cost(config.samples.max(1))?;
     let open_error = |source| VmError::OpenKvm {
         path: config.kvm_device.clone(),
         source,
@@ -189,6 +225,8 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
         signal_raw,
         guest,
         unfiltered,
+        syscall_filtered,
+        syscall_unfiltered,
     })
 }
 
@@ -261,9 +299,12 @@ mod tests {
             },
             unfiltered: GuestFigures {
                 delivery_ours: fig(100),
+                delivery_raw: fig(100),
                 retarget: vec![(512, fig(16))],
                 ..GuestFigures::default()
             },
+            syscall_filtered: fig(1),
+            syscall_unfiltered: fig(1),
         };
         let near = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() < 1e-9);
         assert!(near(report.retarget_speedup_at_4096(), 250.0));

@@ -54,6 +54,9 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// Cap on the KVM MSI routes the VM uses (`None`: KVM's limit).
     pub max_routes: Option<u32>,
+    /// Remapping entries one requester may hold (`None`: a fair share, see
+    /// [`MachineConfig::entries_per_requester`]).
+    pub max_entries_per_device: Option<u32>,
     /// Hypercalls per second before the VM is throttled with `BUSY`.
     pub hypercall_rate: u32,
     /// Interrupts per second from one remapping entry before the rest are coalesced
@@ -78,6 +81,7 @@ impl Default for MachineConfig {
             initrd: None,
             cmdline: String::new(),
             max_routes: None,
+            max_entries_per_device: None,
             hypercall_rate: DEFAULT_HYPERCALL_RATE,
             irq_rate: DEFAULT_IRQ_RATE,
             devices: DeviceConfig::defaults(),
@@ -88,6 +92,17 @@ impl Default for MachineConfig {
 }
 
 impl MachineConfig {
+    /// Remapping entries one requester may hold: the setting, or else a fair share of the
+    /// 65,536-entry table among the VM's requesters (its devices, and the harness's two
+    /// when it is on), so that no device's driver can take what another's needs.
+    #[must_use]
+    pub fn entries_per_requester(&self) -> u32 {
+        let requesters = self.devices.len() + if self.harness { 2 } else { 0 };
+        let share = irq::backing::snapshot::MAX_TABLE_SIZE
+            / u32::try_from(requesters.max(1)).unwrap_or(u32::MAX);
+        self.max_entries_per_device.unwrap_or(share.max(1))
+    }
+
     /// The settings that resolve to this machine (what a snapshot's header keeps).
     #[must_use]
     pub fn settings(&self) -> MachineSettings {
@@ -100,6 +115,7 @@ impl MachineConfig {
             },
             cmdline: Some(self.cmdline.clone()),
             max_routes: self.max_routes,
+            max_entries_per_device: self.max_entries_per_device,
             hypercall_rate: Some(self.hypercall_rate),
             irq_rate: Some(self.irq_rate),
             device: Some(self.devices.iter().map(DeviceConfig::setting).collect()),
@@ -126,6 +142,9 @@ pub struct MachineSettings {
     pub cmdline: Option<String>,
     /// Cap on KVM MSI routes.
     pub max_routes: Option<u32>,
+    /// Remapping entries one requester may hold (absent: a fair share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_entries_per_device: Option<u32>,
     /// Hypercalls per second.
     pub hypercall_rate: Option<u32>,
     /// Interrupts per second per remapping entry (0: no limit).
@@ -179,6 +198,7 @@ impl MachineSettings {
             kernel: over.kernel.or(self.kernel),
             cmdline: over.cmdline.or(self.cmdline),
             max_routes: over.max_routes.or(self.max_routes),
+            max_entries_per_device: over.max_entries_per_device.or(self.max_entries_per_device),
             hypercall_rate: over.hypercall_rate.or(self.hypercall_rate),
             irq_rate: over.irq_rate.or(self.irq_rate),
             device: over.device.or(self.device),
@@ -219,6 +239,12 @@ impl MachineSettings {
             cmdline,
             max_routes: match self.max_routes {
                 Some(0) => return Err(ConfigError::MaxRoutes),
+                other => other,
+            },
+            max_entries_per_device: match self.max_entries_per_device {
+                Some(n) if n == 0 || n > irq::backing::snapshot::MAX_TABLE_SIZE => {
+                    return Err(ConfigError::MaxEntriesPerDevice(n))
+                }
                 other => other,
             },
             hypercall_rate: match self.hypercall_rate {

@@ -75,6 +75,9 @@ pub struct Settings {
     pub kvm_device: Option<PathBuf>,
     /// Cap on KVM MSI routes.
     pub max_routes: Option<u32>,
+    /// Remapping entries one requester may hold (absent: a fair share).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_entries_per_device: Option<u32>,
     /// Hypercalls per second.
     pub hypercall_rate: Option<u32>,
     /// Interrupts per second per remapping entry (0: no limit).
@@ -175,6 +178,8 @@ pub enum ConfigError {
     #[error("invalid console `{0}`: expected stdout, off or file:PATH")]
     Console(String),
     /// A route cap of zero.
+    #[error("invalid max_entries_per_device {0}: 1 to 65536")]
+    MaxEntriesPerDevice(u32),
     #[error("invalid max_routes 0: at least one route is needed")]
     MaxRoutes,
     /// A hypercall rate of zero.
@@ -312,6 +317,7 @@ impl Settings {
             kernel: self.kernel,
             cmdline: self.cmdline,
             max_routes: self.max_routes,
+            max_entries_per_device: self.max_entries_per_device,
             hypercall_rate: self.hypercall_rate,
             irq_rate: self.irq_rate,
             device: self.device,
@@ -345,6 +351,7 @@ impl Settings {
             kernel: machine.kernel,
             cmdline: machine.cmdline,
             max_routes: machine.max_routes,
+            max_entries_per_device: machine.max_entries_per_device,
             hypercall_rate: machine.hypercall_rate,
             irq_rate: machine.irq_rate,
             device: machine.device,

@@ -275,7 +275,13 @@ fn build_core(
     };
     let routes = RouteTable::with_irqchip(routing, limit, Irqchip::Split)?;
     let backing = match saved {
-        None => Backing::new(routes, Limits::default())?,
+        None => Backing::new(
+            routes,
+            Limits {
+                max_per_device: config.machine.entries_per_requester(),
+                ..Limits::default()
+            },
+        )?,
         Some(s) => Backing::restore(routes, &s.interrupts).map_err(SnapshotError::from)?,
     };
     // Devices and the dispatcher hold the core through its front door (`handle`); the
