@@ -632,8 +632,18 @@ fn an_unprivileged_user_with_access_to_kvm_runs_the_vmm() {
 /// `VMM_SECCOMP_PROBE=KIND` (debug builds only) makes a thread of that kind call
 /// `getppid`, which no filter allows, right after its filter is in place.
 fn probe(kind: &str, seccomp: &str) -> Output {
+    let socket = scratch(&format!("probe-{kind}-{seccomp}.sock"));
+    let _ = std::fs::remove_file(&socket);
     Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["run", "--console", "off", "--seccomp", seccomp])
+        .args([
+            "run",
+            "--console",
+            "off",
+            "--seccomp",
+            seccomp,
+            "--api-socket",
+        ])
+        .arg(&socket)
         .env_remove("RUST_LOG")
         .env("VMM_SECCOMP_PROBE", kind)
         .output()
@@ -647,6 +657,7 @@ fn a_call_outside_a_threads_filter_stops_the_vmm_naming_the_thread_and_the_call(
         ("devices", "ims-devices"),
         ("storms", "irq-storms"),
         ("harness", "harness"),
+        ("api", "vmm-api"),
         ("main", "main"),
     ] {
         let out = probe(kind, "on");
@@ -774,4 +785,42 @@ fn a_quota_outside_the_table_is_refused() {
             &format!("invalid max_entries_per_device {bad}: 1 to 65536"),
         );
     }
+}
+
+/// The descriptors a VM may need are counted at start: below them the VM does not start
+/// and says how many it needs; fewer routes need fewer.
+#[test]
+fn too_low_an_open_file_limit_is_refused_at_start_with_the_number_needed() {
+    use std::os::unix::process::CommandExt;
+    let limited = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+        cmd.args(["run", "--console", "off"])
+            .args(extra)
+            .env_remove("RUST_LOG");
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 1024,
+                    rlim_max: 1024,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        cmd.output().expect("the vmm binary runs")
+    };
+    let out = limited(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot raise the open-file limit: need ")
+            && stderr.contains("but the limit is 1024 (hard limit 1024)"),
+        "{stderr}"
+    );
+    let out = limited(&["--max-routes", "256"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
