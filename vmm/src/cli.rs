@@ -32,7 +32,7 @@ Examples:
   vmm run                                  the built-in test guest, default machine
   vmm run --cpus 8 --cmdline scenario=msi  its MSI scenario on 8 vCPUs
   vmm run --kernel guest.elf --memory 1G --config vm.toml")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure our interrupt paths beside raw KVM's for the same work, in one run: a table
     /// on stdout and the figures as JSON.
     #[command(after_help = "\

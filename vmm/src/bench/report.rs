@@ -255,22 +255,7 @@ impl BenchReport {
             "  \"dma_translation_ratio\": {},",
             num(self.dma_translation_ratio())
         );
-        let _ = writeln!(
-            out,
-            "  \"seccomp_delivery_ratio\": {},",
-            num(self.seccomp_delivery_ratio())
-        );
-        let _ = writeln!(
-            out,
-            "  \"seccomp_update_ratio\": {},",
-            num(self.seccomp_update_ratio())
-        );
-        let _ = writeln!(
-            out,
-            "  \"seccomp_syscall_ns\": {{\"filtered\": {:.1}, \"unfiltered\": {:.1}}},",
-            self.syscall_filtered.median.as_secs_f64() * 1e9,
-            self.syscall_unfiltered.median.as_secs_f64() * 1e9
-        );
+        out.push_str(&self.seccomp_json());
         out.push_str(&self.dma_json(&fig));
         let g = &self.guest;
         let _ = writeln!(
@@ -549,6 +534,18 @@ impl BenchReport {
             "          dma_translation_ratio {} (target <= 1.1)",
             self.dma_translation_ratio()
                 .map_or("-".into(), |x| format!("{x:.3}"))
+        )
+    }
+
+    /// The seccomp keys of the JSON.
+    fn seccomp_json(&self) -> String {
+        let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
+        format!(
+            "  \"seccomp_delivery_ratio\": {},\n  \"seccomp_update_ratio\": {},\n  \"seccomp_syscall_ns\": {{\"filtered\": {:.1}, \"unfiltered\": {:.1}}},\n",
+            num(self.seccomp_delivery_ratio()),
+            num(self.seccomp_update_ratio()),
+            self.syscall_filtered.median.as_secs_f64() * 1e9,
+            self.syscall_unfiltered.median.as_secs_f64() * 1e9
         )
     }
 

@@ -18,6 +18,17 @@ enum Action {
     Ended(Outcome),
 }
 
+/// Filters the thread running the VM, if the program asked for it
+/// ([`crate::seccomp::confine_main_thread`]); the error if that failed.
+fn confine_main(mode: crate::seccomp::SeccompMode) -> Option<VmError> {
+    if !crate::seccomp::main_thread_confined() {
+        return None;
+    }
+    crate::seccomp::install(crate::seccomp::ThreadKind::Main, mode)
+        .err()
+        .map(|e| VmError::Os("filter the main thread", std::io::Error::other(e)))
+}
+
 /// A snapshot the API asked for that failed, as the client sees it.
 fn snapshot_refusal(e: &VmError) -> Refusal {
     let status = match e {
@@ -61,16 +72,9 @@ impl Vm<'_> {
                 }
             }
         }
-        if spawn_error.is_none() && crate::seccomp::main_thread_confined() {
+        if spawn_error.is_none() {
             // A failure stops the VM (its threads are stopped below) and is the run's error.
-            if let Err(e) =
-                crate::seccomp::install(crate::seccomp::ThreadKind::Main, config.run.seccomp)
-            {
-                spawn_error = Some(VmError::Os(
-                    "filter the main thread",
-                    std::io::Error::other(e),
-                ));
-            }
+            spawn_error = confine_main(config.run.seccomp);
         }
         let outcome = match spawn_error {
             None => self.supervise(events),
