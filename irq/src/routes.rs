@@ -602,13 +602,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             return Err(RouteError::NotCommitted(gsi));
         }
         let assigned = self.backend.assign_irqfd(fd, gsi);
-        tracing::info!(
-            target: "irvm::routes",
-            kind = "irqfd_attach",
-            gsi,
-            fd = fd.as_raw_fd(),
-            ok = assigned.is_ok(),
-        );
+        trace_irqfd("irqfd_attach", fd, gsi, assigned.is_ok());
         assigned.map_err(|source| RouteError::Assign { gsi, source })?;
         *self.irqfds.entry(gsi).or_insert(0) += 1;
         Ok(())
@@ -620,13 +614,7 @@ impl<B: RoutingBackend> RouteTable<B> {
     /// [`RouteError::Deassign`].
     pub fn detach_irqfd(&mut self, fd: &EventFd, gsi: Gsi) -> Result<(), RouteError> {
         let deassigned = self.backend.deassign_irqfd(fd, gsi);
-        tracing::info!(
-            target: "irvm::routes",
-            kind = "irqfd_detach",
-            gsi,
-            fd = fd.as_raw_fd(),
-            ok = deassigned.is_ok(),
-        );
+        trace_irqfd("irqfd_detach", fd, gsi, deassigned.is_ok());
         deassigned.map_err(|source| RouteError::Deassign { gsi, source })?;
         if let Some(n) = self.irqfds.get_mut(&gsi) {
             *n = n.saturating_sub(1);
@@ -636,6 +624,11 @@ impl<B: RoutingBackend> RouteTable<B> {
         }
         Ok(())
     }
+}
+
+/// The trace event of an irqfd attached to or detached from `gsi`.
+fn trace_irqfd(kind: &'static str, fd: &EventFd, gsi: Gsi, ok: bool) {
+    tracing::info!(target: "irvm::routes", kind, gsi, fd = fd.as_raw_fd(), ok);
 }
 
 #[cfg(test)]

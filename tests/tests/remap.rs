@@ -26,7 +26,12 @@ fn remapped_interrupts_arrive_on_the_right_vcpu_and_vector() {
 
 #[test]
 fn twenty_thousand_live_irtes_all_deliver() {
-    let (report, console) = passes(8, "scenario=remap remap_entries=20000 remap_vectors=64");
+    // All through the harness's one requester: more than its fair share of the table
+    // (16,384 of 65,536 with two devices and the harness), so the quota is lifted.
+    let mut cfg = config(8, "scenario=remap remap_entries=20000 remap_vectors=64");
+    cfg.machine.max_entries_per_device = Some(65_536);
+    let (report, console) = boot(&cfg);
+    assert!(report.passed(), "{report}\n{console}");
     assert!(
         console.contains("remap: 20000 IRTEs live at once"),
         "{console}"

@@ -207,11 +207,7 @@ impl Trace {
 
     /// Writes the `dropped` records still due and flushes; the totals.
     pub fn finish(&self) -> TraceTotals {
-        let mut state = self
-            .inner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state();
         let t_ns = self.now();
         let mut dropped = 0;
         for cat in 0..CATEGORIES.len() {
@@ -225,6 +221,13 @@ impl Trace {
             written: state.written,
             dropped,
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn now(&self) -> u64 {
@@ -325,11 +328,7 @@ impl Subscriber for Trace {
             return;
         };
         let limit = self.inner.limit;
-        let mut state = self
-            .inner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state();
         // Read under the lock: the file's lines are in time order.
         let t_ns = self.now();
         let second = t_ns / 1_000_000_000;
