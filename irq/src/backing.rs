@@ -258,6 +258,9 @@ pub struct Backing<B: RoutingBackend> {
     cache: HashMap<RouteKey, CachedRoute>,
     /// Routes left without a line by a failed transaction: removed by the next commit.
     orphans: Vec<Gsi>,
+    /// Whether the cache may hold routes whose lines were retired (the next commit prunes
+    /// them; without any, it need not look).
+    maybe_retired: bool,
     limits: Limits,
     live: u32,
     allocated: u32,
@@ -290,6 +293,7 @@ impl<B: RoutingBackend> Backing<B> {
             entries: vec![Entry::default(); limits.table_size as usize],
             cache: HashMap::new(),
             orphans: Vec::new(),
+            maybe_retired: false,
             limits,
             live: 0,
             allocated: 0,

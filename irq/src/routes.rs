@@ -30,7 +30,7 @@
 //! and a route must not be removed while irqfds are attached to it
 //! ([`RouteError::IrqfdsAttached`]): detach first, then remove and commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -190,6 +190,9 @@ pub struct RouteTable<B> {
     /// Split irqchip only: the level-triggered pins' routes (committed at once).
     pins: BTreeMap<Gsi, MsiMessage>,
     irqfds: BTreeMap<Gsi, u32>,
+    /// Owners that staged a change since their last commit or rollback: the others' staged
+    /// routes are their committed ones, and their commit has nothing to compare or send.
+    unsettled: BTreeSet<OwnerId>,
     commits: u64,
     commit_time: Duration,
     last_commit_time: Duration,
@@ -228,6 +231,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             owners: BTreeMap::new(),
             pins: BTreeMap::new(),
             irqfds: BTreeMap::new(),
+            unsettled: BTreeSet::new(),
             commits: 1,
             commit_time: Duration::ZERO,
             last_commit_time: Duration::ZERO,
@@ -340,6 +344,7 @@ impl<B: RoutingBackend> RouteTable<B> {
         for gsi in &gsis {
             self.staged.remove(gsi);
         }
+        self.unsettled.insert(owner);
         self.commit_as(owner)?;
         self.owners.remove(&owner);
         Ok(())
@@ -419,6 +424,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             return Err(RouteError::Exhausted { limit: self.limit });
         }
         self.staged.insert(candidate, Route { owner, msg });
+        self.unsettled.insert(owner);
         Ok(candidate)
     }
 
@@ -448,6 +454,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             return Err(RouteError::NotOwner(owner.0));
         }
         route.msg = msg;
+        self.unsettled.insert(owner);
         Ok(())
     }
 
@@ -474,6 +481,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             return Err(RouteError::IrqfdsAttached(gsi));
         }
         self.staged.remove(&gsi);
+        self.unsettled.insert(owner);
         Ok(())
     }
 
@@ -492,6 +500,7 @@ impl<B: RoutingBackend> RouteTable<B> {
         for (gsi, msg) in routes {
             self.staged.insert(gsi, Route { owner, msg });
         }
+        self.unsettled.insert(owner);
     }
 
     /// Drops every staged change of the core.
@@ -507,6 +516,7 @@ impl<B: RoutingBackend> RouteTable<B> {
                 self.staged.insert(gsi, *r);
             }
         }
+        self.unsettled.remove(&owner);
     }
 
     /// Commits the core's staged changes ([`Self::commit_as`]).
@@ -519,7 +529,8 @@ impl<B: RoutingBackend> RouteTable<B> {
 
     /// Sends KVM, in one ioctl, the committed table with `owner`'s staged changes applied
     /// (other owners' staged changes stay staged). Returns whether a call was made (a
-    /// commit with nothing of `owner`'s staged is skipped).
+    /// commit with nothing of `owner`'s staged is skipped, without walking the table when
+    /// `owner` staged nothing since its last commit).
     ///
     /// # Errors
     /// [`RouteError::NotOwner`] for an owner never registered, or [`RouteError::Commit`];
@@ -527,6 +538,9 @@ impl<B: RoutingBackend> RouteTable<B> {
     pub fn commit_as(&mut self, owner: OwnerId) -> Result<bool, RouteError> {
         if owner != OwnerId::CORE && !self.owners.contains_key(&owner) {
             return Err(RouteError::NotOwner(owner.0));
+        }
+        if !self.unsettled.contains(&owner) {
+            return Ok(false);
         }
         let next: BTreeMap<Gsi, Route> = if self.owners.is_empty() {
             // The core alone: what is staged is what KVM gets.
@@ -547,6 +561,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             next
         };
         if next == self.committed {
+            self.unsettled.remove(&owner);
             return Ok(false);
         }
         if let Err(e) = self.send(&next) {
@@ -554,6 +569,7 @@ impl<B: RoutingBackend> RouteTable<B> {
             return Err(e);
         }
         self.committed = next;
+        self.unsettled.remove(&owner);
         Ok(true)
     }
 
@@ -837,6 +853,32 @@ mod tests {
             .filter(|e| matches!(e.kind, RouteKind::Msi(_)))
             .map(|e| e.gsi)
             .collect()
+    }
+
+    #[test]
+    fn an_owner_that_staged_nothing_since_its_commit_sends_nothing() {
+        let kvm = FakeKvm::default();
+        let mut table = RouteTable::new(&kvm, 4096).unwrap();
+        let other = table.add_owner("embedder", 4);
+        let gsi = table.allocate(msi(0)).unwrap();
+        assert!(table.commit().unwrap());
+        let sent = table.commits();
+        assert!(!table.commit().unwrap(), "nothing staged since");
+        // Another owner's staging does not unsettle the core.
+        table.allocate_as(other, msi(1)).unwrap();
+        assert!(!table.commit().unwrap());
+        assert_eq!(table.commits(), sent);
+        assert!(table.commit_as(other).unwrap());
+        // A change undone before the commit sends nothing either; a real one does.
+        table.update(gsi, msi(2)).unwrap();
+        table.update(gsi, msi(0)).unwrap();
+        assert!(!table.commit().unwrap());
+        table.update(gsi, msi(3)).unwrap();
+        table.rollback();
+        assert!(!table.commit().unwrap());
+        table.update(gsi, msi(3)).unwrap();
+        assert!(table.commit().unwrap());
+        assert_eq!(table.commits(), sent + 2);
     }
 
     #[test]

@@ -54,6 +54,47 @@ pub(super) struct Planned {
     step: Step,
 }
 
+/// The routes a plan touches, as they will be after it: key -> the GSI of its cached
+/// route with a line (`None`: no such route yet), and its users after the commit. Routes
+/// the staged entries do not touch keep their users and are not in it.
+#[derive(Debug, Default)]
+struct Sim(HashMap<RouteKey, (Option<Gsi>, i64)>);
+
+impl Sim {
+    /// `key`'s simulated route, starting from the cache.
+    fn touch<B: RoutingBackend>(
+        &mut self,
+        backing: &Backing<B>,
+        key: RouteKey,
+    ) -> &mut (Option<Gsi>, i64) {
+        self.0.entry(key).or_insert_with(|| {
+            backing
+                .cache
+                .get(&key)
+                .filter(|r| r.line.is_some())
+                .map_or((None, 0), |r| (Some(r.gsi), i64::from(r.users)))
+        })
+    }
+
+    /// Managed routes with users after the plan: the touched ones as simulated, the
+    /// others as cached (a walk of the cache, made only when the plan creates routes).
+    fn managed_routes_after<B: RoutingBackend>(&self, backing: &Backing<B>) -> usize {
+        let touched = self
+            .0
+            .iter()
+            .filter(|(k, (_, n))| k.managed && *n > 0)
+            .count();
+        let untouched = backing
+            .cache
+            .iter()
+            .filter(|(k, r)| {
+                k.managed && r.line.is_some() && r.users > 0 && !self.0.contains_key(k)
+            })
+            .count();
+        touched + untouched
+    }
+}
+
 impl<B: RoutingBackend> Backing<B> {
     fn decide(&self, raw: [u64; 2], managed: bool) -> NewState {
         match Irte::decode(raw, self.limits.eim) {
@@ -101,21 +142,20 @@ impl<B: RoutingBackend> Backing<B> {
                 return Err(e);
             }
         }
-        self.publish(plan.entries);
-        self.retire_idle_lines();
+        let mut emptied = self.publish(plan.entries);
+        emptied.extend(created.iter().map(|(key, _)| *key));
+        emptied.extend(plan.rewrites.iter().map(|(_, _, key)| *key));
+        self.retire_lines_without_users(&emptied);
         Ok(())
     }
 
     /// 1. Plan: decode each staged entry and decide its step against a simulation of the
-    ///    cache (key -> existing GSI, users after); then which routes the commit creates,
-    ///    rewrites in place or prunes; check the live-entry quota and the route budget.
+    ///    routes the staged entries touch (key -> existing GSI, users after); then which
+    ///    routes the commit creates, rewrites in place or prunes; check the live-entry
+    ///    quota and the route budget. The simulation holds only the touched routes, so a
+    ///    retarget costs the same however many routes the cache has.
     fn plan(&self, staged: &BTreeMap<u32, [u64; 2]>) -> Result<Plan, BackingError> {
-        let mut sim: HashMap<RouteKey, (Option<Gsi>, i64)> = self
-            .cache
-            .iter()
-            .filter(|(_, r)| r.line.is_some())
-            .map(|(k, r)| (*k, (Some(r.gsi), i64::from(r.users))))
-            .collect();
+        let mut sim = Sim::default();
         let mut entries = Vec::with_capacity(staged.len());
         let mut live_after = i64::from(self.live);
         for (&index, &raw) in staged {
@@ -128,14 +168,15 @@ impl<B: RoutingBackend> Backing<B> {
                 (_, NewState::Absent | NewState::Faulty(_)) => Step::Unpublish,
                 (Some(old), NewState::Live { key, .. }) if old == key => Step::Keep,
                 (_, NewState::Live { key, .. }) => {
-                    sim.entry(key).or_insert((None, 0)).1 += 1;
+                    sim.touch(self, key).1 += 1;
                     Step::Join
                 }
             };
             if let Some(old) = entry.live {
                 if step != Step::Keep {
-                    if let Some(u) = sim.get_mut(&old) {
-                        u.1 -= 1;
+                    // Only a route with a line has users to lose.
+                    if self.cache.get(&old).is_some_and(|r| r.line.is_some()) {
+                        sim.touch(self, old).1 -= 1;
                     }
                     live_after -= 1;
                 }
@@ -160,57 +201,61 @@ impl<B: RoutingBackend> Backing<B> {
     /// route would serve one entry leaving a route it was the only user of (then those
     /// routes are rewritten in place: no new route, nothing left to fail after the
     /// commit); routes whose lines earlier transactions retired are pruned.
-    fn plan_routes(
-        &self,
-        entries: Vec<Planned>,
-        sim: &HashMap<RouteKey, (Option<Gsi>, i64)>,
-    ) -> Result<Plan, BackingError> {
+    fn plan_routes(&self, entries: Vec<Planned>, sim: &Sim) -> Result<Plan, BackingError> {
         let new_keys: Vec<RouteKey> = sim
+            .0
             .iter()
             .filter(|(_, (gsi, n))| gsi.is_none() && *n > 0)
             .map(|(k, _)| *k)
             .collect();
         let mut rewrites: Vec<(Gsi, RouteKey, RouteKey)> = Vec::new();
-        let mut seen = HashSet::new();
-        for p in &entries {
-            let (NewState::Live { key, .. }, Step::Join) = (p.state, p.step) else {
-                continue;
-            };
-            let Some(old) = self.entries.get(p.index as usize).and_then(|e| e.live) else {
-                continue;
-            };
-            let fresh = sim
-                .get(&key)
-                .is_some_and(|(gsi, n)| gsi.is_none() && *n == 1);
-            let emptied = sim
-                .get(&old)
-                .and_then(|(gsi, n)| (*n == 0).then_some(*gsi))
-                .flatten();
-            if let (true, Some(gsi)) = (fresh, emptied) {
-                if old.managed == key.managed && seen.insert(old) {
-                    rewrites.push((gsi, old, key));
+        if !new_keys.is_empty() {
+            let mut seen = HashSet::new();
+            for p in &entries {
+                let (NewState::Live { key, .. }, Step::Join) = (p.state, p.step) else {
+                    continue;
+                };
+                let Some(old) = self.entries.get(p.index as usize).and_then(|e| e.live) else {
+                    continue;
+                };
+                let fresh = sim
+                    .0
+                    .get(&key)
+                    .is_some_and(|(gsi, n)| gsi.is_none() && *n == 1);
+                let emptied = sim
+                    .0
+                    .get(&old)
+                    .and_then(|(gsi, n)| (*n == 0).then_some(*gsi))
+                    .flatten();
+                if let (true, Some(gsi)) = (fresh, emptied) {
+                    if old.managed == key.managed && seen.insert(old) {
+                        rewrites.push((gsi, old, key));
+                    }
                 }
             }
-        }
-        if rewrites.len() != new_keys.len() {
-            rewrites.clear();
+            if rewrites.len() != new_keys.len() {
+                rewrites.clear();
+            }
         }
         let creates: Vec<RouteKey> = if rewrites.is_empty() {
             new_keys
         } else {
             Vec::new()
         };
-        let prune: Vec<RouteKey> = self
-            .cache
-            .iter()
-            .filter(|(_, r)| r.line.is_none())
-            .map(|(k, _)| *k)
-            .collect();
+        let prune: Vec<RouteKey> = if self.maybe_retired {
+            self.cache
+                .iter()
+                .filter(|(_, r)| r.line.is_none())
+                .map(|(k, _)| *k)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let new_unmanaged = creates.iter().filter(|k| !k.managed).count();
         if new_unmanaged > 0 {
             let after =
                 self.routes.staged_msi_routes() + creates.len() - prune.len() - self.orphans.len();
-            let managed_after = sim.iter().filter(|(k, (_, n))| k.managed && *n > 0).count();
+            let managed_after = sim.managed_routes_after(self);
             let unmanaged_after = after.saturating_sub(managed_after);
             if unmanaged_after + self.managed_allocated as usize > self.routes.capacity() {
                 return Err(BackingError::RoutesExhausted);
@@ -258,6 +303,8 @@ impl<B: RoutingBackend> Backing<B> {
         for key in &plan.prune {
             self.cache.remove(key);
         }
+        // Every route without a line was pruned (new ones come only from here on).
+        self.maybe_retired = false;
         for (gsi, old, key) in &plan.rewrites {
             if let Some(mut route) = self.cache.remove(old) {
                 // Its one user rejoins under the new key when it is published.
@@ -291,6 +338,7 @@ impl<B: RoutingBackend> Backing<B> {
                                 users: 0,
                             },
                         );
+                        self.maybe_retired = true;
                     }
                     return Err(e);
                 }
@@ -311,8 +359,10 @@ impl<B: RoutingBackend> Backing<B> {
     }
 
     /// 4. Publish: swap every changed entry's slot, count users and live entries, and
-    ///    write the table. Nothing fails from here on.
-    fn publish(&mut self, entries: Vec<Planned>) {
+    ///    write the table. Nothing fails from here on. Returns the routes that lost a
+    ///    user.
+    fn publish(&mut self, entries: Vec<Planned>) -> Vec<RouteKey> {
+        let mut left = Vec::new();
         for p in entries {
             let Some(entry) = self.entries.get_mut(p.index as usize) else {
                 continue;
@@ -353,9 +403,27 @@ impl<B: RoutingBackend> Backing<B> {
                 // (A rewritten route is no longer under its old key.)
                 if let Some(route) = self.cache.get_mut(&old) {
                     route.users = route.users.saturating_sub(1);
+                    left.push(old);
                 }
             }
             let _ = self.table.write(p.index, p.raw);
+        }
+        left
+    }
+
+    /// 5. (after a successful commit) Retires the lines of `keys` left without users:
+    ///    only the routes the commit touched can have lost their last user.
+    fn retire_lines_without_users(&mut self, keys: &[RouteKey]) {
+        for key in keys {
+            let idle = self
+                .cache
+                .get_mut(key)
+                .filter(|r| r.users == 0)
+                .and_then(|r| r.line.take());
+            if let Some(line) = idle {
+                self.maybe_retired = true;
+                self.retire_line(*key, line);
+            }
         }
     }
 
@@ -370,6 +438,7 @@ impl<B: RoutingBackend> Backing<B> {
             .collect();
         for key in idle {
             if let Some(line) = self.cache.get_mut(&key).and_then(|r| r.line.take()) {
+                self.maybe_retired = true;
                 self.retire_line(key, line);
             }
         }
