@@ -29,12 +29,15 @@ use vm_memory::GuestAddress;
 
 use crate::memory::SharedRam;
 
-/// Answers a doorbell `out` that stopped `vcpu`, in the order KVM requires: completes the
-/// pending `out`, then reads the call's registers, has `handler` answer (a 4-byte `out`,
-/// `is_call`), or answers `UNSUPPORTED` (a 1- or 2-byte `out`, counted by the handler;
-/// also without a handler), and writes the results back. Returns the call number (RAX's
-/// low 32 bits), for timing. An embedder's exit loop calls this for every `out` to
-/// [`hypercall::platform::HYPERCALL_PORT`] and goes on running the vCPU.
+/// Answers a doorbell `out` that stopped `vcpu`, in the order KVM requires
+/// ([`DoorbellVcpu::answer_call`]): reads the call's registers, has `handler` answer (a
+/// 4-byte `out`, `is_call`), or answers `UNSUPPORTED` (a 1- or 2-byte `out`, counted by
+/// the handler; also without a handler), and writes the results back. Returns the call
+/// number (RAX's low 32 bits), for timing. An embedder's exit loop calls this for every
+/// `out` to [`hypercall::platform::HYPERCALL_PORT`] and goes on running the vCPU. A
+/// `VcpuFd` given `irq::kvm::share_registers` answers without an ioctl (the next
+/// `KVM_RUN` carries the answer); otherwise the `out` is completed first and the
+/// registers exchanged with two more.
 ///
 /// # Errors
 /// The kernel's error completing the `out` or exchanging the registers; the guest's
@@ -44,9 +47,8 @@ pub fn answer_doorbell(
     handler: Option<&dyn HypercallHandler>,
     is_call: bool,
 ) -> std::io::Result<u32> {
-    vcpu.complete_io()?;
     let mut number = 0;
-    vcpu.exchange_call_registers(&mut |r: &mut [u64; 6]| {
+    vcpu.answer_call(&mut |r: &mut [u64; 6]| {
         let [rax, rcx, rsi, rdi, r8, r9] = *r;
         number = u32::try_from(rax & 0xffff_ffff).unwrap_or(u32::MAX);
         let mut call = Registers {

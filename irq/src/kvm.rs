@@ -1,7 +1,8 @@
 //! The KVM side of the port (feature `kvm`, on by default): [`KvmRouting`] implements
 //! [`RoutingBackend`] and [`MsiInjector`] over a `VmFd`, `VcpuFd` implements
 //! [`DoorbellVcpu`], and the VM set-up the interrupt core relies on is here as functions an
-//! embedder calls once: [`create_split_irqchip`] and [`enable_x2apic_api`]. Without the
+//! embedder calls once: [`create_split_irqchip`], [`enable_x2apic_api`], and per vCPU
+//! [`share_registers`] (hypercalls answered without an ioctl). Without the
 //! feature the crate has no KVM dependency and [`RoutingBackend`] is the only seam.
 
 use std::io;
@@ -10,9 +11,10 @@ use std::sync::Arc;
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi,
     KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
+    KVM_IRQ_ROUTING_MSI, KVM_SYNC_X86_REGS, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
+    KVM_X2APIC_API_USE_32BIT_IDS,
 };
-use kvm_ioctls::{Cap, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, SyncReg, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::msi::MsiMessage;
@@ -166,4 +168,37 @@ impl DoorbellVcpu for VcpuFd {
         (r.rax, r.rsi, r.rdi, r.r8, r.r9) = (rax, rsi, rdi, r8, r9);
         self.set_regs(&r).map_err(kernel)
     }
+
+    /// With `KVM_SYNC_X86_REGS` valid ([`share_registers`]), no ioctl: KVM stored the
+    /// registers in `kvm_run` at the exit; the answer goes back there, marked dirty, and
+    /// the next `KVM_RUN` loads it before completing the `out` (KVM's `sync_regs` runs
+    /// before `complete_userspace_io`, which only advances RIP, and only while RIP is still
+    /// at the `out`). Otherwise the portable three ioctls.
+    fn answer_call(&mut self, call: &mut dyn FnMut(&mut [u64; 6])) -> io::Result<()> {
+        if self.get_kvm_run().kvm_valid_regs & u64::from(KVM_SYNC_X86_REGS) == 0 {
+            self.complete_io()?;
+            return self.exchange_call_registers(call);
+        }
+        let r = &mut self.sync_regs_mut().regs;
+        let mut regs = [r.rax, r.rcx, r.rsi, r.rdi, r.r8, r.r9];
+        call(&mut regs);
+        let [rax, _, rsi, rdi, r8, r9] = regs;
+        (r.rax, r.rsi, r.rdi, r.r8, r.r9) = (rax, rsi, rdi, r8, r9);
+        self.set_sync_dirty_reg(SyncReg::Register);
+        Ok(())
+    }
+}
+
+/// Has KVM store `vcpu`'s general registers in its `kvm_run` at every exit
+/// (`KVM_CAP_SYNC_REGS`), so that [`DoorbellVcpu::answer_call`] answers a hypercall without
+/// an ioctl. Returns whether KVM offers it (`vm`'s capability); without it nothing changes
+/// and hypercalls take the portable path.
+pub fn share_registers(vm: &VmFd, vcpu: &mut VcpuFd) -> bool {
+    // KVM answers the register sets it can synchronize (KVM_SYNC_X86_VALID_FIELDS).
+    let offered = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_SYNC_REGS));
+    let usable = u64::try_from(offered).is_ok_and(|bits| bits & u64::from(KVM_SYNC_X86_REGS) != 0);
+    if usable {
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+    }
+    usable
 }

@@ -149,10 +149,17 @@ pub trait MsiInjector: Send + Sync {
 
 /// A vCPU stopped at the port-I/O exit of a doorbell `out` (the IRTE hypercall).
 ///
-/// The order is the rule: KVM still holds the `out` when `KVM_RUN` returns, and registers
-/// may only be changed once it is complete; [`Self::complete_io`] completes it without
-/// running a guest instruction, then [`Self::exchange_call_registers`] reads the call's
-/// registers and writes back the answer.
+/// The order is the rule: KVM still holds the `out` when `KVM_RUN` returns, and the
+/// call's answer must not be undone or overtaken by the completion of that `out`.
+/// [`Self::answer_call`] keeps it. Its portable form completes the `out` first without
+/// running a guest instruction ([`Self::complete_io`]), then reads the call's registers
+/// and writes back the answer ([`Self::exchange_call_registers`]): three ioctls. A vCPU
+/// that shares its registers with KVM through `kvm_run` (`KVM_CAP_SYNC_REGS`; for
+/// `VcpuFd`, once `KVM_SYNC_X86_REGS` is in `kvm_valid_regs`) answers with none: it reads
+/// the registers KVM stored at the exit and marks the answer dirty, and the vCPU's next
+/// `KVM_RUN` loads the answer *before* it completes the `out`. Completing an `out` only
+/// moves RIP past the instruction (and only if RIP is still at it); the answer never
+/// touches RIP, so the guest sees the same state either way.
 pub trait DoorbellVcpu {
     /// Completes the pending port access without running a guest instruction (KVM:
     /// `KVM_RUN` with `immediate_exit` set, which answers `EINTR`).
@@ -168,4 +175,16 @@ pub trait DoorbellVcpu {
     /// # Errors
     /// The kernel's error; nothing is written when the read fails.
     fn exchange_call_registers(&mut self, call: &mut dyn FnMut(&mut [u64; 6])) -> io::Result<()>;
+
+    /// Answers the call: the registers as [`Self::exchange_call_registers`] has them, and
+    /// the `out` completed in the order the trait's rule requires. The default completes
+    /// first, then exchanges; an implementation with a cheaper way that keeps the rule
+    /// overrides it (`VcpuFd` with synchronized registers).
+    ///
+    /// # Errors
+    /// The kernel's error; the guest's registers are unchanged then.
+    fn answer_call(&mut self, call: &mut dyn FnMut(&mut [u64; 6])) -> io::Result<()> {
+        self.complete_io()?;
+        self.exchange_call_registers(call)
+    }
 }

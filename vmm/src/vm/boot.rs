@@ -111,9 +111,11 @@ pub(super) fn create_vcpu(
             source,
         }
     };
-    let vcpu = vm
+    let mut vcpu = vm
         .create_vcpu(u64::from(index))
         .map_err(fail("KVM_CREATE_VCPU"))?;
+    // Hypercalls answered through kvm_run, without an ioctl (where KVM offers it).
+    irq::kvm::share_registers(vm, &mut vcpu);
     let mut entries = supported.as_slice().to_vec();
     crate::cpuid::patch(&mut entries, index, cpus, table_size);
     crate::cpuid::hide(&mut entries, hidden);
