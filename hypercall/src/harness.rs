@@ -150,11 +150,13 @@ pub mod request {
     /// interrupt, so none merge. `FIRED[0]` is `2 × BENCH_RUNS × count` when everything
     /// was delivered.
     pub const BENCH_THROUGHPUT: u32 = 8;
-    /// Hypercall timing, for `vmm bench`: with `mode` 1 the host starts recording the
-    /// host time of every hypercall from its exit to the guest's re-entry (dropping what
-    /// it had); with `mode` 0 it stops and keeps the `UPDATE` calls recorded, labelled
-    /// with `count` (the live interrupts they ran with). `RESULT` is the number kept.
-    /// `vector` is not used.
+    /// Hypercall timing, for `vmm bench`: with `mode` 1 the host starts recording, for
+    /// every hypercall and every `out` to [`crate::platform::NULL_PORT`], the host time
+    /// from its exit to the guest's re-entry and to the vCPU's next exit (dropping what it
+    /// had); with `mode` 0 it stops and keeps the `UPDATE` calls recorded, labelled with
+    /// `count` (the live interrupts they ran with), with `mode` 2 the `BATCH` calls, with
+    /// `mode` 3 the exits to the null port. `RESULT` is the number kept. `vector` is not
+    /// used.
     pub const BENCH_HYPERCALLS: u32 = 9;
     /// Interrupt storm: two IRTEs for vCPU 0 (the harness's requester), the storm with
     /// `vector` and the bystander with `vector + 1`. The storm entry is raised `count`

@@ -26,6 +26,12 @@ pub const HARNESS_SIGNATURE: u32 = 0x4841_524e; // "HARN"
 /// Advertised in ECX of the CPUID interface leaf.
 pub const HYPERCALL_PORT: u16 = 0x510;
 
+/// The exit floor (test harness only): an access the VMM answers with nothing at all, not
+/// even a device, so that `vmm bench` can time the round trip of a bare port-I/O exit
+/// beside the hypercall's, made by the same guest code. Reads return all ones. Without
+/// the harness it is an unmapped port.
+pub const NULL_PORT: u16 = 0x511;
+
 /// Base of the VT-d remapping unit's 4-KiB register page (interrupt remapping only; see
 /// `docs/viommu.md`).
 pub const VTD_BASE: u64 = 0xfed9_0000;

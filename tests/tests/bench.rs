@@ -17,6 +17,8 @@ fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
         "bench: 300 remapped interrupts live at once",
         "bench: 40 retargets timed with 1 live interrupts",
         "bench: 40 retargets timed with 512 live interrupts",
+        "bench: 40 one-entry batches timed with 512 live interrupts",
+        "bench: 40 null exits timed with 512 live interrupts",
     ] {
         assert!(console.contains(line), "{line} missing:\n{console}");
     }
@@ -38,10 +40,16 @@ fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
         .chain(&m.throughput_raw)
         .all(|&(n, t)| n == 96 && !t.is_zero()));
     assert_eq!(m.max_live_delivered, 300);
-    // Every UPDATE the guest made while recording, and nothing else, was timed.
-    let phases: Vec<(u32, usize)> = m.retarget.iter().map(|(n, t)| (*n, t.len())).collect();
-    assert_eq!(phases, [(1, 40), (512, 40)]);
-    assert!(m.retarget.iter().flat_map(|(_, t)| t).all(|t| !t.is_zero()));
+    // Every UPDATE, one-entry BATCH and null exit the guest made while recording, and
+    // nothing else, was timed: each with a share and a round trip that holds it.
+    for timed in [&m.retarget, &m.batch_of_one, &m.null_exit] {
+        let phases: Vec<(u32, usize)> = timed.iter().map(|(n, t)| (*n, t.len())).collect();
+        assert_eq!(phases, [(1, 40), (512, 40)]);
+        assert!(timed
+            .iter()
+            .flat_map(|(_, t)| t)
+            .all(|(share, trip)| share < trip));
+    }
     // Timed interrupts go to vCPU 0: 2 × 40 + 2 × 5 × 96, the live run's split evenly.
     let timed = 2 * 40 + 2 * BENCH_RUNS as u64 * 96;
     assert_eq!(report.harness_fired, vec![timed + 150, 150]);

@@ -173,6 +173,9 @@ pub enum Action {
     /// An `out` of 1 or 2 bytes to the hypercall doorbell: not a call. Complete the
     /// `out`, then answer `UNSUPPORTED` in RAX and change nothing else.
     NarrowHypercall,
+    /// An `out` to the exit floor's port ([`hypercall::platform::NULL_PORT`]): nothing to
+    /// do but re-enter (timed like a hypercall while hypercall times are recorded).
+    Null,
     /// KVM gave up (an internal error, often an instruction its emulator refused): the
     /// vCPU loop sees whether the VMM completes the instruction (`refused`) and stops
     /// the vCPU with [`StopReason::InternalError`] otherwise.
@@ -204,6 +207,8 @@ pub struct Buses {
     pub mmio: Bus,
     /// The hypercall doorbell, when the VM offers the hypercall.
     pub hypercall_port: Option<u16>,
+    /// The exit floor's port, when the VM has the test harness.
+    pub null_port: Option<u16>,
     /// The userspace IOAPIC, told of the EOIs KVM reports.
     pub ioapic: Option<Arc<Mutex<IoApic>>>,
 }
@@ -224,6 +229,8 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses, counters: &ExitCounters) -> Ac
                 Action::NarrowHypercall
             };
         }
+        Exit::IoOut { port, .. } if Some(port) == buses.null_port => return Action::Null,
+        Exit::IoIn { port, data } if Some(port) == buses.null_port => data.fill(0xff),
         Exit::IoIn { port, data } => {
             if !buses.pio.read(u64::from(port), data) {
                 data.fill(0xff);

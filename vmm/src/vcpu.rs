@@ -70,14 +70,35 @@ pub struct VcpuShared {
 /// The most samples [`HypercallTimes`] keeps between a start and a take.
 pub const MAX_HYPERCALL_SAMPLES: usize = 100_000;
 
-/// The host time of each hypercall from its exit (`KVM_RUN` returning) to the guest's
-/// re-entry (the next `KVM_RUN`), by call number, recorded only while switched on (for
-/// `vmm bench`, which switches it on through the test harness).
+/// The "call number" [`HypercallTimes`] records an exit to the exit floor's port
+/// ([`hypercall::platform::NULL_PORT`]) under.
+pub const NULL_EXIT: u32 = u32::MAX;
+
+/// One timed exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitTime {
+    /// The call number ([`NULL_EXIT`] for the exit floor).
+    pub number: u32,
+    /// The VMM's share: from the exit (`KVM_RUN` returning) to the guest's re-entry (the
+    /// next `KVM_RUN`).
+    pub share: Duration,
+    /// The round trip: from the exit to the vCPU's next exit (`KVM_RUN` returning again),
+    /// which includes KVM's re-entry and the guest's own code up to its next exit.
+    pub round_trip: Duration,
+}
+
+/// The host time of each hypercall (and exit-floor exit) of the vCPUs, by call number,
+/// recorded only while switched on (for `vmm bench`, which switches it on through the test
+/// harness).
 #[derive(Debug, Default)]
 pub struct HypercallTimes {
     recording: AtomicBool,
-    samples: Mutex<Vec<(u32, Duration)>>,
+    samples: Mutex<Vec<ExitTime>>,
 }
+
+/// A timed exit whose round trip ends at the vCPU's next exit: its number, when it exited,
+/// and the VMM's share.
+type OpenExit = (u32, Instant, Duration);
 
 impl HypercallTimes {
     /// Drops what was recorded and starts recording.
@@ -89,9 +110,8 @@ impl HypercallTimes {
         self.recording.store(true, Ordering::Release);
     }
 
-    /// Stops recording and returns what was recorded (call number, time), at most
-    /// [`MAX_HYPERCALL_SAMPLES`].
-    pub fn take(&self) -> Vec<(u32, Duration)> {
+    /// Stops recording and returns what was recorded, at most [`MAX_HYPERCALL_SAMPLES`].
+    pub fn take(&self) -> Vec<ExitTime> {
         self.recording.store(false, Ordering::Release);
         std::mem::take(&mut *self.samples.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -102,15 +122,25 @@ impl HypercallTimes {
         self.recording.load(Ordering::Relaxed).then(Instant::now)
     }
 
-    fn record(&self, number: u32, exited: Option<Instant>) {
-        let Some(exited) = exited else {
+    /// Call `number`, which exited at `exited`, is answered: its share ends now, its round
+    /// trip at the vCPU's next exit ([`Self::close`]).
+    fn open(number: u32, exited: Option<Instant>) -> Option<OpenExit> {
+        exited.map(|at| (number, at, at.elapsed()))
+    }
+
+    /// The vCPU exited again (at `now`, when recording): records the open exit, if any.
+    fn close(&self, open: &mut Option<OpenExit>, now: Option<Instant>) {
+        let (Some((number, exited, share)), Some(now)) = (open.take(), now) else {
             return;
         };
-        let time = exited.elapsed();
         if self.recording.load(Ordering::Acquire) {
             let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
             if samples.len() < MAX_HYPERCALL_SAMPLES {
-                samples.push((number, time));
+                samples.push(ExitTime {
+                    number,
+                    share,
+                    round_trip: now.saturating_duration_since(exited),
+                });
             }
         }
     }
@@ -168,6 +198,7 @@ fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
             "arming the syscall watch: {e}"
         )));
     }
+    let mut open = None;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return Some(StopReason::Requested);
@@ -178,6 +209,7 @@ fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
         }
         let result = vcpu.run();
         let exited = shared.hypercall_times.exit_time();
+        shared.hypercall_times.close(&mut open, exited);
         let action = match result {
             Ok(exit) => handle_exit(exit.into(), &shared.buses, &shared.counters),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -189,9 +221,10 @@ fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
         match action {
             Action::Continue => {}
             Action::Hypercall => match hypercall(vcpu, shared, true) {
-                Ok(number) => shared.hypercall_times.record(number, exited),
+                Ok(number) => open = HypercallTimes::open(number, exited),
                 Err(reason) => return Some(reason),
             },
+            Action::Null => open = HypercallTimes::open(NULL_EXIT, exited),
             Action::NarrowHypercall => {
                 if let Err(reason) = hypercall(vcpu, shared, false) {
                     return Some(reason);

@@ -6,9 +6,10 @@
 //! through those slots beside raw irqfds to the same vectors (`BENCH_DELIVERY`,
 //! `BENCH_THROUGHPUT`), and to make as many remapped interrupts live at once as it can
 //! deliver (`REMAP_EACH_CPU` with `bench_live` entries, halved until one succeeds).
-//! Finally it retargets entries with the `UPDATE` hypercall while 1, 512, 4,096 and 65,536
-//! (up to `bench_retarget_max`) are live, with the host recording each call's time from
-//! exit to re-entry (`BENCH_HYPERCALLS`). The host keeps the timings; the guest checks
+//! Finally it retargets entries with the `UPDATE` hypercall, and with one-entry `BATCH`
+//! calls, while 1, 512, 4,096 and 65,536 (up to `bench_retarget_max`) are live, and makes
+//! the same loop's exits to the null port (the floor under them), with the host recording
+//! each exit's time to re-entry and to the next exit (`BENCH_HYPERCALLS`). The host keeps the timings; the guest checks
 //! that every interrupt arrived, on vCPU 0, once, and that every call succeeded.
 
 use core::ptr::{addr_of, addr_of_mut, write_volatile};
@@ -16,6 +17,7 @@ use core::ptr::{addr_of, addr_of_mut, write_volatile};
 use hypercall::abi::{call, status, target};
 use hypercall::harness::{offset, request, status as host_status, BENCH_RUNS, MAX_BENCH_WINDOW};
 use hypercall::ims::slots as sd;
+use hypercall::platform;
 
 use crate::pci::{self, mmio_read, mmio_write};
 use crate::scenario::{expect, harness_request, harness_start};
@@ -227,9 +229,31 @@ fn remote_delivery(hc: &mut crate::hc::Guest, dev: u8, apic0: u32, samples: u32)
     ok
 }
 
-/// Makes `live` entries live, spread by `spread`, and retargets `samples` of them with
-/// `UPDATE`, each to the target of another entry (a target with a route), while the host
-/// times each call.
+/// What a timed loop calls.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Timed {
+    /// `UPDATE` of entry `k` to the target of another entry (a target with a route).
+    Update,
+    /// The same change through `BATCH` with one entry.
+    BatchOfOne,
+    /// The same registers as `Update`, written to the exit floor's port, which the host
+    /// answers with nothing (RAX comes back as it went).
+    Null,
+}
+
+impl Timed {
+    /// The harness mode that keeps this loop's timings, and its name.
+    fn mode(self) -> (u32, &'static str) {
+        match self {
+            Self::Update => (0, "retargets"),
+            Self::BatchOfOne => (2, "one-entry batches"),
+            Self::Null => (3, "null exits"),
+        }
+    }
+}
+
+/// Makes `live` entries live, spread by `spread`, and times `samples` calls of each
+/// [`Timed`] kind with them, the host recording each exit.
 fn retarget(
     hc: &mut crate::hc::Guest,
     sid: u64,
@@ -267,31 +291,64 @@ fn retarget(
         }
         done += n;
     }
+    for what in [Timed::Null, Timed::Update, Timed::BatchOfOne] {
+        if ok {
+            ok = timed_calls(hc, sid, first, live, samples, &spread, what);
+        }
+    }
+    hc.call(call::FREE, sid, first, u64::from(live));
+    ok
+}
+
+/// `samples` calls of kind `what`, made by the same guest code whatever the kind (so
+/// that the null exits time the floor under the calls): each loop computes the move,
+/// writes it to the batch array, and rings the doorbell (or the null port) with the same
+/// registers but for `BATCH`'s two.
+fn timed_calls(
+    hc: &mut crate::hc::Guest,
+    sid: u64,
+    first: u64,
+    live: u32,
+    samples: u32,
+    spread: &impl Fn(u32) -> u64,
+    what: Timed,
+) -> bool {
+    let mut null = crate::hc::Guest::new(platform::NULL_PORT);
+    // The batch loop follows the update loop over the same entries: its moves are one
+    // target further, so that each is a move too.
+    let (caller, number, expected, offset) = match what {
+        Timed::Update => (&mut *hc, call::UPDATE, status::OK, 1),
+        Timed::BatchOfOne => (&mut *hc, call::BATCH, status::OK, 2),
+        Timed::Null => (&mut null, call::UPDATE, u64::from(call::UPDATE), 1),
+    };
+    let by_batch = what == Timed::BatchOfOne;
+    let batch = addr_of!(BATCH) as u64;
+    let (mode, name) = what.mode();
     let (host, _) = harness_request(request::BENCH_HYPERCALLS, 0, 0, 1);
-    ok &= host == host_status::OK;
+    let mut ok = host == host_status::OK;
     let moves = u64::from(live.max(2));
     for s in 0..u64::from(samples) {
         let k = (s * 7919) % u64::from(live);
-        let to = spread(((k + 1 + s) % moves) as u32);
-        let r = hc.call(call::UPDATE, sid, first + k, to);
-        if r.rax != status::OK {
-            println!("bench: FAIL: retarget at {} live: status {}", live, r.rax);
+        let to = spread(((k + offset + s) % moves) as u32);
+        // SAFETY: only the BSP runs this; the host reads the array only during a BATCH
+        // call, which this CPU makes synchronously.
+        unsafe { write_volatile(addr_of_mut!(BATCH.0[0]), [first + k, to]) };
+        let (a, b) = if by_batch { (batch, 1) } else { (first + k, to) };
+        let r = caller.call(number, sid, a, b);
+        if r.rax != expected {
+            println!("bench: FAIL: {} at {} live: status {}", name, live, r.rax);
             ok = false;
             break;
         }
     }
-    let (host, kept) = harness_request(request::BENCH_HYPERCALLS, 0, live, 0);
+    let (host, kept) = harness_request(request::BENCH_HYPERCALLS, 0, live, mode);
     ok &= host == host_status::OK && (kept == samples || !ok);
-    hc.call(call::FREE, sid, first, u64::from(live));
     if ok {
-        println!(
-            "bench: {} retargets timed with {} live interrupts",
-            samples, live
-        );
+        println!("bench: {} {} timed with {} live interrupts", samples, name, live);
     } else {
         println!(
-            "bench: FAIL: retarget at {} live (host status {}, {} timed)",
-            live, host, kept
+            "bench: FAIL: {} at {} live (host status {}, {} timed)",
+            name, live, host, kept
         );
     }
     ok

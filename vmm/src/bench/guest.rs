@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use super::{
-    BenchConfig, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG, REMOTE_PCI_SLOT,
+    BenchConfig, ExitRow, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG, REMOTE_PCI_SLOT,
     REMOTE_SLOTS, WINDOW,
 };
 use crate::config::{
     Console, DeviceConfig, DeviceKind, Kernel, MachineConfig, RunConfig, VmConfig,
 };
+use crate::harness::ExitTimes;
 use crate::vm::{CapturedConsole, VmError};
 
 /// Boots the test guest's `bench` scenario with the VM's threads filtered as `seccomp`
@@ -91,6 +92,7 @@ pub(super) fn guest_figures(
                 .collect(),
         )
     };
+    let exits = exit_rows(&m);
     Ok(GuestFigures {
         delivery_ours: Figure::of(m.delivery_ours),
         delivery_raw: Figure::of(m.delivery_raw),
@@ -101,10 +103,38 @@ pub(super) fn guest_figures(
         interrupts_per_run: config.interrupts,
         live_asked: config.live,
         max_live: m.max_live_delivered,
-        retarget: m
-            .retarget
-            .into_iter()
-            .map(|(live, times)| (live, Figure::of(times)))
-            .collect(),
+        exits,
     })
+}
+
+/// The timed exits by live interrupts: each size's `UPDATE`, one-entry `BATCH` and null
+/// exits (a size missing one of them has that figure empty).
+fn exit_rows(m: &crate::harness::Measurements) -> Vec<ExitRow> {
+    let at = |phases: &[(u32, Vec<ExitTimes>)], live: u32| {
+        let times = phases
+            .iter()
+            .find(|(n, _)| *n == live)
+            .map_or(&[][..], |(_, t)| t.as_slice());
+        (
+            Figure::of(times.iter().map(|t| t.0).collect()),
+            Figure::of(times.iter().map(|t| t.1).collect()),
+        )
+    };
+    m.retarget
+        .iter()
+        .map(|&(live, _)| {
+            let (update_share, update_trip) = at(&m.retarget, live);
+            let (batch_share, batch_trip) = at(&m.batch_of_one, live);
+            let (null_share, null_trip) = at(&m.null_exit, live);
+            ExitRow {
+                live,
+                update_share,
+                update_trip,
+                batch_share,
+                batch_trip,
+                null_share,
+                null_trip,
+            }
+        })
+        .collect()
 }

@@ -73,8 +73,30 @@ pub struct GuestFigures {
     pub live_asked: u32,
     /// The largest number live at once that were all delivered.
     pub max_live: u32,
-    /// `UPDATE` hypercalls from exit to re-entry, by live interrupts.
-    pub retarget: Vec<(u32, Figure)>,
+    /// The timed exits, by live interrupts.
+    pub exits: Vec<ExitRow>,
+}
+
+/// The guest's timed exits with one number of live interrupts: the `UPDATE` and one-entry
+/// `BATCH` hypercalls, and the exits of the same guest loop to the null port (the floor).
+/// The VMM's share runs from the exit to the guest's re-entry; the round trip to the
+/// vCPU's next exit (the next call of the loop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitRow {
+    /// Live interrupts.
+    pub live: u32,
+    /// `UPDATE`: the VMM's share.
+    pub update_share: Figure,
+    /// `UPDATE`: the round trip.
+    pub update_trip: Figure,
+    /// `BATCH` of one entry: the VMM's share.
+    pub batch_share: Figure,
+    /// `BATCH` of one entry: the round trip.
+    pub batch_trip: Figure,
+    /// The null port: the VMM's share (the exit decoded, nothing done).
+    pub null_share: Figure,
+    /// The null port: the round trip (the floor).
+    pub null_trip: Figure,
 }
 
 /// The results.
@@ -141,12 +163,41 @@ impl BenchReport {
     #[must_use]
     pub fn seccomp_update_ratio(&self) -> Option<f64> {
         let at = |g: &GuestFigures| {
-            g.retarget
+            g.exits
                 .iter()
-                .find(|(n, _)| *n == super::SECCOMP_LIVE)
-                .map(|(_, f)| f.median)
+                .find(|r| r.live == super::SECCOMP_LIVE)
+                .map(|r| r.update_share.median)
         };
         ratio(at(&self.guest)?, at(&self.unfiltered)?)
+    }
+
+    /// The exit row with the most live interrupts.
+    fn largest_exit_row(&self) -> Option<&ExitRow> {
+        self.guest.exits.iter().max_by_key(|r| r.live)
+    }
+
+    /// The `UPDATE` round trip over the null exit's, with the most live interrupts timed
+    /// (65,536 by default).
+    #[must_use]
+    pub fn update_exit_ratio(&self) -> Option<f64> {
+        let r = self.largest_exit_row()?;
+        ratio(r.update_trip.median, r.null_trip.median)
+    }
+
+    /// The one-entry `BATCH` round trip over the null exit's, as
+    /// [`Self::update_exit_ratio`].
+    #[must_use]
+    pub fn batch_exit_ratio(&self) -> Option<f64> {
+        let r = self.largest_exit_row()?;
+        ratio(r.batch_trip.median, r.null_trip.median)
+    }
+
+    /// The dispatcher alone for a retarget to a routed target, with the most live
+    /// interrupts measured (65,536), in microseconds.
+    #[must_use]
+    pub fn dispatcher_us(&self) -> Option<f64> {
+        let row = self.retarget.iter().max_by_key(|r| r.live)?;
+        Some(row.ours.median.as_secs_f64() * 1e6)
     }
 
     /// Whole-table rebuild cost over our retarget cost, both at 4,096 live.
@@ -205,6 +256,47 @@ impl BenchReport {
         )
     }
 
+    /// The `exits` and `retarget` arrays of the JSON.
+    fn exit_tables_json(&self, fig: &dyn Fn(&Figure) -> String) -> String {
+        let mut out = String::new();
+        out.push_str("  \"exits\": [\n");
+        let rows: Vec<String> = self.guest
+            .exits
+            .iter()
+            .map(|r| {
+                format!(
+                    "    {{\"live\": {}, \"null_share\": {}, \"null_round_trip\": {}, \"update_share\": {}, \"update_round_trip\": {}, \"batch_of_one_share\": {}, \"batch_of_one_round_trip\": {}}}",
+                    r.live,
+                    fig(&r.null_share),
+                    fig(&r.null_trip),
+                    fig(&r.update_share),
+                    fig(&r.update_trip),
+                    fig(&r.batch_share),
+                    fig(&r.batch_trip)
+                )
+            })
+            .collect();
+        out.push_str(&rows.join(",\n"));
+        out.push_str("\n  ],\n");
+        out.push_str("  \"retarget\": [\n");
+        let rows: Vec<String> = self
+            .retarget
+            .iter()
+            .map(|r| {
+                format!(
+                    "    {{\"live\": {}, \"ours_exit_to_entry\": {}, \"ours_dispatcher\": {}, \"whole_table_rebuild\": {}}}",
+                    r.live,
+                    r.exit_to_entry.as_ref().map_or("null".to_string(), fig),
+                    fig(&r.ours),
+                    r.rebuild.as_ref().map_or("null".to_string(), fig)
+                )
+            })
+            .collect();
+        out.push_str(&rows.join(",\n"));
+        out.push_str("\n  ],\n");
+        out
+    }
+
     /// The device's work per item with translation on over the same with it off.
     #[must_use]
     pub fn dma_translation_ratio(&self) -> Option<f64> {
@@ -255,6 +347,13 @@ impl BenchReport {
             "  \"dma_translation_ratio\": {},",
             num(self.dma_translation_ratio())
         );
+        let _ = writeln!(
+            out,
+            "  \"update_exit_ratio\": {},\n  \"batch_exit_ratio\": {},\n  \"dispatcher_us_at_65536\": {},",
+            num(self.update_exit_ratio()),
+            num(self.batch_exit_ratio()),
+            num(self.dispatcher_us())
+        );
         out.push_str(&self.seccomp_json());
         out.push_str(&self.dma_json(&fig));
         let g = &self.guest;
@@ -288,22 +387,7 @@ impl BenchReport {
             fig(&self.signal_ours),
             fig(&self.signal_raw)
         );
-        out.push_str("  \"retarget\": [\n");
-        let rows: Vec<String> = self
-            .retarget
-            .iter()
-            .map(|r| {
-                format!(
-                    "    {{\"live\": {}, \"ours_exit_to_entry\": {}, \"ours_dispatcher\": {}, \"whole_table_rebuild\": {}}}",
-                    r.live,
-                    r.exit_to_entry.as_ref().map_or("null".to_string(), fig),
-                    fig(&r.ours),
-                    r.rebuild.as_ref().map_or("null".to_string(), fig)
-                )
-            })
-            .collect();
-        out.push_str(&rows.join(",\n"));
-        out.push_str("\n  ],\n");
+        out.push_str(&self.exit_tables_json(&fig));
         let _ = writeln!(
             out,
             "  \"bulk_activation\": {{\"entries\": {BULK_ENTRIES}, \"ours_batch\": {}, \"raw_set_gsi_routing\": {}}},",
@@ -400,6 +484,39 @@ impl BenchReport {
         )?;
         writeln!(f)?;
         Ok(())
+    }
+
+    /// The exit table: hypercalls beside the floor.
+    fn write_exits(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "Hypercall exits from the guest (us, p50): the VMM's share (exit -> re-entry) and the round trip (exit -> the vCPU's next exit), beside the same guest loop's out to a port the VMM answers with nothing (the floor)"
+        )?;
+        writeln!(
+            f,
+            "{:>8} | {:>10} {:>10} | {:>10} {:>10} {:>7} | {:>10} {:>10} {:>7}",
+            "live", "null share", "null trip", "UPD share", "UPD trip", "/floor", "BAT1 share", "BAT1 trip", "/floor"
+        )?;
+        for r in &self.guest.exits {
+            writeln!(
+                f,
+                "{:>8} | {:>10} {:>10} | {:>10} {:>10} {:>7} | {:>10} {:>10} {:>7}",
+                r.live,
+                us(r.null_share.median),
+                us(r.null_trip.median),
+                us(r.update_share.median),
+                us(r.update_trip.median),
+                times(ratio(r.update_trip.median, r.null_trip.median)),
+                us(r.batch_share.median),
+                us(r.batch_trip.median),
+                times(ratio(r.batch_trip.median, r.null_trip.median)),
+            )?;
+        }
+        writeln!(
+            f,
+            "  (the round trip includes KVM's re-entry and the guest's loop up to its next call, the same for all three; target <= 1.2x the floor)"
+        )?;
+        writeln!(f)
     }
 
     /// The retarget table.
@@ -552,10 +669,10 @@ impl BenchReport {
     /// The cost of the seccomp filters: the same figures from a run without them.
     fn write_seccomp(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let at = |g: &GuestFigures| {
-            g.retarget
+            g.exits
                 .iter()
-                .find(|(n, _)| *n == super::SECCOMP_LIVE)
-                .map(|(_, f)| *f)
+                .find(|r| r.live == super::SECCOMP_LIVE)
+                .map(|r| r.update_share)
         };
         let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
         let ns = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e9);
@@ -595,6 +712,7 @@ impl BenchReport {
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.write_guest_figures(f)?;
+        self.write_exits(f)?;
         self.write_retarget(f)?;
         self.write_seccomp(f)?;
         self.write_bulk_and_headline(f)

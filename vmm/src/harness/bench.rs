@@ -47,9 +47,18 @@ pub struct Measurements {
     /// The largest `REMAP_EACH_CPU` request whose entries were all live at once and all
     /// delivered.
     pub max_live_delivered: u32,
-    /// `UPDATE` hypercalls from exit to re-entry, by the live interrupts they ran with.
-    pub retarget: Vec<(u32, Vec<Duration>)>,
+    /// `UPDATE` hypercalls (the VMM's share and the round trip of each), by the live
+    /// interrupts they ran with.
+    pub retarget: Vec<(u32, Vec<ExitTimes>)>,
+    /// `BATCH` hypercalls of one entry, the same way.
+    pub batch_of_one: Vec<(u32, Vec<ExitTimes>)>,
+    /// Exits to the exit floor's port made by the same guest code, the same way.
+    pub null_exit: Vec<(u32, Vec<ExitTimes>)>,
 }
+
+/// One timed exit: the VMM's share (exit to re-entry) and the round trip (exit to the
+/// vCPU's next exit).
+pub type ExitTimes = (Duration, Duration);
 
 /// Where one benchmark interrupt comes from.
 enum Source<'a> {
@@ -124,24 +133,33 @@ impl Harness {
         let Some(times) = &self.hypercall_times else {
             return status::HOST_ERROR;
         };
-        match mode {
-            1 => times.start(),
-            0 => {
-                let kept: Vec<Duration> = times
-                    .take()
-                    .into_iter()
-                    .filter(|&(number, _)| number == hypercall::abi::call::UPDATE)
-                    .map(|(_, t)| t)
-                    .collect();
-                *result = u32::try_from(kept.len()).unwrap_or(u32::MAX);
-                self.record(|m| {
-                    if m.retarget.len() < MAX_PHASES {
-                        m.retarget.push((live, kept));
-                    }
-                });
-            }
-            _ => return status::BAD_ARGUMENT,
+        if mode == 1 {
+            times.start();
+            return status::OK;
         }
+        let number = match mode {
+            0 => hypercall::abi::call::UPDATE,
+            2 => hypercall::abi::call::BATCH,
+            3 => crate::vcpu::NULL_EXIT,
+            _ => return status::BAD_ARGUMENT,
+        };
+        let kept: Vec<ExitTimes> = times
+            .take()
+            .into_iter()
+            .filter(|t| t.number == number)
+            .map(|t| (t.share, t.round_trip))
+            .collect();
+        *result = u32::try_from(kept.len()).unwrap_or(u32::MAX);
+        self.record(|m| {
+            let phases = match mode {
+                0 => &mut m.retarget,
+                2 => &mut m.batch_of_one,
+                _ => &mut m.null_exit,
+            };
+            if phases.len() < MAX_PHASES {
+                phases.push((live, kept));
+            }
+        });
         status::OK
     }
 

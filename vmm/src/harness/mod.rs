@@ -44,7 +44,7 @@ use irq::{Gsi, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use bench::Measurements;
+pub use bench::{ExitTimes, Measurements};
 
 pub use crate::routing::SharedBacking;
 

@@ -432,6 +432,7 @@ fn build_buses(
             .map_err(|e| VmError::Bus(name, e))?;
     }
     buses.hypercall_port = Some(platform::HYPERCALL_PORT);
+    buses.null_port = config.machine.harness.then_some(platform::NULL_PORT);
     Ok(buses)
 }
 
