@@ -16,6 +16,7 @@ use devices::memory::DefaultMemory;
 use devices::pci::{self, ConfigIo, Ecam, IoWindow, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
 use devices::viommu::dma::{DmaMemory, DmaUnit};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use irq::CoreHandle;
 use serde::{Deserialize, Serialize};
 
@@ -26,9 +27,6 @@ use crate::vfio_user::entries::RemoteEntries;
 pub use crate::vfio_user::function::IntxSink;
 use crate::vfio_user::function::{BarMapper, IntxRelay, VfioUserFunction};
 use crate::vfio_user::{Client, VfioUserError};
-
-/// How long the event loop waits before looking at the stop flag again.
-const LOOP_TIMEOUT_MS: i32 = 50;
 
 #[derive(Debug)]
 enum Model {
@@ -146,6 +144,8 @@ pub struct PciDevices {
     thread: Option<JoinHandle<Loop>>,
     paused: Option<Loop>,
     stop: Arc<AtomicBool>,
+    /// Written with `stop`: the loop's [`crate::threads::StopWake`].
+    wake: EventFd,
 }
 
 impl std::fmt::Debug for PciDevices {
@@ -265,6 +265,8 @@ impl PciDevices {
         let ram: vm_memory::GuestMemoryMmap = (*vm_memory::GuestAddressSpace::memory(mem)).clone();
         let mut root = PciRoot::new(devices::pci::PciLayout::default());
         let mut events: Loop = EventManager::new().map_err(other)?;
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        events.add_subscriber(Box::new(crate::threads::StopWake::new(&wake)?));
         let mut models = Vec::with_capacity(devices.len());
         let mut kicks = Vec::new();
         for (d, origin) in devices {
@@ -359,6 +361,7 @@ impl PciDevices {
             thread: None,
             paused: Some(events),
             stop: Arc::new(AtomicBool::new(false)),
+            wake,
         };
         devices.resume()?;
         Ok(devices)
@@ -367,11 +370,25 @@ impl PciDevices {
     /// Stops the event loop (no device works until [`PciDevices::resume`]); returns once
     /// it has stopped.
     pub fn pause(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop_loop();
         if let Some(t) = self.thread.take() {
             // A loop thread that panicked took its loop with it; nothing is left to pause.
             self.paused = t.join().ok();
         }
+    }
+
+    /// Whether [`Self::finish`] left the event loop running (inside a device past its
+    /// deadline): it had a loop, and did not get it back.
+    #[must_use]
+    pub fn loop_left_running(&self) -> bool {
+        !self.models.is_empty() && self.thread.is_none() && self.paused.is_none()
+    }
+
+    /// Sets the stop flag and wakes the loop to see it (it waits with no timeout).
+    fn stop_loop(&self) {
+        self.stop.store(true, Ordering::Release);
+        // A full counter still wakes the loop; nothing else can fail here.
+        let _ = self.wake.write(1);
     }
 
     /// Starts the event loop again (or for the first time).
@@ -392,8 +409,10 @@ impl PciDevices {
             "ims-devices".into(),
             move || {
                 while !stopped.load(Ordering::Acquire) {
-                    // An error here is an interrupted wait; the loop tries again.
-                    let _ = events.run_with_timeout(LOOP_TIMEOUT_MS);
+                    // No timeout: devices have their own timers, and a stop writes the
+                    // loop's wake. An error here is an interrupted wait; the loop tries
+                    // again.
+                    let _ = events.run();
                 }
                 events
             },
@@ -521,7 +540,7 @@ impl PciDevices {
     /// its own, and a device still held is reported busy.
     #[must_use]
     pub fn finish(&mut self, deadline: Instant) -> Vec<DeviceReport> {
-        self.stop.store(true, Ordering::Release);
+        self.stop_loop();
         if let Some(t) = self.thread.take() {
             self.paused = crate::threads::join_by(t, deadline);
         }

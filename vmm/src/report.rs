@@ -134,6 +134,11 @@ pub struct RunReport {
     /// it within the stop grace: the run ended without them (their threads finish on
     /// their own once the call returns).
     pub stuck_vcpus: u32,
+    /// The VM's other threads (harness, storm ticker, device loop) by name that had not
+    /// ended by the stop grace's end (a device loop inside a device call, a harness inside
+    /// a request): the run ended without them. Each waits with no timeout or is woken by
+    /// the stop, so an idle one is never here.
+    pub threads_left: Vec<String>,
     /// Console output errors.
     pub console_errors: u64,
     /// What the interrupt event trace held (a run with `--trace`).
@@ -410,6 +415,13 @@ impl RunReport {
                 self.stuck_vcpus
             )?;
         }
+        if !self.threads_left.is_empty() {
+            writeln!(
+                f,
+                "vmm: left        {} had not ended when the VM stopped; the run ended without them",
+                self.threads_left.join(", ")
+            )?;
+        }
         if self.console_errors > 0 {
             writeln!(f, "vmm: console     {} output errors", self.console_errors)?;
         }
@@ -484,6 +496,7 @@ mod tests {
             unmapped_accesses: 0,
             completed_instructions: Vec::new(),
             stuck_vcpus: 0,
+            threads_left: Vec::new(),
             console_errors: 0,
             trace: None,
             elapsed: Duration::from_millis(420),

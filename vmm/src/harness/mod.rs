@@ -23,7 +23,7 @@ mod platform;
 mod remap;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -66,8 +66,6 @@ impl DoorbellSink for Doorbell {
     }
 }
 
-/// How often the harness thread, waiting for a ring, looks at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(20);
 
 /// The harness service.
 #[derive(Debug)]
@@ -241,12 +239,10 @@ impl Harness {
             crate::seccomp::ThreadKind::Harness,
             "harness".into(),
             move || loop {
-                match rings.recv_timeout(STOP_POLL) {
-                    Ok(()) => {}
-                    Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Acquire) => {
-                        continue;
-                    }
-                    Err(_) => return,
+                // No timeout: the VM's stop sends a ring too (the stop flag tells them
+                // apart), and a VM gone is a disconnection.
+                if rings.recv().is_err() || self.stop.load(Ordering::Acquire) {
+                    return;
                 }
                 let idle = self.idle.clone();
                 let _serving = idle.lock().unwrap_or_else(PoisonError::into_inner);

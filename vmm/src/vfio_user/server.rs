@@ -40,7 +40,7 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
     GuestRegionMmap,
 };
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use devices::ims::queues::ImsQueues;
 use devices::ims::slots::ImsSlots;
@@ -433,14 +433,19 @@ where
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
         EventManager::new().map_err(|e| ServeError::Device(io::Error::other(e.to_string())))?;
     events.add_subscriber(Box::new(engine));
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(ServeError::Device)?;
+    events.add_subscriber(Box::new(
+        crate::threads::StopWake::new(&wake).map_err(ServeError::Device)?,
+    ));
     let looping = {
         let stop = stop.clone();
         thread::Builder::new()
             .name("ims-device".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    // An error here is an interrupted wait; the loop tries again.
-                    let _ = events.run_with_timeout(50);
+                while !stop.load(Ordering::Acquire) {
+                    // No timeout: the device has its own timers, and the end of the
+                    // connection writes `wake`. An error here is an interrupted wait.
+                    let _ = events.run();
                 }
             })
             .map_err(ServeError::Device)?
@@ -453,7 +458,9 @@ where
         bar_size,
     };
     let result = server.run(&mut backend);
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Release);
+    // A full counter still wakes the loop.
+    let _ = wake.write(1);
     let _ = looping.join();
     result.map_err(ServeError::Connection)?;
     Ok(entries.report())

@@ -78,6 +78,8 @@ pub(super) struct HarnessParts {
     /// Held while the harness serves a request (a snapshot takes it to pause it).
     pub(super) idle: Arc<Mutex<()>>,
     pub(super) thread: Option<JoinHandle<()>>,
+    /// Wakes the harness thread (which waits for rings with no timeout) to see the stop.
+    pub(super) wake: Option<mpsc::SyncSender<()>>,
 }
 
 /// A VM: the KVM VM, its memory and every part, owned in one place. Fields drop in
@@ -518,7 +520,6 @@ fn build_harness(
         // Rung before the snapshot, not done when it was taken: serve it now.
         let _ = rings.try_send(());
     }
-    drop(rings);
     let fired = harness.fired();
     let measurements = harness.measurements();
     let idle = harness.idle_lock();
@@ -534,6 +535,7 @@ fn build_harness(
         fired,
         measurements,
         idle,
+        wake: thread.is_some().then_some(rings),
         thread,
     })
 }

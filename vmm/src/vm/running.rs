@@ -55,10 +55,11 @@ impl Vm<'_> {
             )?),
             None => None,
         };
+        let storm_stop = Arc::new(crate::threads::StopSignal::default());
         let storm_ticker = spawn_storm_ticker(
             &self.path,
             config.machine.irq_rate,
-            self.stop.clone(),
+            storm_stop.clone(),
             self.storm_gate.clone(),
         )
         .map_err(|e| VmError::Os("start the storm ticker", e))?;
@@ -88,18 +89,32 @@ impl Vm<'_> {
         }
 
         self.stop.store(true, Ordering::Release);
+        // Every thread is woken to see it: none waits out a poll period.
+        storm_stop.stop();
+        if let Some(wake) = &self.harness.wake {
+            // Full: a ring is waiting, which wakes the harness as well.
+            let _ = wake.try_send(());
+        }
         // Every thread gets until the same moment to leave: one inside a device call (a
         // device the guest keeps busy) is left to finish on its own, so the run ends on
         // time, the watchdog's included.
         let deadline = Instant::now() + STOP_GRACE;
         let stuck_vcpus = stop_vcpus(std::mem::take(&mut self.threads), deadline);
+        let mut threads_left = Vec::new();
         if let Some(t) = self.harness.thread.take() {
-            let _ = join_by(t, deadline);
+            if join_by(t, deadline).is_none() {
+                threads_left.push("harness".to_string());
+            }
         }
         if let Some(t) = storm_ticker {
-            let _ = join_by(t, deadline);
+            if join_by(t, deadline).is_none() {
+                threads_left.push("irq-storms".to_string());
+            }
         }
         let devices = self.pci.finish(deadline);
+        if self.pci.loop_left_running() {
+            threads_left.push("ims-devices".to_string());
+        }
         if let Some(e) = spawn_error {
             return Err(e);
         }
@@ -144,6 +159,7 @@ impl Vm<'_> {
             devices,
             measurements,
             stuck_vcpus,
+            threads_left,
             unmapped_accesses: counters.unmapped_pio.load(Ordering::Relaxed)
                 + counters.unmapped_mmio.load(Ordering::Relaxed),
             completed_instructions: self.shared.completions.counts(),

@@ -16,11 +16,11 @@ pub(super) fn pause_vcpus(threads: Vec<JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
 }
 
 /// With storm control on, a thread that delivers the coalesced interrupts of throttled
-/// entries every window, until `stop`.
+/// entries every window, until `stop` (which wakes it at once).
 pub(super) fn spawn_storm_ticker(
     path: &Arc<InterruptPath>,
     rate: u32,
-    stop: Arc<AtomicBool>,
+    stop: Arc<crate::threads::StopSignal>,
     gate: Arc<Mutex<()>>,
 ) -> io::Result<Option<JoinHandle<()>>> {
     if rate == 0 {
@@ -31,8 +31,7 @@ pub(super) fn spawn_storm_ticker(
         crate::seccomp::ThreadKind::Storms,
         "irq-storms".into(),
         move || {
-            while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(irq::storm::WINDOW);
+            while !stop.wait(irq::storm::WINDOW) {
                 // A snapshot holds the gate while the VM is paused.
                 let _open = gate.lock().unwrap_or_else(PoisonError::into_inner);
                 path.flush_throttled();
