@@ -168,6 +168,14 @@ fn other(e: impl std::fmt::Debug) -> std::io::Error {
     std::io::Error::other(format!("{e:?}"))
 }
 
+/// A device event loop and the eventfd that wakes it for a stop.
+fn new_loop() -> Result<(Loop, EventFd), PciError> {
+    let mut events: Loop = EventManager::new().map_err(other)?;
+    let wake = EventFd::new(EFD_NONBLOCK)?;
+    events.add_subscriber(Box::new(crate::threads::StopWake::new(&wake)?));
+    Ok((events, wake))
+}
+
 /// How a device comes to be: new, or from its snapshot.
 enum Origin<'a> {
     New,
@@ -264,9 +272,7 @@ impl PciDevices {
         let path = core.path();
         let ram: vm_memory::GuestMemoryMmap = (*vm_memory::GuestAddressSpace::memory(mem)).clone();
         let mut root = PciRoot::new(devices::pci::PciLayout::default());
-        let mut events: Loop = EventManager::new().map_err(other)?;
-        let wake = EventFd::new(EFD_NONBLOCK)?;
-        events.add_subscriber(Box::new(crate::threads::StopWake::new(&wake)?));
+        let (mut events, wake) = new_loop()?;
         let mut models = Vec::with_capacity(devices.len());
         let mut kicks = Vec::new();
         for (d, origin) in devices {
@@ -355,6 +361,15 @@ impl PciDevices {
         for kick in kicks {
             kick.write(1)?;
         }
+        Self::start(root, models, (events, wake))
+    }
+
+    /// The devices on `root`, their event loop started.
+    fn start(
+        root: PciRoot,
+        models: Vec<(DeviceConfig, Model)>,
+        (events, wake): (Loop, EventFd),
+    ) -> Result<Self, PciError> {
         let mut devices = Self {
             root: Arc::new(Mutex::new(root)),
             models,

@@ -40,6 +40,43 @@ fn snapshot_refusal(e: &VmError) -> Refusal {
 }
 
 impl Vm<'_> {
+    /// Stops every thread of the VM, each woken to see the stop (none waits out a poll
+    /// period): the vCPUs that stayed inside a device call, the other threads that had
+    /// not ended by the grace's end, and the devices' reports.
+    fn stop_threads(
+        &mut self,
+        storm_stop: &crate::threads::StopSignal,
+        storm_ticker: Option<JoinHandle<()>>,
+    ) -> (u32, Vec<String>, Vec<crate::pci::DeviceReport>) {
+        self.stop.store(true, Ordering::Release);
+        storm_stop.stop();
+        if let Some(wake) = &self.harness.wake {
+            // Full: a ring is waiting, which wakes the harness as well.
+            let _ = wake.try_send(());
+        }
+        // Every thread gets until the same moment to leave: one inside a device call (a
+        // device the guest keeps busy) is left to finish on its own, so the run ends on
+        // time, the watchdog's included.
+        let deadline = Instant::now() + STOP_GRACE;
+        let stuck_vcpus = stop_vcpus(std::mem::take(&mut self.threads), deadline);
+        let mut left = Vec::new();
+        if let Some(t) = self.harness.thread.take() {
+            if join_by(t, deadline).is_none() {
+                left.push("harness".to_string());
+            }
+        }
+        if let Some(t) = storm_ticker {
+            if join_by(t, deadline).is_none() {
+                left.push("irq-storms".to_string());
+            }
+        }
+        let devices = self.pci.finish(deadline);
+        if self.pci.loop_left_running() {
+            left.push("ims-devices".to_string());
+        }
+        (stuck_vcpus, left, devices)
+    }
+
     /// Runs the VM until its verdict, every vCPU stopping or the watchdog (taking the
     /// snapshot the run asks for on the way), stops every thread on time, and reports.
     pub(super) fn run(
@@ -88,33 +125,7 @@ impl Vm<'_> {
             server.stop();
         }
 
-        self.stop.store(true, Ordering::Release);
-        // Every thread is woken to see it: none waits out a poll period.
-        storm_stop.stop();
-        if let Some(wake) = &self.harness.wake {
-            // Full: a ring is waiting, which wakes the harness as well.
-            let _ = wake.try_send(());
-        }
-        // Every thread gets until the same moment to leave: one inside a device call (a
-        // device the guest keeps busy) is left to finish on its own, so the run ends on
-        // time, the watchdog's included.
-        let deadline = Instant::now() + STOP_GRACE;
-        let stuck_vcpus = stop_vcpus(std::mem::take(&mut self.threads), deadline);
-        let mut threads_left = Vec::new();
-        if let Some(t) = self.harness.thread.take() {
-            if join_by(t, deadline).is_none() {
-                threads_left.push("harness".to_string());
-            }
-        }
-        if let Some(t) = storm_ticker {
-            if join_by(t, deadline).is_none() {
-                threads_left.push("irq-storms".to_string());
-            }
-        }
-        let devices = self.pci.finish(deadline);
-        if self.pci.loop_left_running() {
-            threads_left.push("ims-devices".to_string());
-        }
+        let (stuck_vcpus, threads_left, devices) = self.stop_threads(&storm_stop, storm_ticker);
         if let Some(e) = spawn_error {
             return Err(e);
         }
