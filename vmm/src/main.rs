@@ -18,6 +18,10 @@ fn out(text: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
+/// When `main` began: the process's start, as near as the program can tell (after `exec`
+/// and the dynamic loader).
+static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn run(args: &RunArgs) -> ExitCode {
     // This thread supervises the VM and then only reports: it runs filtered too.
     vmm::seccomp::confine_main_thread();
@@ -39,7 +43,10 @@ fn restore(args: &RestoreArgs) -> ExitCode {
 /// Prints the report (or the error) and gives the exit status.
 fn finish(result: Result<vmm::RunReport, vmm::VmError>) -> ExitCode {
     match result {
-        Ok(report) => {
+        Ok(mut report) => {
+            if let (Some(start), Some(entry)) = (PROCESS_START.get(), report.first_entry) {
+                report.process_startup = Some(entry.saturating_duration_since(*start));
+            }
             out(format_args!("{report}"));
             if let Some(failure) = report.failure() {
                 eprintln!("error: {failure}");
@@ -54,6 +61,7 @@ fn finish(result: Result<vmm::RunReport, vmm::VmError>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    PROCESS_START.get_or_init(std::time::Instant::now);
     // The libraries log through the `log` facade; RUST_LOG picks what reaches stderr.
     // Unset: errors only, and not virtio-queue's, which are all about queues a guest set
     // up wrongly (the device reports those itself). `RUST_LOG=warn` shows faults, storms,

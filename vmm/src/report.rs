@@ -145,6 +145,15 @@ pub struct RunReport {
     pub trace: Option<crate::trace::TraceTotals>,
     /// Wall-clock time from set-up to stop.
     pub elapsed: Duration,
+    /// When a vCPU first entered the guest (`None`: none did), for a caller that counts
+    /// from its own start (the `vmm` binary counts from the process's).
+    pub first_entry: Option<std::time::Instant>,
+    /// From set-up's start (the run or restore call) to that first entry: building the
+    /// VM (or restoring it) until the guest's first instruction.
+    pub startup: Option<Duration>,
+    /// From the process's start to that first entry, when the program knows when it
+    /// started (the `vmm` binary sets it; the library cannot know).
+    pub process_startup: Option<Duration>,
 }
 
 impl RunReport {
@@ -260,6 +269,21 @@ impl RunReport {
             format_size(self.memory),
             self.elapsed.as_secs_f64()
         )?;
+        let ms = |t: Duration| t.as_secs_f64() * 1e3;
+        match (self.process_startup, self.startup) {
+            (Some(p), Some(s)) => writeln!(
+                f,
+                "vmm: startup     {:.1} ms from process start to the guest's first instruction ({:.1} ms of it setting up the VM)",
+                ms(p),
+                ms(s)
+            )?,
+            (_, Some(s)) => writeln!(
+                f,
+                "vmm: startup     {:.1} ms from set-up to the guest's first instruction",
+                ms(s)
+            )?,
+            _ => {}
+        }
         if let Some(s) = &self.snapshot {
             writeln!(
                 f,
@@ -500,6 +524,9 @@ mod tests {
             console_errors: 0,
             trace: None,
             elapsed: Duration::from_millis(420),
+            first_entry: None,
+            startup: None,
+            process_startup: None,
         }
     }
 

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ pub struct VcpuShared {
     pub memory: Option<GuestMemoryMmap>,
     /// Instructions KVM gave up on that the VMM completed.
     pub completions: Arc<Completions>,
+    /// When a vCPU of the VM first entered the guest (`KVM_RUN`).
+    pub first_entry: Arc<OnceLock<Instant>>,
 }
 
 /// The most samples [`HypercallTimes`] keeps between a start and a take.
@@ -199,6 +201,7 @@ fn run(vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<StopReason> {
         )));
     }
     let mut open = None;
+    shared.first_entry.get_or_init(Instant::now);
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return Some(StopReason::Requested);

@@ -622,6 +622,7 @@ impl<'a> Vm<'a> {
             hypercall_times,
             memory: Some(mem.clone()),
             completions: Arc::new(Completions::default()),
+            first_entry: Arc::default(),
         };
         let vm = Self {
             config,

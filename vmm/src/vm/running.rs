@@ -177,6 +177,13 @@ impl Vm<'_> {
             console_errors: serial.errors() + flush_failed,
             trace: None,
             elapsed: started.elapsed(),
+            first_entry: self.shared.first_entry.get().copied(),
+            startup: self
+                .shared
+                .first_entry
+                .get()
+                .map(|at| at.saturating_duration_since(started)),
+            process_startup: None,
         })
     }
 }
