@@ -105,6 +105,37 @@ fn a_vm_that_continues_after_its_snapshot_and_the_restored_one_both_finish() {
     assert_eq!(completions(&second), vec![256, 24], "{second}");
 }
 
+/// A guest that touched little of a large RAM: its snapshot holds the pages it wrote (a
+/// page map and those pages), not its RAM, and restores to a passing run.
+#[test]
+fn an_idle_guests_snapshot_holds_only_what_it_wrote_and_restores() {
+    let file = TempFile::new("idle");
+    let mut cfg = config(2, "scenario=snapshot");
+    cfg.machine.memory = 512 << 20;
+    cfg.run.snapshot = plan(&file.0, None, AfterSnapshot::Stop);
+    let (before, console) = boot(&cfg);
+    let taken = before.snapshot.as_ref().expect("a snapshot was taken");
+    assert!(
+        matches!(before.outcome, Outcome::Snapshotted { .. }),
+        "{before}
+{console}"
+    );
+    let bytes = std::fs::read(&file.0).unwrap();
+    assert_eq!(taken.bytes, bytes.len() as u64);
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 3);
+    let (_, ram) = split(&bytes);
+    let map_len = (512 << 20) / 4096 / 8;
+    let pages: u32 = ram[..map_len].iter().map(|b| b.count_ones()).sum();
+    assert!(pages > 0, "the guest's image and stack are in it");
+    assert_eq!(ram.len(), map_len + 4096 * pages as usize, "map, then its pages");
+    // The test guest's image, page tables, stacks and mailbox: well under 4 MiB of 512.
+    assert!(pages < 1024, "{pages} pages: {before}");
+    let (after, console) = restore(&file.0, &run_settings()).unwrap();
+    assert!(after.passed(), "{after}
+{console}");
+    assert_eq!(after.memory, 512 << 20);
+}
+
 #[test]
 fn a_snapshot_of_the_whole_default_run_at_a_set_time_restores_and_passes() {
     let file = TempFile::new("timed");
@@ -241,6 +272,17 @@ fn tampered_snapshots_are_refused_with_the_reason_and_nothing_runs() {
     let mut long = good.clone();
     long.push(0);
     cases.push(("one byte long".into(), long, "bytes long".into()));
+    // The page map (right after the header) claims a page the file does not hold: the
+    // last page of RAM, which the guest never touched.
+    let mut claimed = ram.clone();
+    let map_len = 64 * 1024 * 1024 / 4096 / 8;
+    assert_eq!(claimed[map_len - 1] & 0x80, 0, "the last page is not in the file");
+    claimed[map_len - 1] |= 0x80;
+    cases.push((
+        "a page map that claims a page more".into(),
+        join(&good, &header, &claimed),
+        "bytes long".into(),
+    ));
     let mut huge = good.clone();
     huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
     cases.push(("a huge header length".into(), huge, "header".into()));

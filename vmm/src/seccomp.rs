@@ -175,6 +175,8 @@ const MAIN: &[&str] = &[
     "fsync",
     "fdatasync",
     "ftruncate",
+    // A snapshot asks which pages of RAM the host backs.
+    "mincore",
     "rename",
     "renameat",
     "renameat2",

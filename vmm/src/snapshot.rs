@@ -20,10 +20,14 @@
 //! | 12       | 4    | zero |
 //! | 16       | 8    | header length `H` (at most [`MAX_HEADER`]) |
 //! | 24       | `H`  | header: [`VmSnapshot`] as JSON |
-//! | 24 + `H` | RAM  | guest RAM: the ranges of [`crate::memory::ram_ranges`], in order |
+//! | 24 + `H` | `M`  | page map: one bit per 4 KiB page of RAM ([`ram`]) |
+//! | 24 + `H` + `M` | | the pages the map marks, in order |
+//!
+//! RAM is the ranges of [`crate::memory::ram_ranges`], in order; a page the map leaves out
+//! is zero ([`ram`]). Format 2 (RAM whole after the header) is still read.
 //!
 //! Reading checks every layer before anything runs: magic, version, lengths (the file
-//! must be exactly header plus RAM), the machine settings (as a config file's), counts
+//! must be exactly header, page map and the pages it marks), the machine settings (as a config file's), counts
 //! and cross references here, then each layer's own restore (interrupt core, VT-d unit,
 //! devices), which refuse what they cannot be in. A refused snapshot is an error naming
 //! the field; nothing is run.
@@ -48,10 +52,16 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use crate::config::{ConfigError, MachineConfig, MachineSettings};
 use crate::pci::PciSnapshot;
 
+pub mod ram;
+
+use ram::RamLayout;
+
 /// The first bytes of a snapshot file.
 pub const MAGIC: [u8; 8] = *b"IRQVMSNP";
-/// The format version this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this VMM writes (and reads, with [`OLDEST_READ`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format version this VMM reads: 2, with RAM whole after the header.
+pub const OLDEST_READ: u32 = 2;
 /// The longest header read (the largest machine's header is a few MiB).
 pub const MAX_HEADER: u64 = 64 << 20;
 /// The most MSRs one vCPU's state may list.
@@ -174,7 +184,7 @@ pub enum SnapshotError {
     NotASnapshot,
     /// Another format version.
     #[error(
-        "snapshot format version {0} is not supported (this VMM reads version {FORMAT_VERSION})"
+        "snapshot format version {0} is not supported (this VMM reads versions {OLDEST_READ} to {FORMAT_VERSION})"
     )]
     Version(u32),
     /// The header is not what this VMM writes.
@@ -253,7 +263,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<(VmSnapshot, u64), SnapshotError> {
     }
     let word = |at: std::ops::Range<usize>| rest.get(at).unwrap_or_default();
     let version = u32::from_le_bytes(word(0..4).try_into().unwrap_or_default());
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READ..=FORMAT_VERSION).contains(&version) {
         return Err(SnapshotError::Version(version));
     }
     let length = u64::from_le_bytes(word(8..16).try_into().unwrap_or_default());
@@ -320,14 +330,23 @@ impl VmSnapshot {
     }
 }
 
-/// Reads the header of the snapshot at `path` and checks the file's length; returns the
-/// snapshot, the machine it describes, and the file positioned at guest RAM (for
-/// [`load_memory`]).
+/// A snapshot file positioned at its RAM, and how RAM is laid out there.
+#[derive(Debug)]
+pub struct RamFile {
+    /// The file.
+    pub file: File,
+    /// Its RAM's layout (format 3: the page map, read already).
+    pub layout: RamLayout,
+}
+
+/// Reads the header of the snapshot at `path` (and, format 3, its page map) and checks the
+/// file's length; returns the snapshot, the machine it describes, and the file positioned
+/// at guest RAM (for [`load_memory`]).
 ///
 /// # Errors
-/// Anything [`parse_header`] refuses, a machine that does not resolve, a length that is
-/// not header plus RAM, or the file's error.
-pub fn read(path: &Path) -> Result<(VmSnapshot, MachineConfig, File), SnapshotError> {
+/// Anything [`parse_header`] refuses, a machine that does not resolve, a page map that
+/// marks pages beyond RAM, a length that is not header plus RAM, or the file's error.
+pub fn read(path: &Path) -> Result<(VmSnapshot, MachineConfig, RamFile), SnapshotError> {
     let failed = |source| SnapshotError::Read {
         path: path.to_path_buf(),
         source,
@@ -355,39 +374,68 @@ pub fn read(path: &Path) -> Result<(VmSnapshot, MachineConfig, File), SnapshotEr
     }
     let (snap, ram_at) = parse_header(&bytes)?;
     let config = snap.machine_config()?;
-    let expected = ram_at.saturating_add(config.memory);
+    let version = preamble
+        .get(8..12)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes);
+    let (layout, expected) = if version == OLDEST_READ {
+        (RamLayout::Whole, ram_at.saturating_add(config.memory))
+    } else {
+        let map_len = ram::map_len(config.memory);
+        if ram_at.saturating_add(map_len) > size {
+            return Err(SnapshotError::Length {
+                expected: ram_at.saturating_add(map_len),
+                found: size,
+            });
+        }
+        let map = ram::read_map(&mut file, config.memory).map_err(|e| match e {
+            Ok(why) => invalid(why),
+            Err(e) => failed(e),
+        })?;
+        let pages = ram::marked_pages(&map).saturating_mul(ram::PAGE);
+        let expected = ram_at.saturating_add(map_len).saturating_add(pages);
+        (RamLayout::Pages(map), expected)
+    };
     if size != expected {
         return Err(SnapshotError::Length {
             expected,
             found: size,
         });
     }
-    Ok((snap, config, file))
+    Ok((snap, config, RamFile { file, layout }))
 }
 
-/// Fills guest RAM from `file` (positioned by [`read`]).
+/// Fills guest RAM (fresh, all zero) from `ram` (positioned by [`read`]).
 ///
 /// # Errors
 /// The file's error (a file shorter than RAM).
 pub fn load_memory(
-    file: &mut File,
+    ram: &mut RamFile,
     path: &Path,
     mem: &GuestMemoryMmap,
     size: u64,
 ) -> Result<(), SnapshotError> {
-    for (start, len) in crate::memory::ram_ranges(size) {
-        let len = usize::try_from(len).map_err(|_| invalid("a RAM range beyond memory"))?;
-        mem.read_exact_volatile_from(start, file, len)
-            .map_err(|e| SnapshotError::Read {
-                path: path.to_path_buf(),
-                source: io::Error::other(e.to_string()),
-            })?;
+    let failed = |e: String| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
+    };
+    match &ram.layout {
+        RamLayout::Whole => {
+            for (start, len) in crate::memory::ram_ranges(size) {
+                let len = usize::try_from(len).map_err(|_| invalid("a RAM range beyond memory"))?;
+                mem.read_exact_volatile_from(start, &mut ram.file, len)
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+        }
+        RamLayout::Pages(map) => {
+            ram::read_pages(mem, size, map, &mut ram.file).map_err(|e| failed(e.to_string()))?;
+        }
     }
     Ok(())
 }
 
-/// Writes `snap` and guest RAM to `path`, whole: to `path` with `.partial` appended, then
-/// renamed over `path`. Returns the bytes written.
+/// Writes `snap` and guest RAM (the pages that hold anything: [`ram`]) to `path`, whole:
+/// to `path` with `.partial` appended, then renamed over `path`. Returns the bytes written.
 ///
 /// # Errors
 /// The file system's error; no partial file is left at `path`.
@@ -402,6 +450,7 @@ pub fn write(
         source,
     };
     let header = serde_json::to_vec(snap).map_err(|e| failed(io::Error::other(e)))?;
+    let map = ram::page_map(mem, size);
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
@@ -414,11 +463,8 @@ pub fn write(
         preamble.extend_from_slice(&(header.len() as u64).to_le_bytes());
         file.write_all(&preamble)?;
         file.write_all(&header)?;
-        for (start, len) in crate::memory::ram_ranges(size) {
-            let len = usize::try_from(len).map_err(io::Error::other)?;
-            mem.write_all_volatile_to(start, &mut file, len)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-        }
+        file.write_all(&map)?;
+        ram::write_pages(mem, size, &map, &mut file)?;
         file.sync_all()?;
         std::fs::rename(&partial, path)
     })();
@@ -426,7 +472,7 @@ pub fn write(
         let _ = std::fs::remove_file(&partial);
         return Err(failed(e));
     }
-    Ok((PREAMBLE + header.len()) as u64 + size)
+    Ok((PREAMBLE + header.len() + map.len()) as u64 + ram::marked_pages(&map) * ram::PAGE)
 }
 
 /// The clock of `vm`, with the IOAPIC's state.

@@ -251,7 +251,10 @@ pub fn restore_with_console(
     )
 }
 
-fn read_snapshot(path: &Path, run: &Settings) -> Result<(VmSnapshot, VmConfig, File), VmError> {
+fn read_snapshot(
+    path: &Path,
+    run: &Settings,
+) -> Result<(VmSnapshot, VmConfig, snapshot::RamFile), VmError> {
     let (snap, machine, file) = snapshot::read(path)?;
     let (_, run) = run.clone().split();
     let run = run.resolve().map_err(VmError::Config)?;
@@ -263,7 +266,7 @@ enum Start {
     /// A fresh boot of the configured image.
     Boot,
     /// A snapshot, with its file positioned at guest RAM, and the file's name.
-    Restore(Box<VmSnapshot>, File, PathBuf),
+    Restore(Box<VmSnapshot>, snapshot::RamFile, PathBuf),
 }
 
 fn run_vm(
