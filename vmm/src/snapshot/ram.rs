@@ -18,6 +18,8 @@ use crate::memory::ram_ranges;
 
 /// The page size of the page map.
 pub const PAGE: u64 = 4096;
+/// The same, as a buffer length.
+const PAGE_BYTES: usize = 4096;
 
 /// How guest RAM follows the header in a snapshot file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +82,7 @@ fn resident(mem: &GuestMemoryMmap, start: GuestAddress, len: u64) -> Vec<u8> {
 pub fn page_map(mem: &GuestMemoryMmap, size: u64) -> Vec<u8> {
     let mut map = vec![0u8; usize::try_from(map_len(size)).unwrap_or(0)];
     let mut page = 0u64;
-    let mut buf = [0u8; PAGE as usize];
+    let mut buf = [0u8; PAGE_BYTES];
     for (start, len) in ram_ranges(size) {
         for (k, state) in (0u64..).zip(resident(mem, start, len)) {
             let at = start.unchecked_add(k * PAGE);
@@ -222,8 +224,8 @@ mod tests {
         read_pages(&fresh, size, &map, &mut File::open(&path).unwrap()).unwrap();
         let _ = std::fs::remove_file(&path);
         for page in 0..page_count(size) {
-            let mut a = [0u8; PAGE as usize];
-            let mut b = [0u8; PAGE as usize];
+            let mut a = [0u8; PAGE_BYTES];
+            let mut b = [0u8; PAGE_BYTES];
             mem.read_slice(&mut a, GuestAddress(page * PAGE)).unwrap();
             fresh.read_slice(&mut b, GuestAddress(page * PAGE)).unwrap();
             assert_eq!(a, b, "page {page}");
