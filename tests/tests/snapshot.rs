@@ -127,12 +127,19 @@ fn an_idle_guests_snapshot_holds_only_what_it_wrote_and_restores() {
     let map_len = (512 << 20) / 4096 / 8;
     let pages: u32 = ram[..map_len].iter().map(|b| b.count_ones()).sum();
     assert!(pages > 0, "the guest's image and stack are in it");
-    assert_eq!(ram.len(), map_len + 4096 * pages as usize, "map, then its pages");
+    assert_eq!(
+        ram.len(),
+        map_len + 4096 * pages as usize,
+        "map, then its pages"
+    );
     // The test guest's image, page tables, stacks and mailbox: well under 4 MiB of 512.
     assert!(pages < 1024, "{pages} pages: {before}");
     let (after, console) = restore(&file.0, &run_settings()).unwrap();
-    assert!(after.passed(), "{after}
-{console}");
+    assert!(
+        after.passed(),
+        "{after}
+{console}"
+    );
     assert_eq!(after.memory, 512 << 20);
 }
 
@@ -276,7 +283,11 @@ fn tampered_snapshots_are_refused_with_the_reason_and_nothing_runs() {
     // last page of RAM, which the guest never touched.
     let mut claimed = ram.clone();
     let map_len = 64 * 1024 * 1024 / 4096 / 8;
-    assert_eq!(claimed[map_len - 1] & 0x80, 0, "the last page is not in the file");
+    assert_eq!(
+        claimed[map_len - 1] & 0x80,
+        0,
+        "the last page is not in the file"
+    );
     claimed[map_len - 1] |= 0x80;
     cases.push((
         "a page map that claims a page more".into(),

@@ -133,6 +133,7 @@ fn bench(args: &BenchArgs) -> ExitCode {
         samples: args.samples as usize,
         interrupts: args.interrupts,
         live: args.live,
+        vmm_binary: std::env::current_exe().ok(),
     };
     let report = match vmm::bench::run(&config) {
         Ok(report) => report,

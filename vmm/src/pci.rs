@@ -16,9 +16,9 @@ use devices::memory::DefaultMemory;
 use devices::pci::{self, ConfigIo, Ecam, IoWindow, MmioWindow, PciRoot, RootSnapshot, SharedRoot};
 use devices::viommu::dma::{DmaMemory, DmaUnit};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use irq::CoreHandle;
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusError;
 use crate::config::{DeviceConfig, DeviceKind};

@@ -333,7 +333,11 @@ fn timed_calls(
         // SAFETY: only the BSP runs this; the host reads the array only during a BATCH
         // call, which this CPU makes synchronously.
         unsafe { write_volatile(addr_of_mut!(BATCH.0[0]), [first + k, to]) };
-        let (a, b) = if by_batch { (batch, 1) } else { (first + k, to) };
+        let (a, b) = if by_batch {
+            (batch, 1)
+        } else {
+            (first + k, to)
+        };
         let r = caller.call(number, sid, a, b);
         if r.rax != expected {
             println!("bench: FAIL: {} at {} live: status {}", name, live, r.rax);
@@ -344,7 +348,10 @@ fn timed_calls(
     let (host, kept) = harness_request(request::BENCH_HYPERCALLS, 0, live, mode);
     ok &= host == host_status::OK && (kept == samples || !ok);
     if ok {
-        println!("bench: {} {} timed with {} live interrupts", samples, name, live);
+        println!(
+            "bench: {} {} timed with {} live interrupts",
+            samples, name, live
+        );
     } else {
         println!(
             "bench: FAIL: {} at {} live (host status {}, {} timed)",

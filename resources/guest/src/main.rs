@@ -34,6 +34,7 @@ mod pci;
 mod refused;
 mod scenario;
 mod serial;
+mod touch;
 mod vtd;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -61,6 +61,7 @@ enum Scenario {
     Storm,
     Faults,
     Snapshot,
+    Touch,
     Hostile,
     Stuck,
     Harness,
@@ -89,6 +90,8 @@ struct Options {
     xapic: bool,
     /// `dma_snapshot=1`: the `dma` scenario asks for a snapshot while translation is on.
     dma_snapshot: bool,
+    /// `touch_mib=N`: MiB of RAM the `touch` scenario writes (0: all free RAM).
+    touch_mib: u32,
 }
 
 fn number(text: &str) -> Result<u32, &'static str> {
@@ -126,6 +129,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
         storm_bystanders: 20,
         xapic: false,
         dma_snapshot: false,
+        touch_mib: 8,
     };
     for word in text.split_ascii_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
@@ -149,6 +153,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                     "storm" => Scenario::Storm,
                     "faults" => Scenario::Faults,
                     "snapshot" => Scenario::Snapshot,
+                    "touch" => Scenario::Touch,
                     "hostile" => Scenario::Hostile,
                     "stuck" => Scenario::Stuck,
                     "harness" => Scenario::Harness,
@@ -159,7 +164,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                         "fail" => Scenario::Fail,
                         "hang" => Scenario::Hang,
                         _ => return Err(
-                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, api, vtd, dma, bench, storm, faults, snapshot, hostile, stuck, harness, pci, all, fail, hang)",
+                            "unknown scenario (smoke, msi, remap, retarget, sid, hypercall, ims, api, vtd, dma, bench, storm, faults, snapshot, touch, hostile, stuck, harness, pci, all, fail, hang)",
                         ),
                     }
             }
@@ -171,6 +176,7 @@ fn parse_cmdline(info: &BootInfoView<'_>) -> Result<Options, &'static str> {
                 }
             }
             "dma_snapshot" => o.dma_snapshot = number(value)? != 0,
+            "touch_mib" => o.touch_mib = number(value)?,
             "msi_count" => o.msi_count = number(value)?,
             "remap_entries" => o.remap_entries = number(value)?,
             "remap_vectors" => o.remap_vectors = number(value)?.clamp(1, 64),
@@ -312,6 +318,10 @@ pub fn run_bsp(info: &BootInfoView<'_>) -> ! {
     }
     if s == Scenario::Storm {
         ok &= storm(o.storm_count, o.storm_bystanders);
+    }
+    if s == Scenario::Touch {
+        let free = info.free_start().unwrap_or(0x40_0000);
+        ok &= crate::touch::run(free, info.mem_size(), o.touch_mib);
     }
     if s == Scenario::Hostile {
         ok &= crate::hostile::run(info);

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::{
-    BenchConfig, ExitRow, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG, REMOTE_PCI_SLOT,
-    REMOTE_SLOTS, WINDOW,
+    BenchConfig, ExitRow, Figure, GuestFigures, CONSOLE_TAIL, GUEST_CPUS, GUEST_WATCHDOG,
+    REMOTE_PCI_SLOT, REMOTE_SLOTS, WINDOW,
 };
 use crate::config::{
     Console, DeviceConfig, DeviceKind, Kernel, MachineConfig, RunConfig, VmConfig,

@@ -53,12 +53,14 @@ use crate::vm::VmError;
 mod dma;
 mod guest;
 mod host;
+mod lifecycle;
 mod remote;
 mod report;
 
 pub use dma::{DevicePaths, DmaFigures};
 use guest::guest_figures;
 use host::{irqchip_vm, new_rig, signal_cost, spread, time_set_routes};
+pub use lifecycle::{Lifecycle, SnapshotRow, WholeVm, TOUCHED_MIB};
 pub use report::{BenchReport, ExitRow, Figure, GuestFigures, RetargetRow};
 
 /// Live-interrupt counts the retarget cost is measured at.
@@ -111,6 +113,8 @@ pub struct BenchConfig {
     pub interrupts: u32,
     /// Remapped interrupts to make live at once (halved until all are delivered).
     pub live: u32,
+    /// The `vmm` binary, when the benchmark runs in it: the startup figure starts it.
+    pub vmm_binary: Option<PathBuf>,
 }
 
 /// The time of one allowed system call (`gettid`, 1,000 per sample) on a thread under the
@@ -223,8 +227,10 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, VmError> {
     let (signal_ours, signal_raw) = signal_cost(&kvm, samples)?;
     let (handover_per_entry, handover_eager) = remote::handover(BULK_ENTRIES, HANDOVER_SAMPLES)?;
     let dma = dma::dma_figures(&kvm, samples)?;
+    let whole = lifecycle::whole_vm(config, config.vmm_binary.as_ref())?;
     Ok(BenchReport {
         dma,
+        whole,
         handover_per_entry,
         handover_eager,
         retarget,
@@ -252,6 +258,35 @@ mod tests {
         let f = Figure::of((1..=100).rev().map(us).collect());
         assert_eq!((f.median, f.p99, f.samples), (us(51), us(99), 100));
         assert_eq!(Figure::of(vec![us(7)]).median, us(7));
+    }
+
+    fn sample_whole_vm() -> WholeVm {
+        let fig = |n| Figure {
+            median: us(n),
+            p99: us(2 * n),
+            samples: 3,
+        };
+        WholeVm {
+            lifecycle: Lifecycle {
+                with_devices: fig(110),
+                without_devices: fig(100),
+            },
+            snapshots: vec![
+                SnapshotRow {
+                    touched_mib: TOUCHED_MIB,
+                    bytes: 9 << 20,
+                    pause: fig(20),
+                    restore: fig(5),
+                },
+                SnapshotRow {
+                    touched_mib: 0,
+                    bytes: 60 << 20,
+                    pause: fig(200),
+                    restore: fig(40),
+                },
+            ],
+            startup: Some(fig(9000)),
+        }
     }
 
     fn sample_report() -> BenchReport {
@@ -336,6 +371,7 @@ mod tests {
             },
             syscall_filtered: fig(1),
             syscall_unfiltered: fig(1),
+            whole: sample_whole_vm(),
         }
     }
 
@@ -354,6 +390,11 @@ mod tests {
         assert!(near(report.update_exit_ratio(), 1.1));
         assert!(near(report.batch_exit_ratio(), 1.15));
         assert!(near(report.dispatcher_us(), 5.0));
+        assert!(near(report.lifecycle_ratio(), 1.1));
+        assert!(near(report.snapshot_mib(), 9.0));
+        assert!(near(report.snapshot_pause_ratio(), 0.1));
+        assert!(near(report.restore_ms(), 0.005));
+        assert!(near(report.startup_ms(), 9.0));
         let json = report.to_json();
         let keys: Vec<&str> = json.lines().skip(1).take(6).collect();
         assert_eq!(

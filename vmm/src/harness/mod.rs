@@ -66,7 +66,6 @@ impl DoorbellSink for Doorbell {
     }
 }
 
-
 /// The harness service.
 #[derive(Debug)]
 pub struct Harness {

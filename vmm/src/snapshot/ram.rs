@@ -59,11 +59,8 @@ fn resident(mem: &GuestMemoryMmap, start: GuestAddress, len: u64) -> Vec<u8> {
     let whole = mem
         .find_region(start)
         .is_some_and(|r| r.start_addr() == start && r.len() >= len);
-    let (Ok(host), Ok(bytes), true) = (
-        mem.get_host_address(start),
-        usize::try_from(len),
-        whole,
-    ) else {
+    let (Ok(host), Ok(bytes), true) = (mem.get_host_address(start), usize::try_from(len), whole)
+    else {
         return vec;
     };
     // SAFETY: `host..host + bytes` lies in one mapping of this process (the region that
@@ -137,12 +134,7 @@ fn runs(map: &[u8], size: u64) -> Vec<(GuestAddress, usize)> {
 ///
 /// # Errors
 /// The file's error.
-pub fn write_pages(
-    mem: &GuestMemoryMmap,
-    size: u64,
-    map: &[u8],
-    out: &mut File,
-) -> io::Result<()> {
+pub fn write_pages(mem: &GuestMemoryMmap, size: u64, map: &[u8], out: &mut File) -> io::Result<()> {
     for (at, bytes) in runs(map, size) {
         mem.write_all_volatile_to(at, out, bytes)
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -155,12 +147,7 @@ pub fn write_pages(
 ///
 /// # Errors
 /// The file's error (a file shorter than its map says).
-pub fn read_pages(
-    mem: &GuestMemoryMmap,
-    size: u64,
-    map: &[u8],
-    file: &mut File,
-) -> io::Result<()> {
+pub fn read_pages(mem: &GuestMemoryMmap, size: u64, map: &[u8], file: &mut File) -> io::Result<()> {
     for (at, bytes) in runs(map, size) {
         mem.read_exact_volatile_from(at, file, bytes)
             .map_err(|e| io::Error::other(e.to_string()))?;
