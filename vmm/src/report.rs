@@ -86,7 +86,9 @@ pub struct SnapshotTaken {
     pub path: std::path::PathBuf,
     /// Its size.
     pub bytes: u64,
-    /// How long the VM was paused to take it (including writing the file).
+    /// How long the VM was paused to take it: pausing, reading its state and writing the
+    /// file (RAM copied into it). Flushing the file to disk comes after, with the VM
+    /// running again (or stopped, as the plan says); a VM the API paused waits for it.
     pub pause: Duration,
     /// How long pausing took (harness idle, devices and vCPUs stopped).
     pub pausing: Duration,

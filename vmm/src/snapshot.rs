@@ -434,8 +434,50 @@ pub fn load_memory(
     Ok(())
 }
 
+/// A snapshot written but not yet durable: its file is `path` with `.partial` appended,
+/// its data handed to the kernel. [`Unsynced::finish`] flushes it to disk and renames it
+/// to `path`, which the VM need not be paused for (RAM is copied already). Dropped
+/// unfinished, the partial file is removed.
+#[derive(Debug)]
+pub struct Unsynced {
+    file: Option<File>,
+    partial: PathBuf,
+    path: PathBuf,
+    /// The bytes written.
+    pub bytes: u64,
+}
+
+impl Unsynced {
+    /// Flushes the file to disk and renames it over its path. Returns the bytes written.
+    ///
+    /// # Errors
+    /// The file system's error; no partial file is left then.
+    pub fn finish(mut self) -> Result<u64, SnapshotError> {
+        let result = match self.file.take() {
+            Some(file) => file
+                .sync_all()
+                .and_then(|()| std::fs::rename(&self.partial, &self.path)),
+            None => Err(io::Error::other("the snapshot was finished already")),
+        };
+        result.map_err(|source| SnapshotError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(self.bytes)
+    }
+}
+
+impl Drop for Unsynced {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
 /// Writes `snap` and guest RAM (the pages that hold anything: [`ram`]) to `path`, whole:
-/// to `path` with `.partial` appended, then renamed over `path`. Returns the bytes written.
+/// to `path` with `.partial` appended, which [`Unsynced::finish`] then flushes and renames
+/// over `path`.
 ///
 /// # Errors
 /// The file system's error; no partial file is left at `path`.
@@ -444,7 +486,7 @@ pub fn write(
     snap: &VmSnapshot,
     mem: &GuestMemoryMmap,
     size: u64,
-) -> Result<u64, SnapshotError> {
+) -> Result<Unsynced, SnapshotError> {
     let failed = |source| SnapshotError::Write {
         path: path.to_path_buf(),
         source,
@@ -454,7 +496,7 @@ pub fn write(
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
-    let result = (|| -> io::Result<()> {
+    let result = (|| -> io::Result<File> {
         let mut file = File::create(&partial)?;
         let mut preamble = Vec::with_capacity(PREAMBLE);
         preamble.extend_from_slice(&MAGIC);
@@ -465,14 +507,21 @@ pub fn write(
         file.write_all(&header)?;
         file.write_all(&map)?;
         ram::write_pages(mem, size, &map, &mut file)?;
-        file.sync_all()?;
-        std::fs::rename(&partial, path)
+        Ok(file)
     })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&partial);
-        return Err(failed(e));
+    match result {
+        Ok(file) => Ok(Unsynced {
+            file: Some(file),
+            partial,
+            path: path.to_path_buf(),
+            bytes: (PREAMBLE + header.len() + map.len()) as u64
+                + ram::marked_pages(&map) * ram::PAGE,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(failed(e))
+        }
     }
-    Ok((PREAMBLE + header.len() + map.len()) as u64 + ram::marked_pages(&map) * ram::PAGE)
 }
 
 /// The clock of `vm`, with the IOAPIC's state.

@@ -389,9 +389,21 @@ impl Vm<'_> {
                     return Action::Ended(Outcome::Shutdown);
                 }
                 ApiRequest::Snapshot { path } => {
+                    // Paused already: the VM waits for the disk too, as it would anyway.
                     let began = Instant::now();
-                    match self.write_snapshot(path, &vcpus, began, Duration::ZERO) {
-                        Ok(()) => call.answer(Ok(Body::Json(self.snapshot_json()))),
+                    let written = self
+                        .write_snapshot(path, &vcpus)
+                        .and_then(|w| Ok(w.finish()?));
+                    match written {
+                        Ok(bytes) => {
+                            self.taken = Some(SnapshotTaken {
+                                path: path.clone(),
+                                bytes,
+                                pause: began.elapsed(),
+                                pausing: Duration::ZERO,
+                            });
+                            call.answer(Ok(Body::Json(self.snapshot_json())));
+                        }
                         Err(e) => call.answer(Err(snapshot_refusal(&e))),
                     }
                 }
@@ -425,11 +437,20 @@ impl Vm<'_> {
         let _storms = storm_gate.lock().unwrap_or_else(PoisonError::into_inner);
         let vcpus = self.pause_machine();
         let paused = began.elapsed();
-        let written = self.write_snapshot(&plan.path, &vcpus, began, paused);
+        let written = self.write_snapshot(&plan.path, &vcpus);
+        // RAM is in the file (the kernel's cache): the VM need not wait for the disk.
+        let pause = began.elapsed();
         if plan.then == AfterSnapshot::Continue {
             self.resume_machine(vcpus)?;
         }
-        written
+        let bytes = written?.finish()?;
+        self.taken = Some(SnapshotTaken {
+            path: plan.path.clone(),
+            bytes,
+            pause,
+            pausing: paused,
+        });
+        Ok(())
     }
 
     /// Stops the VM's work (the caller holds the harness's and storm control's locks):
@@ -459,23 +480,20 @@ impl Vm<'_> {
         Ok(())
     }
 
-    /// Writes the paused VM's snapshot to `path`; records it as the run's snapshot.
+    /// Writes the paused VM's snapshot to `path`, to be flushed and renamed into place
+    /// ([`snapshot::Unsynced::finish`]) once the VM may run again.
     fn write_snapshot(
         &mut self,
         path: &Path,
         vcpus: &[VcpuFd],
-        began: Instant,
-        pausing: Duration,
-    ) -> Result<(), VmError> {
+    ) -> Result<snapshot::Unsynced, VmError> {
         let snap = self.capture(vcpus)?;
-        let bytes = snapshot::write(path, &snap, &self.mem, self.config.machine.memory)?;
-        self.taken = Some(SnapshotTaken {
-            path: path.to_path_buf(),
-            bytes,
-            pause: began.elapsed(),
-            pausing,
-        });
-        Ok(())
+        Ok(snapshot::write(
+            path,
+            &snap,
+            &self.mem,
+            self.config.machine.memory,
+        )?)
     }
 
     /// The paused VM's state (everything but RAM, which [`snapshot::write`] adds).
