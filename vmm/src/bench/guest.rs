@@ -110,19 +110,23 @@ pub(super) fn guest_figures(
 /// The timed exits by live interrupts: each size's `UPDATE`, one-entry `BATCH` and null
 /// exits (a size missing one of them has that figure empty).
 fn exit_rows(m: &crate::harness::Measurements) -> Vec<ExitRow> {
+    // Each size's calls come in rounds (phases with the same label).
     let at = |phases: &[(u32, Vec<ExitTimes>)], live: u32| {
-        let times = phases
+        let times: Vec<ExitTimes> = phases
             .iter()
-            .find(|(n, _)| *n == live)
-            .map_or(&[][..], |(_, t)| t.as_slice());
+            .filter(|(n, _)| *n == live)
+            .flat_map(|(_, t)| t.iter().copied())
+            .collect();
         (
             Figure::of(times.iter().map(|t| t.0).collect()),
             Figure::of(times.iter().map(|t| t.1).collect()),
         )
     };
-    m.retarget
-        .iter()
-        .map(|&(live, _)| {
+    let mut sizes: Vec<u32> = m.retarget.iter().map(|&(live, _)| live).collect();
+    sizes.dedup();
+    sizes
+        .into_iter()
+        .map(|live| {
             let (update_share, update_trip) = at(&m.retarget, live);
             let (batch_share, batch_trip) = at(&m.batch_of_one, live);
             let (null_share, null_trip) = at(&m.null_exit, live);
