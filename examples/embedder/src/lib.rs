@@ -37,7 +37,7 @@ use irvm_irq::backing::{Backing, Limits};
 use irvm_irq::control::InterruptControl;
 use irvm_irq::{InterruptCore, KvmRouting, MsiMessage, RouteTable};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -84,13 +84,37 @@ pub struct Report {
 
 extern "C" fn kicked(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// The guest's vCPU, at its entry; sharing its registers with KVM if asked.
+fn new_vcpu(kvm: &Kvm, vm: &VmFd, bar0: u64, share_registers: bool) -> Result<VcpuFd, Error> {
+    let mut vcpu = vm.create_vcpu(0)?;
+    vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
+    vcpu.set_sregs(&guest::sregs(vcpu.get_sregs()?))?;
+    vcpu.set_regs(&guest::regs(bar0, VTD_BASE))?;
+    if share_registers {
+        // Hypercalls answered through kvm_run, without an ioctl of their own (where KVM
+        // offers it).
+        irvm_irq::kvm::share_registers(vm, &mut vcpu);
+    }
+    Ok(vcpu)
+}
+
 /// Boots the guest, has each source deliver `count` interrupts (each after the one before
-/// was counted), and reports.
+/// was counted), and reports. The vCPU shares its registers with KVM, so hypercalls are
+/// answered without an ioctl ([`run_with`] chooses).
 ///
 /// # Errors
 /// KVM, memory or device set-up failed, a source's interrupt was not counted in time, or
 /// the guest did not finish before the deadline.
 pub fn run(count: u32) -> Result<Report, Error> {
+    run_with(count, true)
+}
+
+/// As [`run`]; with `share_registers` false the hypercalls take the portable path
+/// (complete the `out`, then read and write the registers: three ioctls).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(count: u32, share_registers: bool) -> Result<Report, Error> {
     // 1. The VM and its RAM.
     let kvm = Kvm::new()?;
     let vm = Arc::new(kvm.create_vm()?);
@@ -174,10 +198,7 @@ pub fn run(count: u32) -> Result<Report, Error> {
     // 7. The guest and its vCPU.
     let program = guest::program(IMS_REQUESTER, MSIX_REQUESTER, count);
     guest::load(&mem, &program)?;
-    let mut vcpu = vm.create_vcpu(0)?;
-    vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
-    vcpu.set_sregs(&guest::sregs(vcpu.get_sregs()?))?;
-    vcpu.set_regs(&guest::regs(bar0, VTD_BASE))?;
+    let vcpu = new_vcpu(&kvm, &vm, bar0, share_registers)?;
 
     register_signal_handler(SIGRTMIN(), kicked)?;
     let late = Arc::new(AtomicBool::new(false));
