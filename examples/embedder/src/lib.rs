@@ -198,7 +198,7 @@ pub fn run_with(count: u32, share_registers: bool) -> Result<Report, Error> {
     // 7. The guest and its vCPU.
     let program = guest::program(IMS_REQUESTER, MSIX_REQUESTER, count);
     guest::load(&mem, &program)?;
-    let vcpu = new_vcpu(&kvm, &vm, bar0, share_registers)?;
+    let mut vcpu = new_vcpu(&kvm, &vm, bar0, share_registers)?;
 
     register_signal_handler(SIGRTMIN(), kicked)?;
     let late = Arc::new(AtomicBool::new(false));
