@@ -373,7 +373,11 @@ fn bench_prints_a_table_and_writes_json() {
         "Delivery latency, device-model raise -> guest handler on vCPU 0 (us), 5 samples each",
         "Throughput, vCPU 0, 64 interrupts per run",
         "Live remapped interrupts, all delivered through irqfd lines: 256 (asked for 256)",
-        "headline: retarget_speedup_at_4096",
+        "headline: update_exit_ratio",
+        "retarget_speedup_at_4096",
+        "Hypercall exits from the guest",
+        "Whole VMs (ms, p50)",
+        "Startup, vmm process start -> the guest's first instruction",
     ] {
         assert!(stdout.contains(line), "{line} missing: {stdout}");
     }
@@ -414,7 +418,25 @@ fn bench_prints_a_table_and_writes_json() {
     for row in 0..4 {
         let exit = &v["retarget"][row]["ours_exit_to_entry"];
         assert_eq!(exit["samples"], 5, "{written}");
+        for timed in ["null_round_trip", "update_round_trip", "batch_of_one_round_trip"] {
+            assert_eq!(v["exits"][row][timed]["samples"], 5, "{written}");
+        }
     }
+    // The second round's keys, each measured (startup too: this is the vmm binary).
+    for key in [
+        "update_exit_ratio",
+        "batch_exit_ratio",
+        "dispatcher_us_at_65536",
+        "lifecycle_ratio",
+        "snapshot_mib",
+        "snapshot_pause_ratio",
+        "restore_ms",
+        "startup_ms",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {written}");
+    }
+    assert_eq!(v["whole_vm"]["snapshots"][0]["touched_mib"], 8, "{written}");
+    assert_eq!(v["whole_vm"]["snapshots"][1]["touched_mib"], 0, "{written}");
     fails_with(
         &["bench", "--kvm-device", "/nonexistent/kvm"],
         125,
