@@ -266,9 +266,10 @@ fn complete_pending(vcpu: &mut VcpuFd) {
     vcpu.set_kvm_immediate_exit(0);
 }
 
-/// Handles a doorbell ring through the library's helper (which completes the pending
-/// `out` before it touches registers). Returns the call number. A ring of the wrong width
-/// (`call` false) is answered `UNSUPPORTED` and nothing else.
+/// Handles a doorbell ring through the library's helper, which keeps KVM's order for the
+/// pending `out` (this VMM's vCPUs share their registers: the answer rides on the next
+/// `KVM_RUN`). Returns the call number. A ring of the wrong width (`call` false) is
+/// answered `UNSUPPORTED` and nothing else.
 fn hypercall(vcpu: &mut VcpuFd, shared: &VcpuShared, call: bool) -> Result<u32, StopReason> {
     devices::dispatch::answer_doorbell(vcpu, shared.hypercalls.as_deref(), call)
         .map_err(|e| StopReason::RunFailed(e.to_string()))
