@@ -418,7 +418,11 @@ fn bench_prints_a_table_and_writes_json() {
     for row in 0..4 {
         let exit = &v["retarget"][row]["ours_exit_to_entry"];
         assert_eq!(exit["samples"], 5, "{written}");
-        for timed in ["null_round_trip", "update_round_trip", "batch_of_one_round_trip"] {
+        for timed in [
+            "null_round_trip",
+            "update_round_trip",
+            "batch_of_one_round_trip",
+        ] {
             assert_eq!(v["exits"][row][timed]["samples"], 5, "{written}");
         }
     }
