@@ -388,10 +388,7 @@ pub fn read(path: &Path) -> Result<(VmSnapshot, MachineConfig, RamFile), Snapsho
                 found: size,
             });
         }
-        let map = ram::read_map(&mut file, config.memory).map_err(|e| match e {
-            Ok(why) => invalid(why),
-            Err(e) => failed(e),
-        })?;
+        let map = ram::read_map(&mut file, path, config.memory)?;
         let pages = ram::marked_pages(&map).saturating_mul(ram::PAGE);
         let expected = ram_at.saturating_add(map_len).saturating_add(pages);
         (RamLayout::Pages(map), expected)
@@ -453,16 +450,20 @@ impl Unsynced {
     /// # Errors
     /// The file system's error; no partial file is left then.
     pub fn finish(mut self) -> Result<u64, SnapshotError> {
-        let result = match self.file.take() {
-            Some(file) => file
-                .sync_all()
-                .and_then(|()| std::fs::rename(&self.partial, &self.path)),
-            None => Err(io::Error::other("the snapshot was finished already")),
+        // Taken: once renamed there is no partial file for the drop to remove.
+        let Some(file) = self.file.take() else {
+            return Ok(self.bytes);
         };
-        result.map_err(|source| SnapshotError::Write {
-            path: self.path.clone(),
-            source,
-        })?;
+        let result = file
+            .sync_all()
+            .and_then(|()| std::fs::rename(&self.partial, &self.path));
+        if let Err(source) = result {
+            let _ = std::fs::remove_file(&self.partial);
+            return Err(SnapshotError::Write {
+                path: self.path.clone(),
+                source,
+            });
+        }
         Ok(self.bytes)
     }
 }

@@ -9,11 +9,13 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::path::Path;
 
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
+use super::SnapshotError;
 use crate::memory::ram_ranges;
 
 /// The page size of the page map.
@@ -155,18 +157,21 @@ pub fn read_pages(mem: &GuestMemoryMmap, size: u64, map: &[u8], file: &mut File)
     Ok(())
 }
 
-/// Reads the page map of `size` bytes of RAM from `file`, and checks that it marks no
-/// page beyond RAM.
+/// Reads the page map of `size` bytes of RAM from `file` (the snapshot at `path`), and
+/// checks that it marks no page beyond RAM.
 ///
 /// # Errors
-/// The file's error, or the map's fault as text.
-pub fn read_map(file: &mut File, size: u64) -> Result<Vec<u8>, io::Result<String>> {
+/// [`SnapshotError::Read`], or [`SnapshotError::Invalid`] for a page beyond RAM.
+pub fn read_map(file: &mut File, path: &Path, size: u64) -> Result<Vec<u8>, SnapshotError> {
     let mut map = vec![0u8; usize::try_from(map_len(size)).unwrap_or(0)];
-    file.read_exact(&mut map).map_err(Err)?;
+    file.read_exact(&mut map)
+        .map_err(|source| SnapshotError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let pages = page_count(size);
-    let beyond = (pages..map_len(size) * 8).any(|p| marked(&map, p));
-    if beyond {
-        return Err(Ok(format!(
+    if (pages..map_len(size) * 8).any(|p| marked(&map, p)) {
+        return Err(SnapshotError::Invalid(format!(
             "its page map marks pages beyond the {pages} of RAM"
         )));
     }
@@ -227,8 +232,8 @@ mod tests {
         let mut map = vec![0u8; usize::try_from(map_len(size)).unwrap()];
         *map.last_mut().unwrap() = 0x80;
         std::fs::write(&path, &map).unwrap();
-        let refused = read_map(&mut File::open(&path).unwrap(), size);
+        let refused = read_map(&mut File::open(&path).unwrap(), &path, size);
         let _ = std::fs::remove_file(&path);
-        assert!(matches!(refused, Err(Ok(why)) if why.contains("beyond")));
+        assert!(matches!(refused, Err(SnapshotError::Invalid(why)) if why.contains("beyond")));
     }
 }
