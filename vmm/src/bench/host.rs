@@ -1,7 +1,7 @@
 //! Host-side figures: a real KVM VM with an in-kernel irqchip, no vCPU; our dispatcher
 //! and data path beside raw KVM routing and irqfds.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypercall::abi::{call, status, target, BatchEntry, Registers};
@@ -16,12 +16,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{Figure, BATCH_ADDR, CPUS, REQUESTER, VECTORS};
 use crate::vm::VmError;
 use devices::dispatch::{Dispatcher, HypercallHandler};
+use devices::memory::SharedRam;
+use devices::viommu::{Vtd, WeakVtd};
 
-/// A VM with an in-kernel irqchip, and the dispatcher over its interrupt core.
+/// A VM with an in-kernel irqchip, and the dispatcher over its interrupt core, which
+/// mirrors requester writes into a VT-d unit as the VMM's does.
 pub(super) struct Rig {
     dispatcher: Dispatcher,
     path: Arc<InterruptPath>,
     mem: GuestMemoryMmap,
+    /// The mirror's unit (the core holds it weakly).
+    _vtd: Arc<Mutex<Vtd>>,
 }
 
 /// A VM with an in-kernel irqchip and nothing else.
@@ -43,9 +48,17 @@ pub(super) fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
     let path = backing.path();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])
         .map_err(|e| VmError::Os("allocate benchmark memory", std::io::Error::other(e)))?;
+    let ram: SharedRam = Arc::new(vm_memory::GuestMemoryAtomic::new(mem.clone()));
+    let core = irq::InterruptCore::new(backing);
+    let vtd = Arc::new(Mutex::new(Vtd::new(
+        core.handle(),
+        ram.clone(),
+        Arc::new(KvmRouting::new(vm)),
+    )));
+    core.set_mirror(WeakVtd::to(&vtd));
     let dispatcher = Dispatcher::new(
-        irq::InterruptCore::new(backing).handle(),
-        Arc::new(vm_memory::GuestMemoryAtomic::new(mem.clone())),
+        core.handle(),
+        ram,
         (0..CPUS).collect(),
         vec![REQUESTER],
         u32::MAX,
@@ -54,6 +67,7 @@ pub(super) fn new_rig(kvm: &Kvm) -> Result<Rig, VmError> {
         dispatcher,
         path,
         mem,
+        _vtd: vtd,
     })
 }
 

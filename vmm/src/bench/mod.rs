@@ -28,8 +28,9 @@
 //! - **signal cost**: what a device model pays per interrupt: our data path (decode a
 //!   remappable message, check the requester, write the entry's line) beside a bare
 //!   eventfd write to a raw irqfd;
-//! - **retarget**: one `UPDATE` hypercall through the dispatcher alone (validation,
-//!   backing, route change, publish), with 1, 512, 4,096 and 65,536 live interrupts, and
+//! - **retarget**: one `UPDATE` hypercall through the dispatcher alone (lock, validation,
+//!   transaction, route change, publish, and the write-through to a VT-d unit's mirror as
+//!   in the VMM), with 1, 512, 4,096 and 65,536 live interrupts, and
 //!   one whole-table `KVM_SET_GSI_ROUTING` of that many MSI routes (what a VMM that
 //!   rebuilds the table pays per change; KVM takes at most 4,096, so the largest size has
 //!   no baseline);

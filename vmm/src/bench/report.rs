@@ -42,8 +42,8 @@ pub struct RetargetRow {
     /// Our `UPDATE` hypercall from the guest, host time from its exit to the guest's
     /// re-entry (`None` if the guest part did not time this size).
     pub exit_to_entry: Option<Figure>,
-    /// Of that, the dispatcher alone, called in-process (validation, backing, route
-    /// change, publish).
+    /// Of that, the dispatcher alone, called in-process (lock, validation, transaction,
+    /// route change, publish, the VT-d unit's mirror).
     pub ours: Figure,
     /// One whole-table `KVM_SET_GSI_ROUTING` of `live` MSI routes (`None` beyond KVM's
     /// limit).
