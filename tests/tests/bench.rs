@@ -42,8 +42,8 @@ fn bench_scenario_times_every_path_and_the_guest_counts_every_interrupt() {
     assert_eq!(m.max_live_delivered, 300);
     // Every UPDATE, one-entry BATCH and null exit the guest made while recording, and
     // nothing else, was timed: each with a share and a round trip that holds it.
-    // Five rounds of 8 at each size.
-    let rounds = |live| std::iter::repeat_n((live, 8), 5);
+    // Twenty rounds of 2 at each size.
+    let rounds = |live| std::iter::repeat_n((live, 2), 20);
     let expected: Vec<(u32, usize)> = rounds(1).chain(rounds(512)).collect();
     for timed in [&m.retarget, &m.batch_of_one, &m.null_exit] {
         let phases: Vec<(u32, usize)> = timed.iter().map(|(n, t)| (*n, t.len())).collect();

@@ -33,8 +33,9 @@ const RETARGET_VECTOR: u8 = 0xc0;
 const RETARGET_VECTORS: u32 = 32;
 /// Live-interrupt counts the retarget hypercall is timed at.
 const RETARGET_SIZES: [u32; 4] = [1, 512, 4096, 65_536];
-/// Rounds the timed calls are made in (each kind once a round).
-const TIMED_ROUNDS: u32 = 5;
+/// Rounds the timed calls are made in (each kind once a round), at most: fewer when
+/// there are fewer samples.
+const TIMED_ROUNDS: u32 = 20;
 /// Entries per BATCH call.
 const BATCH_ENTRIES: usize = 4096;
 
@@ -295,8 +296,9 @@ fn retarget(
     }
     // In rounds, each kind in turn, so that the floor and the calls beside it see the
     // same machine (a busy spell on the other core lands on all three).
-    let per = samples.div_ceil(TIMED_ROUNDS);
-    for round in 0..TIMED_ROUNDS {
+    let rounds = samples.clamp(1, TIMED_ROUNDS);
+    let per = samples.div_ceil(rounds);
+    for round in 0..rounds {
         for what in [Timed::Null, Timed::Update, Timed::BatchOfOne] {
             if ok {
                 let from = u64::from(round * per);
@@ -308,7 +310,7 @@ fn retarget(
         for what in [Timed::Null, Timed::Update, Timed::BatchOfOne] {
             println!(
                 "bench: {} {} timed with {} live interrupts",
-                per * TIMED_ROUNDS,
+                per * rounds,
                 what.mode().1,
                 live
             );

@@ -20,7 +20,7 @@ use super::{Harness, DELIVERY_PATIENCE};
 /// The most samples a run keeps of each kind (a guest may ask again and again).
 const MAX_KEPT: usize = 1 << 20;
 /// The most hypercall-timing phases a run keeps.
-const MAX_PHASES: usize = 64;
+const MAX_PHASES: usize = 128;
 
 /// Appends `more` to `to` up to [`MAX_KEPT`].
 fn keep<T>(to: &mut Vec<T>, more: impl IntoIterator<Item = T>) {

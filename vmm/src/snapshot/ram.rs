@@ -13,6 +13,7 @@ use std::path::Path;
 
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    VolatileMemory,
 };
 
 use super::SnapshotError;
@@ -75,19 +76,27 @@ fn resident(mem: &GuestMemoryMmap, start: GuestAddress, len: u64) -> Vec<u8> {
     vec
 }
 
+/// Whether the page at `at` holds a non-zero byte: read in place, word by word, up to the
+/// first non-zero one (a page that cannot be read counts as holding something).
+fn holds_anything(mem: &GuestMemoryMmap, at: GuestAddress) -> bool {
+    let Ok(slice) = mem.get_slice(at, PAGE_BYTES) else {
+        return true;
+    };
+    let Ok(words) = slice.get_array_ref::<u64>(0, PAGE_BYTES / 8) else {
+        return true;
+    };
+    (0..words.len()).any(|i| words.load(i) != 0)
+}
+
 /// The page map of guest RAM (`size` bytes): the pages that hold anything (resident and
 /// not all zeros). The VM must be paused.
 #[must_use]
 pub fn page_map(mem: &GuestMemoryMmap, size: u64) -> Vec<u8> {
     let mut map = vec![0u8; usize::try_from(map_len(size)).unwrap_or(0)];
     let mut page = 0u64;
-    let mut buf = [0u8; PAGE_BYTES];
     for (start, len) in ram_ranges(size) {
         for (k, state) in (0u64..).zip(resident(mem, start, len)) {
-            let at = start.unchecked_add(k * PAGE);
-            let held = state & 1 != 0
-                && mem.read_slice(&mut buf, at).is_ok()
-                && buf.iter().fold(0u8, |acc, b| acc | b) != 0;
+            let held = state & 1 != 0 && holds_anything(mem, start.unchecked_add(k * PAGE));
             if held {
                 if let Some(b) = usize::try_from(page / 8).ok().and_then(|i| map.get_mut(i)) {
                     *b |= 1 << (page % 8);
