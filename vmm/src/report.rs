@@ -86,9 +86,10 @@ pub struct SnapshotTaken {
     pub path: std::path::PathBuf,
     /// Its size.
     pub bytes: u64,
-    /// How long the VM was paused to take it: pausing, reading its state and writing the
-    /// file (RAM copied into it). Flushing the file to disk comes after, with the VM
-    /// running again (or stopped, as the plan says); a VM the API paused waits for it.
+    /// How long the VM was paused to take it: pausing, reading its state and copying the
+    /// pages of RAM that hold something (a file over `snapshot::MAX_STAGED` is written
+    /// instead). Writing the file and flushing it to disk come after, with the VM running
+    /// again (or stopped, as the plan says); a VM the API paused waits for them.
     pub pause: Duration,
     /// How long pausing took (harness idle, devices and vCPUs stopped).
     pub pausing: Duration,

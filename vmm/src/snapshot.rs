@@ -476,53 +476,108 @@ impl Drop for Unsynced {
     }
 }
 
-/// Writes `snap` and guest RAM (the pages that hold anything: [`ram`]) to `path`, whole:
-/// to `path` with `.partial` appended, which [`Unsynced::finish`] then flushes and renames
-/// over `path`.
+/// A snapshot file assembled in memory at most this large: the VM's pause then ends
+/// before any file is written. A larger one is written while the VM stays paused, so what a
+/// snapshot holds in memory is bounded.
+pub const MAX_STAGED: u64 = 256 << 20;
+
+/// A paused VM's snapshot, ready to be written: its state, the page map of its RAM, and,
+/// when the file is at most [`MAX_STAGED`], a copy of the pages the map marks (then
+/// writing it reads no guest RAM, and the VM may run meanwhile).
+#[derive(Debug)]
+pub struct Captured {
+    snap: Box<VmSnapshot>,
+    map: Vec<u8>,
+    pages: Option<Vec<u8>>,
+}
+
+impl Captured {
+    /// Whether the pages were copied: writing the file no longer needs the VM paused.
+    #[must_use]
+    pub fn is_staged(&self) -> bool {
+        self.pages.is_some()
+    }
+
+    /// Writes the snapshot to `path` with `.partial` appended, which
+    /// [`Unsynced::finish`] then flushes and renames over `path`. RAM comes from the copy
+    /// if there is one, otherwise from `mem` (`size` bytes), which must still be paused.
+    ///
+    /// # Errors
+    /// The file system's error; no partial file is left at `path`.
+    pub fn write(
+        &self,
+        path: &Path,
+        mem: &GuestMemoryMmap,
+        size: u64,
+    ) -> Result<Unsynced, SnapshotError> {
+        let failed = |source| SnapshotError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let header = serde_json::to_vec(&*self.snap).map_err(|e| failed(io::Error::other(e)))?;
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let result = (|| -> io::Result<File> {
+            let mut file = File::create(&partial)?;
+            let mut preamble = Vec::with_capacity(PREAMBLE);
+            preamble.extend_from_slice(&MAGIC);
+            preamble.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+            preamble.extend_from_slice(&0u32.to_le_bytes());
+            preamble.extend_from_slice(&(header.len() as u64).to_le_bytes());
+            file.write_all(&preamble)?;
+            file.write_all(&header)?;
+            file.write_all(&self.map)?;
+            match &self.pages {
+                Some(pages) => file.write_all(pages)?,
+                None => ram::write_pages(mem, size, &self.map, &mut file)?,
+            }
+            Ok(file)
+        })();
+        match result {
+            Ok(file) => Ok(Unsynced {
+                file: Some(file),
+                partial,
+                path: path.to_path_buf(),
+                bytes: (PREAMBLE + header.len() + self.map.len()) as u64
+                    + ram::marked_pages(&self.map) * ram::PAGE,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                Err(failed(e))
+            }
+        }
+    }
+}
+
+/// Takes a paused VM's snapshot: `snap` and the pages of guest RAM (`size` bytes) that
+/// hold anything ([`ram`]), copied when the file will be at most [`MAX_STAGED`].
+#[must_use]
+pub fn capture(snap: VmSnapshot, mem: &GuestMemoryMmap, size: u64) -> Captured {
+    let map = ram::page_map(mem, size);
+    let bytes = ram::marked_pages(&map).saturating_mul(ram::PAGE);
+    let pages = (bytes.saturating_add(map.len() as u64) <= MAX_STAGED)
+        .then(|| ram::copy_pages(mem, size, &map))
+        .flatten();
+    Captured {
+        snap: Box::new(snap),
+        map,
+        pages,
+    }
+}
+
+/// Writes `snap` and guest RAM (paused) to `path` ([`capture`], then
+/// [`Captured::write`]).
 ///
 /// # Errors
-/// The file system's error; no partial file is left at `path`.
+/// As [`Captured::write`].
 pub fn write(
     path: &Path,
-    snap: &VmSnapshot,
+    snap: VmSnapshot,
     mem: &GuestMemoryMmap,
     size: u64,
 ) -> Result<Unsynced, SnapshotError> {
-    let failed = |source| SnapshotError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let header = serde_json::to_vec(snap).map_err(|e| failed(io::Error::other(e)))?;
-    let map = ram::page_map(mem, size);
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let result = (|| -> io::Result<File> {
-        let mut file = File::create(&partial)?;
-        let mut preamble = Vec::with_capacity(PREAMBLE);
-        preamble.extend_from_slice(&MAGIC);
-        preamble.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        preamble.extend_from_slice(&0u32.to_le_bytes());
-        preamble.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        file.write_all(&preamble)?;
-        file.write_all(&header)?;
-        file.write_all(&map)?;
-        ram::write_pages(mem, size, &map, &mut file)?;
-        Ok(file)
-    })();
-    match result {
-        Ok(file) => Ok(Unsynced {
-            file: Some(file),
-            partial,
-            path: path.to_path_buf(),
-            bytes: (PREAMBLE + header.len() + map.len()) as u64
-                + ram::marked_pages(&map) * ram::PAGE,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(failed(e))
-        }
-    }
+    capture(snap, mem, size).write(path, mem, size)
 }
 
 /// The clock of `vm`, with the IOAPIC's state.

@@ -15,7 +15,7 @@ use crate::vm::VmError;
 /// Runs of each lifecycle (alternating with and without devices).
 const LIFECYCLE_RUNS: usize = 10;
 /// Snapshots (and restores) of each size.
-const SNAPSHOT_RUNS: usize = 5;
+const SNAPSHOT_RUNS: usize = 7;
 /// Processes started for the startup figure.
 const STARTUP_RUNS: usize = 5;
 /// MiB the smaller snapshot's guest touches.
@@ -116,11 +116,13 @@ fn lifecycle(config: &BenchConfig) -> Result<Lifecycle, VmError> {
     })
 }
 
-fn snapshot_row(
+/// One snapshot of a guest that touched `touched_mib` (0: all its RAM), taken to `file`
+/// and restored: its pause, size and restore to the first instruction.
+fn snapshot_once(
     config: &BenchConfig,
     touched_mib: u32,
     file: &Path,
-) -> Result<SnapshotRow, VmError> {
+) -> Result<(Duration, u64, Duration), VmError> {
     let mut vm = VmConfig {
         machine: machine(&format!("scenario=touch touch_mib={touched_mib}"), None),
         run: run_config(config),
@@ -136,30 +138,54 @@ fn snapshot_row(
         watchdog: Some(WATCHDOG.as_secs()),
         ..crate::Settings::default()
     };
-    let (mut pauses, mut sizes, mut restores) = (Vec::new(), Vec::new(), Vec::new());
+    let taken = run_one(&vm, "take a snapshot")?
+        .snapshot
+        .ok_or_else(|| failed("take a snapshot", "none was taken".into()))?;
+    let restored = crate::vm::restore_with_console(file, &settings, Box::new(std::io::sink()))?;
+    if !restored.passed() {
+        return Err(failed(
+            "restore a snapshot",
+            format!("{:?}", restored.outcome),
+        ));
+    }
+    Ok((
+        taken.pause,
+        taken.bytes,
+        restored.startup.unwrap_or_default(),
+    ))
+}
+
+/// Snapshots of each guest in `touched` (MiB; 0: all its RAM), alternating run by run so
+/// that both see the same machine.
+fn snapshot_rows(
+    config: &BenchConfig,
+    touched: &[u32],
+    file: &Path,
+) -> Result<Vec<SnapshotRow>, VmError> {
+    let mut samples: Vec<(Vec<Duration>, Vec<u64>, Vec<Duration>)> =
+        vec![Default::default(); touched.len()];
     for _ in 0..SNAPSHOT_RUNS {
-        let taken = run_one(&vm, "take a snapshot")?
-            .snapshot
-            .ok_or_else(|| failed("take a snapshot", "none was taken".into()))?;
-        pauses.push(taken.pause);
-        sizes.push(taken.bytes);
-        let restored = crate::vm::restore_with_console(file, &settings, Box::new(std::io::sink()))?;
-        if !restored.passed() {
-            return Err(failed(
-                "restore a snapshot",
-                format!("{:?}", restored.outcome),
-            ));
+        for (&mib, (pauses, sizes, restores)) in touched.iter().zip(samples.iter_mut()) {
+            let (pause, bytes, restore) = snapshot_once(config, mib, file)?;
+            pauses.push(pause);
+            sizes.push(bytes);
+            restores.push(restore);
         }
-        restores.push(restored.startup.unwrap_or_default());
     }
     let _ = std::fs::remove_file(file);
-    sizes.sort_unstable();
-    Ok(SnapshotRow {
-        touched_mib,
-        bytes: sizes.get(sizes.len() / 2).copied().unwrap_or(0),
-        pause: Figure::of(pauses),
-        restore: Figure::of(restores),
-    })
+    Ok(touched
+        .iter()
+        .zip(samples)
+        .map(|(&touched_mib, (pauses, mut sizes, restores))| {
+            sizes.sort_unstable();
+            SnapshotRow {
+                touched_mib,
+                bytes: sizes.get(sizes.len() / 2).copied().unwrap_or(0),
+                pause: Figure::of(pauses),
+                restore: Figure::of(restores),
+            }
+        })
+        .collect())
 }
 
 /// Starts the `vmm` binary on the default machine's quickest scenario and reads its
@@ -206,10 +232,7 @@ fn startup(config: &BenchConfig, binary: &Path) -> Result<Figure, VmError> {
 pub fn whole_vm(config: &BenchConfig, binary: Option<&PathBuf>) -> Result<WholeVm, VmError> {
     let lifecycle = lifecycle(config)?;
     let file = std::env::temp_dir().join(format!("vmm-bench-{}.snap", std::process::id()));
-    let mut snapshots = Vec::new();
-    for touched in [TOUCHED_MIB, 0] {
-        snapshots.push(snapshot_row(config, touched, &file)?);
-    }
+    let snapshots = snapshot_rows(config, &[TOUCHED_MIB, 0], &file)?;
     let startup = binary.map(|b| startup(config, b)).transpose()?;
     Ok(WholeVm {
         lifecycle,

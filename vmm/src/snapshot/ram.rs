@@ -141,6 +141,20 @@ fn runs(map: &[u8], size: u64) -> Vec<(GuestAddress, usize)> {
     out
 }
 
+/// The pages `map` marks, copied out of guest RAM in order (`None` if one cannot be read:
+/// then they are written from RAM itself).
+#[must_use]
+pub fn copy_pages(mem: &GuestMemoryMmap, size: u64, map: &[u8]) -> Option<Vec<u8>> {
+    let bytes = usize::try_from(marked_pages(map).saturating_mul(PAGE)).ok()?;
+    let mut pages = vec![0u8; bytes];
+    let mut at = 0;
+    for (from, len) in runs(map, size) {
+        mem.read_slice(pages.get_mut(at..at + len)?, from).ok()?;
+        at += len;
+    }
+    Some(pages)
+}
+
 /// Writes the pages `map` marks to `out`, in order.
 ///
 /// # Errors

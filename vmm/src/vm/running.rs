@@ -391,9 +391,10 @@ impl Vm<'_> {
                 ApiRequest::Snapshot { path } => {
                     // Paused already: the VM waits for the disk too, as it would anyway.
                     let began = Instant::now();
-                    let written = self
-                        .write_snapshot(path, &vcpus)
-                        .and_then(|w| Ok(w.finish()?));
+                    let size = self.config.machine.memory;
+                    let written = self.capture(&vcpus).and_then(|snap| {
+                        Ok(snapshot::write(path, snap, &self.mem, size)?.finish()?)
+                    });
                     match written {
                         Ok(bytes) => {
                             self.taken = Some(SnapshotTaken {
@@ -432,18 +433,31 @@ impl Vm<'_> {
     fn snapshot(&mut self, plan: &SnapshotPlan) -> Result<(), VmError> {
         let began = Instant::now();
         let harness_idle = self.harness.idle.clone();
-        let _harness = harness_idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let harness_held = harness_idle.lock().unwrap_or_else(PoisonError::into_inner);
         let storm_gate = self.storm_gate.clone();
-        let _storms = storm_gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let storms_held = storm_gate.lock().unwrap_or_else(PoisonError::into_inner);
         let vcpus = self.pause_machine();
         let paused = began.elapsed();
-        let written = self.write_snapshot(&plan.path, &vcpus);
-        // RAM is in the file (the kernel's cache): the VM need not wait for the disk.
+        let size = self.config.machine.memory;
+        let captured = self
+            .capture(&vcpus)
+            .map(|snap| snapshot::capture(snap, &self.mem, size));
+        // A snapshot too large to copy is written now, from the paused RAM.
+        let early = match &captured {
+            Ok(c) if !c.is_staged() => Some(c.write(&plan.path, &self.mem, size)),
+            _ => None,
+        };
+        // The state and RAM are copied (or in the file): the VM need not wait for the disk.
         let pause = began.elapsed();
         if plan.then == AfterSnapshot::Continue {
             self.resume_machine(vcpus)?;
         }
-        let bytes = written?.finish()?;
+        drop((harness_held, storms_held));
+        let written = match early {
+            Some(written) => written?,
+            None => captured?.write(&plan.path, &self.mem, size)?,
+        };
+        let bytes = written.finish()?;
         self.taken = Some(SnapshotTaken {
             path: plan.path.clone(),
             bytes,
@@ -480,23 +494,7 @@ impl Vm<'_> {
         Ok(())
     }
 
-    /// Writes the paused VM's snapshot to `path`, to be flushed and renamed into place
-    /// ([`snapshot::Unsynced::finish`]) once the VM may run again.
-    fn write_snapshot(
-        &mut self,
-        path: &Path,
-        vcpus: &[VcpuFd],
-    ) -> Result<snapshot::Unsynced, VmError> {
-        let snap = self.capture(vcpus)?;
-        Ok(snapshot::write(
-            path,
-            &snap,
-            &self.mem,
-            self.config.machine.memory,
-        )?)
-    }
-
-    /// The paused VM's state (everything but RAM, which [`snapshot::write`] adds).
+    /// The paused VM's state (everything but RAM, which [`snapshot::capture`] adds).
     fn capture(&self, vcpus: &[VcpuFd]) -> Result<VmSnapshot, VmError> {
         let states = (0..)
             .zip(vcpus)
