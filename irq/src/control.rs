@@ -332,7 +332,11 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
         writer: Writer,
         writes: &[(u32, EntryWrite)],
     ) -> Result<(), BackingError> {
-        {
+        let mirror = match writer {
+            Writer::Requester(_) => self.mirror(),
+            Writer::Platform => None,
+        };
+        let reflected: Vec<(u32, [u64; 2])> = {
             let mut backing = self.lock();
             if let Writer::Requester(requester) = writer {
                 for (index, _) in writes {
@@ -360,9 +364,16 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
                 trace_writes(&backing, writer, writes, &before, committed.as_ref().err());
             }
             committed?;
-        }
-        if matches!(writer, Writer::Requester(_)) {
-            self.reflect(writes.iter().map(|(index, _)| *index));
+            // What the mirror is told, read under this lock (not taken again for it).
+            match mirror {
+                Some(_) => raws_of(&backing, writes.iter().map(|(index, _)| *index)),
+                None => Vec::new(),
+            }
+        };
+        if let Some(mirror) = mirror {
+            for (index, raw) in reflected {
+                mirror.mirror(index, raw);
+            }
         }
         Ok(())
     }
@@ -396,25 +407,33 @@ impl<B: RoutingBackend + 'static> InterruptCore<B> {
         txn.commit()
     }
 
+    /// The mirror of requester writes, if any.
+    fn mirror(&self) -> Option<Arc<dyn EntryMirror>> {
+        self.mirror
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Tells the mirror of `indexes` as the table now holds them (with the core's lock
     /// released while the mirror runs).
     fn reflect(&self, indexes: impl Iterator<Item = u32>) {
-        let mirror = self
-            .mirror
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let Some(mirror) = mirror else { return };
-        let raws: Vec<(u32, [u64; 2])> = {
-            let backing = self.lock();
-            indexes
-                .map(|i| (i, backing.table().raw(i).unwrap_or([0, 0])))
-                .collect()
-        };
+        let Some(mirror) = self.mirror() else { return };
+        let raws = raws_of(&self.lock(), indexes);
         for (index, raw) in raws {
             mirror.mirror(index, raw);
         }
     }
+}
+
+/// The raw entries at `indexes` (zero beyond the table).
+fn raws_of<B: RoutingBackend>(
+    backing: &Backing<B>,
+    indexes: impl Iterator<Item = u32>,
+) -> Vec<(u32, [u64; 2])> {
+    indexes
+        .map(|i| (i, backing.table().raw(i).unwrap_or([0, 0])))
+        .collect()
 }
 
 /// Traces each entry a write changed (or, refused, each it would have), with the entry
